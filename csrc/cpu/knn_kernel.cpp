@@ -1,0 +1,261 @@
+// CPU kernels of the pdepth ops: blocked GEMM through ATen (MKL/OpenBLAS) for the cross
+// term, then a fused scan that keeps a running top-k per query in a max-heap whose root is
+// the current k-th best. Parallel over query blocks; every query is always computed by the
+// same sequence of fixed-size GEMMs, so the output does not depend on the thread count.
+#include "../knn.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace pdepth {
+namespace {
+
+// Fixed tile sizes (never derived from the thread count). A [kQueryBlock x kSupportTile]
+// float32 tile of cross terms is 512 KiB: it stays in L2 between the GEMM and the scan.
+constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kSupportTile = 1024;
+// The scan tests this many keys against the threshold at once (vectorised); only groups
+// holding a candidate take the scalar heap path.
+constexpr int64_t kScanWidth = 16;
+
+template <typename T>
+struct Entry {
+  T d;
+  int64_t i;
+};
+
+template <typename T>
+inline bool entry_less(const Entry<T>& a, const Entry<T>& b) {
+  return knn_less(a.d, a.i, b.d, b.i);
+}
+
+// Max-heap over entry_less: h[0] is the worst of the k kept. Replace it and sift down.
+template <typename T>
+inline void heap_replace_top(Entry<T>* h, int64_t k, Entry<T> e) {
+  int64_t pos = 0;
+  while (true) {
+    int64_t child = 2 * pos + 1;
+    if (child >= k) {
+      break;
+    }
+    if (child + 1 < k && entry_less(h[child], h[child + 1])) {
+      ++child;
+    }
+    if (!entry_less(e, h[child])) {
+      break;
+    }
+    h[pos] = h[child];
+    pos = child;
+  }
+  h[pos] = e;
+}
+
+template <typename T>
+inline void offer(Entry<T>* h, int64_t k, T key, int64_t g, int64_t self) {
+  if (g != self && knn_less(key, g, h[0].d, h[0].i)) {
+    heap_replace_top(h, k, Entry<T>{key, g});
+  }
+}
+
+// Scan one query's row of cross terms `dot[0..nb)` for support rows with global indices
+// gbase.. and merge the candidates into the heap `h` of size k.
+template <typename T>
+void select_row(
+    const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, int64_t self,
+    Entry<T>* h, int64_t k) {
+  T key[kScanWidth];
+  int64_t j0 = 0;
+  for (; j0 + kScanWidth <= nb; j0 += kScanWidth) {
+    const T thr = h[0].d;
+    bool hit = false;
+    for (int64_t t = 0; t < kScanWidth; ++t) {
+      key[t] = knn_key(qnorm, snorm[j0 + t], dot[j0 + t]);
+      hit |= key[t] <= thr;
+    }
+    if (hit) {
+      for (int64_t t = 0; t < kScanWidth; ++t) {
+        offer(h, k, key[t], gbase + j0 + t, self);
+      }
+    }
+  }
+  for (; j0 < nb; ++j0) {
+    offer(h, k, knn_key(qnorm, snorm[j0], dot[j0]), gbase + j0, self);
+  }
+}
+
+// Squared row norms, accumulated in double in a fixed order (deterministic; the CUDA
+// kernel uses the same accumulation so both agree on exactly representable inputs).
+template <typename T>
+at::Tensor row_sqnorms(const at::Tensor& x) {
+  const int64_t rows = x.size(0);
+  const int64_t d = x.size(1);
+  at::Tensor out = at::empty({rows}, x.options());
+  const T* p = x.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)),
+      [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* row = p + r * d;
+          double acc = 0.0;
+          for (int64_t j = 0; j < d; ++j) {
+            acc += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+          }
+          o[r] = static_cast<T>(acc);
+        }
+      });
+  return out;
+}
+
+template <typename T>
+void knn_cpu_impl(
+    const at::Tensor& q, const at::Tensor& s, const at::Tensor& qnorm,
+    const at::Tensor& snorm, const at::Tensor& self_index, const at::Tensor& prev_dist,
+    const at::Tensor& prev_index, int64_t kk, int64_t skip, int64_t offset,
+    at::Tensor& out_dist, at::Tensor& out_index) {
+  const int64_t m = q.size(0);
+  const int64_t n = s.size(0);
+  const int64_t k = kk - skip;
+  const T* qn = qnorm.const_data_ptr<T>();
+  const T* sn = snorm.const_data_ptr<T>();
+  const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
+  const T* pd = prev_dist.defined() ? prev_dist.const_data_ptr<T>() : nullptr;
+  const int64_t* pi = prev_index.defined() ? prev_index.const_data_ptr<int64_t>() : nullptr;
+  T* od = out_dist.mutable_data_ptr<T>();
+  int64_t* oi = out_index.mutable_data_ptr<int64_t>();
+  const int64_t nblocks = (m + kQueryBlock - 1) / kQueryBlock;
+
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Entry<T>> heaps(kQueryBlock * kk);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * kQueryBlock;
+      const int64_t mb = std::min(kQueryBlock, m - m0);
+      for (int64_t i = 0; i < mb; ++i) {
+        Entry<T>* h = heaps.data() + i * kk;
+        if (pd != nullptr) {
+          for (int64_t j = 0; j < kk; ++j) {
+            h[j] = Entry<T>{pd[(m0 + i) * kk + j], pi[(m0 + i) * kk + j]};
+          }
+          std::make_heap(h, h + kk, entry_less<T>);
+        } else {
+          std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+        }
+      }
+      const at::Tensor qb = q.narrow(0, m0, mb);
+      for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
+        const int64_t nb = std::min(kSupportTile, n - n0);
+        // Inside parallel_for, ATen runs this GEMM on the calling thread.
+        const at::Tensor dot = at::mm(qb, s.narrow(0, n0, nb).t());
+        const T* dp = dot.const_data_ptr<T>();
+        for (int64_t i = 0; i < mb; ++i) {
+          select_row<T>(dp + i * nb, nb, qn[m0 + i], sn + n0, offset + n0,
+              self != nullptr ? self[m0 + i] : -1, heaps.data() + i * kk, kk);
+        }
+      }
+      for (int64_t i = 0; i < mb; ++i) {
+        Entry<T>* h = heaps.data() + i * kk;
+        std::sort_heap(h, h + kk, entry_less<T>);
+        for (int64_t j = 0; j < k; ++j) {
+          od[(m0 + i) * k + j] = h[skip + j].d;
+          oi[(m0 + i) * k + j] = h[skip + j].i;
+        }
+      }
+    }
+  });
+}
+
+// knn on checked arguments (kk = k + skip neighbours kept per query).
+std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
+    const at::Tensor& queries, const at::Tensor& support, int64_t kk, int64_t skip,
+    const c10::optional<at::Tensor>& self_index, const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index, int64_t offset) {
+  const auto compute = knn_compute_dtype(queries.scalar_type());
+  const int64_t m = queries.size(0);
+  const int64_t k = kk - skip;
+  at::Tensor out_dist = at::empty({m, k}, queries.options().dtype(compute));
+  at::Tensor out_index = at::empty({m, k}, queries.options().dtype(at::kLong));
+  if (m == 0) {
+    return {out_dist, out_index};
+  }
+  // float16 / bfloat16 are widened once; float32 / float64 contiguous inputs are used as is.
+  const at::Tensor q = queries.to(compute).contiguous();
+  const at::Tensor s = support.to(compute).contiguous();
+  const at::Tensor si = self_index_or_empty(self_index);
+  const at::Tensor pd = prev_dist.has_value() ? prev_dist->contiguous() : at::Tensor();
+  const at::Tensor pi = prev_index.has_value() ? prev_index->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(compute, "knn_cpu", [&] {
+    const at::Tensor qn = row_sqnorms<scalar_t>(q);
+    const at::Tensor sn = row_sqnorms<scalar_t>(s);
+    check_finite_rows("knn", "queries", qn);
+    check_finite_rows("knn", "support", sn);
+    knn_cpu_impl<scalar_t>(q, s, qn, sn, si, pd, pi, kk, skip, offset, out_dist, out_index);
+  });
+  return {out_dist, out_index};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(
+    const at::Tensor& queries, const at::Tensor& support, int64_t k,
+    const c10::optional<at::Tensor>& self_index, int64_t skip,
+    const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
+    int64_t offset) {
+  const int64_t kk = check_knn_args(
+      "knn", queries, support, k, self_index, skip, prev_dist, prev_index, offset);
+  return knn_cpu_checked(queries, support, kk, skip, self_index, prev_dist, prev_index, offset);
+}
+
+at::Tensor vote_cpu(const at::Tensor& neighbor_labels, int64_t num_classes) {
+  check_vote_args("vote", neighbor_labels, num_classes);
+  const at::Tensor nl = neighbor_labels.contiguous();
+  const int64_t m = nl.size(0);
+  const int64_t k = nl.size(1);
+  at::Tensor pred = at::empty({m}, nl.options());
+  const int64_t* lp = nl.const_data_ptr<int64_t>();
+  int64_t* pp = pred.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, m, 1024, [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> counts(num_classes, 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t* row = lp + r * k;
+      int64_t best = -1;
+      int64_t best_count = 0;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t c = ++counts[row[j]];
+        // Largest count wins; among equal counts the lowest class id.
+        if (c > best_count || (c == best_count && row[j] < best)) {
+          best = row[j];
+          best_count = c;
+        }
+      }
+      pp[r] = best;
+      for (int64_t j = 0; j < k; ++j) {
+        counts[row[j]] = 0;
+      }
+    }
+  });
+  return pred;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
+    const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
+    int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
+    int64_t skip) {
+  const int64_t kk = check_knn_args(
+      "knn_vote", queries, support, k, self_index, skip, c10::nullopt, c10::nullopt, 0);
+  check_labels("knn_vote", "support_labels", support_labels, support.size(0), num_classes,
+      support.device());
+  auto [dist, index] = knn_cpu_checked(
+      queries, support, kk, skip, self_index, c10::nullopt, c10::nullopt, 0);
+  const at::Tensor nl = support_labels.index_select(0, index.reshape({-1})).view(index.sizes());
+  return {vote_cpu(nl, num_classes), dist, index};
+}
+
+} // namespace
+} // namespace pdepth
+
+TORCH_LIBRARY_IMPL(pdepth, CPU, m) {
+  m.impl("knn", &pdepth::knn_cpu);
+  m.impl("knn_vote", &pdepth::knn_vote_cpu);
+  m.impl("vote", &pdepth::vote_cpu);
+}

@@ -1,0 +1,228 @@
+// The op schema (one TORCH_LIBRARY block), the argument checks shared by every backend,
+// and the Python module pdepth._C with its build information.
+#include "knn.h"
+
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <sstream>
+#include <string>
+
+#ifdef PDEPTH_WITH_CUDA
+#include <cuda.h>
+#endif
+
+// setup.py passes the torch version and CUDA archs the extension was built for.
+#ifndef PDEPTH_TORCH_VERSION
+#define PDEPTH_TORCH_VERSION "unknown"
+#endif
+#ifndef PDEPTH_CUDA_ARCHS
+#define PDEPTH_CUDA_ARCHS ""
+#endif
+
+namespace pdepth {
+
+at::ScalarType knn_compute_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+} // namespace
+
+int64_t check_knn_args(
+    const char* op,
+    const at::Tensor& queries,
+    const at::Tensor& support,
+    int64_t k,
+    const c10::optional<at::Tensor>& self_index,
+    int64_t skip,
+    const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index,
+    int64_t offset) {
+  TORCH_CHECK_VALUE(queries.dim() == 2,
+      op, "(): queries must be 2-D [M, D], got shape ", shape_str(queries));
+  TORCH_CHECK_VALUE(support.dim() == 2,
+      op, "(): support must be 2-D [N, D], got shape ", shape_str(support));
+  TORCH_CHECK_VALUE(is_supported_float(queries.scalar_type()),
+      op, "(): queries must be float16, bfloat16, float32 or float64, got ", queries.scalar_type());
+  TORCH_CHECK_VALUE(queries.scalar_type() == support.scalar_type(),
+      op, "(): queries and support must have the same dtype, got queries ",
+      queries.scalar_type(), " and support ", support.scalar_type());
+  TORCH_CHECK(queries.device() == support.device(),
+      op, "(): queries and support must be on the same device, got queries on ",
+      queries.device(), " and support on ", support.device());
+  TORCH_CHECK_VALUE(queries.size(1) == support.size(1),
+      op, "(): queries and support must have the same dimension D, got queries ",
+      shape_str(queries), " and support ", shape_str(support));
+  TORCH_CHECK_VALUE(k >= 1, op, "(): k must be >= 1, got k=", k);
+  TORCH_CHECK_VALUE(skip == 0 || skip == 1, op, "(): skip must be 0 or 1, got ", skip);
+  TORCH_CHECK_VALUE(offset >= 0, op, "(): offset must be >= 0, got offset=", offset);
+
+  const int64_t m = queries.size(0);
+  const int64_t n = support.size(0);
+  const int64_t kk = k + skip;
+  const bool streaming = prev_dist.has_value() || prev_index.has_value();
+
+  bool any_self_in_chunk = false;
+  if (self_index.has_value()) {
+    const auto& si = *self_index;
+    TORCH_CHECK_VALUE(si.dim() == 1 && si.size(0) == m,
+        op, "(): self_index must be 1-D with one entry per query (", m, "), got shape ",
+        shape_str(si));
+    TORCH_CHECK_VALUE(si.scalar_type() == at::kLong,
+        op, "(): self_index must be int64, got ", si.scalar_type());
+    TORCH_CHECK(si.device() == queries.device(),
+        op, "(): self_index must be on the queries' device ", queries.device(), ", got ",
+        si.device());
+    if (m > 0) {
+      const int64_t lo = si.min().item<int64_t>();
+      const int64_t hi = si.max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= -1,
+          op, "(): self_index values must be >= -1 (-1 means no self match), got ", lo);
+      if (!streaming) {
+        TORCH_CHECK_VALUE(hi < offset + n,
+            op, "(): self_index value ", hi, " is out of range for a support set of ", n,
+            " points (valid: -1 or 0..", offset + n - 1, ")");
+      }
+      any_self_in_chunk = ((si >= offset) & (si < offset + n)).any().item<bool>();
+    }
+  }
+
+  if (streaming) {
+    TORCH_CHECK_VALUE(prev_dist.has_value() && prev_index.has_value(),
+        op, "(): prev needs both the distances and the indices of the running top-k");
+    TORCH_CHECK_VALUE(skip == 0,
+        op, "(): streaming (prev) is not supported with self_match='drop_nearest'; stream "
+        "with self_match='include' and k+1, then drop the first column");
+    const auto& pd = *prev_dist;
+    const auto& pi = *prev_index;
+    TORCH_CHECK_VALUE(pd.dim() == 2 && pd.size(0) == m && pd.size(1) == kk,
+        op, "(): prev distances must have shape [", m, ", ", kk, "], got ", shape_str(pd));
+    TORCH_CHECK_VALUE(pi.dim() == 2 && pi.size(0) == m && pi.size(1) == kk,
+        op, "(): prev indices must have shape [", m, ", ", kk, "], got ", shape_str(pi));
+    TORCH_CHECK_VALUE(pd.scalar_type() == knn_compute_dtype(queries.scalar_type()),
+        op, "(): prev distances must be ", knn_compute_dtype(queries.scalar_type()),
+        " for ", queries.scalar_type(), " inputs, got ", pd.scalar_type());
+    TORCH_CHECK_VALUE(pi.scalar_type() == at::kLong,
+        op, "(): prev indices must be int64, got ", pi.scalar_type());
+    TORCH_CHECK(pd.device() == queries.device() && pi.device() == queries.device(),
+        op, "(): prev must be on the queries' device ", queries.device());
+  } else if (m > 0) {
+    const int64_t usable = n - (any_self_in_chunk ? 1 : 0);
+    TORCH_CHECK_VALUE(kk <= usable,
+        op, "(): k=", k, (skip ? " (+1 dropped nearest)" : ""),
+        " is larger than the usable support: ", n, " points",
+        (any_self_in_chunk ? ", 1 excluded as the self match" : ""));
+  }
+  return kk;
+}
+
+void check_labels(
+    const char* op,
+    const char* name,
+    const at::Tensor& labels,
+    int64_t n,
+    int64_t num_classes,
+    const at::Device& device) {
+  TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n,
+      op, "(): ", name, " must be 1-D with ", n, " entries, got shape ", shape_str(labels));
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong,
+      op, "(): ", name, " must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.device() == device,
+      op, "(): ", name, " must be on ", device, ", got ", labels.device());
+  if (n > 0) {
+    const int64_t lo = labels.min().item<int64_t>();
+    const int64_t hi = labels.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes,
+        op, "(): ", name, " must lie in [0, num_classes=", num_classes, "), got values in [",
+        lo, ", ", hi, "]");
+  }
+}
+
+void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t num_classes) {
+  TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(neighbor_labels.dim() == 2 && neighbor_labels.size(1) >= 1,
+      op, "(): neighbor_labels must be 2-D [M, k] with k >= 1, got shape ",
+      shape_str(neighbor_labels));
+  TORCH_CHECK_VALUE(neighbor_labels.scalar_type() == at::kLong,
+      op, "(): neighbor_labels must be int64, got ", neighbor_labels.scalar_type());
+  if (neighbor_labels.numel() > 0) {
+    const int64_t lo = neighbor_labels.min().item<int64_t>();
+    const int64_t hi = neighbor_labels.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes,
+        op, "(): neighbor_labels must lie in [0, num_classes=", num_classes,
+        "), got values in [", lo, ", ", hi, "] (-1 marks a missing neighbour)");
+  }
+}
+
+void check_finite_rows(const char* op, const char* name, const at::Tensor& sqnorms) {
+  if (sqnorms.numel() == 0) {
+    return;
+  }
+  const auto bad = at::logical_not(at::isfinite(sqnorms));
+  if (bad.any().item<bool>()) {
+    const int64_t row = bad.nonzero().select(1, 0).min().item<int64_t>();
+    TORCH_CHECK_VALUE(false,
+        op, "(): ", name, " contains NaN or Inf (first at row ", row,
+        "), or values whose squares overflow ", sqnorms.scalar_type());
+  }
+}
+
+at::Tensor self_index_or_empty(const c10::optional<at::Tensor>& self_index) {
+  return self_index.has_value() ? self_index->contiguous() : at::Tensor();
+}
+
+} // namespace pdepth
+
+// The schema, written once. Backends register with TORCH_LIBRARY_IMPL in cpu/ and cuda/.
+TORCH_LIBRARY(pdepth, m) {
+  // Running top-k: squared L2 distances [M, k] ascending (ties to the lower index) and
+  // int64 support indices [M, k]. `skip` drops that many nearest (drop_nearest policy).
+  // prev_dist/prev_index: a running top-k to merge this chunk into; chunk rows have global
+  // indices offset..offset+N-1.
+  m.def(
+      "knn(Tensor queries, Tensor support, int k, Tensor? self_index, int skip, "
+      "Tensor? prev_dist, Tensor? prev_index, int offset) -> (Tensor, Tensor)");
+  // Fused k-NN + uniform vote: (pred [M] int64, dist [M, k], index [M, k]).
+  m.def(
+      "knn_vote(Tensor queries, Tensor support, Tensor support_labels, int k, "
+      "int num_classes, Tensor? self_index, int skip) -> (Tensor, Tensor, Tensor)");
+  // Uniform vote over neighbour labels [M, k]: the most frequent, ties to the lowest class.
+  m.def("vote(Tensor neighbor_labels, int num_classes) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pdepth compiled k-NN ops (registered as torch.ops.pdepth.*)";
+  m.def("build_info", []() {
+    pybind11::dict info;
+    info["torch_version"] = std::string(PDEPTH_TORCH_VERSION);
+#ifdef PDEPTH_WITH_CUDA
+    info["with_cuda"] = true;
+    info["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
+        std::to_string((CUDA_VERSION % 1000) / 10);
+    info["cuda_archs"] = std::string(PDEPTH_CUDA_ARCHS);
+#else
+    info["with_cuda"] = false;
+    info["cuda_version"] = pybind11::none();
+    info["cuda_archs"] = std::string();
+#endif
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}

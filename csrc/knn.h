@@ -1,0 +1,68 @@
+// Shared declarations of the pdepth k-NN ops: the ordering rule, the distance formula and
+// the argument checks. Every backend (cpu/, cuda/) includes this file, so the rules of
+// design.md section 2 are written once.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace pdepth {
+
+// (distance, index) ordering: smaller distance first, equal distances to the lower index.
+// Index -1 marks an empty slot (fewer than k points seen while streaming); compared as
+// uint64 it is the largest index, so empty slots sort after every real neighbour.
+template <typename T>
+C10_HOST_DEVICE inline bool knn_less(T da, int64_t ia, T db, int64_t ib) {
+  return da < db ||
+      (da == db && static_cast<uint64_t>(ia) < static_cast<uint64_t>(ib));
+}
+
+// Squared L2 distance from the expanded form |q|^2 + |s|^2 - 2 q.s, clamped at 0 so that
+// rounding never produces a negative distance. Every backend ranks by exactly this value,
+// which is what makes streaming (merging chunks) equal a single call.
+template <typename T>
+C10_HOST_DEVICE inline T knn_key(T qnorm, T snorm, T dot) {
+  const T d = (qnorm + snorm) - T(2) * dot;
+  return d > T(0) ? d : T(0);
+}
+
+// Accumulation / output dtype: float32 for float16, bfloat16 and float32 inputs.
+at::ScalarType knn_compute_dtype(at::ScalarType input);
+
+// Validates the arguments of knn / knn_vote and returns the number of neighbours the kernel
+// keeps per query (k + skip). `op` names the op in messages.
+int64_t check_knn_args(
+    const char* op,
+    const at::Tensor& queries,
+    const at::Tensor& support,
+    int64_t k,
+    const c10::optional<at::Tensor>& self_index,
+    int64_t skip,
+    const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index,
+    int64_t offset);
+
+// Labels: 1-D integer tensor of length n on `device`, values in [0, num_classes).
+void check_labels(
+    const char* op,
+    const char* name,
+    const at::Tensor& labels,
+    int64_t n,
+    int64_t num_classes,
+    const at::Device& device);
+
+// Neighbour labels for vote: 2-D int64 [M, k] with k >= 1 and values in [0, num_classes).
+void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t num_classes);
+
+// Squared row norms are finite iff every entry of the row is finite (and the squares do not
+// overflow); checking the norms costs O(rows) instead of a pass over the whole tensor.
+void check_finite_rows(const char* op, const char* name, const at::Tensor& sqnorms);
+
+// The self index as an int64 tensor of length M with -1 for "no self match", or an
+// undefined tensor when none was given.
+at::Tensor self_index_or_empty(const c10::optional<at::Tensor>& self_index);
+
+} // namespace pdepth

@@ -1,0 +1,157 @@
+"""Pure-torch float64 implementation of the k-NN rules (design.md section 2).
+
+It is the test oracle and the fallback used when the compiled extension cannot be loaded.
+It follows the same rules as the kernels: squared L2 distance, ties to the lower support
+index, self-match policies, uniform vote with ties to the lowest class. Distances are
+computed in float64 from the expanded form |q|^2 + |s|^2 - 2 q.s (exact for integer-valued
+inputs below 2**26 in magnitude, and within ~1e-16 relative otherwise), in query chunks so
+that memory stays bounded, and returned as float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["knn", "knn_vote", "vote", "distance_tolerance"]
+
+# Index used to sort empty slots (-1) after every real support index.
+_EMPTY_SORT_KEY = 2**62
+_CHUNK_ELEMENTS = 2**24
+
+
+def distance_tolerance(queries: torch.Tensor, support: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Documented accuracy of the kernels' squared distances, per query.
+
+    The kernels rank by ``|q|^2 + |s|^2 - 2 q.s`` evaluated in ``dtype`` (float32 for
+    float16/bfloat16/float32 inputs). The standard bound on a D-term dot product gives an
+    absolute error of at most ``(D + 4) * eps * (|q|^2 + max_s |s|^2)``; results may differ
+    from exact ordering only between points whose exact distances are closer than this.
+
+    Returns a float64 tensor [M].
+    """
+    dtype = dtype or (torch.float64 if queries.dtype == torch.float64 else torch.float32)
+    eps = torch.finfo(dtype).eps
+    d = queries.shape[1]
+    qn = queries.double().pow(2).sum(1)
+    smax = support.double().pow(2).sum(1).max() if support.shape[0] else 0.0
+    return (d + 4) * eps * (qn + smax)
+
+
+def _sort_topk(dist: torch.Tensor, index: torch.Tensor, k: int):
+    """Sort rows of (dist, index) by distance then index (-1 last) and keep k columns."""
+    key = torch.where(index < 0, torch.full_like(index, _EMPTY_SORT_KEY), index)
+    order = torch.argsort(key, dim=1, stable=True)
+    dist, index = dist.gather(1, order), index.gather(1, order)
+    order = torch.argsort(dist, dim=1, stable=True)
+    return dist.gather(1, order)[:, :k], index.gather(1, order)[:, :k]
+
+
+def _check(queries, support, k):
+    if queries.dim() != 2 or support.dim() != 2:
+        raise ValueError(
+            f"knn(): queries and support must be 2-D, got {tuple(queries.shape)} and "
+            f"{tuple(support.shape)}"
+        )
+    if queries.shape[1] != support.shape[1]:
+        raise ValueError(
+            f"knn(): queries and support must have the same dimension D, got "
+            f"{tuple(queries.shape)} and {tuple(support.shape)}"
+        )
+    if k < 1:
+        raise ValueError(f"knn(): k must be >= 1, got k={k}")
+    for name, t in (("queries", queries), ("support", support)):
+        if t.numel() and not torch.isfinite(t).all():
+            raise ValueError(f"knn(): {name} contains NaN or Inf")
+
+
+def knn(
+    queries: torch.Tensor,
+    support: torch.Tensor,
+    k: int,
+    *,
+    self_index: torch.Tensor | None = None,
+    self_match: str = "exclude",
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
+):
+    """Reference k nearest neighbours; same signature and rules as :func:`pdepth.knn`.
+
+    Returns ``(dist[M, k] float64, index[M, k] int64)``.
+    """
+    _check(queries, support, k)
+    skip = 1 if self_match == "drop_nearest" else 0
+    if self_match != "exclude":
+        self_index = None
+    kk = k + skip
+    m, n = queries.shape[0], support.shape[0]
+    device = queries.device
+    q = queries.to(torch.float64)
+    s = support.to(torch.float64)
+    qn = q.pow(2).sum(1)
+    sn = s.pow(2).sum(1)
+    if prev is None:
+        excluded = 0
+        if self_index is not None and m:
+            excluded = int(((self_index >= offset) & (self_index < offset + n)).any())
+        if m and kk > n - excluded:
+            raise ValueError(
+                f"knn(): k={k} is larger than the usable support: {n} points"
+                + (", 1 excluded as the self match" if excluded else "")
+            )
+    out_d = torch.empty(m, k, dtype=torch.float64, device=device)
+    out_i = torch.empty(m, k, dtype=torch.int64, device=device)
+    cols = torch.arange(offset, offset + n, device=device)
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        d = (qn[r0:r1, None] + sn[None, :]) - 2.0 * (q[r0:r1] @ s.T)
+        d = d.clamp_min(0.0)
+        idx = cols.expand(r1 - r0, n).clone()
+        if self_index is not None:
+            hit = idx == self_index[r0:r1, None]
+            d = d.masked_fill(hit, math.inf)
+            idx = idx.masked_fill(hit, -1)
+        if prev is not None:
+            d = torch.cat([prev[0][r0:r1].to(torch.float64), d], 1)
+            idx = torch.cat([prev[1][r0:r1], idx], 1)
+        elif d.shape[1] < kk:
+            pad = kk - d.shape[1]
+            d = torch.cat([d, d.new_full((r1 - r0, pad), math.inf)], 1)
+            idx = torch.cat([idx, idx.new_full((r1 - r0, pad), -1)], 1)
+        d, idx = _sort_topk(d, idx, kk)
+        out_d[r0:r1], out_i[r0:r1] = d[:, skip:], idx[:, skip:]
+    return out_d, out_i
+
+
+def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Uniform vote: the most frequent label per row, ties to the lowest class. [M] int64."""
+    if neighbor_labels.numel() and (
+        neighbor_labels.min() < 0 or neighbor_labels.max() >= num_classes
+    ):
+        raise ValueError(f"vote(): neighbor_labels must lie in [0, num_classes={num_classes})")
+    m = neighbor_labels.shape[0]
+    counts = torch.zeros(m, num_classes, dtype=torch.int64, device=neighbor_labels.device)
+    counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
+    return counts.argmax(1)  # argmax returns the first (lowest) maximal class
+
+
+def knn_vote(
+    queries: torch.Tensor,
+    support: torch.Tensor,
+    support_labels: torch.Tensor,
+    k: int = 30,
+    num_classes: int | None = None,
+    *,
+    self_index: torch.Tensor | None = None,
+    self_match: str = "exclude",
+):
+    """Reference k-NN vote; returns ``(pred[M], dist[M, k], index[M, k])``."""
+    labels = support_labels.long()
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if labels.numel() else 1
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"knn_vote(): support_labels must lie in [0, num_classes={num_classes})")
+    dist, index = knn(queries, support, k, self_index=self_index, self_match=self_match)
+    return vote(labels[index], num_classes), dist, index
