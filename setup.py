@@ -35,8 +35,24 @@ def _want_cuda():
     return False, "; ".join(why)
 
 
+def _cuda_include_dirs():
+    """cuBLAS/cuSPARSE headers: a lean toolkit (nvcc only) lacks them, but the CUDA build of
+    torch pulls them in as pip packages (nvidia/cu*/include)."""
+    if os.path.exists(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        found += glob.glob(os.path.join(root, "*", "include"))
+    return [d for d in found if os.path.exists(os.path.join(d, "cublas_v2.h"))][:1]
+
+
 def _extension():
     with_cuda, reason = _want_cuda()
+    include_dirs = []
     sources = ["csrc/knn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", f'-DPDEPTH_TORCH_VERSION="{torch.__version__}"']
     extra = {"cxx": cxx}
@@ -50,12 +66,14 @@ def _extension():
         extra["cxx"] = cxx + defines
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines
         ext = CUDAExtension
+        include_dirs = _cuda_include_dirs()
     else:
         print(f"pdepth: building CPU only ({reason})")
         ext = CppExtension
     return ext(
         name="pdepth._C",
         sources=sources,
+        include_dirs=include_dirs,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )

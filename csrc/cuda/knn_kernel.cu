@@ -1,0 +1,428 @@
+// CUDA kernels of the pdepth ops. Per (query block, support tile): cuBLAS computes the
+// cross terms q.s into a bounded tile buffer, then one fused kernel per tile turns them into
+// distances, filters them against each query's running k-th best, merges the survivors into
+// the running top-k kept in shared memory, and (on the last tile of knn_vote) votes. The
+// M x N distance matrix never exists: memory is O(M*k + tile).
+#include "../knn.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace pdepth {
+namespace {
+
+constexpr int kThreads = 128;            // threads per query row in the select kernel
+constexpr int kRound = 1024;             // keys scanned between merges = candidate buffer
+constexpr int kCandPerThread = kRound / kThreads;
+constexpr int64_t kMaxK = 1024;          // largest k (+ dropped nearest) kept on the GPU
+constexpr int kStatePerThread = static_cast<int>(kMaxK / kThreads);
+constexpr int64_t kQueryBlock = 8192;    // queries per GEMM
+constexpr int64_t kTileElems = 1 << 25;  // cross-term tile: 128 MiB of float32
+
+// ---------------------------------------------------------------------------------------
+// Squared row norms, one warp per row, accumulated in double (as on the CPU).
+template <typename scalar_t, typename T>
+__global__ void row_sqnorms_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t d,
+                                   T* __restrict__ out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) {
+    return;
+  }
+  const scalar_t* p = x + row * d;
+  double acc = 0.0;
+  for (int64_t j = lane; j < d; j += 32) {
+    const double v = static_cast<double>(static_cast<T>(p[j]));
+    acc += v * v;
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    acc += __shfl_down_sync(0xffffffffu, acc, off);
+  }
+  if (lane == 0) {
+    out[row] = static_cast<T>(acc);
+  }
+}
+
+template <typename T>
+at::Tensor row_sqnorms(const at::Tensor& x, cudaStream_t stream) {
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::empty({rows}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
+  if (rows == 0) {
+    return out;
+  }
+  constexpr int kWarps = 8;
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_sqnorms", [&] {
+    row_sqnorms_kernel<scalar_t, T><<<blocks, kWarps * 32, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), rows, x.size(1), out.mutable_data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Cross terms out[i, j] = q[m0 + i] . s[n0 + j] for an [mb x nb] tile, row-major with
+// leading dimension nb. Exact mode: float32 math (TF32 off) or float64; float16/bfloat16
+// inputs multiply on tensor cores with float32 accumulation.
+void gemm_cross(const at::Tensor& q, int64_t m0, int64_t mb, const at::Tensor& s, int64_t n0,
+                int64_t nb, at::Tensor& out) {
+  const int64_t d = q.size(1);
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to current stream
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  cudaDataType_t in_type = CUDA_R_32F;
+  cudaDataType_t out_type = CUDA_R_32F;
+  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+  switch (q.scalar_type()) {
+    case at::kDouble:
+      in_type = out_type = CUDA_R_64F;
+      compute = CUBLAS_COMPUTE_64F;
+      break;
+    case at::kHalf:
+      in_type = CUDA_R_16F;
+      break;
+    case at::kBFloat16:
+      in_type = CUDA_R_16BF;
+      break;
+    default:
+      break;
+  }
+  const double one_d = 1.0, zero_d = 0.0;
+  const float one_f = 1.0f, zero_f = 0.0f;
+  const bool dbl = q.scalar_type() == at::kDouble;
+  const int64_t es = q.element_size();
+  const char* sp = static_cast<const char*>(s.const_data_ptr()) + n0 * d * es;
+  const char* qp = static_cast<const char*>(q.const_data_ptr()) + m0 * d * es;
+  // Column-major view: out^T [nb x mb] = S_tile [nb x d] * Q_block^T [d x mb].
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N,
+      static_cast<int>(nb), static_cast<int>(mb), static_cast<int>(d),
+      dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f),
+      sp, in_type, static_cast<int>(d), qp, in_type, static_cast<int>(d),
+      dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f),
+      out.mutable_data_ptr(), out_type, static_cast<int>(nb), compute, CUBLAS_GEMM_DEFAULT));
+}
+
+// ---------------------------------------------------------------------------------------
+// Block-wide merge of c unsorted candidates (each better than the current k-th best, all
+// with distinct indices) into the sorted state of size kk, both in shared memory. Every
+// element's final position is its rank: its own position in its list plus the number of
+// elements of the other list that come before it under knn_less. Ranks form a permutation,
+// so the result does not depend on the order in which candidates were appended.
+template <typename T>
+__device__ void merge_candidates(T* sd, int64_t* si, int kk, const T* cd, const int64_t* ci,
+                                 int c) {
+  T keep_d[kStatePerThread + kCandPerThread];
+  int64_t keep_i[kStatePerThread + kCandPerThread];
+  int keep_pos[kStatePerThread + kCandPerThread];
+  int n_keep = 0;
+  for (int t = 0; t < kStatePerThread; ++t) {
+    const int a = threadIdx.x + t * kThreads;
+    if (a < kk) {
+      const T d = sd[a];
+      const int64_t i = si[a];
+      int pos = a;
+      for (int b = 0; b < c && pos < kk; ++b) {
+        pos += knn_less(cd[b], ci[b], d, i) ? 1 : 0;
+      }
+      if (pos < kk) {
+        keep_d[n_keep] = d;
+        keep_i[n_keep] = i;
+        keep_pos[n_keep++] = pos;
+      }
+    }
+  }
+  for (int t = 0; t < kCandPerThread; ++t) {
+    const int b = threadIdx.x + t * kThreads;
+    if (b < c) {
+      const T d = cd[b];
+      const int64_t i = ci[b];
+      int pos = 0;
+      for (int b2 = 0; b2 < c && pos < kk; ++b2) {
+        pos += knn_less(cd[b2], ci[b2], d, i) ? 1 : 0;
+      }
+      // Binary search: number of state entries before (d, i).
+      int lo = 0, hi = kk;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (knn_less(sd[mid], si[mid], d, i)) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      pos += lo;
+      if (pos < kk) {
+        keep_d[n_keep] = d;
+        keep_i[n_keep] = i;
+        keep_pos[n_keep++] = pos;
+      }
+    }
+  }
+  __syncthreads();  // every read of the old state is done
+  for (int t = 0; t < n_keep; ++t) {
+    sd[keep_pos[t]] = keep_d[t];
+    si[keep_pos[t]] = keep_i[t];
+  }
+  __syncthreads();
+}
+
+// Block-wide uniform vote over k labels in shared memory: the largest count wins, ties to
+// the lowest class. O(k^2 / threads) comparisons, independent of the number of classes.
+__device__ int64_t block_vote(const int64_t* labels, int k) {
+  __shared__ int64_t warp_best[kThreads / 32];
+  __shared__ int warp_count[kThreads / 32];
+  int best_count = 0;
+  int64_t best = std::numeric_limits<int64_t>::max();
+  for (int j = threadIdx.x; j < k; j += kThreads) {
+    const int64_t lab = labels[j];
+    int cnt = 0;
+    for (int j2 = 0; j2 < k; ++j2) {
+      cnt += labels[j2] == lab ? 1 : 0;
+    }
+    if (cnt > best_count || (cnt == best_count && lab < best)) {
+      best_count = cnt;
+      best = lab;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const int oc = __shfl_down_sync(0xffffffffu, best_count, off);
+    const int64_t ob = __shfl_down_sync(0xffffffffu, best, off);
+    if (oc > best_count || (oc == best_count && ob < best)) {
+      best_count = oc;
+      best = ob;
+    }
+  }
+  if (threadIdx.x % 32 == 0) {
+    warp_best[threadIdx.x / 32] = best;
+    warp_count[threadIdx.x / 32] = best_count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w) {
+      if (warp_count[w] > best_count || (warp_count[w] == best_count && warp_best[w] < best)) {
+        best_count = warp_count[w];
+        best = warp_best[w];
+      }
+    }
+  }
+  return best;  // valid in thread 0
+}
+
+// One block per query row of the tile. The running top-k (sorted) lives in global memory
+// between tiles and in shared memory during one. Keys are filtered against the k-th best in
+// rounds of kRound; only rounds that produced candidates pay for a merge.
+template <typename T, bool kVote>
+__global__ void __launch_bounds__(kThreads) select_tile_kernel(
+    const T* __restrict__ dot, int64_t nb, const T* __restrict__ qnorm,
+    const T* __restrict__ snorm, int64_t gbase, const int64_t* __restrict__ self,
+    T* __restrict__ top_d, int64_t* __restrict__ top_i, int kk, int skip,
+    const int64_t* __restrict__ labels, int64_t* __restrict__ pred) {
+  extern __shared__ unsigned char smem[];
+  int64_t* si = reinterpret_cast<int64_t*>(smem);
+  int64_t* ci = si + kk;
+  T* sd = reinterpret_cast<T*>(ci + kRound);
+  T* cd = sd + kk;
+  __shared__ int count;
+
+  const int64_t row = blockIdx.x;
+  for (int j = threadIdx.x; j < kk; j += kThreads) {
+    sd[j] = top_d[row * kk + j];
+    si[j] = top_i[row * kk + j];
+  }
+  const T qn = qnorm[row];
+  const int64_t self_g = self != nullptr ? self[row] : -1;
+  const T* drow = dot + row * nb;
+  __syncthreads();
+  T thr_d = sd[kk - 1];
+  int64_t thr_i = si[kk - 1];
+  bool changed = false;
+  for (int64_t r0 = 0; r0 < nb; r0 += kRound) {
+    if (threadIdx.x == 0) {
+      count = 0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kCandPerThread; ++t) {
+      const int64_t j = r0 + t * kThreads + threadIdx.x;
+      if (j < nb) {
+        const T key = knn_key(qn, snorm[j], drow[j]);
+        const int64_t g = gbase + j;
+        if (knn_less(key, g, thr_d, thr_i) && g != self_g) {
+          const int slot = atomicAdd(&count, 1);
+          cd[slot] = key;
+          ci[slot] = g;
+        }
+      }
+    }
+    __syncthreads();
+    const int c = count;  // block-uniform
+    if (c > 0) {
+      merge_candidates<T>(sd, si, kk, cd, ci, c);
+      thr_d = sd[kk - 1];
+      thr_i = si[kk - 1];
+      changed = true;
+    }
+  }
+  if (changed) {
+    for (int j = threadIdx.x; j < kk; j += kThreads) {
+      top_d[row * kk + j] = sd[j];
+      top_i[row * kk + j] = si[j];
+    }
+  }
+  if constexpr (kVote) {
+    const int k = kk - skip;
+    for (int j = threadIdx.x; j < k; j += kThreads) {
+      ci[j] = labels[si[skip + j]];
+    }
+    __syncthreads();
+    const int64_t p = block_vote(ci, k);
+    if (threadIdx.x == 0) {
+      pred[row] = p;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    vote_kernel(const int64_t* __restrict__ labels, int64_t k, int64_t* __restrict__ pred) {
+  const int64_t p = block_vote(labels + static_cast<int64_t>(blockIdx.x) * k, static_cast<int>(k));
+  if (threadIdx.x == 0) {
+    pred[blockIdx.x] = p;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Runs the tiles. `labels`/`pred` set: vote on the last tile (knn_vote).
+template <typename T>
+void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
+                  at::Tensor& top_d, at::Tensor& top_i, int64_t kk, int64_t skip,
+                  int64_t offset, const at::Tensor& labels, at::Tensor* pred) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t m = q.size(0);
+  const int64_t n = s.size(0);
+  const at::Tensor qn = row_sqnorms<T>(q, stream);
+  const at::Tensor sn = row_sqnorms<T>(s, stream);
+  check_finite_rows("knn", "queries", qn);
+  check_finite_rows("knn", "support", sn);
+
+  const int64_t qb = std::min(m, kQueryBlock);
+  const int64_t tile = std::max<int64_t>(1, std::min(n, kTileElems / qb));
+  at::Tensor dot = at::empty({qb * tile}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
+  const size_t smem = static_cast<size_t>(kk + kRound) * (sizeof(T) + sizeof(int64_t));
+  const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* lab = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
+
+  for (int64_t m0 = 0; m0 < m; m0 += qb) {
+    const int64_t mb = std::min(qb, m - m0);
+    T* td = top_d.mutable_data_ptr<T>() + m0 * kk;
+    int64_t* ti = top_i.mutable_data_ptr<int64_t>() + m0 * kk;
+    const int64_t* sf = self != nullptr ? self + m0 : nullptr;
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nb = std::min(tile, n - n0);
+      gemm_cross(q, m0, mb, s, n0, nb, dot);
+      const bool last = n0 + nb >= n;
+      if (pred != nullptr && last) {
+        select_tile_kernel<T, true><<<mb, kThreads, smem, stream>>>(
+            dot.const_data_ptr<T>(), nb, qn.const_data_ptr<T>() + m0,
+            sn.const_data_ptr<T>() + n0, offset + n0, sf, td, ti, static_cast<int>(kk),
+            static_cast<int>(skip), lab, pred->mutable_data_ptr<int64_t>() + m0);
+      } else {
+        select_tile_kernel<T, false><<<mb, kThreads, smem, stream>>>(
+            dot.const_data_ptr<T>(), nb, qn.const_data_ptr<T>() + m0,
+            sn.const_data_ptr<T>() + n0, offset + n0, sf, td, ti, static_cast<int>(kk),
+            static_cast<int>(skip), nullptr, nullptr);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
+    const at::Tensor& queries, const at::Tensor& support, int64_t kk, int64_t skip,
+    const c10::optional<at::Tensor>& self_index, const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index, int64_t offset, const at::Tensor& labels,
+    at::Tensor* pred) {
+  TORCH_CHECK_VALUE(kk <= kMaxK, "knn(): the CUDA kernel supports k up to ", kMaxK,
+      " (including a dropped nearest), got ", kk);
+  TORCH_CHECK_VALUE(queries.size(1) <= std::numeric_limits<int>::max(),
+      "knn(): D must fit in int32 for cuBLAS, got ", queries.size(1));
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const auto compute = knn_compute_dtype(queries.scalar_type());
+  const int64_t m = queries.size(0);
+  const auto fopts = queries.options().dtype(compute);
+  at::Tensor top_d, top_i;
+  if (prev_dist.has_value()) {
+    top_d = prev_dist->contiguous().clone();  // never modify the caller's running top-k
+    top_i = prev_index->contiguous().clone();
+  } else {
+    top_d = at::full({m, kk}, std::numeric_limits<double>::infinity(), fopts);
+    top_i = at::full({m, kk}, -1, queries.options().dtype(at::kLong));
+  }
+  if (m > 0) {
+    const at::Tensor q = queries.contiguous();
+    const at::Tensor s = support.contiguous();
+    const at::Tensor si = self_index_or_empty(self_index);
+    AT_DISPATCH_FLOATING_TYPES(compute, "knn_cuda", [&] {
+      knn_cuda_run<scalar_t>(q, s, si, top_d, top_i, kk, skip, offset, labels, pred);
+    });
+  }
+  if (skip == 0) {
+    return {top_d, top_i};
+  }
+  return {top_d.narrow(1, skip, kk - skip).contiguous(),
+          top_i.narrow(1, skip, kk - skip).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cuda(
+    const at::Tensor& queries, const at::Tensor& support, int64_t k,
+    const c10::optional<at::Tensor>& self_index, int64_t skip,
+    const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
+    int64_t offset) {
+  const int64_t kk = check_knn_args(
+      "knn", queries, support, k, self_index, skip, prev_dist, prev_index, offset);
+  return knn_cuda_checked(queries, support, kk, skip, self_index, prev_dist, prev_index,
+      offset, at::Tensor(), nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(
+    const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
+    int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
+    int64_t skip) {
+  const int64_t kk = check_knn_args(
+      "knn_vote", queries, support, k, self_index, skip, c10::nullopt, c10::nullopt, 0);
+  check_labels("knn_vote", "support_labels", support_labels, support.size(0), num_classes,
+      support.device());
+  at::Tensor pred = at::empty({queries.size(0)}, queries.options().dtype(at::kLong));
+  auto [dist, index] = knn_cuda_checked(queries, support, kk, skip, self_index, c10::nullopt,
+      c10::nullopt, 0, support_labels.contiguous(), &pred);
+  return {pred, dist, index};
+}
+
+at::Tensor vote_cuda(const at::Tensor& neighbor_labels, int64_t num_classes) {
+  check_vote_args("vote", neighbor_labels, num_classes);
+  TORCH_CHECK_VALUE(neighbor_labels.size(1) <= std::numeric_limits<int>::max(),
+      "vote(): k must fit in int32, got ", neighbor_labels.size(1));
+  const c10::cuda::CUDAGuard guard(neighbor_labels.device());
+  const at::Tensor nl = neighbor_labels.contiguous();
+  const int64_t m = nl.size(0);
+  at::Tensor pred = at::empty({m}, nl.options());
+  if (m > 0) {
+    vote_kernel<<<m, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        nl.const_data_ptr<int64_t>(), nl.size(1), pred.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return pred;
+}
+
+} // namespace
+} // namespace pdepth
+
+TORCH_LIBRARY_IMPL(pdepth, CUDA, m) {
+  m.impl("knn", &pdepth::knn_cuda);
+  m.impl("knn_vote", &pdepth::knn_vote_cuda);
+  m.impl("vote", &pdepth::vote_cuda);
+}
