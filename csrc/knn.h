@@ -29,6 +29,19 @@ C10_HOST_DEVICE inline T knn_key(T qnorm, T snorm, T dot) {
   return d > T(0) ? d : T(0);
 }
 
+// The kernels find candidates with a fast GEMM (cuBLAS / MKL), whose rounding depends on
+// the GEMM's shape, thread count and kernel choice, and then rank by a canonical key: the
+// same formula with the dot product from a fixed-order function of the two rows alone. So
+// the output never depends on tiling, chunking (streaming) or threads. The GEMM key and
+// the canonical key are each within (D + 4) * eps * (|q|^2 + |s|^2) of the exact distance;
+// a GEMM key is a candidate when key - filter_margin(D) * (|q|^2 + |s|^2) <= the k-th best
+// canonical key, which can never drop a point whose canonical key qualifies.
+template <typename T>
+C10_HOST_DEVICE inline T filter_margin(int64_t d) {
+  const T eps = sizeof(T) == 8 ? T(2.220446049250313e-16) : T(1.1920928955078125e-07);
+  return T(2) * (T(d) + T(16)) * eps;
+}
+
 // Accumulation / output dtype: float32 for float16, bfloat16 and float32 inputs.
 at::ScalarType knn_compute_dtype(at::ScalarType input);
 

@@ -1,7 +1,8 @@
 // CPU kernels of the pdepth ops: blocked GEMM through ATen (MKL/OpenBLAS) for the cross
-// term, then a fused scan that keeps a running top-k per query in a max-heap whose root is
-// the current k-th best. Parallel over query blocks; every query is always computed by the
-// same sequence of fixed-size GEMMs, so the output does not depend on the thread count.
+// terms, then a fused scan that filters them against each query's running k-th best and
+// ranks the few candidates by their canonical key (knn.h) in a max-heap whose root is the
+// k-th best. Parallel over query blocks; the output depends neither on the thread count nor
+// on how the support set is chunked.
 #include "../knn.h"
 
 #include <ATen/Parallel.h>
@@ -55,35 +56,66 @@ inline void heap_replace_top(Entry<T>* h, int64_t k, Entry<T> e) {
 }
 
 template <typename T>
-inline void offer(Entry<T>* h, int64_t k, T key, int64_t g, int64_t self) {
-  if (g != self && knn_less(key, g, h[0].d, h[0].i)) {
+inline void offer(Entry<T>* h, int64_t k, T key, int64_t g) {
+  if (knn_less(key, g, h[0].d, h[0].i)) {
     heap_replace_top(h, k, Entry<T>{key, g});
   }
 }
 
-// Scan one query's row of cross terms `dot[0..nb)` for support rows with global indices
-// gbase.. and merge the candidates into the heap `h` of size k.
+// The canonical dot product: 16 running sums (sum t takes d = t mod 16, in order), then a
+// fixed pairwise reduction. One out-of-line function, so every caller runs the same
+// instructions and a pair's key depends on the two rows alone (see knn.h).
+template <typename T>
+__attribute__((noinline)) T canonical_dot(const T* a, const T* b, int64_t d) {
+  T acc[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    for (int t = 0; t < 16; ++t) {
+      acc[t] += a[j + t] * b[j + t];
+    }
+  }
+  for (int t = 0; j < d; ++j, ++t) {
+    acc[t] += a[j] * b[j];
+  }
+  for (int w = 8; w >= 1; w /= 2) {
+    for (int t = 0; t < w; ++t) {
+      acc[t] += acc[t + w];
+    }
+  }
+  return acc[0];
+}
+
+// One query against one support tile. `dot` holds the GEMM cross terms; a group of
+// kScanWidth keys is tested at once against the k-th best (vectorised) with the filter
+// margin, and only candidates get their canonical key and touch the heap `h` (size k).
 template <typename T>
 void select_row(
-    const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, int64_t self,
-    Entry<T>* h, int64_t k) {
-  T key[kScanWidth];
+    const T* dot, int64_t nb, const T* qrow, const T* srows, int64_t d, T qnorm,
+    const T* snorm, int64_t gbase, int64_t self, Entry<T>* h, int64_t k) {
+  const T keep = T(1) - filter_margin<T>(d);
+  T lower[kScanWidth];
+  const auto consider = [&](int64_t j, T low) {
+    const int64_t g = gbase + j;
+    if (low <= h[0].d && g != self) {
+      offer(h, k, knn_key(qnorm, snorm[j], canonical_dot(qrow, srows + j * d, d)), g);
+    }
+  };
   int64_t j0 = 0;
   for (; j0 + kScanWidth <= nb; j0 += kScanWidth) {
     const T thr = h[0].d;
     bool hit = false;
     for (int64_t t = 0; t < kScanWidth; ++t) {
-      key[t] = knn_key(qnorm, snorm[j0 + t], dot[j0 + t]);
-      hit |= key[t] <= thr;
+      lower[t] = (qnorm + snorm[j0 + t]) * keep - T(2) * dot[j0 + t];
+      hit |= lower[t] <= thr;
     }
     if (hit) {
       for (int64_t t = 0; t < kScanWidth; ++t) {
-        offer(h, k, key[t], gbase + j0 + t, self);
+        consider(j0 + t, lower[t]);
       }
     }
   }
   for (; j0 < nb; ++j0) {
-    offer(h, k, knn_key(qnorm, snorm[j0], dot[j0]), gbase + j0, self);
+    consider(j0, (qnorm + snorm[j0]) * keep - T(2) * dot[j0]);
   }
 }
 
@@ -119,6 +151,9 @@ void knn_cpu_impl(
   const int64_t m = q.size(0);
   const int64_t n = s.size(0);
   const int64_t k = kk - skip;
+  const int64_t d = q.size(1);
+  const T* qp = q.const_data_ptr<T>();
+  const T* sp = s.const_data_ptr<T>();
   const T* qn = qnorm.const_data_ptr<T>();
   const T* sn = snorm.const_data_ptr<T>();
   const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
@@ -147,12 +182,12 @@ void knn_cpu_impl(
       const at::Tensor qb = q.narrow(0, m0, mb);
       for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
         const int64_t nb = std::min(kSupportTile, n - n0);
-        // Inside parallel_for, ATen runs this GEMM on the calling thread.
         const at::Tensor dot = at::mm(qb, s.narrow(0, n0, nb).t());
         const T* dp = dot.const_data_ptr<T>();
         for (int64_t i = 0; i < mb; ++i) {
-          select_row<T>(dp + i * nb, nb, qn[m0 + i], sn + n0, offset + n0,
-              self != nullptr ? self[m0 + i] : -1, heaps.data() + i * kk, kk);
+          select_row<T>(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i],
+              sn + n0, offset + n0, self != nullptr ? self[m0 + i] : -1,
+              heaps.data() + i * kk, kk);
         }
       }
       for (int64_t i = 0; i < mb; ++i) {

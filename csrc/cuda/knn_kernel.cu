@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 
 namespace pdepth {
 namespace {
@@ -49,7 +50,7 @@ __global__ void row_sqnorms_kernel(const scalar_t* __restrict__ x, int64_t rows,
   }
 }
 
-template <typename T>
+template <typename scalar_t, typename T>
 at::Tensor row_sqnorms(const at::Tensor& x, cudaStream_t stream) {
   const int64_t rows = x.size(0);
   at::Tensor out = at::empty({rows}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
@@ -58,12 +59,29 @@ at::Tensor row_sqnorms(const at::Tensor& x, cudaStream_t stream) {
   }
   constexpr int kWarps = 8;
   const int64_t blocks = (rows + kWarps - 1) / kWarps;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "row_sqnorms", [&] {
-    row_sqnorms_kernel<scalar_t, T><<<blocks, kWarps * 32, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), rows, x.size(1), out.mutable_data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  row_sqnorms_kernel<scalar_t, T><<<blocks, kWarps * 32, 0, stream>>>(
+      x.const_data_ptr<scalar_t>(), rows, x.size(1), out.mutable_data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+__device__ __forceinline__ float fma_t(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_t(double a, double b, double c) { return fma(a, b, c); }
+
+// The canonical dot product (knn.h): lane l sums d = l mod 32 in order with fused
+// multiply-adds, then a fixed xor-butterfly; every lane ends with the same bits, and the
+// value depends only on the two rows, never on the tile or the GEMM that found the pair.
+template <typename scalar_t, typename T>
+__device__ __forceinline__ T warp_canonical_dot(const scalar_t* a, const scalar_t* b, int64_t d,
+                                                int lane) {
+  T acc = T(0);
+  for (int64_t j = lane; j < d; j += 32) {
+    acc = fma_t(static_cast<T>(a[j]), static_cast<T>(b[j]), acc);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  }
+  return acc;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -213,12 +231,14 @@ __device__ int64_t block_vote(const int64_t* labels, int k) {
   return best;  // valid in thread 0
 }
 
-// One block per query row of the tile. The running top-k (sorted) lives in global memory
-// between tiles and in shared memory during one. Keys are filtered against the k-th best in
-// rounds of kRound; only rounds that produced candidates pay for a merge.
-template <typename T, bool kVote>
+// One block per query row of the tile. The running top-k (sorted, canonical keys) lives in
+// global memory between tiles and in shared memory during one. GEMM keys are filtered
+// against the k-th best with the filter margin in rounds of kRound; only rounds that
+// produced candidates pay for their canonical keys (one warp per candidate) and a merge.
+template <typename scalar_t, typename T, bool kVote>
 __global__ void __launch_bounds__(kThreads) select_tile_kernel(
-    const T* __restrict__ dot, int64_t nb, const T* __restrict__ qnorm,
+    const T* __restrict__ dot, int64_t nb, const scalar_t* __restrict__ qrows,
+    const scalar_t* __restrict__ srows, int64_t d, const T* __restrict__ qnorm,
     const T* __restrict__ snorm, int64_t gbase, const int64_t* __restrict__ self,
     T* __restrict__ top_d, int64_t* __restrict__ top_i, int kk, int skip,
     const int64_t* __restrict__ labels, int64_t* __restrict__ pred) {
@@ -237,9 +257,12 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
   const T qn = qnorm[row];
   const int64_t self_g = self != nullptr ? self[row] : -1;
   const T* drow = dot + row * nb;
+  const scalar_t* qrow = qrows + row * d;
+  const T keep = T(1) - filter_margin<T>(d);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
   __syncthreads();
   T thr_d = sd[kk - 1];
-  int64_t thr_i = si[kk - 1];
   bool changed = false;
   for (int64_t r0 = 0; r0 < nb; r0 += kRound) {
     if (threadIdx.x == 0) {
@@ -250,21 +273,26 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
     for (int t = 0; t < kCandPerThread; ++t) {
       const int64_t j = r0 + t * kThreads + threadIdx.x;
       if (j < nb) {
-        const T key = knn_key(qn, snorm[j], drow[j]);
+        const T lower = (qn + snorm[j]) * keep - T(2) * drow[j];
         const int64_t g = gbase + j;
-        if (knn_less(key, g, thr_d, thr_i) && g != self_g) {
-          const int slot = atomicAdd(&count, 1);
-          cd[slot] = key;
-          ci[slot] = g;
+        if (lower <= thr_d && g != self_g) {
+          ci[atomicAdd(&count, 1)] = g;
         }
       }
     }
     __syncthreads();
     const int c = count;  // block-uniform
     if (c > 0) {
+      for (int b = warp; b < c; b += kThreads / 32) {
+        const int64_t j = ci[b] - gbase;
+        const T key = knn_key(qn, snorm[j], warp_canonical_dot<scalar_t, T>(qrow, srows + j * d, d, lane));
+        if (lane == 0) {
+          cd[b] = key;
+        }
+      }
+      __syncthreads();
       merge_candidates<T>(sd, si, kk, cd, ci, c);
       thr_d = sd[kk - 1];
-      thr_i = si[kk - 1];
       changed = true;
     }
   }
@@ -297,15 +325,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------------------------------
 // Runs the tiles. `labels`/`pred` set: vote on the last tile (knn_vote).
-template <typename T>
+template <typename scalar_t, typename T>
 void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
                   at::Tensor& top_d, at::Tensor& top_i, int64_t kk, int64_t skip,
                   int64_t offset, const at::Tensor& labels, at::Tensor* pred) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t m = q.size(0);
   const int64_t n = s.size(0);
-  const at::Tensor qn = row_sqnorms<T>(q, stream);
-  const at::Tensor sn = row_sqnorms<T>(s, stream);
+  const int64_t d = q.size(1);
+  const at::Tensor qn = row_sqnorms<scalar_t, T>(q, stream);
+  const at::Tensor sn = row_sqnorms<scalar_t, T>(s, stream);
   check_finite_rows("knn", "queries", qn);
   check_finite_rows("knn", "support", sn);
 
@@ -315,6 +344,8 @@ void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& se
   const size_t smem = static_cast<size_t>(kk + kRound) * (sizeof(T) + sizeof(int64_t));
   const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
   const int64_t* lab = labels.defined() ? labels.const_data_ptr<int64_t>() : nullptr;
+  const scalar_t* qp = q.const_data_ptr<scalar_t>();
+  const scalar_t* sp = s.const_data_ptr<scalar_t>();
 
   for (int64_t m0 = 0; m0 < m; m0 += qb) {
     const int64_t mb = std::min(qb, m - m0);
@@ -324,18 +355,13 @@ void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& se
     for (int64_t n0 = 0; n0 < n; n0 += tile) {
       const int64_t nb = std::min(tile, n - n0);
       gemm_cross(q, m0, mb, s, n0, nb, dot);
-      const bool last = n0 + nb >= n;
-      if (pred != nullptr && last) {
-        select_tile_kernel<T, true><<<mb, kThreads, smem, stream>>>(
-            dot.const_data_ptr<T>(), nb, qn.const_data_ptr<T>() + m0,
-            sn.const_data_ptr<T>() + n0, offset + n0, sf, td, ti, static_cast<int>(kk),
-            static_cast<int>(skip), lab, pred->mutable_data_ptr<int64_t>() + m0);
-      } else {
-        select_tile_kernel<T, false><<<mb, kThreads, smem, stream>>>(
-            dot.const_data_ptr<T>(), nb, qn.const_data_ptr<T>() + m0,
-            sn.const_data_ptr<T>() + n0, offset + n0, sf, td, ti, static_cast<int>(kk),
-            static_cast<int>(skip), nullptr, nullptr);
-      }
+      const bool vote = pred != nullptr && n0 + nb >= n;
+      auto kernel = vote ? select_tile_kernel<scalar_t, T, true>
+                         : select_tile_kernel<scalar_t, T, false>;
+      kernel<<<mb, kThreads, smem, stream>>>(dot.const_data_ptr<T>(), nb, qp + m0 * d,
+          sp + n0 * d, d, qn.const_data_ptr<T>() + m0, sn.const_data_ptr<T>() + n0,
+          offset + n0, sf, td, ti, static_cast<int>(kk), static_cast<int>(skip),
+          vote ? lab : nullptr, vote ? pred->mutable_data_ptr<int64_t>() + m0 : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -366,8 +392,9 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
     const at::Tensor q = queries.contiguous();
     const at::Tensor s = support.contiguous();
     const at::Tensor si = self_index_or_empty(self_index);
-    AT_DISPATCH_FLOATING_TYPES(compute, "knn_cuda", [&] {
-      knn_cuda_run<scalar_t>(q, s, si, top_d, top_i, kk, skip, offset, labels, pred);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knn_cuda", [&] {
+      using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      knn_cuda_run<scalar_t, T>(q, s, si, top_d, top_i, kk, skip, offset, labels, pred);
     });
   }
   if (skip == 0) {
