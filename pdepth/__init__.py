@@ -1,11 +1,27 @@
 """pdepth: fast, exact prediction depth (Baldock, Maennel, Neyshabur, NeurIPS 2021).
 
-The k-NN core (:func:`knn`, :func:`knn_vote`, :func:`vote`) runs in the compiled extension
-``pdepth._C`` (C++ on CPU, CUDA on GPU); :mod:`pdepth.reference` is the float64 oracle and
-fallback.
+- k-NN core (:func:`knn`, :func:`knn_vote`, :func:`vote`): the compiled extension
+  ``pdepth._C`` (C++ on CPU, CUDA on GPU); :mod:`pdepth.reference` is the float64 oracle
+  and fallback.
+- Prediction depth on embeddings (:func:`prediction_depth`, :func:`depth_from_predictions`,
+  :func:`aggregate`) and drop-in shims for existing probe code (:mod:`pdepth.compat`).
+- The paper's protocol: probes and extraction (:func:`extract`), model-level streaming
+  (:func:`stream_prediction_depth`), models, training and metrics (:func:`run`),
+  difficulty categories (:func:`categorize`); the CLI is ``pdepth run``.
 """
 
-from . import reference
+from . import compat, data, models, reference
+from .categories import CATEGORIES, CategoryThresholds, categorize
+from .data import load_fashion_mnist
+from .depth import (
+    REFERENCE_MODES,
+    DepthResult,
+    EnsembleDepth,
+    aggregate,
+    depth_from_predictions,
+    prediction_depth,
+)
+from .extract import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
 from .knn import (
     SELF_MATCH_POLICIES,
     Neighbors,
@@ -17,19 +33,43 @@ from .knn import (
     knn_vote,
     vote,
 )
+from .pipeline import RunConfig, run
+from .stream import StreamResult, stream_prediction_depth
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CATEGORIES",
+    "PRESETS",
+    "REFERENCE_MODES",
     "SELF_MATCH_POLICIES",
+    "CategoryThresholds",
+    "DepthResult",
+    "Embeddings",
+    "EnsembleDepth",
     "Neighbors",
+    "ProbeRecorder",
+    "ProbeSpec",
+    "RunConfig",
+    "StreamResult",
     "Vote",
     "__version__",
+    "aggregate",
     "backend",
     "build_info",
+    "categorize",
+    "compat",
+    "data",
+    "depth_from_predictions",
     "empty_topk",
+    "extract",
     "knn",
     "knn_vote",
+    "load_fashion_mnist",
+    "models",
+    "prediction_depth",
     "reference",
+    "run",
+    "stream_prediction_depth",
     "vote",
 ]

@@ -29,6 +29,9 @@ from knn_helpers import (
 import pdepth
 from pdepth import reference
 
+# The CUDA kernel keeps at most this many neighbours (k plus a dropped nearest).
+CUDA_MAX_K = 1024
+
 POLICIES = ("exclude", "include", "drop_nearest")
 
 # (M, N, D, k): M around the query block, N around the scan width and the support tiles,
@@ -235,6 +238,10 @@ def test_all_support_equal(device, k):
     n = 2049
     s = torch.ones(n, 5, device=device)
     q = torch.ones(3, 5, device=device)
+    if device == "cuda" and k > CUDA_MAX_K:
+        with pytest.raises(ValueError, match="supports k up to 1024"):
+            pdepth.knn(q, s, k, self_match="include")
+        return
     out = pdepth.knn(q, s, k, self_match="include")
     assert torch.equal(out.index.cpu(), torch.arange(k).expand(3, k))
     assert bool((out.dist == 0).all())
@@ -247,6 +254,8 @@ def test_all_support_equal(device, k):
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1025])
 def test_k_equals_n_and_n_minus_1(device, n):
+    if device == "cuda" and n > CUDA_MAX_K:
+        pytest.skip(f"the CUDA kernel keeps at most {CUDA_MAX_K} neighbours")
     q, s = int_data(129, n, 3, key=("kN",))
     qd, sd = q.to(device), s.to(device)
     out = pdepth.knn(qd, sd, n, self_match="include")

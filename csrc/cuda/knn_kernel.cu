@@ -338,8 +338,8 @@ void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& se
   check_finite_rows("knn", "queries", qn);
   check_finite_rows("knn", "support", sn);
 
-  const int64_t qb = std::min(m, kQueryBlock);
-  const int64_t tile = std::max<int64_t>(1, std::min(n, kTileElems / qb));
+  const int64_t qb = std::min<int64_t>(m, int64_t{kQueryBlock});
+  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(n, int64_t{kTileElems} / qb));
   at::Tensor dot = at::empty({qb * tile}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
   const size_t smem = static_cast<size_t>(kk + kRound) * (sizeof(T) + sizeof(int64_t));
   const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
@@ -372,7 +372,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
     const c10::optional<at::Tensor>& self_index, const c10::optional<at::Tensor>& prev_dist,
     const c10::optional<at::Tensor>& prev_index, int64_t offset, const at::Tensor& labels,
     at::Tensor* pred) {
-  TORCH_CHECK_VALUE(kk <= kMaxK, "knn(): the CUDA kernel supports k up to ", kMaxK,
+  // Namespace-scope constexprs are passed by value: nvcc gives them no host storage that a
+  // reference could bind to.
+  const int64_t max_k = kMaxK;
+  TORCH_CHECK_VALUE(kk <= max_k, "knn(): the CUDA kernel supports k up to ", max_k,
       " (including a dropped nearest), got ", kk);
   TORCH_CHECK_VALUE(queries.size(1) <= std::numeric_limits<int>::max(),
       "knn(): D must fit in int32 for cuBLAS, got ", queries.size(1));

@@ -1,0 +1,153 @@
+"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.pipeline`) and ``pdepth report DIR``.
+
+Exit status: 0 on success, 1 on a runtime failure (e.g. the dataset is missing), 2 on bad
+arguments (unknown architecture or probe, an output directory that already holds results
+without ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .models import ARCHITECTURES
+
+__all__ = ["main"]
+
+
+def _seeds(text: str) -> list[int]:
+    """``"3"`` -> seeds 0, 1, 2; ``"0,5,7"`` (or ``"5,"``) -> those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in text.split(",") if s.strip()]
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes a count (e.g. 2) or a comma-separated list (e.g. 0,1), got {text!r}"
+        ) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"--seeds count must be >= 1, got {count}")
+    return list(range(count))
+
+
+def _subset(text: str) -> int | None:
+    if text.lower() in ("all", "none", "0"):
+        return None
+    return int(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .pipeline import RunConfig
+
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="pdepth", description="Prediction depth (Baldock et al. 2021), end to end.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run", help="train models on random halves and compute prediction depth",
+        description="Split the data 50/50 per seed, train a model on each half, compute "
+                    "prediction depth of every example in and out of the training split, write "
+                    "results.parquet, per-model arrays, config.json and report.html.")
+    r.add_argument("--dataset", default=d.dataset, choices=["fashion-mnist"],
+                   help="dataset (default: %(default)s, from the Debian package "
+                        "dataset-fashion-mnist)")
+    r.add_argument("--root", default=None,
+                   help="dataset folder (default: /usr/share/datasets/fashion-mnist)")
+    r.add_argument("--arch", default=d.arch, choices=list(ARCHITECTURES),
+                   help="architecture (default: %(default)s)")
+    r.add_argument("--probes", default=None,
+                   help="a probe preset (auto, cnn, mlp, resnet, resnet18, vgg, vgg16) or "
+                        "comma-separated module names (default: the architecture's preset)")
+    r.add_argument("--seeds", type=_seeds, default=d.seeds,
+                   help="number of seeds, or a comma-separated list (default: 2 = seeds 0,1; "
+                        "each seed trains 2 models)")
+    r.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+    r.add_argument("--subset", type=_subset, default=d.subset,
+                   help="random subset of the training set ('all' for every example; "
+                        "default: %(default)s)")
+    r.add_argument("--k", type=int, default=d.k, help="k-NN neighbours (default: %(default)s)")
+    r.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: "
+                                                          "%(default)s)")
+    r.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="training batch size (default: %(default)s)")
+    r.add_argument("--max-dim", type=int, default=d.max_dim,
+                   help="pool conv maps to at most this many features (0: no pooling; "
+                        "default: %(default)s)")
+    r.add_argument("--memory-budget", type=float, default=d.memory_budget / 2**20,
+                   help="MiB for resident query embeddings during the k-NN (default: "
+                        "%(default).0f)")
+    r.add_argument("--device", default=d.device,
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    r.add_argument("--out", default="runs/pdepth", help="output directory (default: "
+                                                        "%(default)s)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace results already in --out (an unfinished run with the same "
+                        "settings is resumed without it)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    rep = sub.add_parser("report", help="redraw the figures and report.html of a run directory")
+    rep.add_argument("dir", help="a directory written by `pdepth run`")
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"pdepth: error: {msg}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "report":
+        return _report(args.dir)
+    from .pipeline import OutputExistsError, RunConfig, run
+
+    probes = args.probes
+    if probes is not None and "," in probes:
+        probes = [s.strip() for s in probes.split(",") if s.strip()]
+    try:
+        config = RunConfig(
+            dataset=args.dataset, root=args.root, arch=args.arch, probes=probes,
+            seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
+            batch_size=args.batch_size, max_dim=args.max_dim or None,
+            memory_budget=int(args.memory_budget * 2**20), device=args.device)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        run(config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=log)
+    except FileNotFoundError as exc:
+        _err(str(exc))
+        return 1
+    except OutputExistsError as exc:
+        _err(str(exc))
+        return 2
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _err(f"interrupted; the models finished so far are kept in {args.out}/models; rerun "
+             "the same command to resume")
+        return 130
+    if args.quiet:
+        print(args.out)
+    return 0
+
+
+def _report(path: str) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+
+    out = Path(path)
+    needed = ["results.parquet", "per_model.npz", "data.npz", "config.json"]
+    missing = [f for f in needed if not (out / f).exists()]
+    if missing or not (out / "COMPLETE").exists():
+        _err(f"{out} holds no finished pdepth run (missing: "
+             f"{', '.join(missing) or 'COMPLETE'}); run `pdepth run --out {out}` first")
+        return 1
+    html = write_report(out)
+    print(html)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

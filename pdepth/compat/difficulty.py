@@ -1,0 +1,125 @@
+"""A drop-in for ``difficulty.metrics.prediction_depth`` (package ``nn_example_difficulty``).
+
+Before::
+
+    from difficulty.metrics import prediction_depth
+
+After::
+
+    from pdepth.compat.difficulty import prediction_depth
+
+Same signature, same semantics: one k-NN classifier per layer fitted on the training
+intermediates and labels (k=30, Euclidean, uniform vote, ties to the lowest class, as
+scikit-learn's ``KNeighborsClassifier``); without test intermediates the training points are
+scored with themselves included among their neighbours; a layer "matches" when its k-NN
+prediction equals the label; the depth is the first layer after which every layer matches
+(0..L, L when the last layer is wrong). The k-NN runs in the pdepth op, one layer at a time.
+
+Deliberate differences:
+
+* ``use_faiss`` is accepted and ignored: the pdepth op replaces both scikit-learn and faiss
+  (and, unlike faiss' GPU index, selects exactly, with a fixed tie rule).
+* ``device="cuda"`` runs the k-NN on the GPU when one is available (the original used the
+  device only for faiss); without CUDA it falls back to the CPU with a warning.
+* Inputs are not copied to numpy; intermediates stay in their dtype (the original's
+  scikit-learn accumulated float32 in float64; pdepth ranks float32 by float32 distances,
+  within the tolerance of :func:`pdepth.reference.distance_tolerance`).
+* Layer counts that differ between train and test intermediates raise ``ValueError``
+  (the original's ``zip`` silently dropped the extra layers), as do ``test_intermediates``
+  without ``test_labels`` (an ``assert`` in the original).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from ..depth import prediction_depth as _prediction_depth
+
+__all__ = ["prediction_depth"]
+
+
+def _resolve_device(device) -> torch.device | None:
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(
+            "pdepth.compat.difficulty.prediction_depth: device='cuda' was requested but CUDA "
+            "is not available; running on the CPU.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+    return device
+
+
+def prediction_depth(
+    train_intermediates: Iterable | dict,
+    train_labels: torch.Tensor,
+    test_intermediates: Iterable | dict | None = None,
+    test_labels: torch.Tensor | None = None,
+    k: int = 30,
+    verbose: bool = False,
+    return_matches: bool = False,
+    use_faiss: bool = False,
+    device: str | torch.device = "cuda",
+):
+    """Prediction depth per example, as ``difficulty.metrics.prediction_depth``.
+
+    Args:
+        train_intermediates: list, ordered dict or generator of L activations ``(M, ...)``
+            of the examples the k-NN classifiers are fitted on, input to output.
+        train_labels: ``[M]`` integer labels for the k-NN (e.g. consensus labels).
+        test_intermediates: activations ``(N, ...)`` of the examples to score at the same L
+            layers; None scores the training examples (each counted among its own
+            neighbours, as scikit-learn's ``predict`` on fitted data does).
+        test_labels: ``[N]`` labels to compare with; required with ``test_intermediates``,
+            else ``train_labels``.
+        k: neighbours per k-NN classifier.
+        verbose: show a progress bar over layers.
+        return_matches: also return the ``[L, N]`` matches.
+        use_faiss: accepted and ignored (see the module docstring).
+        device: where to run the k-NN; ``"cuda"`` falls back to the CPU with a warning when
+            CUDA is unavailable.
+
+    Returns:
+        ``depth`` ``[N]`` int64 in ``0..L`` on ``train_labels``' device, or
+        ``(depth, matches)`` with ``matches`` ``[L, N]`` of ``train_labels``' dtype (1 where
+        the layer's k-NN prediction equals the label).
+    """
+    del use_faiss  # accepted for compatibility; the pdepth op replaces faiss
+    if not isinstance(train_labels, torch.Tensor):
+        train_labels = torch.as_tensor(train_labels)
+    if test_intermediates is None:
+        if test_labels is not None:
+            raise ValueError(
+                "test_labels was given without test_intermediates; pass both, or neither to "
+                "score the training examples"
+            )
+        labels = train_labels
+    else:
+        if test_labels is None:
+            raise ValueError("test_intermediates needs test_labels (the labels to compare with)")
+        labels = test_labels if isinstance(test_labels, torch.Tensor) else torch.as_tensor(
+            test_labels)
+    result = _prediction_depth(
+        train_intermediates,
+        train_labels,
+        test_intermediates,
+        reference="labels",
+        query_labels=labels,
+        k=k,
+        self_match="include",
+        device=_resolve_device(device),
+        progress=verbose,
+    )
+    out_device = train_labels.device
+    depth = result.depth.to(out_device)
+    if not return_matches:
+        return depth
+    matches = (result.layer_pred == result.reference).to(dtype=train_labels.dtype,
+                                                         device=out_device)
+    return depth, matches

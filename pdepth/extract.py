@@ -1,0 +1,473 @@
+"""Embedding extraction: every probe of a network in one forward pass, with forward hooks.
+
+A :class:`ProbeSpec` names the probed modules (by their ``named_modules()`` name), in order
+from input to output. By convention (design.md section 1) probe 0 is the raw input and the
+last probe is the softmax of the model's output; the hooked modules sit in between. Each hook
+copies its module's output at the moment the module runs (so an in-place activation that runs
+later, e.g. ``ReLU(inplace=True)`` after a batch norm, cannot change what was recorded),
+optionally pools it to at most ``max_dim`` features, flattens it to ``[B, D]`` and stores it.
+
+Presets (``ProbeSpec.from_preset(name, model)``, see :data:`PRESETS`):
+
+* ``"resnet18"`` / ``"resnet"`` -- the stem's normalisation (``bn1``) and the output of every
+  residual block (``layer1.0`` ... ``layer4.*``: the residual sum after the block's final
+  ReLU). ResNet-18: 11 probes (input, stem, 8 blocks, softmax). Works for torchvision and
+  timm ResNets (both name them ``bn1`` / ``layerI.J``).
+* ``"vgg16"`` / ``"vgg"`` -- after each ``Conv2d``: the first activation (``ReLU``, ``GELU``
+  ...) that follows the conv in module order, else its norm layer, else the conv. VGG-16: 15
+  probes (input, 13 convs, softmax).
+* ``"mlp"`` -- after each dense layer but the last (whose output is the softmax probe's
+  input): its following activation, else the ``Linear``. An MLP with H hidden layers: H + 2.
+* ``"cnn"`` -- :class:`pdepth.models.SmallCNN`: ``block1``, ``block2``, ``block3``, ``fc``: 6.
+* ``"auto"`` -- ``resnet`` when the model has ``layer1``, else ``vgg`` when it has a
+  ``Conv2d``, else ``mlp``.
+
+Pooling (``max_dim``): a probe output ``[B, C, H, W]`` with more than ``max_dim`` features is
+adaptive-average-pooled to ``[B, C, h, w]``, the largest ``h <= H`` (and ``w = W*h // H``)
+with ``C*h*w <= max_dim`` (at least 1x1, so at most ``C`` features if ``C > max_dim``);
+``[B, C, L]`` outputs are pooled along ``L`` the same way; other shapes are flattened
+unpooled. The rule applies to every probe, the input included.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "INPUT",
+    "PRESETS",
+    "SOFTMAX",
+    "Embeddings",
+    "ProbeRecorder",
+    "ProbeSpec",
+    "extract",
+    "iter_batches",
+    "model_output",
+    "pool_embedding",
+    "probe_dims",
+    "resolve_probes",
+]
+
+INPUT = "input"
+SOFTMAX = "softmax"
+PRESETS = ("auto", "cnn", "mlp", "resnet", "resnet18", "vgg", "vgg16")
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid,
+                nn.Hardswish, nn.Mish)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Which activations to record, in order from input to output.
+
+    Attributes:
+        modules: names of the hooked modules (as in ``model.named_modules()``); each must run
+            exactly once per forward pass.
+        input: record the raw input as probe 0 (default True).
+        softmax: record the softmax of the model's output as the last probe (default True).
+        max_dim: pool conv maps to at most this many features (None: no pooling); see the
+            module docstring.
+        preset: the preset the modules came from, if any (informational).
+    """
+
+    modules: tuple[str, ...] = ()
+    input: bool = True
+    softmax: bool = True
+    max_dim: int | None = None
+    preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "modules", tuple(self.modules))
+        if self.max_dim is not None and int(self.max_dim) < 1:
+            raise ValueError(f"max_dim must be a positive integer or None, got {self.max_dim}")
+        if len(set(self.modules)) != len(self.modules):
+            raise ValueError(f"probe modules must be distinct, got {list(self.modules)}")
+
+    @property
+    def names(self) -> list[str]:
+        """Probe names in order: ``"input"``, the module names, ``"softmax"``."""
+        return ([INPUT] if self.input else []) + list(self.modules) + (
+            [SOFTMAX] if self.softmax else [])
+
+    @property
+    def num_probes(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_preset(cls, name: str, model: nn.Module, *, max_dim: int | None = None,
+               input: bool = True, softmax: bool = True) -> ProbeSpec:
+        """The probes of a preset (:data:`PRESETS`) on ``model``."""
+        return cls(modules=_preset_modules(name, model), input=input, softmax=softmax,
+                   max_dim=max_dim, preset=name)
+
+    def validate(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Name -> module for every hooked probe; ValueError listing the valid names for an
+        unknown one."""
+        named = dict(model.named_modules())
+        unknown = [m for m in self.modules if m not in named or m == ""]
+        if unknown:
+            valid = [n for n in named if n]
+            raise ValueError(
+                f"unknown probe module(s) {unknown}; valid module names of "
+                f"{type(model).__name__}: {', '.join(valid)}; or a preset: {', '.join(PRESETS)}"
+            )
+        return {m: named[m] for m in self.modules}
+
+
+def _preset_modules(name: str, model: nn.Module) -> list[str]:
+    named = list(model.named_modules())
+    names = {n for n, _ in named}
+    if name == "auto":
+        if "layer1" in names:
+            name = "resnet"
+        elif any(isinstance(m, nn.Conv2d) for _, m in named):
+            name = "vgg"
+        else:
+            name = "mlp"
+    if name in ("resnet", "resnet18"):
+        stem = next((s for s in ("bn1", "stem.bn", "stem.norm", "stem.bn1") if s in names), None)
+        blocks = []
+        for i in range(1, 5):
+            layer = dict(named).get(f"layer{i}")
+            if layer is None:
+                continue
+            blocks += [f"layer{i}.{child}" for child, _ in layer.named_children()]
+        if not blocks:
+            raise ValueError(f"preset {name!r}: {type(model).__name__} has no layer1..layer4 "
+                             "(not a torchvision/timm-style ResNet)")
+        return ([stem] if stem else []) + blocks
+    if name in ("vgg", "vgg16"):
+        out, pending = [], None
+        for n, m in named:
+            if isinstance(m, nn.Conv2d):
+                if pending is not None:
+                    out.append(pending[0])
+                pending = [n, False]  # [probe name, saw a norm]
+            elif pending is not None and isinstance(m, _NORMS) and not pending[1]:
+                pending = [n, True]
+            elif pending is not None and isinstance(m, _ACTIVATIONS):
+                out.append(n)
+                pending = None
+        if pending is not None:
+            out.append(pending[0])
+        if not out:
+            raise ValueError(f"preset {name!r}: {type(model).__name__} has no Conv2d")
+        return out
+    if name == "mlp":
+        linears = [n for n, m in named if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"preset 'mlp': {type(model).__name__} has no nn.Linear")
+        out = []
+        order = [n for n, _ in named]
+        modules = dict(named)
+        for lin in linears[:-1]:
+            probe = lin
+            for n in order[order.index(lin) + 1:]:
+                m = modules[n]
+                if isinstance(m, nn.Linear):
+                    break
+                if isinstance(m, _ACTIVATIONS):
+                    probe = n
+                    break
+            out.append(probe)
+        return out
+    if name == "cnn":
+        wanted = ["block1", "block2", "block3", "fc"]
+        missing = [w for w in wanted if w not in names]
+        if missing:
+            raise ValueError(f"preset 'cnn' is for pdepth.models.SmallCNN; "
+                             f"{type(model).__name__} lacks {missing}")
+        return wanted
+    raise ValueError(f"unknown probe preset {name!r}; valid presets: {', '.join(PRESETS)}")
+
+
+def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None) -> ProbeSpec:
+    """A :class:`ProbeSpec` from a spec, a preset name, or a sequence of module names (input
+    and softmax probes added); None means preset ``"auto"``. ``max_dim`` overrides the spec's
+    when given. The module names are validated against ``model``."""
+    if probes is None:
+        probes = "auto"
+    if isinstance(probes, ProbeSpec):
+        spec = probes if max_dim is None else ProbeSpec(
+            probes.modules, probes.input, probes.softmax, max_dim, probes.preset)
+    elif isinstance(probes, str):
+        if probes not in PRESETS:
+            named = [n for n, _ in model.named_modules() if n]
+            raise ValueError(
+                f"unknown probe preset {probes!r}; valid presets: {', '.join(PRESETS)}; or pass "
+                f"a list of module names: {', '.join(named)}"
+            )
+        spec = ProbeSpec.from_preset(probes, model, max_dim=max_dim)
+    else:
+        spec = ProbeSpec(tuple(probes), max_dim=max_dim)
+    spec.validate(model)
+    return spec
+
+
+def pool_embedding(t: torch.Tensor, max_dim: int | None) -> torch.Tensor:
+    """``[B, ...] -> [B, D]``: flattened, after adaptive average pooling to at most ``max_dim``
+    features for ``[B, C, H, W]`` and ``[B, C, L]`` tensors (module docstring)."""
+    if max_dim is None or t[0].numel() <= max_dim:
+        return t.reshape(t.shape[0], -1)
+    if t.dim() == 4:
+        c, h_in, w_in = t.shape[1:]
+        h = h_in
+        while h > 1 and c * h * max(1, (w_in * h) // h_in) > max_dim:
+            h -= 1
+        w = max(1, (w_in * h) // h_in)
+        return F.adaptive_avg_pool2d(t, (h, w)).reshape(t.shape[0], -1)
+    if t.dim() == 3:
+        c = t.shape[1]
+        return F.adaptive_avg_pool1d(t, max(1, max_dim // c)).reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1)
+
+
+def model_output(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, the first element of a tuple/list, or
+    ``out["logits"]`` / ``out.logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    if isinstance(out, Mapping):
+        for o in out.values():
+            if isinstance(o, torch.Tensor):
+                return o
+    raise TypeError(f"probe output of type {type(out).__name__} holds no tensor")
+
+
+class ProbeRecorder:
+    """Forward hooks that record every probe of ``spec`` in one forward pass.
+
+    Use as a context manager (hooks are removed on exit)::
+
+        with ProbeRecorder(model, spec) as rec:
+            layers, logits = rec.run(x)   # layers: list of [B, D_l] tensors, spec order
+
+    Recorded tensors are detached copies in ``dtype`` (default float32) on ``storage``
+    (default: the model's device).
+    """
+
+    def __init__(self, model: nn.Module, spec: ProbeSpec, *, dtype=torch.float32,
+                 storage: torch.device | str | None = None):
+        self.model = model
+        self.spec = spec
+        self.dtype = dtype
+        self.storage = None if storage is None else torch.device(storage)
+        self._modules = spec.validate(model)
+        self._handles: list = []
+        self._buffer: dict[str, torch.Tensor] = {}
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        t = pool_embedding(t.detach(), self.spec.max_dim)
+        dev = self.storage if self.storage is not None else t.device
+        # .to() may return the same storage; clone() guarantees a private copy.
+        return t.to(device=dev, dtype=self.dtype).clone()
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if name in self._buffer:
+                raise RuntimeError(
+                    f"probe module {name!r} ran more than once in one forward pass (a shared "
+                    "module such as a ResNet block's ReLU); probe a module that runs once"
+                )
+            self._buffer[name] = self._store(_first_tensor(output))
+        return hook
+
+    def __enter__(self) -> ProbeRecorder:
+        for name, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._buffer.clear()
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One forward pass: (probe embeddings in spec order, logits as float32)."""
+        self._buffer.clear()
+        logits = model_output(self.model(x)).detach().float()
+        missing = [m for m in self.spec.modules if m not in self._buffer]
+        if missing:
+            raise RuntimeError(f"probe module(s) {missing} did not run in the forward pass")
+        layers = []
+        if self.spec.input:
+            layers.append(self._store(x))
+        layers += [self._buffer[m] for m in self.spec.modules]
+        if self.spec.softmax:
+            layers.append(self._store(torch.softmax(logits, dim=1)))
+        self._buffer.clear()
+        dev = self.storage if self.storage is not None else logits.device
+        return layers, logits.to(dev)
+
+
+@dataclass(eq=False)
+class Embeddings:
+    """Probe embeddings of N examples.
+
+    Attributes:
+        layers: ordered dict probe name -> ``[N, D_l]`` tensor (input to output).
+        logits: ``[N, C]`` float32 model outputs.
+        labels: ``[N]`` int64 labels when the data yielded them, else None.
+    """
+
+    layers: OrderedDict[str, torch.Tensor]
+    logits: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=1)
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers.values())
+
+
+def iter_batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(x, y or None)`` batches from a tensor ``[N, ...]``, a ``(x, y)`` pair of tensors, a
+    ``Dataset`` yielding ``x`` or ``(x, y, ...)``, or an iterable of batches (a DataLoader)."""
+    if isinstance(data, torch.Tensor):
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i:i + batch_size], None
+        return
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        x, y = data
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+        return
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(
+            data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
+    for batch in data:
+        if isinstance(batch, torch.Tensor):
+            yield batch, None
+        elif isinstance(batch, Mapping):
+            yield batch.get("x", batch.get("image")), batch.get("y", batch.get("label"))
+        else:
+            yield batch[0], (batch[1] if len(batch) > 1 else None)
+
+
+def _num_items(data) -> int | None:
+    if isinstance(data, torch.Tensor):
+        return data.shape[0]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return data[0].shape[0]
+    try:
+        return len(data.dataset)  # DataLoader
+    except (AttributeError, TypeError):
+        pass
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def extract(
+    model: nn.Module,
+    loader,
+    probes=None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    max_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    storage: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "extract",
+) -> Embeddings:
+    """Embeddings of every probe for every example, one forward pass per batch.
+
+    Args:
+        model: any ``nn.Module``; run in eval mode under ``no_grad`` (its mode is restored).
+        loader: a DataLoader / iterable of batches (``x`` or ``(x, y, ...)``), a Dataset, a
+            tensor ``[N, ...]`` or an ``(x, y)`` pair of tensors.
+        probes: a :class:`ProbeSpec`, a preset name (:data:`PRESETS`), module names, or None
+            (preset ``"auto"``).
+        batch_size: batch size when ``loader`` is a tensor or Dataset.
+        device: where the model runs (default: where its parameters are).
+        max_dim: pool conv maps to at most this many features (overrides the spec's).
+        dtype: storage dtype of the embeddings.
+        storage: where the embeddings are kept (default CPU).
+        progress: tqdm progress bar.
+
+    Returns:
+        :class:`Embeddings` with one ``[N, D_l]`` tensor per probe, the logits and the labels.
+    """
+    spec = resolve_probes(model, probes, max_dim=max_dim)
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    chunks: list[list[torch.Tensor]] = [[] for _ in spec.names]
+    logits, labels = [], []
+    batches = iter_batches(loader, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, total=None, unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with ProbeRecorder(model, spec, dtype=dtype, storage=storage) as rec:
+            for x, y in batches:
+                layers, out = rec.run(x.to(device))
+                for store, t in zip(chunks, layers, strict=True):
+                    store.append(t)
+                logits.append(out)
+                if y is not None:
+                    labels.append(torch.as_tensor(y).long().cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("extract(): the loader yielded no batches")
+    return Embeddings(
+        layers=OrderedDict((name, torch.cat(c)) for name, c in zip(spec.names, chunks,
+                                                                    strict=True)),
+        logits=torch.cat(logits),
+        labels=torch.cat(labels) if labels else None,
+    )
+
+
+def probe_dims(model: nn.Module, spec: ProbeSpec, example: torch.Tensor) -> list[int]:
+    """Embedding width of each probe for inputs shaped like ``example`` (``[B, ...]``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with ProbeRecorder(model, spec) as rec:
+            layers, _ = rec.run(example[:1])
+    finally:
+        model.train(was_training)
+    return [int(t.shape[1]) for t in layers]

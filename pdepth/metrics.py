@@ -1,0 +1,204 @@
+"""Per-example metrics over an ensemble of models trained on random halves of a dataset.
+
+Inputs are per-model arrays over the n examples of the dataset (R models, L probes, C
+classes, E epochs):
+
+* ``depth [R, n]`` -- prediction depth of example i under model r (-1: not scored),
+* ``in_train [R, n]`` -- example i was in model r's training split (else held out),
+* ``probs [R, n, C]`` -- model r's softmax output for example i (final model, eval mode),
+* ``layer_pred [R, L, n]`` -- the k-NN prediction of each probe,
+* ``epoch_pred [R, E+1, n]`` -- the network's prediction after each epoch (row 0: at
+  initialisation),
+* ``labels [n]`` -- the given labels.
+
+:func:`summarize` turns them into one row per example (see its docstring for the columns).
+Ensemble aggregation (counting predictions, means, entropies) is plain numpy; the k-NN itself
+is never recomputed here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .depth import aggregate, depth_from_predictions
+
+__all__ = [
+    "class_counts",
+    "early_probes",
+    "iteration_learned",
+    "layer_accuracy",
+    "summarize",
+]
+
+
+def iteration_learned(epoch_pred: np.ndarray) -> np.ndarray:
+    """``[E+1, n] -> [n]``: the first epoch e (0 = initialisation) after which the prediction
+    equals the final prediction at every later epoch -- the depth rule applied along
+    training time with the final prediction as reference."""
+    epoch_pred = np.asarray(epoch_pred)
+    return depth_from_predictions(epoch_pred, epoch_pred[-1])
+
+
+def class_counts(values: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """``values [R, n]`` integer classes, ``mask [R, n]`` which entries count -> ``[n, C]``
+    counts."""
+    values = np.asarray(values)
+    if values.ndim == 1:
+        values = values[None]
+    mask = np.ones(values.shape, bool) if mask is None else np.asarray(mask, bool)
+    n = values.shape[1]
+    counts = np.zeros((n, num_classes), np.int64)
+    rows = np.broadcast_to(np.arange(n), values.shape)
+    np.add.at(counts, (rows[mask], values[mask]), 1)
+    return counts
+
+
+def _mode(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Most frequent class (ties: lowest id) and its share; share NaN where nothing counted."""
+    total = counts.sum(1)
+    mode = counts.argmax(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, counts.max(1) / np.maximum(total, 1), np.nan)
+    return mode, share
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 of ``values [R, n]`` where ``mask``; NaN where no entry counts."""
+    mask = np.asarray(mask, bool)
+    count = mask.sum(0)
+    total = np.where(mask, values, 0.0).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def early_probes(num_layers: int, early_fraction: float) -> int:
+    """Number of early probes: ``ceil(early_fraction * L)``, at least 1."""
+    return max(1, min(num_layers, math.ceil(early_fraction * num_layers)))
+
+
+def layer_accuracy(layer_pred: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``[L]`` k-NN accuracy of each probe over the (model, example) pairs in ``mask [R, n]``
+    (``layer_pred [R, L, n]``)."""
+    correct = np.asarray(layer_pred) == np.asarray(labels)[None, None, :]
+    mask = np.asarray(mask, bool)[:, None, :]
+    count = mask.sum((0, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, (correct & mask).sum((0, 2)) / np.maximum(count, 1), np.nan)
+
+
+def summarize(
+    depth: np.ndarray,
+    in_train: np.ndarray,
+    probs: np.ndarray,
+    layer_pred: np.ndarray,
+    epoch_pred: np.ndarray,
+    labels: np.ndarray,
+    *,
+    early_fraction: float = 0.5,
+):
+    """One row per example (a pandas DataFrame, index = position in the dataset subset).
+
+    Columns (``held-out`` means over the models that did not train on the example; ``train``
+    over those that did):
+
+    * ``label``;
+    * ``train_depth`` / ``held_out_depth`` -- mean prediction depth per split, with
+      ``*_depth_std`` and ``train_count`` / ``held_out_count`` (number of models), and the
+      per-model depths ``depth_m<r>`` with ``in_train_m<r>``;
+    * ``held_out_accuracy`` -- fraction of held-out models predicting the label (the C-score
+      estimate); ``train_accuracy`` likewise;
+    * ``held_out_mode`` -- the held-out models' most frequent prediction (ties: lowest class)
+      and ``consistency`` -- the fraction of held-out models predicting it (label-free
+      agreement);
+    * ``confidence`` -- mean held-out softmax probability of the predicted class;
+      ``margin`` -- mean held-out true-class probability minus the largest other;
+      ``train_confidence`` / ``train_margin`` likewise for the training split;
+    * ``ensemble_pred`` / ``ensemble_entropy`` -- argmax and entropy (nats) of the mean
+      held-out softmax (ensemble uncertainty);
+    * ``iteration_learned`` -- mean over the training-split models of the first epoch after
+      which the prediction equals the final one at every later epoch (0 = initialisation);
+      ``held_out_iteration_learned`` likewise over the held-out models;
+    * ``early_mode`` / ``early_mode_share`` / ``early_label_share`` -- over the first
+      ``ceil(early_fraction * L)`` probes of every model: the most frequent k-NN vote, its
+      share, and the share of votes for the label;
+    * ``knn_train_<l>`` / ``knn_held_out_<l>`` -- fraction of models whose probe l k-NN
+      prediction equals the label, per split.
+    """
+    import pandas as pd
+
+    depth = np.asarray(depth)
+    in_train = np.asarray(in_train, bool)
+    probs = np.asarray(probs, np.float64)
+    layer_pred = np.asarray(layer_pred)
+    epoch_pred = np.asarray(epoch_pred)
+    labels = np.asarray(labels).astype(np.int64)
+    r_models, n = depth.shape
+    num_classes = probs.shape[2]
+    num_layers = layer_pred.shape[1]
+    scored = depth >= 0
+    held_out = ~in_train & scored
+    train = in_train & scored
+
+    ens = aggregate([d.astype(np.float64) for d in np.where(scored, depth, -1)],
+                    [{"train": t, "held_out": h} for t, h in zip(in_train, held_out, strict=True)],
+                    num_examples=n)
+    cols: dict[str, np.ndarray] = {"label": labels}
+    cols["train_depth"] = ens.train_mean.numpy()
+    cols["held_out_depth"] = ens.held_out_mean.numpy()
+    cols["train_depth_std"] = ens.train_std.numpy()
+    cols["held_out_depth_std"] = ens.held_out_std.numpy()
+    cols["train_count"] = ens.train_count.numpy()
+    cols["held_out_count"] = ens.held_out_count.numpy()
+
+    pred = probs.argmax(2)  # [R, n]
+    correct = (pred == labels[None]).astype(np.float64)
+    cols["held_out_accuracy"] = _masked_mean(correct, held_out)
+    cols["train_accuracy"] = _masked_mean(correct, train)
+    mode, share = _mode(class_counts(pred, held_out, num_classes))
+    cols["held_out_mode"] = mode
+    cols["consistency"] = share
+
+    conf = probs.max(2)
+    true_p = np.take_along_axis(probs, labels[None, :, None].repeat(r_models, 0), 2)[..., 0]
+    other = probs.copy()
+    np.put_along_axis(other, labels[None, :, None].repeat(r_models, 0), -np.inf, 2)
+    margin = true_p - other.max(2)
+    cols["confidence"] = _masked_mean(conf, held_out)
+    cols["margin"] = _masked_mean(margin, held_out)
+    cols["train_confidence"] = _masked_mean(conf, train)
+    cols["train_margin"] = _masked_mean(margin, train)
+
+    cnt = held_out.sum(0)
+    mean_p = np.where(held_out[..., None], probs, 0.0).sum(0) / np.maximum(cnt, 1)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(np.where(mean_p > 0, mean_p * np.log(mean_p), 0.0)).sum(1)
+    cols["ensemble_pred"] = mean_p.argmax(1)
+    cols["ensemble_entropy"] = np.where(cnt > 0, ent, np.nan)
+
+    learned = np.stack([iteration_learned(e) for e in epoch_pred]).astype(np.float64)
+    cols["iteration_learned"] = _masked_mean(learned, train)
+    cols["held_out_iteration_learned"] = _masked_mean(learned, held_out)
+
+    n_early = early_probes(num_layers, early_fraction)
+    early = layer_pred[:, :n_early, :].reshape(-1, n)  # [R * n_early, n]
+    early_mask = np.repeat(scored, n_early, axis=0)
+    counts = class_counts(early, early_mask, num_classes)
+    e_mode, e_share = _mode(counts)
+    cols["early_mode"] = e_mode
+    cols["early_mode_share"] = e_share
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cols["early_label_share"] = counts[np.arange(n), labels] / np.maximum(counts.sum(1), 1)
+
+    for r in range(r_models):
+        cols[f"depth_m{r}"] = np.where(scored[r], depth[r], -1).astype(np.int64)
+        cols[f"in_train_m{r}"] = in_train[r]
+    knn_correct = (layer_pred == labels[None, None, :]).astype(np.float64)  # [R, L, n]
+    for layer in range(num_layers):
+        cols[f"knn_train_{layer}"] = _masked_mean(knn_correct[:, layer], train)
+    for layer in range(num_layers):
+        cols[f"knn_held_out_{layer}"] = _masked_mean(knn_correct[:, layer], held_out)
+    df = pd.DataFrame(cols)
+    df.index.name = "example"
+    return df

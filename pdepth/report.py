@@ -1,0 +1,302 @@
+"""Figures (PNG, matplotlib Agg) and ``report.html`` for a pdepth run directory.
+
+:func:`write_report` reads ``results.parquet``, ``per_model.npz``, ``data.npz`` and
+``config.json`` from a run directory and (re)draws ``figures/*.png`` and ``report.html``;
+``pdepth report DIR`` calls it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .categories import CATEGORIES
+from .metrics import layer_accuracy
+
+__all__ = ["FIGURES", "write_report"]
+
+FIGURES = {
+    "depth_hist.png": "Prediction depth per split (all models): examples in the model's "
+                      "training split vs held out.",
+    "metrics_vs_depth.png": "Held-out accuracy (C-score estimate), consistency, confidence and "
+                            "iteration learned against (rounded) mean depth; mean with "
+                            "standard error per depth.",
+    "layer_knn.png": "k-NN accuracy (vs the given labels) at each probe, for examples in the "
+                     "training split (self excluded) and held out: early layers generalise, "
+                     "later layers memorise.",
+    "depth_2d.png": "Train-split depth vs held-out depth: counts (left) and categories (right, "
+                    "jittered).",
+    "examples_by_depth.png": "Random examples at each (rounded) held-out depth.",
+    "examples_by_category.png": "Random examples of each category (title: label -> held-out "
+                                "networks' most frequent prediction).",
+    "training.png": "Training curves of every model.",
+}
+_COLORS = {"easy": "#4c9f70", "ambiguous": "#e0a526", "looks_like_other_class": "#c44e52",
+           "atypical": "#5b6fb5"}
+
+
+def _load(out: Path):
+    import pandas as pd
+
+    df = pd.read_parquet(out / "results.parquet")
+    with np.load(out / "per_model.npz", allow_pickle=False) as z:
+        arrays = {name: z[name] for name in z.files}
+    with np.load(out / "data.npz", allow_pickle=False) as z:
+        data = {name: z[name] for name in z.files}
+    cfg = json.loads((out / "config.json").read_text())
+    return df, arrays, data, cfg
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _binned(x: np.ndarray, y: np.ndarray, num_layers: int):
+    ok = ~np.isnan(x) & ~np.isnan(y)
+    xb = np.rint(x[ok]).astype(int)
+    y = y[ok]
+    centers, means, ses = [], [], []
+    for b in range(num_layers + 1):
+        sel = xb == b
+        if sel.sum() == 0:
+            continue
+        centers.append(b)
+        means.append(y[sel].mean())
+        ses.append(y[sel].std() / np.sqrt(sel.sum()) if sel.sum() > 1 else 0.0)
+    return np.array(centers), np.array(means), np.array(ses)
+
+
+def _short(name: str) -> str:
+    return name.split("/")[0][:9]
+
+
+def write_report(out: str | os.PathLike) -> Path:
+    """Draws every figure of :data:`FIGURES` into ``out/figures`` and writes
+    ``out/report.html``. Returns the path of the HTML file."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    df, arr, data, cfg = _load(out)
+    figdir = out / "figures"
+    figdir.mkdir(exist_ok=True)
+    res = cfg["resolved"]
+    names = list(arr["layer_names"])
+    num_layers = len(names)
+    class_names = res.get("class_names") or [str(i) for i in range(res["num_classes"])]
+    depth, in_train = arr["depth"], arr["in_train"].astype(bool)
+    scored = depth >= 0
+    labels = arr["labels"]
+    rng = np.random.default_rng(0)
+
+    # 1. depth histograms per split
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    bins = np.arange(num_layers + 1)
+    for i, (mask, lab) in enumerate(((in_train & scored, "training split (self excluded)"),
+                                     (~in_train & scored, "held out"))):
+        counts = np.bincount(depth[mask], minlength=num_layers + 1)
+        ax.bar(bins + (i - 0.5) * 0.4, counts / max(1, counts.sum()), width=0.4, label=lab)
+    ax.set_xticks(bins)
+    ax.set_xlabel(f"prediction depth (0 = every probe agrees, {num_layers} = last disagrees)")
+    ax.set_ylabel("fraction of (model, example) pairs")
+    ax.legend()
+    ax.set_title("Prediction depth per split")
+    _save(fig, figdir / "depth_hist.png")
+    plt.close(fig)
+
+    # 2. metrics against depth
+    panels = [("held_out_accuracy", "held-out accuracy (C-score est.)"),
+              ("consistency", "held-out consistency"),
+              ("confidence", "held-out confidence"),
+              ("iteration_learned", "iteration (epoch) learned")]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
+    for ax, (col, title) in zip(axes.ravel(), panels, strict=True):
+        for dcol, lab in (("held_out_depth", "vs held-out depth"),
+                          ("train_depth", "vs train-split depth")):
+            c, m, s = _binned(df[dcol].to_numpy(float), df[col].to_numpy(float), num_layers)
+            ax.errorbar(c, m, yerr=s, marker="o", capsize=3, label=lab)
+        ax.set_title(title)
+        ax.set_xlabel("mean prediction depth (rounded)")
+        ax.set_xticks(range(num_layers + 1))
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, figdir / "metrics_vs_depth.png")
+    plt.close(fig)
+
+    # 3. per-layer k-NN accuracy
+    lp = arr["layer_pred"].astype(np.int64)
+    acc_tr = layer_accuracy(lp, labels, in_train & scored)
+    acc_ho = layer_accuracy(lp, labels, ~in_train & scored)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * num_layers + 2), 3.8))
+    ax.plot(range(num_layers), acc_tr, "o-", label="training split (self excluded)")
+    ax.plot(range(num_layers), acc_ho, "s-", label="held out")
+    ax.set_xticks(range(num_layers))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("k-NN accuracy (given labels)")
+    ax.set_title(f"Per-probe k-NN accuracy (k = {cfg['config']['k']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, figdir / "layer_knn.png")
+    plt.close(fig)
+
+    # 4. 2-D view
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.8))
+    ok = ~df["train_depth"].isna() & ~df["held_out_depth"].isna()
+    tr = df.loc[ok, "train_depth"].to_numpy(float)
+    ho = df.loc[ok, "held_out_depth"].to_numpy(float)
+    edges = np.arange(-0.25, num_layers + 0.5, 0.5)
+    h, _, _, im = a1.hist2d(tr, ho, bins=[edges, edges], cmap="viridis",
+                            norm=matplotlib.colors.LogNorm())
+    fig.colorbar(im, ax=a1, label="examples")
+    a1.set_title("Train-split vs held-out depth (counts)")
+    cats = df.loc[ok, "category"].astype(str).to_numpy()
+    jit = lambda v: v + rng.uniform(-0.2, 0.2, v.shape)  # noqa: E731
+    for c in CATEGORIES:
+        sel = cats == c
+        a2.scatter(jit(tr[sel]), jit(ho[sel]), s=4, alpha=0.5, color=_COLORS[c],
+                   label=f"{c} ({int(sel.sum())})")
+    a2.legend(markerscale=3, fontsize=8, loc="upper left")
+    a2.set_title("Difficulty categories")
+    for ax in (a1, a2):
+        ax.set_xlabel("mean depth, in the training split")
+        ax.set_ylabel("mean depth, held out")
+        ax.set_xlim(-0.5, num_layers + 0.5)
+        ax.set_ylim(-0.5, num_layers + 0.5)
+        ax.plot([0, num_layers], [0, num_layers], color="gray", lw=0.5)
+    fig.tight_layout()
+    _save(fig, figdir / "depth_2d.png")
+    plt.close(fig)
+
+    # 5./6. image grids
+    images = data["images"]
+    per_row = 10
+
+    def grid(rows, path, title):
+        fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 0.95, len(rows) * 1.2),
+                                 squeeze=False)
+        for r, (row_label, idx, captions) in enumerate(rows):
+            for c in range(per_row):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for s in ax.spines.values():
+                    s.set_visible(False)
+                if c < len(idx):
+                    ax.imshow(images[idx[c]], cmap="gray_r", vmin=0, vmax=255)
+                    ax.set_title(captions[c], fontsize=6)
+            axes[r, 0].set_ylabel(row_label, fontsize=8, rotation=0, ha="right", va="center")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        _save(fig, path)
+        plt.close(fig)
+
+    ho_round = np.rint(df["held_out_depth"].to_numpy(float))
+    rows = []
+    for d in range(num_layers + 1):
+        idx = np.flatnonzero(ho_round == d)
+        idx = rng.permutation(idx)[:per_row]
+        rows.append((f"depth {d}\n({int((ho_round == d).sum())})", idx,
+                     [_short(class_names[labels[i]]) for i in idx]))
+    grid(rows, figdir / "examples_by_depth.png", "Examples by held-out prediction depth")
+    rows = []
+    mode = df["held_out_mode"].to_numpy()
+    cat_all = df["category"].astype(str).to_numpy()
+    for c in CATEGORIES:
+        idx = rng.permutation(np.flatnonzero(cat_all == c))[:per_row]
+        rows.append((c.replace("_", "\n"), idx,
+                     [f"{_short(class_names[labels[i]])}>{_short(class_names[mode[i]])}"
+                      for i in idx]))
+    grid(rows, figdir / "examples_by_category.png", "Examples by difficulty category")
+
+    # 7. training curves
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for r in range(arr["loss"].shape[0]):
+        lab = f"seed {arr['seeds'][r]} half {arr['halves'][r]}"
+        ep = np.arange(1, arr["loss"].shape[1] + 1)
+        a1.plot(ep, arr["loss"][r], label=lab)
+        a2.plot(ep, arr["train_accuracy"][r], "-", color=f"C{r}")
+        a2.plot(ep, arr["held_out_accuracy"][r], "--", color=f"C{r}")
+    a1.set_title("training loss")
+    a2.set_title("accuracy (solid: train half, dashed: held out)")
+    for ax in (a1, a2):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, figdir / "training.png")
+    plt.close(fig)
+
+    return _write_html(out, df, cfg, acc_tr, acc_ho, names)
+
+
+def _write_html(out: Path, df, cfg, acc_tr, acc_ho, names) -> Path:
+    c = cfg["config"]
+    res = cfg["resolved"]
+    summary = cfg.get("summary", {})
+    e = html.escape
+    counts = df["category"].astype(str).value_counts()
+    rows = "".join(
+        f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>" for k, v in c.items())
+    cat_rows = "".join(
+        f"<tr><td>{e(k)}</td><td>{int(counts.get(k, 0))}</td>"
+        f"<td>{100 * counts.get(k, 0) / len(df):.1f}%</td></tr>" for k in CATEGORIES)
+    layer_rows = "".join(
+        f"<tr><td>{i}</td><td>{e(n)}</td><td>{d}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
+        for i, (n, d, a, b) in enumerate(zip(names, res.get("probe_dims", [""] * len(names)),
+                                             acc_tr, acc_ho, strict=True)))
+    timing = cfg.get("timing", {})
+    figs = "".join(
+        f'<h3>{e(name)}</h3><p>{e(caption)}</p><img src="figures/{e(name)}" '
+        f'style="max-width:100%">' for name, caption in FIGURES.items())
+    stats = [
+        ("examples", len(df)),
+        ("models", res.get("num_models")),
+        ("probes", res.get("num_layers")),
+        ("mean train-split depth", f"{np.nanmean(df['train_depth']):.3f}"),
+        ("mean held-out depth", f"{np.nanmean(df['held_out_depth']):.3f}"),
+        ("held-out accuracy", f"{np.nanmean(df['held_out_accuracy']):.3f}"),
+        ("train accuracy", f"{np.nanmean(df['train_accuracy']):.3f}"),
+        ("time for the models (s)", f"{timing.get('models_seconds', float('nan')):.1f}"),
+    ]
+    mem = [m.get("memory", {}).get("peak_bytes", 0) for m in cfg.get("models", [])]
+    if mem:
+        stats.append(("k-NN peak resident embeddings (MiB)", f"{max(mem) / 2**20:.1f}"))
+    stat_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in stats)
+    doc = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>pdepth report: {e(c['arch'])} on {e(c['dataset'])}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;}}
+table{{border-collapse:collapse;margin:1em 0;}}td,th{{border:1px solid #ccc;padding:2px 8px;
+font-size:90%;}}</style></head><body>
+<h1>Prediction depth: {e(c['arch'])} on {e(c['dataset'])}</h1>
+<p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
+NeurIPS 2021. Each seed splits the data 50/50; a model trains on each half; depth is computed
+for its training half (self excluded) and its held-out half with its training half as the
+k-NN support (given labels), measured against the network's own prediction.</p>
+<h2>Summary</h2><table>{stat_rows}</table>
+<h2>Categories</h2><table><tr><th>category</th><th>examples</th><th>share</th></tr>{cat_rows}
+</table><p>Rules and thresholds: docs/protocol.md; thresholds used:
+{e(json.dumps(res.get('thresholds')))}</p>
+<h2>Probes</h2><table><tr><th>#</th><th>probe</th><th>dim</th><th>k-NN acc. train</th>
+<th>k-NN acc. held out</th></tr>{layer_rows}</table>
+<h2>Figures</h2>{figs}
+<h2>Settings</h2><table>{rows}</table>
+<p>Versions: {e(json.dumps(cfg.get('versions', {}).get('pdepth')))} (pdepth),
+{e(json.dumps(cfg.get('versions', {}).get('torch')))} (torch). Full settings: config.json.
+Per-example results: results.parquet; per-model arrays: per_model.npz, models/.</p>
+<p style="color:#888">summary: {e(json.dumps(summary.get('categories', {})))}</p>
+</body></html>
+"""
+    path = out / "report.html"
+    tmp = out / f".report.html.tmp-{os.getpid()}"
+    tmp.write_text(doc)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,325 @@
+"""Model-level prediction depth that streams the support set through the network.
+
+:func:`stream_prediction_depth` never holds the support set's embeddings for all probes at
+once. It keeps the *query* embeddings of every probe resident -- in chunks of queries when
+they would exceed ``memory_budget`` -- and, for each query chunk, runs the support set
+through the model batch by batch (one forward pass per batch records every probe, see
+:mod:`pdepth.extract`) and merges each batch into a running top-k per probe with the op's
+streaming mode (:func:`pdepth.knn` with ``prev=`` and ``offset=``). After the last support
+batch the k neighbours' labels are voted with :func:`pdepth.vote` and the per-probe
+predictions are reduced to a depth with :func:`pdepth.depth_from_predictions`.
+
+Because the op's streaming merge is exact, the result equals
+:func:`pdepth.prediction_depth` on the same embeddings (tested), at
+``O(M_chunk * sum(D_l) + B * sum(D_l) + L * M_chunk * k)`` memory instead of
+``O(N * sum(D_l))``. The support set is read ``ceil(M / M_chunk)`` times.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .depth import DepthResult, depth_from_predictions
+from .extract import ProbeRecorder, iter_batches, resolve_probes
+from .knn import empty_topk, knn, vote
+
+__all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
+
+
+@dataclass(eq=False)
+class StreamResult:
+    """Result of :func:`stream_prediction_depth`.
+
+    Attributes:
+        depth: the :class:`pdepth.DepthResult` (``layer_names`` are the probe names).
+        logits: ``[M, C]`` float32 model outputs for the queries (eval mode).
+        peak_bytes: the largest number of bytes of embeddings, running top-k and support
+            batch embeddings held at once (what ``memory_budget`` bounds).
+        peak_rss_bytes: the process's peak resident set size when the call returned.
+        cuda_peak_bytes: peak CUDA memory allocated during the call (None on CPU).
+        chunk_size: queries per chunk; num_chunks: number of chunks (= support passes).
+        seconds: wall time of the call.
+    """
+
+    depth: DepthResult
+    logits: torch.Tensor
+    peak_bytes: int
+    peak_rss_bytes: int
+    cuda_peak_bytes: int | None
+    chunk_size: int
+    num_chunks: int
+    seconds: float
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=1)
+
+    def stats(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "peak_rss_bytes": self.peak_rss_bytes,
+                "cuda_peak_bytes": self.cuda_peak_bytes, "chunk_size": self.chunk_size,
+                "num_chunks": self.num_chunks, "seconds": self.seconds}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _num_rows(data) -> int | None:
+    if isinstance(data, torch.Tensor):
+        return int(data.shape[0])
+    try:
+        return len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return None
+
+
+@torch.no_grad()
+def stream_prediction_depth(
+    model: nn.Module,
+    support,
+    support_labels,
+    queries=None,
+    *,
+    probes=None,
+    k: int = 30,
+    self_index=None,
+    reference="network",
+    query_labels=None,
+    num_classes: int | None = None,
+    example_index=None,
+    batch_size: int = 256,
+    memory_budget: int | None = 2**30,
+    device: torch.device | str | None = None,
+    max_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> StreamResult:
+    """Prediction depth of ``queries`` against ``support`` computed from a model, streaming.
+
+    Args:
+        model: the network (run in eval mode; its mode is restored).
+        support: the support set's inputs: a tensor ``[N, ...]``, a Dataset, or a re-iterable
+            DataLoader (read once per query chunk, in the same order each time).
+        support_labels: ``[N]`` integer labels of the support set (the given labels).
+        queries: the queries' inputs (same kinds), or None to score the support set itself
+            (then ``self_index`` defaults to ``arange(N)``, ``query_labels`` to
+            ``support_labels`` and ``example_index`` to ``arange(N)``).
+        probes: a :class:`pdepth.ProbeSpec`, preset name or module names (None: ``"auto"``).
+        k: neighbours per query.
+        self_index: ``[M]`` each query's own support index or -1; those support points are
+            excluded from the query's neighbours (``self_match="exclude"``).
+        reference: ``"network"`` (the model's argmax prediction, computed here),
+            ``"labels"`` (needs ``query_labels``), ``"last_probe"``, or an ``[M]`` tensor.
+        query_labels: ``[M]`` labels of the queries (for ``layer_accuracy``).
+        num_classes: default ``support_labels.max() + 1``.
+        example_index: ``[M]`` dataset indices of the queries, stored in the result.
+        batch_size: forward-pass batch size (support and queries).
+        memory_budget: bytes allowed for resident query embeddings + running top-k + one
+            support batch's embeddings; the queries are cut into chunks to fit (at least one
+            batch per chunk). None: one chunk.
+        device: where the model and the k-NN run (default: the model's device).
+        max_dim: pool conv maps to at most this many features.
+        dtype: embedding dtype.
+        progress: tqdm progress bars.
+
+    Returns:
+        :class:`StreamResult`.
+    """
+    start = time.perf_counter()
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    spec = resolve_probes(model, probes, max_dim=max_dim)
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    labels = torch.as_tensor(support_labels).long().cpu()
+    n = labels.shape[0]
+    n_support = _num_rows(support)
+    if n_support is not None and n_support != n:
+        raise ValueError(f"support has {n_support} rows but support_labels has {n}")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if n else 1
+    scoring_support = queries is None
+    if scoring_support:
+        queries = support
+        if self_index is None:
+            self_index = torch.arange(n)
+        if query_labels is None:
+            query_labels = labels
+        if example_index is None:
+            example_index = torch.arange(n)
+    m = _num_rows(queries)
+    if self_index is not None:
+        self_index = torch.as_tensor(self_index).long().cpu()
+        if m is not None and self_index.shape[0] != m:
+            raise ValueError(f"self_index has {self_index.shape[0]} entries but there are {m} "
+                             "queries")
+    excludes = self_index is not None and bool((self_index >= 0).any())
+    if k > n - (1 if excludes else 0):
+        raise ValueError(
+            f"k={k} is larger than the support set allows (N={n}"
+            f"{', one point excluded as self match' if excludes else ''})"
+        )
+    lab_dev = labels.to(device)
+
+    was_training = model.training
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    peak = 0
+    preds: list[list[torch.Tensor]] = []
+    logits_all: list[torch.Tensor] = []
+    q_labels_seen: list[torch.Tensor] = []
+    chunk_rows = None
+    num_chunks = 0
+    try:
+        with ProbeRecorder(model, spec, dtype=dtype, storage=device) as rec:
+
+            def run_chunk(q_layers, sidx, row0):
+                nonlocal peak, num_chunks
+                mc = q_layers[0].shape[0]
+                tops = [empty_topk(mc, k, torch.float64 if dtype == torch.float64 else
+                                   torch.float32, device) for _ in q_layers]
+                resident = _nbytes(q_layers) + _nbytes(t for top in tops for t in top)
+                offset = 0
+                batches = iter_batches(support, batch_size)
+                if progress:
+                    from tqdm.auto import tqdm
+
+                    total = None if n_support is None else math.ceil(n / batch_size)
+                    batches = tqdm(batches, total=total, leave=False, unit="batch",
+                                   desc=f"k-NN chunk {num_chunks + 1} (queries {row0}-"
+                                        f"{row0 + mc})")
+                for xs, _ in batches:
+                    s_layers, _ = rec.run(xs.to(device))
+                    peak = max(peak, resident + _nbytes(s_layers))
+                    for layer, (q, s) in enumerate(zip(q_layers, s_layers, strict=True)):
+                        tops[layer] = knn(q, s, k, self_index=sidx, self_match="exclude",
+                                          prev=tops[layer], offset=offset)
+                    offset += xs.shape[0]
+                    del s_layers
+                if offset != n:
+                    raise ValueError(f"the support set yielded {offset} rows but support_labels "
+                                     f"has {n}")
+                preds.append([vote(lab_dev[top.index], num_classes).cpu() for top in tops])
+                num_chunks += 1
+
+            pending: list[list[torch.Tensor]] = []
+            pending_rows = 0
+            row0 = 0
+            q_batches = iter_batches(queries, batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                q_batches = tqdm(q_batches, leave=False, unit="batch", desc="query embeddings",
+                                 total=None if m is None else math.ceil(m / batch_size))
+            for xq, yq in q_batches:
+                q_layers, q_logits = rec.run(xq.to(device))
+                logits_all.append(q_logits.cpu())
+                if yq is not None:
+                    q_labels_seen.append(torch.as_tensor(yq).long().cpu())
+                if chunk_rows is None:
+                    dims = [t.shape[1] for t in q_layers]
+                    itemsize = q_layers[0].element_size()
+                    per_query = sum(dims) * itemsize + len(dims) * k * 16
+                    batch_bytes = batch_size * sum(dims) * itemsize
+                    if memory_budget is None:
+                        chunk_rows = m if m is not None else 2**62
+                    else:
+                        fit = max(0, int(memory_budget) - batch_bytes) // per_query
+                        chunk_rows = max(xq.shape[0], fit)
+                pending.append(q_layers)
+                pending_rows += xq.shape[0]
+                if pending_rows >= chunk_rows:
+                    cat = [torch.cat([p[layer] for p in pending]) for layer in range(len(dims))]
+                    pending.clear()
+                    sidx = None if self_index is None else \
+                        self_index[row0:row0 + pending_rows].to(device)
+                    run_chunk(cat, sidx, row0)
+                    del cat
+                    row0 += pending_rows
+                    pending_rows = 0
+            if pending:
+                cat = [torch.cat([p[layer] for p in pending]) for layer in range(len(dims))]
+                pending.clear()
+                sidx = None if self_index is None else \
+                    self_index[row0:row0 + pending_rows].to(device)
+                run_chunk(cat, sidx, row0)
+                row0 += pending_rows
+    finally:
+        model.train(was_training)
+    if not preds:
+        raise ValueError("the queries yielded no batches")
+
+    layer_pred = torch.stack([torch.cat([p[layer] for p in preds]) for layer in
+                              range(len(preds[0]))])
+    logits = torch.cat(logits_all)
+    m = logits.shape[0]
+    if query_labels is None and q_labels_seen:
+        query_labels = torch.cat(q_labels_seen)
+    q_labels = None if query_labels is None else torch.as_tensor(query_labels).long().cpu()
+    if isinstance(reference, str):
+        mode = reference
+        if mode == "network":
+            ref = logits.argmax(1)
+        elif mode == "labels":
+            if q_labels is None:
+                raise ValueError('reference="labels" needs query_labels=')
+            ref = q_labels
+        elif mode == "last_probe":
+            ref = layer_pred[-1].clone()
+        else:
+            raise ValueError(f"reference must be 'network', 'labels', 'last_probe' or an [M] "
+                             f"tensor, got {reference!r}")
+    else:
+        mode = "tensor"
+        ref = torch.as_tensor(reference).long().cpu()
+    if ref.shape[0] != m:
+        raise ValueError(f"reference has {ref.shape[0]} entries but there are {m} queries")
+    depth = depth_from_predictions(layer_pred, ref)
+    from . import __version__
+
+    result = DepthResult(
+        depth=depth,
+        layer_pred=layer_pred,
+        reference=ref,
+        layer_agreement=(layer_pred == ref).to(torch.float64).mean(1),
+        layer_accuracy=None if q_labels is None else
+        (layer_pred == q_labels).to(torch.float64).mean(1),
+        labels=q_labels,
+        example_index=None if example_index is None else
+        torch.as_tensor(example_index).long().cpu(),
+        k=k,
+        self_match="exclude",
+        reference_mode=mode,
+        num_layers=int(layer_pred.shape[0]),
+        num_classes=int(num_classes),
+        layer_names=spec.names,
+        version=__version__,
+    )
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return StreamResult(
+        depth=result,
+        logits=logits,
+        peak_bytes=int(peak),
+        peak_rss_bytes=peak_rss_bytes(),
+        cuda_peak_bytes=None if cuda_peak is None else int(cuda_peak),
+        chunk_size=int(min(chunk_rows, m)),
+        num_chunks=num_chunks,
+        seconds=time.perf_counter() - start,
+    )

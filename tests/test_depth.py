@@ -1,0 +1,593 @@
+"""Prediction depth: the rule, the layer loop, reference modes, self-match policies, results
+I/O, ensembles and bad input. The k-NN itself is tested elsewhere; here the oracle is
+``pdepth.reference`` (float64) where an oracle is needed."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pdepth
+from pdepth import DepthResult, aggregate, depth_from_predictions, prediction_depth
+from pdepth import reference as ref_impl
+
+# ---------------------------------------------------------------------------------------------
+# Hand-built 1-D cases
+# ---------------------------------------------------------------------------------------------
+
+LABELS = torch.tensor([0, 0, 0, 1, 1, 1])
+GOOD = torch.tensor([[0.0], [1.0], [2.0], [10.0], [10.25], [10.5]])
+# Point 2 sits next to class 1's cluster: its nearest other point has label 1, while every
+# other point's nearest other point keeps its own label.
+BAD = torch.tensor([[0.0], [1.0], [9.5], [10.0], [10.25], [10.5]])
+
+
+@pytest.mark.parametrize(
+    "layers, expected_depth_of_point_2",
+    [
+        ([GOOD, GOOD, GOOD], 0),
+        ([BAD, GOOD, GOOD], 1),
+        ([GOOD, BAD, GOOD], 2),
+        ([BAD, BAD, GOOD], 2),
+        ([GOOD, GOOD, BAD], 3),  # the last probe disagrees: depth L
+        ([BAD, GOOD, BAD], 3),
+    ],
+)
+def test_hand_built_depths(layers, expected_depth_of_point_2):
+    res = prediction_depth(layers, LABELS, reference="labels", k=1)
+    expected = torch.zeros(6, dtype=torch.int64)
+    expected[2] = expected_depth_of_point_2
+    assert torch.equal(res.depth, expected)
+    assert res.depth.dtype == torch.int64
+    assert res.num_layers == 3 and res.layer_pred.shape == (3, 6)
+    assert res.reference_mode == "labels" and res.k == 1 and res.self_match == "exclude"
+    assert torch.equal(res.reference, LABELS)
+    # point 2's probe prediction is 1 exactly on the BAD layers
+    bad = torch.tensor([layer is BAD for layer in layers])
+    assert torch.equal(res.layer_pred[:, 2] == 1, bad)
+    assert torch.allclose(res.layer_accuracy, 1.0 - bad.double() / 6)
+    assert torch.equal(res.layer_agreement, res.layer_accuracy)
+    assert torch.equal(res.example_index, torch.arange(6))
+
+
+def test_depth_is_num_layers_when_only_last_probe_disagrees():
+    layers = [GOOD] * 5 + [BAD]
+    res = prediction_depth(layers, LABELS, reference="labels", k=1)
+    assert int(res.depth[2]) == 6 == res.num_layers
+
+
+# Duplicates make the three self-match policies differ (k = 1):
+# points 0 and 1 sit at the same place with different labels.
+DUP_X = torch.tensor([[5.0], [5.0], [0.0], [20.0]])
+DUP_Y = torch.tensor([0, 1, 0, 1])
+
+
+@pytest.mark.parametrize(
+    "self_match, expected_pred",
+    [
+        # exclude: each point skips its own index; 0 and 1 see each other.
+        ("exclude", [1, 0, 0, 0]),
+        # include: each point is its own nearest (ties to the lower index: 1 sees 0 first).
+        ("include", [0, 0, 0, 1]),
+        # drop_nearest: take 2, drop the first. Point 1's two nearest are (0, 1): it drops 0
+        # and keeps itself -- the legacy failure mode.
+        ("drop_nearest", [1, 1, 0, 0]),
+    ],
+)
+def test_self_match_policies(self_match, expected_pred):
+    res = prediction_depth([DUP_X], DUP_Y, reference="labels", k=1, self_match=self_match)
+    assert res.layer_pred[0].tolist() == expected_pred
+    assert res.self_match == self_match
+    expected_depth = [0 if p == y else 1 for p, y in zip(expected_pred, DUP_Y.tolist(), strict=True)]
+    assert res.depth.tolist() == expected_depth
+
+
+def test_self_index_minus_one_means_no_self_match():
+    res = prediction_depth([DUP_X], DUP_Y, reference="labels", k=1,
+                           self_index=torch.full((4,), -1))
+    inc = prediction_depth([DUP_X], DUP_Y, reference="labels", k=1, self_match="include")
+    assert torch.equal(res.layer_pred, inc.layer_pred)
+
+
+def test_query_layers_and_self_index():
+    queries = torch.tensor([[0.4], [10.4], [6.1]])
+    q_labels = torch.tensor([0, 1, 1])
+    res = prediction_depth([GOOD, GOOD], LABELS, [queries, queries], reference="labels",
+                           query_labels=q_labels, k=1)
+    assert res.layer_pred.tolist() == [[0, 1, 1], [0, 1, 1]]  # 6.1 is nearest to 10 (label 1)
+    assert res.depth.tolist() == [0, 0, 0]
+    assert res.example_index is None
+    # the same query carrying support index 3 (the point at 10) as its self index
+    res = prediction_depth([GOOD], LABELS, [queries], reference="labels", query_labels=q_labels,
+                           k=1, self_index=torch.tensor([-1, -1, 3]))
+    assert res.layer_pred.tolist() == [[0, 1, 0]]  # 6.1 -> 2.0 (label 0) once 10 is skipped
+    assert res.depth.tolist() == [0, 0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference modes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_network():
+    net = torch.tensor([0, 0, 1, 1, 1, 1])  # the network calls point 2 class 1
+    res = prediction_depth([BAD, GOOD, BAD], LABELS, reference="network", network_pred=net, k=1)
+    # point 2 predictions per layer: 1, 0, 1 -> agrees with net at the last layer only
+    assert res.depth.tolist() == [0, 0, 2, 0, 0, 0]
+    assert res.reference_mode == "network"
+    assert torch.equal(res.reference, net)
+    assert res.layer_accuracy is not None  # labels are known when scoring the support itself
+    logits = torch.nn.functional.one_hot(net, 2).double() * 3.0
+    res2 = prediction_depth([BAD, GOOD, BAD], LABELS, network_pred=logits, k=1)
+    assert torch.equal(res2.depth, res.depth)
+
+
+def test_reference_network_needs_network_pred():
+    with pytest.raises(ValueError, match="network_pred"):
+        prediction_depth([GOOD], LABELS, k=1)
+
+
+def test_reference_labels_needs_query_labels_for_queries():
+    with pytest.raises(ValueError, match="query_labels"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", k=1)
+
+
+def test_reference_last_probe():
+    res = prediction_depth([BAD, GOOD, BAD], LABELS, reference="last_probe", k=1)
+    assert torch.equal(res.reference, res.layer_pred[-1])
+    assert res.depth.tolist() == [0, 0, 2, 0, 0, 0]
+    assert int(res.depth.max()) < res.num_layers
+    assert float(res.layer_agreement[-1]) == 1.0
+    assert res.reference_mode == "last_probe"
+
+
+def test_reference_tensor_and_numpy():
+    target = torch.tensor([1, 1, 1, 1, 1, 1])
+    res = prediction_depth([GOOD, GOOD], LABELS, reference=target, k=1)
+    assert res.reference_mode == "tensor"
+    assert res.depth.tolist() == [2, 2, 2, 0, 0, 0]
+    res2 = prediction_depth([GOOD.numpy(), GOOD.numpy()], LABELS.numpy(),
+                            reference=target.numpy(), k=1)
+    assert res2.equals(res)
+
+
+def test_no_labels_no_accuracy():
+    q = torch.tensor([[0.1], [11.0]])  # predicted 0 and 1
+    res = prediction_depth([GOOD], LABELS, [q], network_pred=torch.tensor([0, 0]), k=1)
+    assert res.layer_accuracy is None and res.labels is None
+    assert res.layer_agreement.tolist() == [0.5]
+    assert res.depth.tolist() == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the float64 oracle on random data
+# ---------------------------------------------------------------------------------------------
+
+
+def _oracle(support_layers, labels, query_layers, reference, k, self_match, self_index, c):
+    preds = []
+    for s, q in zip(support_layers, query_layers, strict=True):
+        s = s.reshape(s.shape[0], -1).double()
+        q = q.reshape(q.shape[0], -1).double()
+        preds.append(ref_impl.knn_vote(q, s, labels, k, c, self_index=self_index,
+                                       self_match=self_match)[0])
+    layer_pred = torch.stack(preds)
+    agree = layer_pred == reference
+    depth = torch.full_like(reference, len(preds))
+    for j in range(reference.shape[0]):
+        for layer in range(len(preds), -1, -1):
+            if layer == 0 or not agree[layer - 1, j]:
+                depth[j] = layer
+                break
+    return layer_pred, depth
+
+
+@pytest.mark.parametrize("self_match", ["exclude", "include", "drop_nearest"])
+@pytest.mark.parametrize("scoring_support", [True, False])
+def test_random_against_oracle(self_match, scoring_support):
+    g = torch.Generator().manual_seed(7)
+    n, m, c, k = 120, 40, 4, 7
+    shapes = [(3, 2, 2), (16,), (8,), (4,)]
+    support = [torch.randn(n, *s, generator=g, dtype=torch.float64) for s in shapes]
+    labels = torch.randint(0, c, (n,), generator=g)
+    if scoring_support:
+        queries, self_index, q_labels = support, torch.arange(n), labels
+    else:
+        queries = [torch.randn(m, *s, generator=g, dtype=torch.float64) for s in shapes]
+        # some queries are support points with their own index, others are new
+        self_index = torch.full((m,), -1)
+        for j in range(0, m, 3):
+            for layer in range(len(shapes)):
+                queries[layer][j] = support[layer][2 * j]
+            self_index[j] = 2 * j
+        q_labels = torch.randint(0, c, (m,), generator=g)
+    net = torch.randint(0, c, (q_labels.shape[0],), generator=g)
+    res = prediction_depth(
+        support, labels, None if scoring_support else queries, network_pred=net,
+        query_labels=None if scoring_support else q_labels, k=k, self_match=self_match,
+        self_index=None if scoring_support else self_index, num_classes=c,
+    )
+    layer_pred, depth = _oracle(support, labels, queries, net, k, self_match, self_index, c)
+    assert torch.equal(res.layer_pred, layer_pred)
+    assert torch.equal(res.depth, depth)
+    assert torch.equal(res.layer_accuracy, (layer_pred == q_labels).double().mean(1))
+    assert res.num_classes == c
+
+
+def test_float32_and_integer_embeddings():
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (80, 6, 6), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (80,), generator=g)
+    res = prediction_depth([pixels, pixels.float() / 255], labels, reference="labels", k=5)
+    exact = _oracle([pixels.double(), pixels.double() / 255], labels,
+                    [pixels.double(), pixels.double() / 255], labels, 5, "exclude",
+                    torch.arange(80), 3)
+    assert torch.equal(res.layer_pred, exact[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+
+def _layers(n, seed, widths=(5, 9, 3, 7)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, w, generator=g) for w in widths]
+
+
+def test_generator_equals_list_and_keeps_one_layer_resident():
+    support, queries = _layers(90, 0), _layers(30, 1)
+    labels = torch.randint(0, 3, (90,), generator=torch.Generator().manual_seed(2))
+    q_labels = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(3))
+    expected = prediction_depth(support, labels, queries, reference="labels",
+                                query_labels=q_labels, k=5)
+    support_alive: list[weakref.ref] = []
+    query_alive: list[weakref.ref] = []
+
+    def stream(layers, alive, also_released):
+        # When a stream makes layer i, its own earlier layers have been released (this
+        # generator drops its reference on resuming), and since the support stream is advanced
+        # first, the query stream also sees every earlier support layer released.
+        for layer in layers:
+            gc.collect()
+            assert all(r() is None for r in alive)
+            assert all(r() is None for r in also_released[:len(alive)])
+            t = layer.clone()
+            alive.append(weakref.ref(t))
+            yield t
+            del t  # runs when the caller asks for the next layer
+
+    got = prediction_depth(stream(support, support_alive, []), labels,
+                           stream(queries, query_alive, support_alive), reference="labels",
+                           query_labels=q_labels, k=5)
+    assert got.equals(expected)
+    support_alive.clear()
+    self_scored = prediction_depth(stream(support, support_alive, []), labels,
+                                   reference="labels", k=5)
+    assert self_scored.equals(prediction_depth(support, labels, reference="labels", k=5))
+
+
+def test_ordered_dict_names_and_stacked_tensor():
+    support = _layers(50, 4, widths=(6, 6, 6))
+    labels = torch.arange(50) % 3
+    named = OrderedDict([("stem", support[0]), ("block1", support[1]), ("softmax", support[2])])
+    res = prediction_depth(named, labels, reference="labels", k=3)
+    assert res.layer_names == ["stem", "block1", "softmax"]
+    plain = prediction_depth(support, labels, reference="labels", k=3)
+    assert torch.equal(res.depth, plain.depth) and plain.layer_names is None
+    stacked = prediction_depth(torch.stack(support), labels, reference="labels", k=3)
+    assert torch.equal(stacked.depth, plain.depth)
+
+
+def test_progress_bar_runs(capsys):
+    res = prediction_depth(_layers(30, 5), torch.arange(30) % 2, reference="labels", k=3,
+                           progress=True)
+    assert res.num_layers == 4
+    assert "prediction depth" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# depth_from_predictions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_depth_from_predictions_examples():
+    layer_pred = torch.tensor([[1, 0, 1, 2], [1, 1, 1, 2], [1, 1, 0, 2]])
+    reference = torch.tensor([1, 1, 1, 0])
+    assert depth_from_predictions(layer_pred, reference).tolist() == [0, 1, 3, 3]
+    out = depth_from_predictions(layer_pred.numpy(), reference.numpy())
+    assert isinstance(out, np.ndarray) and out.dtype == np.int64
+    assert out.tolist() == [0, 1, 3, 3]
+    assert depth_from_predictions(torch.empty(0, 3, dtype=torch.long),
+                                  torch.zeros(3, dtype=torch.long)).tolist() == [0, 0, 0]
+
+
+def test_depth_from_predictions_bad_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        depth_from_predictions(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="reference has 2 entries"):
+        depth_from_predictions(torch.zeros(2, 3, dtype=torch.long),
+                               torch.zeros(2, dtype=torch.long))
+
+
+@st.composite
+def _predictions(draw):
+    num_layers = draw(st.integers(0, 8))
+    m = draw(st.integers(0, 12))
+    c = draw(st.integers(1, 4))
+    flat = draw(st.lists(st.integers(0, c - 1), min_size=num_layers * m,
+                         max_size=num_layers * m))
+    ref = draw(st.lists(st.integers(0, c - 1), min_size=m, max_size=m))
+    return (torch.tensor(flat, dtype=torch.int64).reshape(num_layers, m),
+            torch.tensor(ref, dtype=torch.int64).reshape(m))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_predictions())
+def test_depth_from_predictions_properties(case):
+    layer_pred, reference = case
+    num_layers = layer_pred.shape[0]
+    depth = depth_from_predictions(layer_pred, reference)
+    assert depth.dtype == torch.int64 and depth.shape == reference.shape
+    for j, d in enumerate(depth.tolist()):
+        assert 0 <= d <= num_layers
+        assert all(int(layer_pred[i, j]) == int(reference[j]) for i in range(d, num_layers))
+        if d > 0:
+            assert int(layer_pred[d - 1, j]) != int(reference[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: pandas, save / load
+# ---------------------------------------------------------------------------------------------
+
+
+def _result(**kw) -> DepthResult:
+    support = _layers(40, 6, widths=(4, 5, 6))
+    labels = torch.arange(40) % 3
+    named = OrderedDict(zip(["a", "b", "c"], support, strict=True))
+    return prediction_depth(named, labels, reference="labels", k=4, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_save_load_round_trip(tmp_path, suffix):
+    res = _result()
+    path = res.save(tmp_path / f"depth{suffix}")
+    back = DepthResult.load(path)
+    assert back.equals(res)
+    assert back.layer_names == ["a", "b", "c"] and back.version == pdepth.__version__
+    for name in ("depth", "layer_pred", "reference", "labels", "example_index"):
+        assert getattr(back, name).dtype == torch.int64
+    assert back.layer_accuracy.dtype == torch.float64
+    if suffix == ".parquet":
+        assert (tmp_path / "depth.parquet.json").exists()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_save_load_without_labels_and_empty(tmp_path, suffix):
+    q = _layers(0, 1, widths=(4, 5, 6))
+    support = _layers(40, 6, widths=(4, 5, 6))
+    res = prediction_depth(support, torch.arange(40) % 3, q,
+                           network_pred=torch.zeros(0, dtype=torch.long), k=4)
+    assert res.layer_accuracy is None and res.layer_agreement.isnan().all()
+    back = DepthResult.load(res.save(tmp_path / f"empty{suffix}"))
+    assert back.equals(res) and back.layer_accuracy is None and back.labels is None
+
+
+def test_save_bad_suffix(tmp_path):
+    with pytest.raises(ValueError, match="npz"):
+        _result().save(tmp_path / "depth.csv")
+
+
+def test_to_pandas():
+    res = _result()
+    df = res.to_pandas()
+    assert list(df.columns) == ["example_index", "depth", "reference", "label", "pred_0",
+                                "pred_1", "pred_2"]
+    assert len(df) == 40
+    assert df["depth"].tolist() == res.depth.tolist()
+    assert df.attrs["layer_names"] == ["a", "b", "c"] and df.attrs["k"] == 4
+    assert df.attrs["layer_accuracy"] == res.layer_accuracy.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles
+# ---------------------------------------------------------------------------------------------
+
+
+def test_aggregate_arrays():
+    nan = float("nan")
+    depths = [
+        torch.tensor([1.0, 2.0, 3.0, nan, 0.0]),
+        torch.tensor([3, 2, -1, 4, 2]),  # -1: not scored
+        np.array([2.0, 5.0, 1.0, 0.0, nan]),
+    ]
+    train = [
+        np.array([True, True, False, False, True]),
+        torch.tensor([0, 3]),  # indices of the training split
+        {"train": [True, False, False, True, False], "held_out": [False, True, True, False, False]},
+    ]
+    ens = aggregate(depths, train)
+    assert ens.num_models == 3 and ens.per_model.shape == (3, 5)
+    # example 0: train in models 0, 1, 2 -> (1, 3, 2)
+    assert ens.train_count.tolist() == [3, 1, 0, 2, 1]
+    assert ens.train_mean[0] == 2.0 and ens.train_std[0] == pytest.approx(np.std([1, 3, 2]))
+    # example 1: train in 0 (2), held out in 1 (2) and 2 (5)
+    assert ens.train_mean[1] == 2.0 and ens.held_out_count[1] == 2
+    assert ens.held_out_mean[1] == 3.5 and ens.held_out_std[1] == 1.5
+    # example 2: held out in 0 (3) and 2 (1); model 1 did not score it
+    assert ens.train_mean[2].isnan() and ens.held_out_count[2] == 2
+    assert ens.held_out_mean[2] == 2.0
+    # example 3: train in models 1 (4) and 2 (0); model 0 did not score it
+    assert ens.train_mean[3] == 2.0 and ens.held_out_count[3] == 0
+    assert ens.held_out_mean[3].isnan() and ens.held_out_std[3].isnan()
+    # example 4: train in model 0 (0), held out in model 1 (2); model 2's explicit held_out
+    # split leaves it out
+    assert ens.train_mean[4] == 0.0 and ens.train_std[4] == 0.0
+    assert ens.held_out_mean[4] == 2.0 and ens.held_out_count[4] == 1
+    df = ens.to_pandas(per_model=True)
+    assert len(df) == 5 and "depth_2" in df.columns and df.attrs["num_models"] == 3
+    ens1 = aggregate(depths, train, ddof=1)
+    assert ens1.train_std[4].isnan() and ens1.held_out_std[1] == pytest.approx(np.std([2, 5],
+                                                                                  ddof=1))
+
+
+def test_aggregate_depth_results():
+    n = 30
+    g = torch.Generator().manual_seed(11)
+    layers = _layers(n, 12)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    results, masks = [], []
+    for _ in range(3):
+        perm = torch.randperm(n, generator=g)
+        tr, ho = perm[:20], perm[20:]
+        tr_layers = [x[tr] for x in layers]
+        on_train = prediction_depth(tr_layers, labels[tr], reference="labels", k=3,
+                                    example_index=tr)
+        held = prediction_depth(tr_layers, labels[tr], [x[ho] for x in layers],
+                                reference="labels", query_labels=labels[ho], k=3,
+                                example_index=ho)
+        results += [on_train, held]
+        masks += [tr, tr]
+        assert torch.equal(on_train.example_index, tr)
+    ens = aggregate(results, masks, num_examples=n)
+    assert ens.per_model.shape == (6, n)
+    total = ens.train_count + ens.held_out_count
+    assert torch.equal(total, torch.full((n,), 3))
+    # recompute one example by hand
+    j = 0
+    train_vals = [float(res.depth[res.example_index == j][0]) for res, mask in
+                  zip(results, masks, strict=True) if j in mask.tolist()
+                  and j in res.example_index.tolist()]
+    assert ens.train_count[j] == len(train_vals)
+    if train_vals:
+        assert float(ens.train_mean[j]) == pytest.approx(np.mean(train_vals))
+
+
+def test_aggregate_bad_input():
+    with pytest.raises(ValueError, match="split mask"):
+        aggregate([np.zeros(3)], [])
+    with pytest.raises(ValueError, match="expected n=3"):
+        aggregate([np.zeros(3), np.zeros(4)], [np.ones(3, bool), np.ones(3, bool)])
+    with pytest.raises(ValueError, match="both"):
+        aggregate([np.zeros(2)], [{"train": [0], "held_out": [0, 1]}])
+    with pytest.raises(ValueError, match="'train' key"):
+        aggregate([np.zeros(2)], [{"test": [0]}])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: each a ValueError naming the layer and the problem
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_rows_between_layers():
+    support = [GOOD, GOOD[:5], GOOD]
+    with pytest.raises(ValueError, match=r"layer 1: support_layers has 5 rows but support_labels has 6"):
+        prediction_depth(support, LABELS, reference="labels", k=1)
+    q = torch.zeros(3, 1)
+    with pytest.raises(ValueError, match=r"layer 2: query_layers has 2 rows but layer 0 had 3"):
+        prediction_depth([GOOD] * 3, LABELS, [q, q, q[:2]], reference="labels",
+                         query_labels=torch.zeros(3, dtype=torch.long), k=1)
+
+
+def test_bad_label_length():
+    with pytest.raises(ValueError, match=r"layer 0: support_layers has 6 rows but support_labels has 5"):
+        prediction_depth([GOOD], LABELS[:5], reference="labels", k=1)
+    with pytest.raises(ValueError, match=r"query_labels has 2 entries but there are 3 queries"):
+        prediction_depth([GOOD], LABELS, [torch.zeros(3, 1)], reference="labels",
+                         query_labels=torch.zeros(2, dtype=torch.long), k=1)
+
+
+def test_bad_labels_out_of_range():
+    with pytest.raises(ValueError, match=r"layer 0.*support_labels must lie in \[0, num_classes=2\)"):
+        prediction_depth([GOOD], LABELS + 1, reference="labels", k=1, num_classes=2)
+    with pytest.raises(ValueError, match=r"layer 0.*support_labels must lie"):
+        prediction_depth([GOOD], LABELS - 1, reference="labels", k=1)
+    with pytest.raises(ValueError, match=r"network_pred|reference"):
+        prediction_depth([GOOD], LABELS, network_pred=LABELS - 1, k=1)
+    with pytest.raises(ValueError, match="integer"):
+        prediction_depth([GOOD], LABELS.float(), reference="labels", k=1)
+
+
+def test_bad_reference_length():
+    with pytest.raises(ValueError, match=r"reference \(tensor\).*5 entries.*6 queries"):
+        prediction_depth([GOOD], LABELS, reference=LABELS[:5], k=1)
+    with pytest.raises(ValueError, match=r"network_pred has 7 entries"):
+        prediction_depth([GOOD], LABELS, network_pred=torch.zeros(7, dtype=torch.long), k=1)
+
+
+def test_bad_k():
+    with pytest.raises(ValueError, match=r"layer 0: .*k=6 is larger than the usable support"):
+        prediction_depth([GOOD, GOOD], LABELS, reference="labels", k=6)  # 5 usable (self out)
+    with pytest.raises(ValueError, match=r"layer 0: .*k=7 is larger"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", query_labels=LABELS, k=7)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        prediction_depth([GOOD], LABELS, reference="labels", k=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_bad_nonfinite_embeddings(bad):
+    broken = GOOD.clone()
+    broken[4, 0] = bad
+    with pytest.raises(ValueError, match=r"layer 2.*NaN or Inf"):
+        prediction_depth([GOOD, GOOD, broken], LABELS, reference="labels", k=1)
+    with pytest.raises(ValueError, match=r"layer 1 \('b'\).*queries contains NaN or Inf"):
+        prediction_depth(OrderedDict(a=GOOD, b=GOOD), LABELS,
+                         OrderedDict(a=GOOD, b=broken), reference="labels",
+                         query_labels=LABELS, k=1)
+
+
+def test_bad_layer_containers():
+    with pytest.raises(ValueError, match="different numbers of layers"):
+        prediction_depth([GOOD, GOOD], LABELS, [GOOD], reference="labels", query_labels=LABELS,
+                         k=1)
+    with pytest.raises(ValueError, match="different numbers of layers"):
+        prediction_depth(iter([GOOD]), LABELS, iter([GOOD, GOOD]), reference="labels",
+                         query_labels=LABELS, k=1)
+    with pytest.raises(ValueError, match="no layers"):
+        prediction_depth([], LABELS, reference="labels", k=1)
+    with pytest.raises(ValueError, match="wrap one layer in a list"):
+        prediction_depth(GOOD, LABELS, reference="labels", k=1)
+    with pytest.raises(ValueError, match="name different layers"):
+        prediction_depth(OrderedDict(a=GOOD), LABELS, OrderedDict(b=GOOD), reference="labels",
+                         query_labels=LABELS, k=1)
+    with pytest.raises(ValueError, match="self_match"):
+        prediction_depth([GOOD], LABELS, reference="labels", k=1, self_match="skip")
+    with pytest.raises(ValueError, match="reference must be one of"):
+        prediction_depth([GOOD], LABELS, reference="consensus", k=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices (the CUDA case is reported as skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_device_matches_cpu(device):
+    # small integers: every distance is exact, so CPU and CUDA must agree exactly (design.md
+    # section 2), ties included
+    g = torch.Generator().manual_seed(9)
+    widths = (8, 16, 4)
+    support = [torch.randint(-4, 5, (300, w), generator=g).float() for w in widths]
+    labels = torch.randint(0, 5, (300,), generator=g)
+    queries = [torch.randint(-4, 5, (70, w), generator=g).float() for w in widths]
+    q_labels = torch.randint(0, 5, (70,), generator=g)
+    cpu = prediction_depth(support, labels, queries, reference="labels", query_labels=q_labels,
+                           k=9)
+    on_device = prediction_depth(
+        [s.to(device) for s in support], labels.to(device), (q.to(device) for q in queries),
+        reference="labels", query_labels=q_labels.to(device), k=9,
+    )
+    assert on_device.equals(cpu) and on_device.depth.device.type == "cpu"
+    moved = prediction_depth(support, labels, queries, reference="labels",
+                             query_labels=q_labels, k=9, device=device)
+    assert moved.equals(cpu)
+    self_cpu = prediction_depth(support, labels, network_pred=labels.flip(0), k=9)
+    self_dev = prediction_depth([s.to(device) for s in support], labels.to(device),
+                                network_pred=labels.flip(0).to(device), k=9)
+    assert self_dev.equals(self_cpu)

@@ -1,0 +1,254 @@
+"""Streaming model-level depth, the end-to-end protocol on Fashion-MNIST, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pdepth
+from pdepth import models
+from pdepth.cli import main
+from pdepth.data import FASHION_MNIST_ROOT
+from pdepth.extract import extract
+from pdepth.report import FIGURES
+from pdepth.stream import stream_prediction_depth
+
+HAVE_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz"))
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST,
+    reason=f"Fashion-MNIST not installed at {FASHION_MNIST_ROOT} "
+           "(apt-get install dataset-fashion-mnist; CI installs it)",
+)
+
+
+def _model():
+    torch.manual_seed(0)
+    model = models.cnn().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# streaming == embeddings-level
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [None, 300_000])
+def test_stream_equals_embedding_level_depth(budget, device):
+    model = _model().to(device)
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(250, 1, 28, 28, generator=g), torch.randint(0, 10, (250,), generator=g)
+    xq, yq = torch.randn(90, 1, 28, 28, generator=g), torch.randint(0, 10, (90,), generator=g)
+    # the first 40 queries are support points 100..139 (self excluded), the rest are new
+    xq[:40] = xs[100:140]
+    self_index = torch.full((90,), -1)
+    self_index[:40] = torch.arange(100, 140)
+    res = stream_prediction_depth(model, xs, ys, xq, probes="cnn", k=7, self_index=self_index,
+                                  query_labels=yq, batch_size=32, memory_budget=budget,
+                                  example_index=torch.arange(90) + 1000)
+    sup = extract(model, xs, "cnn", batch_size=32, storage=device)
+    qry = extract(model, xq, "cnn", batch_size=32, storage=device)
+    want = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits.cpu(),
+                                   k=7, self_index=self_index, query_labels=yq,
+                                   example_index=torch.arange(90) + 1000, device=device)
+    assert res.depth.equals(want)
+    assert res.num_chunks == (1 if budget is None else 3)
+    assert res.peak_bytes > 0 and res.peak_rss_bytes > 0
+    torch.testing.assert_close(res.logits, qry.logits.cpu())
+    if device.type == "cuda":
+        assert res.cuda_peak_bytes > 0
+
+
+def test_stream_scores_support_itself_like_prediction_depth():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(120, 1, 28, 28, generator=g), torch.randint(0, 10, (120,), generator=g)
+    res = stream_prediction_depth(model, xs, ys, probes="cnn", k=5, batch_size=50,
+                                  memory_budget=1)
+    sup = extract(model, xs, "cnn", batch_size=50)
+    want = pdepth.prediction_depth(sup.layers, ys, network_pred=sup.logits, k=5)
+    assert res.depth.equals(want)
+    assert res.num_chunks == 3  # one batch per chunk at a tiny budget
+    with pytest.raises(ValueError, match="k=120 is larger"):
+        stream_prediction_depth(model, xs, ys, probes="cnn", k=120)
+
+
+# --------------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------------
+
+SMALL = ["--subset", "1200", "--epochs", "3", "--k", "10", "--seeds", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    if not HAVE_FMNIST:
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_ROOT} "
+                    "(apt-get install dataset-fashion-mnist; CI installs it)")
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["run", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+@needs_fmnist
+def test_end_to_end_outputs(small_run):
+    import pandas as pd
+
+    out = small_run
+    for name in ("results.parquet", "per_model.npz", "data.npz", "config.json", "report.html",
+                 "COMPLETE"):
+        assert (out / name).is_file(), name
+    for fig in FIGURES:
+        assert (out / "figures" / fig).stat().st_size > 1000, fig
+    assert sorted(p.name for p in (out / "models").iterdir()) == [
+        "seed0-half0.npz", "seed0-half1.npz", "seed1-half0.npz", "seed1-half1.npz"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["status"] == "complete"
+    assert cfg["config"]["subset"] == 1200 and cfg["config"]["seeds"] == [0, 1]
+    assert cfg["resolved"]["probes"] == ["input", "block1", "block2", "block3", "fc", "softmax"]
+    assert {"torch", "pdepth", "numpy"} <= set(cfg["versions"])
+    num_layers = cfg["resolved"]["num_layers"]
+
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df) == 1200
+    expected = {"dataset_index", "label", "label_name", "category", "train_depth",
+                "held_out_depth", "held_out_accuracy", "train_accuracy", "consistency",
+                "confidence", "margin", "ensemble_entropy", "iteration_learned",
+                "early_mode", "early_mode_share"}
+    expected |= {f"depth_m{r}" for r in range(4)}
+    expected |= {f"knn_{s}_{layer}" for s in ("train", "held_out") for layer in range(num_layers)}
+    assert expected <= set(df.columns)
+    assert set(df["category"].astype(str)) <= set(pdepth.CATEGORIES)
+    # every example: one training-split model and one held-out model per seed
+    assert (df["train_count"] == 2).all() and (df["held_out_count"] == 2).all()
+    assert df["train_depth"].between(0, num_layers).all()
+    assert df["held_out_depth"].between(0, num_layers).all()
+    assert df["confidence"].between(0, 1).all() and df["margin"].between(-1, 1).all()
+    assert df["iteration_learned"].between(0, 3).all()
+
+    # harder (deeper) held-out examples are classified less accurately
+    deep = df["held_out_depth"] >= num_layers / 2
+    shallow = df["held_out_depth"] == 0
+    assert deep.sum() >= 10 and shallow.sum() >= 10
+    assert df.loc[deep, "held_out_accuracy"].mean() < df.loc[shallow, "held_out_accuracy"].mean()
+
+    with np.load(out / "per_model.npz") as z:
+        assert z["depth"].shape == (4, 1200)
+        assert z["layer_pred"].shape == (4, num_layers, 1200)
+        assert z["epoch_pred"].shape == (4, 4, 1200)
+        assert z["probs"].shape == (4, 1200, 10)
+        # depth per model equals the rule applied to the stored per-probe predictions
+        ref = z["probs"].argmax(2)
+        for r in range(4):
+            np.testing.assert_array_equal(
+                z["depth"][r], pdepth.depth_from_predictions(z["layer_pred"][r], ref[r]))
+
+
+@needs_fmnist
+def test_report_redraw_and_resume(small_run, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    out = tmp_path / "copy"
+    shutil.copytree(small_run, out)
+    before = pd.read_parquet(out / "results.parquet")
+    (out / "figures" / "depth_2d.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "figures" / "depth_2d.png").is_file()
+
+    # an interrupted run: one model missing, no final files -> rerun resumes from the others
+    for name in ("COMPLETE", "results.parquet", "report.html"):
+        (out / name).unlink()
+    (out / "models" / "seed1-half1.npz").unlink()
+    mtime = (out / "models" / "seed0-half0.npz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["run", *SMALL[:-1], "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "resuming (3 model(s) already done)" in err
+    assert (out / "models" / "seed0-half0.npz").stat().st_mtime_ns == mtime
+    assert (out / "COMPLETE").exists()
+    after = pd.read_parquet(out / "results.parquet")
+    pd.testing.assert_frame_equal(before, after)
+
+
+@needs_fmnist
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: "
+                    "torch.cuda.is_available() is False")
+def test_pipeline_on_cuda(tmp_path):
+    cfg = pdepth.RunConfig(subset=600, epochs=2, k=5, seeds=[0], device="cuda")
+    out = pdepth.run(cfg, tmp_path / "out", progress=False)
+    cfg_json = json.loads((out / "config.json").read_text())
+    assert cfg_json["status"] == "complete" and cfg_json["resolved"]["device"] == "cuda"
+    assert cfg_json["models"][0]["memory"]["cuda_peak_bytes"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# CLI errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_missing_dataset(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--root", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err
+    assert not out.exists()  # nothing half-written
+
+
+def test_cli_unknown_arch(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--arch", "alexnet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "alexnet" in err and "cnn" in err and "resnet18" in err and "vgg16" in err
+
+
+@needs_fmnist
+def test_cli_unknown_probe(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--probes", "block1,nope", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "block2" in err
+    assert not out.exists()
+
+
+@needs_fmnist
+def test_cli_refuses_existing_results(small_run, capsys):
+    mtime = (small_run / "results.parquet").stat().st_mtime_ns
+    assert main(["run", *SMALL, "--out", str(small_run)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (small_run / "results.parquet").stat().st_mtime_ns == mtime
+
+
+def test_cli_refuses_unfinished_run_with_other_settings(tmp_path, capsys):
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST not installed")
+    out = tmp_path / "out"
+    (out / "models").mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"protocol_key": "something-else"}))
+    assert main(["run", *SMALL, "--out", str(out)]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_cli_report_on_empty_dir(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no finished pdepth run" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pdepth", "run", "--help"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0 and "--overwrite" in proc.stdout
