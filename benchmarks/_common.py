@@ -243,18 +243,68 @@ def time_fn(
     return time_many({"fn": fn}, repeat, warmup, device)["fn"]
 
 
-def matmul_gflops(
-    size: int, repeat: int = 3, device: str | torch.device = "cpu", dtype=torch.float32
-) -> float:
-    """``torch.matmul`` rate on ``size``^3 (GFLOP/s, 2*size^3 flops, median time).
+def matmul_fn(
+    size: int, device: str | torch.device = "cpu", dtype=torch.float32
+) -> Callable[[], torch.Tensor]:
+    """A ``torch.matmul`` of two ``size`` x ``size`` matrices into a preallocated output
+    (2*size^3 flops), to time next to the k-NN methods as their roofline.
 
     On CUDA the caller decides about TF32 (``torch.backends.cuda.matmul.allow_tf32``)."""
     gen = torch.Generator(device=device).manual_seed(1)
     a = torch.randn((size, size), generator=gen, dtype=dtype, device=device)
     b = torch.randn((size, size), generator=gen, dtype=dtype, device=device)
     out = torch.empty((size, size), dtype=dtype, device=device)
-    timing = time_fn(lambda: torch.matmul(a, b, out=out), repeat=repeat, device=device)
+    return lambda: torch.matmul(a, b, out=out)
+
+
+def matmul_gflops(
+    size: int, repeat: int = 3, device: str | torch.device = "cpu", dtype=torch.float32
+) -> float:
+    """``torch.matmul`` rate on ``size``^3 (GFLOP/s from the median time)."""
+    timing = time_fn(matmul_fn(size, device, dtype), repeat=repeat, device=device)
     return 2.0 * size**3 / timing.median / 1e9
+
+
+class OtherLoad:
+    """Measures how busy the machine was with *other* processes while a block ran: the CPU
+    time of the whole system (``/proc/stat``) minus this process's own, as a fraction of all
+    usable CPUs over the wall time. 0.0 is a quiet machine; 0.5 on 2 cores means another
+    process took about one core. ``None`` where ``/proc/stat`` is missing.
+
+        with OtherLoad() as load:
+            ...
+        load.fraction
+    """
+
+    fraction: float | None = None
+
+    @staticmethod
+    def _system_busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> OtherLoad:
+        self._busy, self._own0, self._t0 = self._system_busy(), self._own(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = self._system_busy()
+        wall = time.perf_counter() - self._t0
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        others = (busy - self._busy) - (self._own() - self._own0)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.fraction = max(0.0, others / (wall * (cpus or 1)))
 
 
 def knn_gflops(m: int, n: int, d: int, seconds: float) -> float:

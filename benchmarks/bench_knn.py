@@ -24,6 +24,7 @@ import time
 
 import torch
 from _common import (
+    OtherLoad,
     agreement,
     check,
     describe_machine,
@@ -34,7 +35,7 @@ from _common import (
     knn_gflops,
     machine_info,
     make_data,
-    matmul_gflops,
+    matmul_fn,
     sklearn_vote,
     time_many,
     torch_pipeline_vote,
@@ -76,8 +77,9 @@ def same_neighbours(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.sort(1).values == b.sort(1).values).all(1).double().mean().item()
 
 
-def bench_dim(n: int, m: int, d: int, repeat: int, has_faiss: bool, matmul: float) -> dict:
-    """Times pdepth and the baselines at one D; returns times, agreement and ratios."""
+def bench_dim(n: int, m: int, d: int, repeat: int, has_faiss: bool, matmul_size: int) -> dict:
+    """Times pdepth, the baselines and the roofline matmul at one D, interleaved run by run;
+    returns times, agreement, ratios, rates and how busy other processes kept the CPUs."""
     data = make_data(n, m, d, NUM_CLASSES, seed=d)
     q, s, y = data.queries, data.support, data.labels
     runs = {
@@ -85,10 +87,16 @@ def bench_dim(n: int, m: int, d: int, repeat: int, has_faiss: bool, matmul: floa
         "faiss": (lambda: faiss_vote(q, s, y, K, NUM_CLASSES)) if has_faiss else None,
         "sklearn": lambda: sklearn_vote(q, s, y, K),
         "torch": lambda: torch_pipeline_vote(q, s, y, K, NUM_CLASSES),
+        "matmul": matmul_fn(matmul_size),
     }
-    timings = time_many({name: fn for name, fn in runs.items() if fn is not None}, repeat)
+    with OtherLoad() as load:
+        timings = time_many({name: fn for name, fn in runs.items() if fn is not None}, repeat)
+    matmul = timings.pop("matmul")
     vote = timings["pdepth"].result
     out = {"d": d, "seconds": {}, "spread": {}, "times": {}, "agreement": {}, "neighbours": {}}
+    out["matmul_gflops"] = 2.0 * matmul_size**3 / matmul.median / 1e9
+    out["matmul_times"] = matmul.times
+    out["other_load"] = load.fraction
     for name, t in timings.items():
         out["seconds"][name] = t.median
         out["spread"][name] = t.spread
@@ -105,7 +113,7 @@ def bench_dim(n: int, m: int, d: int, repeat: int, has_faiss: bool, matmul: floa
         if name != "pdepth"
     }
     out["gflops"] = knn_gflops(m, n, d, out["seconds"]["pdepth"])
-    out["roofline_s"] = 2.0 * m * n * d / (matmul * 1e9)
+    out["roofline_s"] = 2.0 * m * n * d / (out["matmul_gflops"] * 1e9)
     return out
 
 
@@ -123,12 +131,12 @@ METHOD_NAMES = {
 }
 
 
-def results_table(results: list[dict], has_faiss: bool) -> tuple[str, list[str]]:
+def results_table(results: list[dict]) -> tuple[str, list[str]]:
     """The main table and the list of failed agreement checks.
 
-    "bound" is the best pdepth/method ratio reachable at all: the time of pdepth's 2*Q*N*D
-    flops at the measured matmul rate, over the method's time. A target below it cannot be
-    met on this machine; its FAIL is marked "(infeasible)"."""
+    "bound" is the best pdepth/method ratio reachable at torch.matmul's rate: the time of
+    pdepth's 2*Q*N*D flops at the matmul rate measured in the same rounds, over the method's
+    time. A target below it needs a faster GEMM than torch's; its FAIL says so."""
     rows, bad = [], []
     for r in results:
         d = r["d"]
@@ -145,7 +153,7 @@ def results_table(results: list[dict], has_faiss: bool) -> tuple[str, list[str]]
             op, thr = target_for(name, d)
             result = check(ratio, op, thr)
             if result == "FAIL" and check(bound, op, thr) == "FAIL":
-                result += " (infeasible)"
+                result += " (needs > matmul rate)"
             agree = r["agreement"][name]
             agree_text = f"{agree:.4f}"
             if name in r["neighbours"]:
@@ -161,20 +169,23 @@ def results_table(results: list[dict], has_faiss: bool) -> tuple[str, list[str]]
     return format_table(headers, rows), bad
 
 
-def rate_table(results: list[dict], matmul: float) -> str:
+def rate_table(results: list[dict]) -> str:
+    """pdepth's rate against the matmul timed in the same rounds, and the CPU share other
+    processes took meanwhile (0% = quiet machine)."""
     rows = []
     largest = max(r["d"] for r in results)
+    op, thr = MATMUL_TARGET
     for r in results:
-        pct = 100.0 * r["gflops"] / matmul
-        op, thr = MATMUL_TARGET
+        pct = 100.0 * r["gflops"] / r["matmul_gflops"]
         target, result = (
             (f"{op} {thr:g}%", check(pct, op, thr)) if r["d"] == largest else ("-", "-")
         )
-        rows.append([r["d"], fmt(r["gflops"]), fmt(matmul), f"{pct:.1f}%", target, result])
-    return format_table(
-        ["D", "pdepth GFLOP/s (2QND/t)", "matmul GFLOP/s", "% of matmul", "target", "result"],
-        rows,
-    )
+        other = "-" if r["other_load"] is None else f"{100 * r['other_load']:.0f}%"
+        rows.append([r["d"], fmt(r["gflops"]), fmt(r["matmul_gflops"]), f"{pct:.1f}%", target,
+                     result, other])  # fmt: skip
+    headers = ["D", "pdepth GFLOP/s (2QND/t)", "matmul GFLOP/s", "% of matmul", "target",
+               "result", "other processes' CPU"]  # fmt: skip
+    return format_table(headers, rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,16 +205,20 @@ def _maxrss_bytes() -> int:
 
 
 def memory_child(method: str, n: int, m: int, d: int) -> dict:
-    """Runs one call in this (fresh) process and measures its RSS above the level reached
-    after the inputs were allocated: sampled every ~0.5 ms by a thread, and from ru_maxrss."""
-    data = make_data(n, m, d, NUM_CLASSES, seed=1)
-    q, s, y = data.queries, data.support, data.labels
+    """Runs one call in this (fresh) process, after a tiny warm-up call, and measures its
+    RSS above the level reached after the inputs were allocated: sampled every ~0.5 ms by a
+    thread, and from ru_maxrss."""
     calls = {
-        "pdepth": lambda: pdepth.knn_vote(q, s, y, K, NUM_CLASSES),
-        "torch": lambda: torch_pipeline_vote(q, s, y, K, NUM_CLASSES),
-        "faiss": lambda: faiss_vote(q, s, y, K, NUM_CLASSES),
+        "pdepth": lambda q, s, y: pdepth.knn_vote(q, s, y, K, NUM_CLASSES),
+        "torch": lambda q, s, y: torch_pipeline_vote(q, s, y, K, NUM_CLASSES),
+        "faiss": lambda q, s, y: faiss_vote(q, s, y, K, NUM_CLASSES),
     }
     fn = calls[method]
+    # One tiny call first, so that one-time runtime set-up (thread pools, BLAS buffers) is
+    # not counted as the call's memory.
+    tiny = make_data(64, 4, d, NUM_CLASSES, seed=2)
+    fn(tiny.queries, tiny.support, tiny.labels)
+    data = make_data(n, m, d, NUM_CLASSES, seed=1)
     before = _rss_bytes()
     maxrss_before = _maxrss_bytes()
     peak = [before]
@@ -219,7 +234,7 @@ def memory_child(method: str, n: int, m: int, d: int) -> dict:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    result = fn()
+    result = fn(data.queries, data.support, data.labels)
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
@@ -309,6 +324,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--threads", type=int, help="torch / faiss threads (default: library's)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--from-json", metavar="IN", help="print the tables of a saved run, no runs")
     p.add_argument(
         "--memory-child", nargs=4, metavar=("METHOD", "N", "M", "D"), help=argparse.SUPPRESS
     )
@@ -325,6 +341,51 @@ def set_threads(threads: int | None) -> None:
         faiss.omp_set_num_threads(threads)
 
 
+def header(info: dict, cfg: dict, repeat: int) -> str:
+    """The machine and the sizes, printed above the numbers."""
+    lines = [
+        "# pdepth k-NN vote, CPU",
+        describe_machine(info),
+        f"dtype float32, N={cfg['n']} support, Q={cfg['m']} queries, k={K}, {NUM_CLASSES} "
+        f"classes, D in {list(cfg['dims'])}; data: Gaussian blobs (_common.make_data)",
+        f"median of {repeat} runs after 1 warm-up; the methods and a {cfg['matmul']}^3 float32 "
+        "torch.matmul (the roofline) interleaved run by run; spread = (max - min) / median",
+    ]
+    if info["versions"]["faiss"] == "not installed":
+        lines.append("note: faiss is not importable (pip install faiss-cpu); its rows are skipped")
+    return "\n".join(lines)
+
+
+def report(payload: dict) -> tuple[str, list[str]]:
+    """The tables of a run (``payload`` as written by --json) and its failed agreement checks."""
+    table, bad = results_table(payload["results"])
+    cfg = payload["config"]
+    parts = [
+        "## Time (median of the runs)",
+        "pdepth/method < 1: pdepth faster. bound: the best ratio possible at torch.matmul's "
+        "rate, i.e. the time of pdepth's 2QND flops at that rate / the method's time; "
+        '"(needs > matmul rate)" marks a target below it.\n'
+        "agree: pdepth vs method, fraction of equal predictions / of equal neighbour sets.",
+        table,
+        "",
+        f"## Rate (torch.matmul {cfg['matmul']}^3 float32, timed in the same rounds)",
+        rate_table(payload["results"]),
+    ]
+    if payload["memory"]:
+        mc = cfg["memory"]
+        parts += [
+            "",
+            f"## Peak memory: N={mc['n']}, Q={mc['m']}, D={mc['d']} float32, k={K}, one call "
+            "in a fresh process after a tiny warm-up call",
+            "extra = peak RSS during the call - RSS after allocating the inputs; "
+            "target: total peak incl. inputs = (inputs + extra) / inputs",
+            memory_table(payload["memory"]),
+        ]
+    parts.append(f"\nload average at end (1/5/15 min): {payload['load_average_end']}")
+    parts += [f"MISMATCH: {line}" for line in bad]
+    return "\n".join(parts), bad
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -332,34 +393,25 @@ def main(argv=None) -> int:
         method, *nums = args.memory_child
         print(json.dumps(memory_child(method, *map(int, nums))))
         return 0
+    if args.from_json:
+        with open(args.from_json) as f:
+            payload = json.load(f)
+        print(header(payload["machine"], payload["config"], payload["config"]["repeat"]))
+        text, bad = report(payload)
+        print("\n" + text)
+        return 1 if bad else 0
 
-    cfg = SIZES[args.sizes]
-    n, m = cfg["n"], cfg["m"]
+    cfg = {**SIZES[args.sizes], "k": K, "num_classes": NUM_CLASSES, "repeat": args.repeat,
+           "dtype": "float32", "sizes": args.sizes}  # fmt: skip
     has_faiss = faiss_available()
     info = machine_info("cpu")
-    print("# pdepth k-NN vote, CPU")
-    print(describe_machine(info))
-    print(
-        f"dtype float32, N={n} support, Q={m} queries, k={K}, {NUM_CLASSES} classes, "
-        f"D in {list(cfg['dims'])}; data: Gaussian blobs (make_data)"
-    )
-    print(
-        f"median of {args.repeat} runs after 1 warm-up, methods interleaved run by run; "
-        "spread = (max - min) / median"
-    )
-    if not has_faiss:
-        print("note: faiss is not importable (pip install faiss-cpu); its rows are skipped")
-    sys.stdout.flush()
+    print(header(info, cfg, args.repeat), flush=True)
 
-    matmul = matmul_gflops(cfg["matmul"], repeat=args.repeat)
     results = []
     for d in cfg["dims"]:
-        results.append(bench_dim(n, m, d, args.repeat, has_faiss, matmul))
-        print(
-            f"  D={d} done: "
-            + ", ".join(f"{k} {v:.3f}s" for k, v in results[-1]["seconds"].items()),
-            flush=True,
-        )
+        results.append(bench_dim(cfg["n"], cfg["m"], d, args.repeat, has_faiss, cfg["matmul"]))
+        times = ", ".join(f"{k} {v:.3f}s" for k, v in results[-1]["seconds"].items())
+        print(f"  D={d} done: {times}", flush=True)
 
     mems = []
     if not args.no_memory:
@@ -367,57 +419,19 @@ def main(argv=None) -> int:
         methods = ["pdepth", "torch"] + (["faiss"] if has_faiss else [])
         mems = [measure_memory(meth, mc["n"], mc["m"], mc["d"], args.threads) for meth in methods]
 
-    table, bad = results_table(results, has_faiss)
-    print()
-    print("## Time (median of the runs)")
-    print(
-        "pdepth/method < 1: pdepth faster. bound: the best ratio possible, pdepth's 2QND flops "
-        "at the matmul rate / the method's time (a target below it is infeasible here).\n"
-        "agree: pdepth vs method, fraction of equal predictions / of equal neighbour sets."
-    )
-    print(table)
-    print()
-    print(f"## Rate (torch.matmul {cfg['matmul']}^3 float32: {matmul:.1f} GFLOP/s)")
-    print(rate_table(results, matmul))
-    if mems:
-        mc = cfg["memory"]
-        print()
-        print(
-            f"## Peak memory: N={mc['n']}, Q={mc['m']}, D={mc['d']} float32, k={K}, "
-            "one call in a fresh process"
-        )
-        print(
-            "extra = peak RSS during the call - RSS after allocating the inputs; "
-            "target: (inputs + extra) / inputs"
-        )
-        print(memory_table(mems))
-    end_load = [round(x, 2) for x in os.getloadavg()]
-    print(f"\nload average at end: {end_load}")
-    for line in bad:
-        print("MISMATCH:", line)
-
+    payload = {
+        "machine": info,
+        "config": cfg,
+        "results": results,
+        "memory": mems,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    text, bad = report(payload)
+    print("\n" + text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "machine": info,
-                    "load_average_end": end_load,
-                    "sizes": args.sizes,
-                    "config": {
-                        **cfg,
-                        "k": K,
-                        "num_classes": NUM_CLASSES,
-                        "repeat": args.repeat,
-                        "dtype": "float32",
-                    },
-                    "matmul_gflops": matmul,
-                    "results": results,
-                    "memory": mems,
-                },
-                f,
-                indent=1,
-            )
+            json.dump(payload, f, indent=1)
     return 1 if bad else 0
 
 
