@@ -41,8 +41,9 @@ dataset:
 		else echo "pdepth: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; \
 	fi
 
+# Results and report.html land in runs/demo (replaced on each `make demo`).
 demo: build dataset
-	$(VPY) -m pdepth run
+	$(VPY) -m pdepth run --out runs/demo --overwrite
 
 clean:
 	rm -rf build *.egg-info pdepth/_C*.so build.log

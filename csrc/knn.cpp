@@ -167,13 +167,14 @@ void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t 
   }
 }
 
-void check_finite_rows(const char* op, const char* name, const at::Tensor& sqnorms) {
+void check_finite_rows(
+    const char* op, const char* name, const at::Tensor& sqnorms, int64_t first_row) {
   if (sqnorms.numel() == 0) {
     return;
   }
   const auto bad = at::logical_not(at::isfinite(sqnorms));
   if (bad.any().item<bool>()) {
-    const int64_t row = bad.nonzero().select(1, 0).min().item<int64_t>();
+    const int64_t row = first_row + bad.nonzero().select(1, 0).min().item<int64_t>();
     TORCH_CHECK_VALUE(false,
         op, "(): ", name, " contains NaN or Inf (first at row ", row,
         "), or values whose squares overflow ", sqnorms.scalar_type());

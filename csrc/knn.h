@@ -20,26 +20,28 @@ C10_HOST_DEVICE inline bool knn_less(T da, int64_t ia, T db, int64_t ib) {
       (da == db && static_cast<uint64_t>(ia) < static_cast<uint64_t>(ib));
 }
 
-// Squared L2 distance from the expanded form |q|^2 + |s|^2 - 2 q.s, clamped at 0 so that
-// rounding never produces a negative distance. Every backend ranks by exactly this value,
-// which is what makes streaming (merging chunks) equal a single call.
-template <typename T>
-C10_HOST_DEVICE inline T knn_key(T qnorm, T snorm, T dot) {
-  const T d = (qnorm + snorm) - T(2) * dot;
-  return d > T(0) ? d : T(0);
-}
-
-// The kernels find candidates with a fast GEMM (cuBLAS / MKL), whose rounding depends on
-// the GEMM's shape, thread count and kernel choice, and then rank by a canonical key: the
-// same formula with the dot product from a fixed-order function of the two rows alone. So
-// the output never depends on tiling, chunking (streaming) or threads. The GEMM key and
-// the canonical key are each within (D + 4) * eps * (|q|^2 + |s|^2) of the exact distance;
-// a GEMM key is a candidate when key - filter_margin(D) * (|q|^2 + |s|^2) <= the k-th best
-// canonical key, which can never drop a point whose canonical key qualifies.
+// Two keys per (query, support) pair.
+// - The GEMM key |q|^2 + |s|^2 - 2 q.s (q, s possibly shifted by a common center), from a
+//   fast GEMM (MKL / cuBLAS) whose rounding depends on the GEMM's shape, kernel and thread
+//   count. It only filters.
+// - The canonical key, sum_d (q_d - s_d)^2 from a fixed-order function of the two rows
+//   alone (canonical_sqdist in each backend). The neighbours are ranked by it, so the output
+//   never depends on tiling, chunking (streaming) or threads; it is translation invariant,
+//   exact whenever the inputs make it exact, and within D * eps * |q - s|^2 of the truth.
+// A pair is a candidate when gemm_key - filter_margin(D) * (|q|^2 + |s|^2) <= the k-th best
+// canonical key (norms of the rows the GEMM saw). The margin bounds the error of the GEMM
+// key plus that of the canonical key (|q - s|^2 <= 2 (|q|^2 + |s|^2)) with room to spare, so
+// no pair whose canonical key qualifies is ever filtered out.
 template <typename T>
 C10_HOST_DEVICE inline T filter_margin(int64_t d) {
   const T eps = sizeof(T) == 8 ? T(2.220446049250313e-16) : T(1.1920928955078125e-07);
-  return T(2) * (T(d) + T(16)) * eps;
+  return T(4) * (T(d) + T(16)) * eps;
+}
+
+// Lower bound of the canonical key from the GEMM key: keep = 1 - filter_margin(D).
+template <typename T>
+C10_HOST_DEVICE inline T filter_bound(T qnorm, T snorm, T dot, T keep) {
+  return (qnorm + snorm) * keep - T(2) * dot;
 }
 
 // Accumulation / output dtype: float32 for float16, bfloat16 and float32 inputs.
@@ -72,7 +74,9 @@ void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t 
 
 // Squared row norms are finite iff every entry of the row is finite (and the squares do not
 // overflow); checking the norms costs O(rows) instead of a pass over the whole tensor.
-void check_finite_rows(const char* op, const char* name, const at::Tensor& sqnorms);
+// `first_row` is the index of sqnorms[0] in the named tensor (for messages).
+void check_finite_rows(
+    const char* op, const char* name, const at::Tensor& sqnorms, int64_t first_row = 0);
 
 // The self index as an int64 tensor of length M with -1 for "no self match", or an
 // undefined tensor when none was given.

@@ -739,3 +739,17 @@ def test_property_random_float_within_tolerance(problem):
     check_structure(out, q.shape[0], s.shape[0], k, dist_dtype=torch.float32, device="cpu",
                     self_index=si if policy == "exclude" else None)
     check_close_to_reference(out, q, s, k, self_index=si, self_match=policy)
+
+
+@pytest.mark.parametrize("offset", [1000.0, -3000.0])
+@pytest.mark.parametrize("d", [3, 64, 300])
+def test_data_far_from_origin_exact(device, offset, d):
+    """Distances are translation invariant: integer data shifted far from the origin (as
+    ReLU features are) gives exactly the neighbours of the unshifted data. Exercises the
+    filter margin of the GEMM keys against the canonical keys (knn.h)."""
+    q, s = int_data(150, 1100, d, key=("far",))
+    base = pdepth.knn(q.to(device), s.to(device), 30, self_match="include")
+    out = pdepth.knn((q + offset).to(device), (s + offset).to(device), 30, self_match="include")
+    assert torch.equal(out.index.cpu(), base.index.cpu())
+    assert torch.equal(out.dist.cpu(), base.dist.cpu())
+    check_exact_reference(out, q + offset, s + offset, 30, self_match="include")

@@ -22,6 +22,10 @@ constexpr int64_t kSupportTile = 1024;
 // The scan tests this many keys against the threshold at once (vectorised); only groups
 // holding a candidate take the scalar heap path.
 constexpr int64_t kScanWidth = 16;
+// From this dimension on, the GEMM is multithreaded over [kWideQueryBlock x kSupportTile]
+// (a 32 MiB float32 buffer at most) instead of per-thread [kQueryBlock x kSupportTile].
+constexpr int64_t kWideD = 256;
+constexpr int64_t kWideQueryBlock = 8192;
 
 template <typename T>
 struct Entry {
@@ -62,20 +66,22 @@ inline void offer(Entry<T>* h, int64_t k, T key, int64_t g) {
   }
 }
 
-// The canonical dot product: 16 running sums (sum t takes d = t mod 16, in order), then a
-// fixed pairwise reduction. One out-of-line function, so every caller runs the same
-// instructions and a pair's key depends on the two rows alone (see knn.h).
+// The canonical key (knn.h): sum_d (a_d - b_d)^2 as 16 running sums (sum t takes
+// d = t mod 16, in order) and a fixed pairwise reduction. One out-of-line function, so every
+// caller runs the same instructions and a pair's key depends on the two rows alone.
 template <typename T>
-__attribute__((noinline)) T canonical_dot(const T* a, const T* b, int64_t d) {
+__attribute__((noinline)) T canonical_sqdist(const T* a, const T* b, int64_t d) {
   T acc[16] = {};
   int64_t j = 0;
   for (; j + 16 <= d; j += 16) {
     for (int t = 0; t < 16; ++t) {
-      acc[t] += a[j + t] * b[j + t];
+      const T diff = a[j + t] - b[j + t];
+      acc[t] += diff * diff;
     }
   }
   for (int t = 0; j < d; ++j, ++t) {
-    acc[t] += a[j] * b[j];
+    const T diff = a[j] - b[j];
+    acc[t] += diff * diff;
   }
   for (int w = 8; w >= 1; w /= 2) {
     for (int t = 0; t < w; ++t) {
@@ -85,9 +91,10 @@ __attribute__((noinline)) T canonical_dot(const T* a, const T* b, int64_t d) {
   return acc[0];
 }
 
-// One query against one support tile. `dot` holds the GEMM cross terms; a group of
-// kScanWidth keys is tested at once against the k-th best (vectorised) with the filter
-// margin, and only candidates get their canonical key and touch the heap `h` (size k).
+// One query against one support tile. `dot`, `qnorm`, `snorm` are the GEMM cross terms and
+// norms of the centered rows; a group of kScanWidth filter bounds is tested at once against
+// the k-th best (vectorised), and only candidates get their canonical key from the original
+// rows `qrow`, `srows` and touch the heap `h` (size k).
 template <typename T>
 void select_row(
     const T* dot, int64_t nb, const T* qrow, const T* srows, int64_t d, T qnorm,
@@ -97,7 +104,7 @@ void select_row(
   const auto consider = [&](int64_t j, T low) {
     const int64_t g = gbase + j;
     if (low <= h[0].d && g != self) {
-      offer(h, k, knn_key(qnorm, snorm[j], canonical_dot(qrow, srows + j * d, d)), g);
+      offer(h, k, canonical_sqdist(qrow, srows + j * d, d), g);
     }
   };
   int64_t j0 = 0;
@@ -105,7 +112,7 @@ void select_row(
     const T thr = h[0].d;
     bool hit = false;
     for (int64_t t = 0; t < kScanWidth; ++t) {
-      lower[t] = (qnorm + snorm[j0 + t]) * keep - T(2) * dot[j0 + t];
+      lower[t] = filter_bound(qnorm, snorm[j0 + t], dot[j0 + t], keep);
       hit |= lower[t] <= thr;
     }
     if (hit) {
@@ -115,12 +122,11 @@ void select_row(
     }
   }
   for (; j0 < nb; ++j0) {
-    consider(j0, (qnorm + snorm[j0]) * keep - T(2) * dot[j0]);
+    consider(j0, filter_bound(qnorm, snorm[j0], dot[j0], keep));
   }
 }
 
-// Squared row norms, accumulated in double in a fixed order (deterministic; the CUDA
-// kernel uses the same accumulation so both agree on exactly representable inputs).
+// Squared row norms, accumulated in double.
 template <typename T>
 at::Tensor row_sqnorms(const at::Tensor& x) {
   const int64_t rows = x.size(0);
@@ -142,61 +148,98 @@ at::Tensor row_sqnorms(const at::Tensor& x) {
   return out;
 }
 
+// Support tiles in order; within a tile, query blocks in parallel. The GEMM sees rows shifted
+// by the queries' mean, so its error (and the filter margin) scales with the spread of the
+// data rather than its distance from the origin (ReLU features sit far from it). The center
+// depends on the queries only: every streamed chunk is shifted by the same vector.
 template <typename T>
 void knn_cpu_impl(
-    const at::Tensor& q, const at::Tensor& s, const at::Tensor& qnorm,
-    const at::Tensor& snorm, const at::Tensor& self_index, const at::Tensor& prev_dist,
-    const at::Tensor& prev_index, int64_t kk, int64_t skip, int64_t offset,
-    at::Tensor& out_dist, at::Tensor& out_index) {
+    const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
+    const at::Tensor& prev_dist, const at::Tensor& prev_index, int64_t kk, int64_t skip,
+    int64_t offset, at::Tensor& out_dist, at::Tensor& out_index) {
   const int64_t m = q.size(0);
   const int64_t n = s.size(0);
   const int64_t k = kk - skip;
   const int64_t d = q.size(1);
   const T* qp = q.const_data_ptr<T>();
   const T* sp = s.const_data_ptr<T>();
-  const T* qn = qnorm.const_data_ptr<T>();
-  const T* sn = snorm.const_data_ptr<T>();
   const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
   const T* pd = prev_dist.defined() ? prev_dist.const_data_ptr<T>() : nullptr;
   const int64_t* pi = prev_index.defined() ? prev_index.const_data_ptr<int64_t>() : nullptr;
   T* od = out_dist.mutable_data_ptr<T>();
   int64_t* oi = out_index.mutable_data_ptr<int64_t>();
-  const int64_t nblocks = (m + kQueryBlock - 1) / kQueryBlock;
 
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<Entry<T>> heaps(kQueryBlock * kk);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t m0 = b * kQueryBlock;
-      const int64_t mb = std::min(kQueryBlock, m - m0);
-      for (int64_t i = 0; i < mb; ++i) {
-        Entry<T>* h = heaps.data() + i * kk;
-        if (pd != nullptr) {
-          for (int64_t j = 0; j < kk; ++j) {
-            h[j] = Entry<T>{pd[(m0 + i) * kk + j], pi[(m0 + i) * kk + j]};
-          }
-          std::make_heap(h, h + kk, entry_less<T>);
-        } else {
-          std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+  const at::Tensor center = (q.sum(0, false, at::kDouble) / static_cast<double>(m)).to(q.scalar_type());
+  const at::Tensor qc = q - center;
+  const at::Tensor qcn = row_sqnorms<T>(qc);
+  const T* qn = qcn.const_data_ptr<T>();
+
+  std::vector<Entry<T>> heaps(m * kk);
+  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      Entry<T>* h = heaps.data() + r * kk;
+      if (pd != nullptr) {
+        for (int64_t j = 0; j < kk; ++j) {
+          h[j] = Entry<T>{pd[r * kk + j], pi[r * kk + j]};
         }
+        std::make_heap(h, h + kk, entry_less<T>);
+      } else {
+        std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
       }
-      const at::Tensor qb = q.narrow(0, m0, mb);
-      for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
-        const int64_t nb = std::min(kSupportTile, n - n0);
-        const at::Tensor dot = at::mm(qb, s.narrow(0, n0, nb).t());
+    }
+  });
+
+  // Small D: per-thread GEMMs of [qblock x tile] whose output stays in cache (blocks small
+  // enough to give every thread work). Large D: the GEMM dominates, so one multithreaded
+  // GEMM per (query super-block, tile) lets the BLAS pack each support tile once; the scan
+  // then runs in parallel over queries. The output depends on neither choice.
+  const bool wide = d >= kWideD;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t qblock = wide
+      ? std::min<int64_t>(m, kWideQueryBlock)
+      : std::clamp<int64_t>((m + threads - 1) / threads, 16, kQueryBlock);
+  const int64_t nblocks = (m + qblock - 1) / qblock;
+  const auto scan = [&](const T* dp, int64_t m0, int64_t mb, int64_t nb, int64_t n0,
+                        const T* sn) {
+    for (int64_t i = 0; i < mb; ++i) {
+      select_row<T>(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i], sn,
+          offset + n0, self != nullptr ? self[m0 + i] : -1, heaps.data() + (m0 + i) * kk, kk);
+    }
+  };
+  for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
+    const int64_t nb = std::min(kSupportTile, n - n0);
+    const at::Tensor sc = s.narrow(0, n0, nb) - center;
+    const at::Tensor scn = row_sqnorms<T>(sc);
+    check_finite_rows("knn", "support", scn, n0);
+    const T* sn = scn.const_data_ptr<T>();
+    if (wide) {
+      for (int64_t m0 = 0; m0 < m; m0 += qblock) {
+        const int64_t mb = std::min(qblock, m - m0);
+        const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
         const T* dp = dot.const_data_ptr<T>();
-        for (int64_t i = 0; i < mb; ++i) {
-          select_row<T>(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i],
-              sn + n0, offset + n0, self != nullptr ? self[m0 + i] : -1,
-              heaps.data() + i * kk, kk);
-        }
+        at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
+          scan(dp + i0 * nb, m0 + i0, i1 - i0, nb, n0, sn);
+        });
       }
-      for (int64_t i = 0; i < mb; ++i) {
-        Entry<T>* h = heaps.data() + i * kk;
-        std::sort_heap(h, h + kk, entry_less<T>);
-        for (int64_t j = 0; j < k; ++j) {
-          od[(m0 + i) * k + j] = h[skip + j].d;
-          oi[(m0 + i) * k + j] = h[skip + j].i;
-        }
+      continue;
+    }
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t m0 = b * qblock;
+        const int64_t mb = std::min(qblock, m - m0);
+        const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
+        scan(dot.const_data_ptr<T>(), m0, mb, nb, n0, sn);
+      }
+    });
+  }
+
+  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      Entry<T>* h = heaps.data() + r * kk;
+      std::sort_heap(h, h + kk, entry_less<T>);
+      for (int64_t j = 0; j < k; ++j) {
+        od[r * k + j] = h[skip + j].d;
+        oi[r * k + j] = h[skip + j].i;
       }
     }
   });
@@ -222,11 +265,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
   const at::Tensor pd = prev_dist.has_value() ? prev_dist->contiguous() : at::Tensor();
   const at::Tensor pi = prev_index.has_value() ? prev_index->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(compute, "knn_cpu", [&] {
-    const at::Tensor qn = row_sqnorms<scalar_t>(q);
-    const at::Tensor sn = row_sqnorms<scalar_t>(s);
-    check_finite_rows("knn", "queries", qn);
-    check_finite_rows("knn", "support", sn);
-    knn_cpu_impl<scalar_t>(q, s, qn, sn, si, pd, pi, kk, skip, offset, out_dist, out_index);
+    check_finite_rows("knn", "queries", row_sqnorms<scalar_t>(q));
+    knn_cpu_impl<scalar_t>(q, s, si, pd, pi, kk, skip, offset, out_dist, out_index);
   });
   return {out_dist, out_index};
 }

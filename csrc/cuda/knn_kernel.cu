@@ -68,15 +68,16 @@ at::Tensor row_sqnorms(const at::Tensor& x, cudaStream_t stream) {
 __device__ __forceinline__ float fma_t(float a, float b, float c) { return fmaf(a, b, c); }
 __device__ __forceinline__ double fma_t(double a, double b, double c) { return fma(a, b, c); }
 
-// The canonical dot product (knn.h): lane l sums d = l mod 32 in order with fused
-// multiply-adds, then a fixed xor-butterfly; every lane ends with the same bits, and the
-// value depends only on the two rows, never on the tile or the GEMM that found the pair.
+// The canonical key (knn.h): lane l sums (a_d - b_d)^2 over d = l mod 32 in order with
+// fused multiply-adds, then a fixed xor-butterfly; every lane ends with the same bits, and
+// the value depends only on the two rows, never on the tile or the GEMM that found the pair.
 template <typename scalar_t, typename T>
-__device__ __forceinline__ T warp_canonical_dot(const scalar_t* a, const scalar_t* b, int64_t d,
-                                                int lane) {
+__device__ __forceinline__ T warp_canonical_sqdist(const scalar_t* a, const scalar_t* b,
+                                                   int64_t d, int lane) {
   T acc = T(0);
   for (int64_t j = lane; j < d; j += 32) {
-    acc = fma_t(static_cast<T>(a[j]), static_cast<T>(b[j]), acc);
+    const T diff = static_cast<T>(a[j]) - static_cast<T>(b[j]);
+    acc = fma_t(diff, diff, acc);
   }
   for (int off = 16; off > 0; off >>= 1) {
     acc += __shfl_xor_sync(0xffffffffu, acc, off);
@@ -273,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
     for (int t = 0; t < kCandPerThread; ++t) {
       const int64_t j = r0 + t * kThreads + threadIdx.x;
       if (j < nb) {
-        const T lower = (qn + snorm[j]) * keep - T(2) * drow[j];
+        const T lower = filter_bound(qn, snorm[j], drow[j], keep);
         const int64_t g = gbase + j;
         if (lower <= thr_d && g != self_g) {
           ci[atomicAdd(&count, 1)] = g;
@@ -285,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
     if (c > 0) {
       for (int b = warp; b < c; b += kThreads / 32) {
         const int64_t j = ci[b] - gbase;
-        const T key = knn_key(qn, snorm[j], warp_canonical_dot<scalar_t, T>(qrow, srows + j * d, d, lane));
+        const T key = warp_canonical_sqdist<scalar_t, T>(qrow, srows + j * d, d, lane);
         if (lane == 0) {
           cd[b] = key;
         }
