@@ -128,6 +128,21 @@ int64_t check_knn_args(
   return kk;
 }
 
+int64_t check_knn_vote_args(
+    const at::Tensor& queries,
+    const at::Tensor& support,
+    const at::Tensor& support_labels,
+    int64_t k,
+    int64_t num_classes,
+    const c10::optional<at::Tensor>& self_index,
+    int64_t skip) {
+  const int64_t kk = check_knn_args(
+      "knn_vote", queries, support, k, self_index, skip, c10::nullopt, c10::nullopt, 0);
+  check_labels("knn_vote", "support_labels", support_labels, support.size(0), num_classes,
+      support.device());
+  return kk;
+}
+
 void check_labels(
     const char* op,
     const char* name,

@@ -60,6 +60,16 @@ int64_t check_knn_args(
     const c10::optional<at::Tensor>& prev_index,
     int64_t offset);
 
+// knn_vote: check_knn_args (no streaming) plus the labels; returns k + skip.
+int64_t check_knn_vote_args(
+    const at::Tensor& queries,
+    const at::Tensor& support,
+    const at::Tensor& support_labels,
+    int64_t k,
+    int64_t num_classes,
+    const c10::optional<at::Tensor>& self_index,
+    int64_t skip);
+
 // Labels: 1-D integer tensor of length n on `device`, values in [0, num_classes).
 void check_labels(
     const char* op,

@@ -316,10 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
     const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
     int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
     int64_t skip) {
-  const int64_t kk = check_knn_args(
-      "knn_vote", queries, support, k, self_index, skip, c10::nullopt, c10::nullopt, 0);
-  check_labels("knn_vote", "support_labels", support_labels, support.size(0), num_classes,
-      support.device());
+  const int64_t kk = check_knn_vote_args(
+      queries, support, support_labels, k, num_classes, self_index, skip);
   auto [dist, index] = knn_cpu_checked(
       queries, support, kk, skip, self_index, c10::nullopt, c10::nullopt, 0);
   const at::Tensor nl = support_labels.index_select(0, index.reshape({-1})).view(index.sizes());
