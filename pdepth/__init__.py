@@ -31,6 +31,7 @@ from .knn import (
     empty_topk,
     knn,
     knn_vote,
+    merge_topk,
     vote,
 )
 from .pipeline import RunConfig, run
@@ -66,6 +67,7 @@ __all__ = [
     "knn",
     "knn_vote",
     "load_fashion_mnist",
+    "merge_topk",
     "models",
     "prediction_depth",
     "reference",

@@ -111,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
+    tag = "" if group is None else f"[rank {rank}] "
+    log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))
     try:
-        run(config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=log)
+        run(config, args.out, overwrite=args.overwrite, progress=not args.quiet and rank == 0,
+            log=log, process_group=group)
     except FileNotFoundError as exc:
         _err(str(exc))
         return 1
@@ -127,9 +130,43 @@ def main(argv: list[str] | None = None) -> int:
         _err(f"interrupted; the models finished so far are kept in {args.out}/models; rerun "
              "the same command to resume")
         return 130
+    except RuntimeError as exc:
+        if group is None:
+            raise
+        _err(str(exc))
+        return 1
+    finally:
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     if args.quiet:
         print(args.out)
     return 0
+
+
+def _distributed(device: str):
+    """Under torchrun (``WORLD_SIZE`` > 1): joins the process group (NCCL for a CUDA
+    ``--device``, else gloo; 30 min timeout) and returns ``(group, rank)``; else
+    ``(None, 0)``."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, 0
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return dist.group.WORLD, dist.get_rank()
 
 
 def _report(path: str) -> int:

@@ -356,6 +356,8 @@ def prediction_depth(
     device: torch.device | str | None = None,
     example_index=None,
     progress: bool = False,
+    shard_offset: int | None = None,
+    process_group=None,
 ) -> DepthResult:
     """Prediction depth (Baldock et al. 2021) of queries against a labelled support set.
 
@@ -394,6 +396,15 @@ def prediction_depth(
         example_index: ``[M]`` dataset indices of the queries, stored in the result for
             :func:`aggregate`. Defaults to ``arange(N)`` when ``query_layers`` is None.
         progress: show a tqdm progress bar over layers.
+        shard_offset: sharded support set (:mod:`pdepth.distributed`): ``support_layers`` and
+            ``support_labels`` are this rank's contiguous shard of the support set, starting
+            at global row ``shard_offset``; each layer's vote is
+            :func:`pdepth.distributed.knn_vote` over all ranks. Collective: every rank calls
+            with the same ``query_layers`` (required), ``self_index`` (global indices),
+            ``num_classes`` (required), ``k`` and reference. Every rank gets the whole result,
+            equal to the single-process one.
+        process_group: the ``torch.distributed`` group of the shards (default: the world);
+            only with ``shard_offset``.
 
     Returns:
         :class:`DepthResult` (tensors on the CPU).
@@ -410,6 +421,14 @@ def prediction_depth(
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = int(k)
     scoring_support = query_layers is None
+    sharded = shard_offset is not None or process_group is not None
+    if sharded:
+        if shard_offset is None:
+            raise ValueError("process_group= needs shard_offset=, the global index of this "
+                             "rank's first support row")
+        if scoring_support or num_classes is None:
+            raise ValueError("a sharded support set (shard_offset=) needs query_layers= and "
+                             "num_classes=, the same on every rank")
     labels = _int_vector(support_labels, "support_labels")
     n = labels.shape[0]
     if num_classes is not None:
@@ -534,8 +553,15 @@ def prediction_depth(
                 )
             lab, sidx = dev_labels[s.device]
             try:
-                pred = knn_vote(q, s, lab, k, num_classes, self_index=sidx,
-                                self_match=self_match).pred
+                if sharded:
+                    from . import distributed
+
+                    pred = distributed.knn_vote(
+                        q, s, lab, k, num_classes, shard_offset=shard_offset, self_index=sidx,
+                        self_match=self_match, process_group=process_group).pred
+                else:
+                    pred = knn_vote(q, s, lab, k, num_classes, self_index=sidx,
+                                    self_match=self_match).pred
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
             del s, q

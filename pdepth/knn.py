@@ -23,6 +23,7 @@ __all__ = [
     "empty_topk",
     "knn",
     "knn_vote",
+    "merge_topk",
     "vote",
 ]
 
@@ -129,6 +130,51 @@ def empty_topk(
         torch.full((num_queries, k), float("inf"), dtype=dtype, device=device),
         torch.full((num_queries, k), -1, dtype=torch.int64, device=device),
     )
+
+
+# Sort key of an empty slot (index -1): after every real support index.
+_EMPTY_SORT_KEY = torch.iinfo(torch.int64).max
+
+
+def merge_topk(
+    dist: torch.Tensor, index: torch.Tensor, k: int, *, return_order: bool = False
+):
+    """The k best of several top-k lists, by the op's rule (design.md section 2).
+
+    Rows of ``dist[M, c]`` / ``index[M, c]`` are ordered by distance, equal distances by lower
+    index, empty slots (index -1, distance inf) last, and the first ``k`` columns are kept:
+    two stable sorts, by index (-1 mapped to the int64 maximum) and then by distance.
+
+    The inputs must be op outputs (:func:`knn` with global indices, e.g. ``offset=`` a
+    shard's start), concatenated along dim 1: the op's distance of a (query, support) pair is
+    a fixed function of the two rows alone, so merging its per-chunk lists gives exactly the
+    list of one call over the union (the same bits and the same order). Used by
+    :mod:`pdepth.distributed` to merge the ranks' shards.
+
+    Args:
+        dist: ``[M, c]`` float distances.
+        index: ``[M, c]`` int64 global support indices, -1 for an empty slot.
+        k: columns to keep (``k <= c``).
+        return_order: also return ``order[M, k]`` int64, the source column of each kept
+            entry, so that other per-entry columns (e.g. labels) follow the same permutation
+            with ``extra.gather(1, order)``.
+
+    Returns:
+        :class:`Neighbors` ``(dist[M, k], index[M, k])``, or ``(Neighbors, order)`` with
+        ``return_order=True``.
+    """
+    if dist.shape != index.shape or dist.dim() != 2:
+        raise ValueError(
+            f"merge_topk(): dist and index must be 2-D with the same shape, got "
+            f"{tuple(dist.shape)} and {tuple(index.shape)}"
+        )
+    if not 0 <= k <= dist.shape[1]:
+        raise ValueError(f"merge_topk(): k={k} must lie in [0, {dist.shape[1]}] (columns)")
+    key = torch.where(index < 0, torch.full_like(index, _EMPTY_SORT_KEY), index)
+    order = torch.argsort(key, dim=1, stable=True)
+    order = order.gather(1, torch.argsort(dist.gather(1, order), dim=1, stable=True))[:, :k]
+    merged = Neighbors(dist.gather(1, order), index.gather(1, order))
+    return (merged, order) if return_order else merged
 
 
 def knn(

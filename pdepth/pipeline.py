@@ -323,11 +323,21 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
-        progress: bool = True, log=None) -> Path:
+        progress: bool = True, log=None, process_group=None) -> Path:
     """Runs the protocol and writes the results to ``out`` (see docs/protocol.md).
 
     Returns the output directory. Raises ``FileNotFoundError`` (dataset missing; nothing is
     written), ``ValueError`` (bad settings, unknown probe names) or :class:`OutputExistsError`.
+
+    ``process_group`` (a ``torch.distributed`` group, e.g. ``torch.distributed.group.WORLD``
+    under torchrun) spreads the models over its ranks: every rank calls ``run`` with the same
+    arguments and an ``out`` on a filesystem all ranks share; rank 0 prepares ``out``, model
+    ``j`` (in seed, half order) is trained and scored by rank ``j % world_size`` and saved to
+    ``models/``, and rank 0 then aggregates and writes the results and the report (the other
+    ranks return once every model is saved). With CUDA, call
+    ``torch.cuda.set_device(local_rank)`` first: ``device="cuda"`` means the current device.
+    A failure on any rank (including bad settings or existing results on rank 0) raises
+    ``RuntimeError`` naming it on every rank.
     """
     t_start = time.perf_counter()
     out = Path(out)
@@ -349,7 +359,13 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     if config.k > n // 2 - 1:
         raise ValueError(f"k={config.k} is too large for a training half of {n // 2} examples")
 
-    kept = prepare_output(out, config, overwrite)
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        from .distributed import check_all
+
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     key = config.protocol_key()
     models_meta = []
     cfg = {
@@ -374,17 +390,37 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
         },
         "versions": versions(),
     }
-    _atomic_json(out / "config.json", cfg)
-    _atomic_savez(out / "data.npz", images=images.numpy(), labels=labels.numpy(),
-                  dataset_index=dataset_index.numpy())
+
+    def prepare() -> int:
+        kept = prepare_output(out, config, overwrite)
+        _atomic_json(out / "config.json", cfg)
+        _atomic_savez(out / "data.npz", images=images.numpy(), labels=labels.numpy(),
+                      dataset_index=dataset_index.numpy())
+        return kept
+
+    if world == 1:
+        kept = prepare()
+    else:
+        error, kept = None, 0
+        if rank == 0:
+            try:
+                kept = prepare()
+            except Exception as exc:
+                error = exc
+        check_all(error, "pdepth.run(): preparing the output directory (rank 0)",
+                  process_group)
     log(f"pdepth run: {config.arch} on {n} {config.dataset} examples, seeds {config.seeds}, "
         f"{config.epochs} epochs, k={config.k}, {spec.num_probes} probes, device {device}"
         + (f"; resuming ({kept} model(s) already done)" if kept else ""))
 
     per_model = []
-    for seed in config.seeds:
-        halves = split_halves(n, seed)
-        for half in (0, 1):
+    error = None
+    try:
+        for job, (seed, half) in enumerate((s, h) for s in config.seeds for h in (0, 1)):
+            if job % world != rank:
+                per_model.append(None)  # another rank's model: read from its file below
+                continue
+            halves = split_halves(n, seed)
             path = _model_path(out, seed, half)
             if path.exists():
                 per_model.append(_load_model_file(path, key))
@@ -393,6 +429,17 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
             train_idx, held_idx = halves[half], halves[1 - half]
             per_model.append(_run_model(config, spec, x, labels, train_idx, held_idx, seed,
                                         half, device, num_classes, key, path, progress, log))
+    except Exception as exc:
+        if world == 1:
+            raise
+        error = exc
+    if world > 1:
+        check_all(error, "pdepth.run(): training and scoring the models", process_group)
+        if rank != 0:
+            return out
+        jobs = [(s, h) for s in config.seeds for h in (0, 1)]
+        per_model = [m if m is not None else _load_model_file(_model_path(out, s, h), key)
+                     for m, (s, h) in zip(per_model, jobs, strict=True)]
     t_models = time.perf_counter() - t_start
 
     # aggregate

@@ -14,10 +14,10 @@ import math
 
 import torch
 
+from . import knn as _knn  # merge_topk: the one implementation of the merge rule
+
 __all__ = ["knn", "knn_vote", "vote", "distance_tolerance"]
 
-# Index used to sort empty slots (-1) after every real support index.
-_EMPTY_SORT_KEY = 2**62
 _CHUNK_ELEMENTS = 2**24
 
 
@@ -40,12 +40,9 @@ def distance_tolerance(queries: torch.Tensor, support: torch.Tensor, dtype=None)
 
 
 def _sort_topk(dist: torch.Tensor, index: torch.Tensor, k: int):
-    """Sort rows of (dist, index) by distance then index (-1 last) and keep k columns."""
-    key = torch.where(index < 0, torch.full_like(index, _EMPTY_SORT_KEY), index)
-    order = torch.argsort(key, dim=1, stable=True)
-    dist, index = dist.gather(1, order), index.gather(1, order)
-    order = torch.argsort(dist, dim=1, stable=True)
-    return dist.gather(1, order)[:, :k], index.gather(1, order)[:, :k]
+    """Sort rows of (dist, index) by distance then index (-1 last) and keep k columns
+    (:func:`pdepth.merge_topk`, the same rule as the op's)."""
+    return tuple(_knn.merge_topk(dist, index, min(k, dist.shape[1])))
 
 
 def _check(queries, support, k):

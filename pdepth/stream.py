@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .depth import DepthResult, depth_from_predictions
+from .distributed import merge_shards
 from .extract import ProbeRecorder, iter_batches, resolve_probes
 from .knn import empty_topk, knn, vote
 
@@ -106,6 +107,8 @@ def stream_prediction_depth(
     max_dim: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    shard_offset: int | None = None,
+    process_group=None,
 ) -> StreamResult:
     """Prediction depth of ``queries`` against ``support`` computed from a model, streaming.
 
@@ -134,6 +137,15 @@ def stream_prediction_depth(
         max_dim: pool conv maps to at most this many features.
         dtype: embedding dtype.
         progress: tqdm progress bars.
+        shard_offset: sharded support set (:mod:`pdepth.distributed`): ``support`` and
+            ``support_labels`` are this rank's contiguous shard, starting at global row
+            ``shard_offset``; each rank streams its shard and the per-probe top-k lists are
+            merged across ranks (:func:`pdepth.distributed.merge_shards`) before the vote.
+            Collective: every rank passes the same ``queries`` (required), ``num_classes``
+            (required), ``self_index`` (global indices), ``k``, ``batch_size`` and
+            ``memory_budget`` (so the query chunks agree), and gets the whole result.
+        process_group: the ``torch.distributed`` group of the shards (default: the world);
+            only with ``shard_offset``.
 
     Returns:
         :class:`StreamResult`.
@@ -142,6 +154,11 @@ def stream_prediction_depth(
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = int(k)
+    sharded = shard_offset is not None or process_group is not None
+    if sharded and (shard_offset is None or queries is None or num_classes is None):
+        raise ValueError("a sharded support set needs shard_offset=, queries= and "
+                         "num_classes=, the same on every rank")
+    start_row = int(shard_offset or 0)
     spec = resolve_probes(model, probes, max_dim=max_dim)
     if device is None:
         p = next(model.parameters(), None)
@@ -170,7 +187,7 @@ def stream_prediction_depth(
             raise ValueError(f"self_index has {self_index.shape[0]} entries but there are {m} "
                              "queries")
     excludes = self_index is not None and bool((self_index >= 0).any())
-    if k > n - (1 if excludes else 0):
+    if not sharded and k > n - (1 if excludes else 0):  # sharded: checked on the merge
         raise ValueError(
             f"k={k} is larger than the support set allows (N={n}"
             f"{', one point excluded as self match' if excludes else ''})"
@@ -196,7 +213,7 @@ def stream_prediction_depth(
                 tops = [empty_topk(mc, k, torch.float64 if dtype == torch.float64 else
                                    torch.float32, device) for _ in q_layers]
                 resident = _nbytes(q_layers) + _nbytes(t for top in tops for t in top)
-                offset = 0
+                offset = start_row
                 batches = iter_batches(support, batch_size)
                 if progress:
                     from tqdm.auto import tqdm
@@ -205,18 +222,38 @@ def stream_prediction_depth(
                     batches = tqdm(batches, total=total, leave=False, unit="batch",
                                    desc=f"k-NN chunk {num_chunks + 1} (queries {row0}-"
                                         f"{row0 + mc})")
-                for xs, _ in batches:
-                    s_layers, _ = rec.run(xs.to(device))
-                    peak = max(peak, resident + _nbytes(s_layers))
-                    for layer, (q, s) in enumerate(zip(q_layers, s_layers, strict=True)):
-                        tops[layer] = knn(q, s, k, self_index=sidx, self_match="exclude",
-                                          prev=tops[layer], offset=offset)
-                    offset += xs.shape[0]
-                    del s_layers
-                if offset != n:
-                    raise ValueError(f"the support set yielded {offset} rows but support_labels "
-                                     f"has {n}")
-                preds.append([vote(lab_dev[top.index], num_classes).cpu() for top in tops])
+                try:
+                    for xs, _ in batches:
+                        s_layers, _ = rec.run(xs.to(device))
+                        peak = max(peak, resident + _nbytes(s_layers))
+                        for layer, (q, s) in enumerate(zip(q_layers, s_layers, strict=True)):
+                            tops[layer] = knn(q, s, k, self_index=sidx, self_match="exclude",
+                                              prev=tops[layer], offset=offset)
+                        offset += xs.shape[0]
+                        del s_layers
+                    if offset - start_row != n:
+                        raise ValueError(f"the support set yielded {offset - start_row} rows but "
+                                         f"support_labels has {n}")
+                except Exception as exc:
+                    if not sharded:
+                        raise
+                    merge_shards(None, None, num_classes, shard_offset=start_row,
+                                 shard_size=n, dim=0, process_group=process_group,
+                                 error=exc)  # raises on every rank
+                if not sharded:
+                    preds.append([vote(lab_dev[top.index], num_classes).cpu() for top in tops])
+                else:
+                    chunk_preds = []
+                    for q, top in zip(q_layers, tops, strict=True):
+                        hit = top.index >= 0
+                        lab_k = lab_dev[torch.where(hit, top.index - start_row, 0)] if n \
+                            else torch.zeros_like(top.index)
+                        _, lab_k = merge_shards(
+                            top, torch.where(hit, lab_k, -1), num_classes,
+                            shard_offset=start_row, shard_size=n, dim=q.shape[1],
+                            self_index=sidx, process_group=process_group)
+                        chunk_preds.append(vote(lab_k, num_classes).cpu())
+                    preds.append(chunk_preds)
                 num_chunks += 1
 
             pending: list[list[torch.Tensor]] = []
