@@ -70,7 +70,7 @@ inline void offer(Entry<T>* h, int64_t k, T key, int64_t g) {
 // d = t mod 16, in order) and a fixed pairwise reduction. One out-of-line function, so every
 // caller runs the same instructions and a pair's key depends on the two rows alone.
 template <typename T>
-__attribute__((noinline)) T canonical_sqdist(const T* a, const T* b, int64_t d) {
+__attribute__((always_inline)) inline T canonical_sqdist_impl(const T* a, const T* b, int64_t d) {
   T acc[16] = {};
   int64_t j = 0;
   for (; j + 16 <= d; j += 16) {
@@ -91,12 +91,28 @@ __attribute__((noinline)) T canonical_sqdist(const T* a, const T* b, int64_t d) 
   return acc[0];
 }
 
+// Compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks one clone per process
+// (ifunc), so a machine always runs the same instructions. Out of line on purpose: every
+// caller gets those same instructions, hence the same bits (knn.h).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PDEPTH_CLONES __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PDEPTH_CLONES __attribute__((noinline))
+#endif
+
+PDEPTH_CLONES float canonical_sqdist(const float* a, const float* b, int64_t d) {
+  return canonical_sqdist_impl(a, b, d);
+}
+PDEPTH_CLONES double canonical_sqdist(const double* a, const double* b, int64_t d) {
+  return canonical_sqdist_impl(a, b, d);
+}
+
 // One query against one support tile. `dot`, `qnorm`, `snorm` are the GEMM cross terms and
 // norms of the centered rows; a group of kScanWidth filter bounds is tested at once against
 // the k-th best (vectorised), and only candidates get their canonical key from the original
 // rows `qrow`, `srows` and touch the heap `h` (size k).
 template <typename T>
-void select_row(
+__attribute__((always_inline)) inline void select_row_impl(
     const T* dot, int64_t nb, const T* qrow, const T* srows, int64_t d, T qnorm,
     const T* snorm, int64_t gbase, int64_t self, Entry<T>* h, int64_t k) {
   const T keep = T(1) - filter_margin<T>(d);
@@ -110,12 +126,14 @@ void select_row(
   int64_t j0 = 0;
   for (; j0 + kScanWidth <= nb; j0 += kScanWidth) {
     const T thr = h[0].d;
-    bool hit = false;
     for (int64_t t = 0; t < kScanWidth; ++t) {
       lower[t] = filter_bound(qnorm, snorm[j0 + t], dot[j0 + t], keep);
-      hit |= lower[t] <= thr;
     }
-    if (hit) {
+    int hits = 0;  // an integer count vectorises (a compare mask), a bool OR does not
+    for (int64_t t = 0; t < kScanWidth; ++t) {
+      hits += lower[t] <= thr ? 1 : 0;
+    }
+    if (hits != 0) {
       for (int64_t t = 0; t < kScanWidth; ++t) {
         consider(j0 + t, lower[t]);
       }
@@ -124,6 +142,19 @@ void select_row(
   for (; j0 < nb; ++j0) {
     consider(j0, filter_bound(qnorm, snorm[j0], dot[j0], keep));
   }
+}
+
+// The scan is most of the CPU time at small D: give it the machine's vector width too.
+PDEPTH_CLONES void select_row(
+    const float* dot, int64_t nb, const float* qrow, const float* srows, int64_t d,
+    float qnorm, const float* snorm, int64_t gbase, int64_t self, Entry<float>* h, int64_t k) {
+  select_row_impl(dot, nb, qrow, srows, d, qnorm, snorm, gbase, self, h, k);
+}
+PDEPTH_CLONES void select_row(
+    const double* dot, int64_t nb, const double* qrow, const double* srows, int64_t d,
+    double qnorm, const double* snorm, int64_t gbase, int64_t self, Entry<double>* h,
+    int64_t k) {
+  select_row_impl(dot, nb, qrow, srows, d, qnorm, snorm, gbase, self, h, k);
 }
 
 // Squared row norms, accumulated in double.
@@ -202,7 +233,7 @@ void knn_cpu_impl(
   const auto scan = [&](const T* dp, int64_t m0, int64_t mb, int64_t nb, int64_t n0,
                         const T* sn) {
     for (int64_t i = 0; i < mb; ++i) {
-      select_row<T>(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i], sn,
+      select_row(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i], sn,
           offset + n0, self != nullptr ? self[m0 + i] : -1, heaps.data() + (m0 + i) * kk, kk);
     }
   };
