@@ -425,7 +425,9 @@ def test_streaming_random_float_within_tolerance(device, chunk):
 
 
 @pytest.mark.parametrize(
-    "case", [(5, 1024, 100, 30), (1, 2049, 17, 5), (300, 2049, 64, 30), (129, 1025, 3, 256)],
+    "case",
+    [(5, 1024, 100, 30), (1, 2049, 17, 5), (7, 5000, 64, 30), (300, 2049, 64, 30),
+     (129, 1025, 3, 256)],
     ids=_case_id,
 )
 def test_thread_count_does_not_change_output(restore_num_threads, case):
@@ -753,3 +755,16 @@ def test_data_far_from_origin_exact(device, offset, d):
     assert torch.equal(out.index.cpu(), base.index.cpu())
     assert torch.equal(out.dist.cpu(), base.dist.cpu())
     check_exact_reference(out, q + offset, s + offset, 30, self_match="include")
+
+
+def test_few_queries_many_tiles_matches_reference(restore_num_threads):
+    """Few queries and many support tiles: the CPU kernel splits the tiles over threads and
+    merges per-thread heaps; the result is the one-thread result and the oracle's."""
+    q, s = int_data(3, 5000, 8, key=("split",))
+    si = torch.tensor([-1, 4000, 17])
+    torch.set_num_threads(2)
+    out = pdepth.knn(q, s, 40, self_index=si)
+    check_exact_reference(out, q, s, 40, self_index=si)
+    s[2500, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"support contains NaN or Inf \(first at row 2500\)"):
+        pdepth.knn(q, s, 40)

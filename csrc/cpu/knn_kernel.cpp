@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 namespace pdepth {
@@ -230,38 +232,71 @@ void knn_cpu_impl(
       ? std::min<int64_t>(m, kWideQueryBlock)
       : std::clamp<int64_t>((m + threads - 1) / threads, 16, kQueryBlock);
   const int64_t nblocks = (m + qblock - 1) / qblock;
+  // Scans rows m0..m0+mb of a tile's cross terms into the heaps at `hp` (indexed by query).
   const auto scan = [&](const T* dp, int64_t m0, int64_t mb, int64_t nb, int64_t n0,
-                        const T* sn) {
+                        const T* sn, Entry<T>* hp) {
     for (int64_t i = 0; i < mb; ++i) {
       select_row(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i], sn,
-          offset + n0, self != nullptr ? self[m0 + i] : -1, heaps.data() + (m0 + i) * kk, kk);
+          offset + n0, self != nullptr ? self[m0 + i] : -1, hp + (m0 + i) * kk, kk);
     }
   };
-  for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
-    const int64_t nb = std::min(kSupportTile, n - n0);
-    const at::Tensor sc = s.narrow(0, n0, nb) - center;
-    const at::Tensor scn = row_sqnorms<T>(sc);
+  // A support tile shifted by the center, and its squared norms (checked).
+  const auto centered_tile = [&](int64_t n0, int64_t nb) {
+    at::Tensor sc = s.narrow(0, n0, nb) - center;
+    at::Tensor scn = row_sqnorms<T>(sc);
     check_finite_rows("knn", "support", scn, n0);
-    const T* sn = scn.const_data_ptr<T>();
-    if (wide) {
-      for (int64_t m0 = 0; m0 < m; m0 += qblock) {
-        const int64_t mb = std::min(qblock, m - m0);
-        const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
-        const T* dp = dot.const_data_ptr<T>();
-        at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
-          scan(dp + i0 * nb, m0 + i0, i1 - i0, nb, n0, sn);
-        });
+    return std::make_pair(std::move(sc), std::move(scn));
+  };
+  const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
+  const bool split_support = nblocks < threads && ntiles > 1;
+  if (split_support) {
+    // Too few queries to give every thread a block: split the support tiles over the
+    // threads instead, each with its own heaps, then merge them. Exact (canonical keys,
+    // distinct indices), so the merge order does not matter.
+    std::mutex merge;
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<Entry<T>> local(m * kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * kSupportTile;
+        const int64_t nb = std::min(kSupportTile, n - n0);
+        const std::pair<at::Tensor, at::Tensor> tile = centered_tile(n0, nb);
+        const at::Tensor dot = at::mm(qc, tile.first.t());
+        scan(dot.const_data_ptr<T>(), 0, m, nb, n0, tile.second.const_data_ptr<T>(),
+            local.data());
       }
-      continue;
-    }
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t m0 = b * qblock;
-        const int64_t mb = std::min(qblock, m - m0);
-        const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
-        scan(dot.const_data_ptr<T>(), m0, mb, nb, n0, sn);
+      const std::lock_guard<std::mutex> lock(merge);
+      for (int64_t e = 0; e < m * kk; ++e) {
+        if (local[e].i >= 0) {
+          offer(heaps.data() + (e / kk) * kk, kk, local[e].d, local[e].i);
+        }
       }
     });
+  } else {
+    for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
+      const int64_t nb = std::min(kSupportTile, n - n0);
+      const std::pair<at::Tensor, at::Tensor> tile = centered_tile(n0, nb);
+      const at::Tensor& sc = tile.first;
+      const T* sn = tile.second.const_data_ptr<T>();
+      if (wide) {
+        for (int64_t m0 = 0; m0 < m; m0 += qblock) {
+          const int64_t mb = std::min(qblock, m - m0);
+          const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
+          const T* dp = dot.const_data_ptr<T>();
+          at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
+            scan(dp + i0 * nb, m0 + i0, i1 - i0, nb, n0, sn, heaps.data());
+          });
+        }
+        continue;
+      }
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t m0 = b * qblock;
+          const int64_t mb = std::min(qblock, m - m0);
+          const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
+          scan(dot.const_data_ptr<T>(), m0, mb, nb, n0, sn, heaps.data());
+        }
+      });
+    }
   }
 
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
