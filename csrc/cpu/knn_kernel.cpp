@@ -347,8 +347,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(
   return knn_cpu_checked(queries, support, kk, skip, self_index, prev_dist, prev_index, offset);
 }
 
-at::Tensor vote_cpu(const at::Tensor& neighbor_labels, int64_t num_classes) {
-  check_vote_args("vote", neighbor_labels, num_classes);
+// vote on checked labels (knn_vote's labels are checked once, on the support side).
+at::Tensor vote_cpu_checked(const at::Tensor& neighbor_labels, int64_t num_classes) {
   const at::Tensor nl = neighbor_labels.contiguous();
   const int64_t m = nl.size(0);
   const int64_t k = nl.size(1);
@@ -378,6 +378,11 @@ at::Tensor vote_cpu(const at::Tensor& neighbor_labels, int64_t num_classes) {
   return pred;
 }
 
+at::Tensor vote_cpu(const at::Tensor& neighbor_labels, int64_t num_classes) {
+  check_vote_args("vote", neighbor_labels, num_classes);
+  return vote_cpu_checked(neighbor_labels, num_classes);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
     const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
     int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
@@ -387,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
   auto [dist, index] = knn_cpu_checked(
       queries, support, kk, skip, self_index, c10::nullopt, c10::nullopt, 0);
   const at::Tensor nl = support_labels.index_select(0, index.reshape({-1})).view(index.sizes());
-  return {vote_cpu(nl, num_classes), dist, index};
+  return {vote_cpu_checked(nl, num_classes), dist, index};
 }
 
 } // namespace

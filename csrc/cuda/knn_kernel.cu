@@ -127,8 +127,8 @@ void gemm_cross(const at::Tensor& q, int64_t m0, int64_t mb, const at::Tensor& s
 }
 
 // ---------------------------------------------------------------------------------------
-// Block-wide merge of c unsorted candidates (each better than the current k-th best, all
-// with distinct indices) into the sorted state of size kk, both in shared memory. Every
+// Block-wide merge of c unsorted candidates (distinct indices; those that rank at kk or
+// beyond are simply dropped) into the sorted state of size kk, both in shared memory. Every
 // element's final position is its rank: its own position in its list plus the number of
 // elements of the other list that come before it under knn_less. Ranks form a permutation,
 // so the result does not depend on the order in which candidates were appended.
