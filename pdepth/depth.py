@@ -11,9 +11,12 @@ computes distances or votes.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,10 +180,17 @@ class DepthResult:
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Saves to ``.npz`` (one file) or ``.parquet`` (per-example table, plus a JSON
-        sidecar ``<path>.json`` holding the settings and the per-layer statistics).
+        sidecar ``<path>.json`` holding the settings, the per-layer statistics, the row count
+        and the SHA-256 of the table file).
 
         ``format`` (``"npz"`` or ``"parquet"``) defaults to the file suffix. Returns the path
         written. :meth:`load` restores an object for which :meth:`equals` holds.
+
+        Each file is written to a temporary file in the same directory and moved into place
+        with :func:`os.replace`, so a reader never sees a half-written file. The parquet table
+        and its sidecar are two files: the sidecar is replaced last, and it names the
+        table's checksum, so :meth:`load` detects a pair from different saves (an interrupted
+        save, a copied or edited sidecar or table) instead of loading it.
         """
         path = Path(path)
         fmt = _format(path, format)
@@ -191,49 +201,100 @@ class DepthResult:
                 if getattr(self, name) is not None:
                     arrays[name] = getattr(self, name).numpy()
             arrays["meta"] = np.array(json.dumps(self._meta()))
-            with open(path, "wb") as f:  # a file object keeps np.savez from adding ".npz"
-                np.savez(f, **arrays)
+            buf = io.BytesIO()  # a file object keeps np.savez from adding ".npz"
+            np.savez(buf, **arrays)
+            _atomic_write(path, buf.getvalue())
             return path
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table(self._columns()), path)
+        buf = io.BytesIO()
+        pq.write_table(pa.table(self._columns()), buf)
+        table_bytes = buf.getvalue()
         sidecar = {
             **self._meta(),
             "num_examples": self.num_examples,
+            "table_sha256": hashlib.sha256(table_bytes).hexdigest(),
             "layer_agreement": self.layer_agreement.tolist(),
             "layer_accuracy": None if self.layer_accuracy is None else self.layer_accuracy.tolist(),
         }
-        _sidecar(path).write_text(json.dumps(sidecar, indent=1))
+        _atomic_write(path, table_bytes)
+        _atomic_write(_sidecar(path), json.dumps(sidecar, indent=1).encode())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, format: str | None = None) -> DepthResult:
-        """Loads a result written by :meth:`save` (format from the suffix by default)."""
+        """Loads a result written by :meth:`save` (format from the suffix by default).
+
+        Raises ``ValueError`` when the file is not a consistent result: arrays whose shapes
+        disagree with each other or with the stored ``num_layers`` / ``layer_names``, depths
+        that do not follow from ``layer_pred`` and ``reference``, or (parquet) a sidecar that
+        does not belong to the table next to it (other row count, other checksum).
+        """
         path = Path(path)
         fmt = _format(path, format)
         if fmt == "npz":
             with np.load(path, allow_pickle=False) as z:
+                if "meta" not in z.files:
+                    raise ValueError(f"{path} was not written by DepthResult.save (no 'meta')")
                 meta = json.loads(str(z["meta"][()]))
                 arrays = {name: torch.from_numpy(z[name].copy()) for name in z.files
                           if name != "meta"}
             _check_meta(meta, path)
-            return cls(**arrays, **{name: meta[name] for name in _SETTINGS})
+            unknown = set(arrays) - set(_ARRAYS) - set(_OPTIONAL_ARRAYS)
+            missing = set(_ARRAYS) - set(arrays)
+            if unknown or missing:
+                raise ValueError(
+                    f"{path}: not a DepthResult file: missing arrays {sorted(missing)}, "
+                    f"unknown arrays {sorted(unknown)}"
+                )
+            result = cls(**arrays, **{name: meta[name] for name in _SETTINGS})
+            result._validate(path)
+            return result
         import pyarrow.parquet as pq
 
-        meta = json.loads(_sidecar(path).read_text())
+        sidecar = _sidecar(path)
+        if not sidecar.exists():
+            raise ValueError(f"{path}: its sidecar {sidecar.name} is missing; DepthResult.save "
+                             "writes both files")
+        meta = json.loads(sidecar.read_text())
         _check_meta(meta, path)
-        table = pq.read_table(path)
+        table_bytes = path.read_bytes()
+        want_sha = meta.get("table_sha256")  # absent in files written before pdepth checked it
+        if want_sha is not None and hashlib.sha256(table_bytes).hexdigest() != want_sha:
+            raise ValueError(
+                f"{path}: the sidecar {sidecar.name} does not belong to this table (the "
+                "table's checksum differs from the one the sidecar records): the pair comes "
+                "from different saves, an interrupted save or an edit. Save the result again."
+            )
+        table = pq.read_table(io.BytesIO(table_bytes))
+        m = meta["num_examples"]
+        if table.num_rows != m:
+            raise ValueError(
+                f"{path}: the table has {table.num_rows} rows but its sidecar {sidecar.name} "
+                f"records num_examples={m}; the two files do not belong together"
+            )
         cols = {name: torch.from_numpy(table.column(name).to_numpy().copy())
                 for name in table.column_names}
         num_layers = meta["num_layers"]
-        m = meta["num_examples"]
+        pred_cols = sorted((name for name in cols if name.startswith("pred_")),
+                           key=lambda name: (len(name), name))
+        want_cols = [f"pred_{layer}" for layer in range(num_layers)]
+        if pred_cols != want_cols:
+            raise ValueError(
+                f"{path}: the sidecar {sidecar.name} records num_layers={num_layers} but the "
+                f"table has the prediction columns {pred_cols}; the two files do not belong "
+                "together"
+            )
+        for name in ("depth", "reference"):
+            if name not in cols:
+                raise ValueError(f"{path}: the table has no {name!r} column")
         layer_pred = (
-            torch.stack([cols[f"pred_{layer}"] for layer in range(num_layers)])
+            torch.stack([cols[name] for name in want_cols])
             if num_layers else torch.empty(0, m, dtype=torch.int64)
         )
         acc = meta["layer_accuracy"]
-        return cls(
+        result = cls(
             depth=cols["depth"],
             layer_pred=layer_pred,
             reference=cols["reference"],
@@ -243,6 +304,71 @@ class DepthResult:
             example_index=cols.get("example_index"),
             **{name: meta[name] for name in _SETTINGS},
         )
+        result._validate(path)
+        return result
+
+    def _validate(self, source) -> None:
+        """Raises ValueError naming ``source`` unless the arrays and settings agree."""
+        m, num_layers = self.num_examples, self.num_layers
+        problems = []
+
+        def shape(name, want):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != want:
+                problems.append(f"{name} has shape {tuple(t.shape)}, expected {want}")
+
+        if self.depth.dim() != 1:
+            problems.append(f"depth must be 1-D, got shape {tuple(self.depth.shape)}")
+        else:
+            shape("layer_pred", (num_layers, m))
+            for name in ("reference", "labels", "example_index"):
+                shape(name, (m,))
+            for name in ("layer_agreement", "layer_accuracy"):
+                shape(name, (num_layers,))
+        if self.layer_names is not None and len(self.layer_names) != num_layers:
+            problems.append(f"layer_names has {len(self.layer_names)} names for "
+                            f"num_layers={num_layers}")
+        for name in ("depth", "layer_pred", "reference", "labels", "example_index"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.int64:
+                problems.append(f"{name} has dtype {t.dtype}, expected torch.int64")
+        if not problems and not torch.equal(
+                depth_from_predictions(self.layer_pred, self.reference), self.depth):
+            problems.append("depth does not follow from layer_pred and reference")
+        if problems:
+            raise ValueError(
+                f"{source} is not a consistent DepthResult (num_layers={num_layers}, "
+                f"{m} entries in depth): " + "; ".join(problems))
+
+
+_UMASK: int | None = None
+
+
+def _umask() -> int:
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file in the same directory and
+    :func:`os.replace`: readers see the old file or the new one, never a partial one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; keep open()'s permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -332,13 +458,58 @@ def _layer_label(layer: int, names: list[str] | None) -> str:
     return f"layer {layer}"
 
 
-def _check_range(t: torch.Tensor, name: str, num_classes: int | None) -> None:
-    if not t.numel():
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def _check_num_classes(num_classes) -> int | None:
+    if num_classes is None:
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def _class_count(num_classes: int | None, named) -> int:
+    """Checks the class-id vectors ``named`` (``(name, tensor or None)`` pairs) and returns
+    the number of classes.
+
+    Every vector must hold ids ``>= 0``, and ``< num_classes`` when ``num_classes`` is given.
+    Without it the count is one more than the largest id in *any* of the vectors, so a class
+    that occurs only among the query labels or the reference (absent from the support set,
+    as real splits produce) counts too: the probes simply never predict it.
+    """
+    top = -1
+    for name, t in named:
+        if t is None or not t.numel():
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0:
+            raise ValueError(
+                f"{name} must hold class ids >= 0, got values in [{lo}, {hi}]; map the labels "
+                "to 0..C-1 first"
+            )
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, num_classes={num_classes}), got values in "
+                f"[{lo}, {hi}]; raise num_classes or leave it out to infer it from the labels"
+            )
+        top = max(top, hi)
+    return num_classes if num_classes is not None else max(top + 1, 1)
+
+
+def _check_self_index(self_index: torch.Tensor | None, n: int | None) -> None:
+    """``self_index`` holds -1 or a support index in ``[0, n)`` (``n`` None: unknown here,
+    e.g. a sharded support set whose global size the ranks agree on later)."""
+    if self_index is None or not self_index.numel():
         return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or (num_classes is not None and hi >= num_classes):
-        bound = f"[0, num_classes={num_classes})" if num_classes is not None else ">= 0"
-        raise ValueError(f"{name} must lie in {bound}, got values in [{lo}, {hi}]")
+    lo, hi = int(self_index.min()), int(self_index.max())
+    if lo < -1 or (n is not None and hi >= n):
+        valid = "-1 (no self match) or a support index" + ("" if n is None else f" in [0, N={n})")
+        raise ValueError(f"self_index must hold {valid}, got values in [{lo}, {hi}]")
 
 
 def prediction_depth(
@@ -391,7 +562,10 @@ def prediction_depth(
             data does) or ``"drop_nearest"`` (legacy: take k+1 and drop the nearest).
         self_index: ``[M]`` support index of each query, -1 for none. Defaults to
             ``arange(N)`` when ``query_layers`` is None, else no self matches.
-        num_classes: number of classes; default ``support_labels.max() + 1``.
+        num_classes: number of classes. Default: one more than the largest class id among
+            ``support_labels``, ``query_labels`` and the reference (a class that only the
+            queries have is never predicted, but it is not an error). Given, every one
+            of them must lie in ``[0, num_classes)``.
         device: where to run the k-NN (default: where each support layer lives).
         example_index: ``[M]`` dataset indices of the queries, stored in the result for
             :func:`aggregate`. Defaults to ``arange(N)`` when ``query_layers`` is None.
@@ -412,14 +586,14 @@ def prediction_depth(
     Raises:
         ValueError: on bad input, naming the layer index where the problem is in a layer
             (rows that differ from the labels or from layer 0, NaN/Inf embeddings, k larger
-            than the support, labels out of range, mismatched layer counts), and naming the
-            argument otherwise (a missing ``network_pred``, a reference of the wrong length).
+            than the support, mismatched layer counts), and naming the argument otherwise
+            (a missing ``network_pred``, a reference of the wrong length, class ids that are
+            negative or not below an explicit ``num_classes``, ``self_index`` outside
+            ``[-1, N)``).
     """
     if self_match not in SELF_MATCH_POLICIES:
         raise ValueError(f"self_match must be one of {SELF_MATCH_POLICIES}, got {self_match!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
+    k = _check_k(k)
     scoring_support = query_layers is None
     sharded = shard_offset is not None or process_group is not None
     if sharded:
@@ -431,13 +605,7 @@ def prediction_depth(
                              "num_classes=, the same on every rank")
     labels = _int_vector(support_labels, "support_labels")
     n = labels.shape[0]
-    if num_classes is not None:
-        num_classes = int(num_classes)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    # support_labels' range is checked by the op, with the layer index prepended.
-    if num_classes is None:
-        num_classes = int(labels.max()) + 1 if n else 1
+    num_classes = _check_num_classes(num_classes)
 
     # --- the reference and the query-side vectors (checked again once M is known) ---
     if isinstance(reference, str):
@@ -474,12 +642,22 @@ def prediction_depth(
                 'reference="labels" needs query_labels= when query_layers is given'
             )
         ref_vector = q_labels
-    if ref_vector is not None and ref_vector is not labels:  # labels: checked by the op
-        _check_range(ref_vector, f"reference ({reference_mode})", num_classes)
+    # Every label the call sees counts towards the number of classes (design: a class absent
+    # from the support set is never predicted, but it is a class). A sharded support set's
+    # labels differ per rank: they are checked inside the collective, so that every rank
+    # raises alike.
+    checked = [("support_labels", None if sharded else labels)]
+    if q_labels is not None and q_labels is not labels:
+        checked.append(("query_labels", q_labels))
+    if ref_vector is not None and ref_vector is not labels and ref_vector is not q_labels:
+        checked.append(("network_pred (reference='network')" if reference_mode == "network"
+                        else "reference", ref_vector))
+    num_classes = _class_count(num_classes, checked)
     if self_index is None and scoring_support:
         self_index = torch.arange(n)
     elif self_index is not None:
         self_index = _int_vector(self_index, "self_index")
+        _check_self_index(self_index, None if sharded else n)
     if example_index is None and scoring_support:
         example_index = torch.arange(n)
     elif example_index is not None:
@@ -515,7 +693,7 @@ def prediction_depth(
             # while the next one is produced: a generator needs one layer resident at a time.
             s_raw = next(support_iter, _MISSING)
             q_raw = None if query_iter is None else next(query_iter, _MISSING)
-            if s_raw is _MISSING and q_raw in (None, _MISSING):
+            if s_raw is _MISSING and (q_raw is None or q_raw is _MISSING):
                 break
             where = _layer_label(layer, names)
             if s_raw is _MISSING or q_raw is _MISSING:

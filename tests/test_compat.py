@@ -158,26 +158,8 @@ def test_sklearn_float32_dtype_option():
     np.testing.assert_array_equal(fast.predict(x), exact.predict(x))
 
 
-@pytest.mark.parametrize(
-    "params, match",
-    [
-        ({"weights": "distance"}, "weights='distance'"),
-        ({"weights": lambda d: d}, "weights="),
-        ({"metric": "manhattan"}, "metric='manhattan'"),
-        ({"metric": "cosine"}, "metric='cosine'"),
-        ({"p": 1}, "p=1"),
-        ({"algorithm": "kd_tree"}, "algorithm='kd_tree'"),
-        ({"algorithm": "ball_tree"}, "algorithm='ball_tree'"),
-        ({"metric_params": {"w": 1}}, "metric_params"),
-        ({"n_neighbors": 0}, "n_neighbors"),
-    ],
-)
-def test_sklearn_unsupported_settings(params, match):
-    with pytest.raises(ValueError, match=match):
-        KNeighborsClassifier(**params)
-    est = KNeighborsClassifier()
-    with pytest.raises(ValueError, match=match):
-        est.set_params(**params)
+# Unsupported settings (rejected by fit, scikit-learn's convention) and the estimator checks:
+# tests/test_sklearn_estimator.py.
 
 
 def test_sklearn_supported_settings_and_errors():
@@ -330,6 +312,87 @@ def test_difficulty_bad_arguments():
         pd_difficulty.prediction_depth(train * 2, y, train, y, k=3, **_cpu())
     with pytest.raises(ValueError, match=r"layer 0: .*k=21"):
         pd_difficulty.prediction_depth(train, y, k=21, **_cpu())
+
+
+def _two_class_probes(n=40, seed=3):
+    """n examples, the first half labelled 0 and the rest 1, with three probe layers of
+    random activations (distinct points, so that k=1 on the points themselves is exact)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = OrderedDict((f"block{i}.out", torch.randn(n, *shape, generator=g))
+                         for i, shape in enumerate([(2, 3, 3), (8,), (5,)]))
+    labels = torch.cat([torch.zeros(n // 2), torch.ones(n - n // 2)]).long()
+    return layers, labels
+
+
+def test_difficulty_training_split_without_a_class():
+    # Regression: a training split holding class 0 only, scored against test labels in
+    # {0, 1} (a class absent from the split), raised "reference (labels) must lie in
+    # [0, num_classes=1)"; the original returns a depth for every example: the k-NN never
+    # predicts the missing class.
+    layers, labels = _two_class_probes()
+    n, num_layers = labels.shape[0], len(layers)
+    train = [t[: n // 2] for t in layers.values()]
+    depth, matches = pd_difficulty.prediction_depth(train, labels[: n // 2], layers, labels,
+                                                    k=2, return_matches=True, **_cpu())
+    assert depth.shape == (n,) and depth.dtype == torch.int64
+    assert ((0 <= depth) & (depth <= num_layers)).all()
+    assert torch.equal(depth, torch.where(labels == 0, 0, num_layers))
+    assert torch.equal(matches, (labels == 0).long().expand(num_layers, n))
+    exp_depth, exp_matches = sklearn_prediction_depth(train, labels[: n // 2],
+                                                      list(layers.values()), labels, k=2)
+    np.testing.assert_array_equal(depth.numpy(), exp_depth)
+    np.testing.assert_array_equal(matches.numpy(), exp_matches)
+
+
+def test_difficulty_exact_cases_with_k1():
+    layers, labels = _two_class_probes()
+    num_layers = len(layers)
+    # the examples scored against themselves with k=1: every layer is right
+    depth = pd_difficulty.prediction_depth(layers, labels, layers, labels, k=1, **_cpu())
+    assert torch.equal(depth, torch.zeros_like(depth))
+    # the same without test intermediates (each point its own neighbour), an ordered dict
+    depth = pd_difficulty.prediction_depth(layers, labels, k=1, **_cpu())
+    assert torch.equal(depth, torch.zeros_like(depth))
+    # the k-NN fitted on swapped labels is wrong everywhere: depth L
+    depth = pd_difficulty.prediction_depth(layers, 1 - labels, layers, labels, k=1, **_cpu())
+    assert torch.equal(depth, torch.full_like(depth, num_layers))
+
+
+def test_difficulty_stacked_tensor_and_float_labels():
+    # Two fixed training points per layer (a stacked [L, 2] tensor: L layers of one feature,
+    # iterated as the original does), test points drifting towards the second one by 0.25 a
+    # layer, float test labels compared by value. Depth = first layer from which each point
+    # stays past the midpoint 0.5.
+    train = torch.tensor([[0.0, 1.0]] * 4)
+    start = torch.tensor([[-0.3], [0.05], [0.3], [0.55], [0.8]])
+    test = [start + 0.25 * i for i in range(4)]
+    depth, matches = pd_difficulty.prediction_depth(train, torch.tensor([2, 6]), test,
+                                                    torch.full((5,), 6.0), k=1,
+                                                    return_matches=True, **_cpu())
+    assert depth.tolist() == [4, 2, 1, 0, 0]
+    assert matches.shape == (4, 5) and matches.dtype == torch.int64
+    assert matches[:, 0].tolist() == [0, 0, 0, 0] and matches[:, 3].tolist() == [1, 1, 1, 1]
+
+
+def test_difficulty_arbitrary_label_values():
+    # non-contiguous, negative and test-only labels: scikit-learn's semantics (labels are
+    # values; ties go to the lowest label)
+    g = torch.Generator().manual_seed(8)
+    train = [torch.randn(90, w, generator=g, dtype=torch.float64) for w in (3, 6, 2)]
+    test = [torch.randn(30, t.shape[1], generator=g, dtype=torch.float64) for t in train]
+    values = torch.tensor([-4, 3, 17])
+    y = values[torch.randint(0, 3, (90,), generator=g)]
+    yq = torch.cat([values, torch.tensor([99])])[torch.randint(0, 4, (30,), generator=g)]
+    assert (yq == 99).any()
+    for k in (1, 4, 7):  # k=4: ties between two labels occur
+        depth, matches = pd_difficulty.prediction_depth(train, y, test, yq, k=k,
+                                                        return_matches=True, **_cpu())
+        exp_depth, exp_matches = sklearn_prediction_depth(train, y, test, yq, k=k)
+        np.testing.assert_array_equal(depth.numpy(), exp_depth)
+        np.testing.assert_array_equal(matches.numpy(), exp_matches)
+        assert (depth[yq == 99] == 3).all()
+        depth = pd_difficulty.prediction_depth(train, y, k=k, **_cpu())
+        np.testing.assert_array_equal(depth.numpy(), sklearn_prediction_depth(train, y, k=k)[0])
 
 
 # ---------------------------------------------------------------------------------------------

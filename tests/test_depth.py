@@ -385,6 +385,128 @@ def test_save_bad_suffix(tmp_path):
         _result().save(tmp_path / "depth.csv")
 
 
+def _edit_sidecar(path, **changes):
+    import json
+
+    sidecar = path.with_name(path.name + ".json")
+    meta = json.loads(sidecar.read_text())
+    meta.update(changes)
+    for key in [key for key, value in changes.items() if value is None]:
+        del meta[key]
+    sidecar.write_text(json.dumps(meta))
+
+
+def test_load_parquet_refuses_a_sidecar_from_another_save(tmp_path):
+    # Regression: a stale sidecar (other query count) loaded silently as an inconsistent result.
+    big, small = _result(), prediction_depth(_layers(10, 3, widths=(4, 5, 6)),
+                                             torch.arange(10) % 3, reference="labels", k=2)
+    path = big.save(tmp_path / "a.parquet")
+    stale = (tmp_path / "a.parquet.json").read_text()
+    small.save(path)
+    (tmp_path / "a.parquet.json").write_text(stale)
+    with pytest.raises(ValueError, match=r"a.parquet: the sidecar a.parquet.json does not "
+                                         r"belong to this table"):
+        DepthResult.load(path)
+    # a sidecar without a checksum (older pdepth) is still checked against the table's shape
+    _edit_sidecar(path, table_sha256=None)
+    with pytest.raises(ValueError, match=r"table has 10 rows but its sidecar .* "
+                                         r"num_examples=40"):
+        DepthResult.load(path)
+
+
+def test_load_parquet_refuses_an_edited_sidecar(tmp_path):
+    path = _result().save(tmp_path / "r.parquet")
+    _edit_sidecar(path, num_layers=2)
+    with pytest.raises(ValueError, match=r"num_layers=2 but the table has the prediction "
+                                         r"columns \['pred_0', 'pred_1', 'pred_2'\]"):
+        DepthResult.load(path)
+    path = _result().save(tmp_path / "r.parquet")
+    _edit_sidecar(path, layer_agreement=[1.0, 1.0])
+    with pytest.raises(ValueError, match=r"layer_agreement has shape \(2,\), expected \(3,\)"):
+        DepthResult.load(path)
+    (tmp_path / "r.parquet.json").unlink()
+    with pytest.raises(ValueError, match="sidecar r.parquet.json is missing"):
+        DepthResult.load(path)
+
+
+def test_load_npz_refuses_inconsistent_arrays(tmp_path):
+    # Regression: an npz whose depth is shorter than layer_pred loaded.
+    res = _result()
+    arrays = {name: getattr(res, name).numpy() for name in
+              ("depth", "layer_pred", "reference", "layer_agreement", "layer_accuracy",
+               "labels", "example_index")}
+    meta = np.array(__import__("json").dumps(res._meta()))
+    np.savez(tmp_path / "short.npz", **{**arrays, "depth": arrays["depth"][:30]}, meta=meta)
+    with pytest.raises(ValueError, match=r"short.npz is not a consistent DepthResult "
+                                         r"\(num_layers=3, 30 entries in depth\): layer_pred "
+                                         r"has shape \(3, 40\), expected \(3, 30\)"):
+        DepthResult.load(tmp_path / "short.npz")
+    wrong = arrays["depth"].copy()
+    wrong[0] = (wrong[0] + 1) % 4
+    np.savez(tmp_path / "wrong.npz", **{**arrays, "depth": wrong}, meta=meta)
+    with pytest.raises(ValueError, match="depth does not follow from layer_pred and reference"):
+        DepthResult.load(tmp_path / "wrong.npz")
+    bad_meta = np.array(__import__("json").dumps({**res._meta(), "num_layers": 4}))
+    np.savez(tmp_path / "layers.npz", **arrays, meta=bad_meta)
+    with pytest.raises(ValueError, match=r"layer_pred has shape \(3, 40\), expected \(4, 40\)"):
+        DepthResult.load(tmp_path / "layers.npz")
+    np.savez(tmp_path / "missing.npz", depth=arrays["depth"], meta=meta)
+    with pytest.raises(ValueError, match=r"missing arrays \['layer_agreement', 'layer_pred', "
+                                         r"'reference'\]"):
+        DepthResult.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_save_is_atomic(tmp_path, suffix, monkeypatch):
+    from pdepth import depth as depth_mod
+
+    old, new = _result(), prediction_depth(_layers(10, 3, widths=(4, 5, 6)),
+                                           torch.arange(10) % 3, reference="labels", k=2)
+    path = old.save(tmp_path / f"r{suffix}")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    # a write that fails half-way leaves the previous file in place and no temporary file
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(depth_mod.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert DepthResult.load(path).equals(old)
+    if suffix == ".parquet":
+        # interrupted between the table and its sidecar: the pair no longer matches, and
+        # load says so instead of mixing the two saves
+        calls = []
+        real = depth_mod._atomic_write
+
+        def second_fails(p, data):
+            calls.append(p)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            real(p, data)
+
+        monkeypatch.setattr(depth_mod, "_atomic_write", second_fails)
+        with pytest.raises(KeyboardInterrupt):
+            new.save(path)
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="does not belong to this table"):
+            DepthResult.load(path)
+    new.save(path)
+    assert DepthResult.load(path).equals(new)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_to_pandas():
     res = _result()
     df = res.to_pandas()
@@ -505,14 +627,73 @@ def test_bad_label_length():
 
 
 def test_bad_labels_out_of_range():
-    with pytest.raises(ValueError, match=r"layer 0.*support_labels must lie in \[0, num_classes=2\)"):
+    # class ids are checked up front, naming the argument (not a layer: labels are per example)
+    with pytest.raises(ValueError, match=r"^support_labels must lie in \[0, num_classes=2\)"):
         prediction_depth([GOOD], LABELS + 1, reference="labels", k=1, num_classes=2)
-    with pytest.raises(ValueError, match=r"layer 0.*support_labels must lie"):
+    with pytest.raises(ValueError, match=r"^support_labels must hold class ids >= 0"):
         prediction_depth([GOOD], LABELS - 1, reference="labels", k=1)
-    with pytest.raises(ValueError, match=r"network_pred|reference"):
+    with pytest.raises(ValueError, match=r"network_pred"):
         prediction_depth([GOOD], LABELS, network_pred=LABELS - 1, k=1)
     with pytest.raises(ValueError, match="integer"):
         prediction_depth([GOOD], LABELS.float(), reference="labels", k=1)
+    with pytest.raises(ValueError, match=r"^query_labels must lie in \[0, num_classes=2\)"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", query_labels=LABELS + 1,
+                         k=1, num_classes=2)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        prediction_depth([GOOD], LABELS, reference="labels", k=1, num_classes=0)
+
+
+def test_negative_support_labels_blame_support_labels():
+    # Regression: support labels in {-1, 0} inferred num_classes=1 and the error blamed the
+    # network's (correct) predictions: "reference (network) must lie in [0, num_classes=1)".
+    with pytest.raises(ValueError, match=r"^support_labels must hold class ids >= 0, got "
+                                         r"values in \[-1, 0\]") as info:
+        prediction_depth([GOOD], LABELS - 1, network_pred=LABELS, k=1)
+    assert "network" not in str(info.value)
+
+
+def test_self_index_out_of_range_names_self_index():
+    with pytest.raises(ValueError, match=r"^self_index must hold -1 .* \[0, N=6\), got values "
+                                         r"in \[0, 6\]"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", query_labels=LABELS, k=1,
+                         self_index=torch.tensor([0, 1, 2, 3, 4, 6]))
+    with pytest.raises(ValueError, match=r"^self_index must hold -1"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", query_labels=LABELS, k=1,
+                         self_index=torch.full((6,), -2))
+
+
+@pytest.mark.parametrize("container", ["numpy", "tensor"])
+def test_extra_query_layers_numpy(container):
+    # Regression: a numpy query layer left over after the support layers ran out was compared
+    # with `in (None, _MISSING)`: "truth value of an array is ambiguous".
+    conv = (lambda t: t.numpy()) if container == "numpy" else (lambda t: t)
+    with pytest.raises(ValueError, match=r"different numbers of layers: query_layers has at "
+                                         r"least 2, support_layers has 1"):
+        prediction_depth([conv(GOOD)], LABELS, [conv(GOOD), conv(GOOD)], reference="labels",
+                         query_labels=LABELS, k=1)
+    with pytest.raises(ValueError, match=r"support_layers has at least 3, query_layers has 2"):
+        prediction_depth([conv(GOOD)] * 3, LABELS, [conv(GOOD)] * 2, reference="labels",
+                         query_labels=LABELS, k=1)
+
+
+def test_classes_absent_from_the_support_set():
+    # A support split that holds class 0 only, queries labelled 0 and 1: the number of classes
+    # comes from every label the call sees; the probes never predict class 1.
+    support = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    queries = torch.tensor([[0.5], [2.5], [9.0]])
+    q_labels = torch.tensor([0, 1, 1])
+    res = prediction_depth([support, support], torch.zeros(4, dtype=torch.long),
+                           [queries, queries], reference="labels", query_labels=q_labels, k=3)
+    assert res.depth.tolist() == [0, 2, 2]
+    assert res.layer_pred.eq(0).all() and res.num_classes == 2
+    # the network's prediction may name a class no label has
+    res = prediction_depth([support], torch.zeros(4, dtype=torch.long), [queries],
+                           network_pred=torch.tensor([0, 4, 0]), k=3)
+    assert res.depth.tolist() == [0, 1, 0] and res.num_classes == 5
+    # an explicit num_classes still bounds every label
+    with pytest.raises(ValueError, match=r"^query_labels must lie in \[0, num_classes=1\)"):
+        prediction_depth([support], torch.zeros(4, dtype=torch.long), [queries],
+                         reference="labels", query_labels=q_labels, k=3, num_classes=1)
 
 
 def test_bad_reference_length():

@@ -24,6 +24,10 @@ Deliberate differences:
 * Inputs are not copied to numpy; intermediates stay in their dtype (the original's
   scikit-learn accumulated float32 in float64; pdepth ranks float32 by float32 distances,
   within the tolerance of :func:`pdepth.reference.distance_tolerance`).
+* Labels are any values the original accepts (scikit-learn classes: non-contiguous, negative or
+  float ids): the shim maps the sorted union of the training and test label values to class
+  ids ``0..C-1``, so a test label that no training point has is a class the k-NN simply never
+  predicts (as in the original) rather than an error, and ties still go to the lowest label.
 * Layer counts that differ between train and test intermediates raise ``ValueError``
   (the original's ``zip`` silently dropped the extra layers), as do ``test_intermediates``
   without ``test_labels`` (an ``assert`` in the original).
@@ -34,6 +38,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 from ..depth import prediction_depth as _prediction_depth
@@ -56,6 +61,42 @@ def _resolve_device(device) -> torch.device | None:
     return device
 
 
+def _layers(intermediates):
+    """A stacked tensor / array ``[L, n, ...]`` is iterated over its first dimension, as the
+    original does (so ``[L, n]`` is L layers of one feature each); other containers pass."""
+    if isinstance(intermediates, (torch.Tensor, np.ndarray)):
+        return list(intermediates)
+    return intermediates
+
+
+def _class_ids(train_labels: torch.Tensor, test_labels: torch.Tensor | None):
+    """Maps the label values to class ids ``0..C-1`` over the sorted union of the training
+    and test labels (scikit-learn compares values; a test-only label is a class too).
+    Returns ``(train_ids, test_ids or None, C)``."""
+    named = [("train_labels", train_labels), ("test_labels", test_labels)]
+    vectors = []
+    for name, t in named:
+        if t is None:
+            continue
+        t = t.detach().cpu()
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if t.is_complex():
+            raise ValueError(f"{name} must be real class labels, got dtype {t.dtype}")
+        if t.dtype == torch.bool:
+            t = t.long()
+        if t.is_floating_point() and bool(t.isnan().any()):
+            raise ValueError(f"{name} contains NaN")
+        vectors.append(t)
+    common = vectors[0].dtype
+    for t in vectors[1:]:
+        common = torch.promote_types(common, t.dtype)
+    vectors = [t.to(common) for t in vectors]
+    classes = torch.unique(torch.cat(vectors))  # sorted
+    ids = [torch.searchsorted(classes, t) for t in vectors]
+    return ids[0], (ids[1] if len(ids) > 1 else None), max(int(classes.numel()), 1)
+
+
 def prediction_depth(
     train_intermediates: Iterable | dict,
     train_labels: torch.Tensor,
@@ -71,13 +112,19 @@ def prediction_depth(
 
     Args:
         train_intermediates: list, ordered dict or generator of L activations ``(M, ...)``
-            of the examples the k-NN classifiers are fitted on, input to output.
-        train_labels: ``[M]`` integer labels for the k-NN (e.g. consensus labels).
+            of the examples the k-NN classifiers are fitted on, input to output, or one
+            stacked tensor ``[L, M, ...]`` (iterated over its first dimension, as the
+            original does: ``[L, M]`` is L layers of one feature).
+        train_labels: ``[M]`` labels for the k-NN (e.g. consensus labels): any values a
+            scikit-learn classifier takes as classes (integers, not necessarily contiguous,
+            or floats).
         test_intermediates: activations ``(N, ...)`` of the examples to score at the same L
             layers; None scores the training examples (each counted among its own
             neighbours, as scikit-learn's ``predict`` on fitted data does).
         test_labels: ``[N]`` labels to compare with; required with ``test_intermediates``,
-            else ``train_labels``.
+            else ``train_labels``. They may hold labels that no training example has (a
+            class absent from the training split): the k-NN never predicts those, so such an
+            example's depth is L.
         k: neighbours per k-NN classifier.
         verbose: show a progress bar over layers.
         return_matches: also return the ``[L, N]`` matches.
@@ -105,12 +152,15 @@ def prediction_depth(
             raise ValueError("test_intermediates needs test_labels (the labels to compare with)")
         labels = test_labels if isinstance(test_labels, torch.Tensor) else torch.as_tensor(
             test_labels)
+    train_ids, test_ids, num_classes = _class_ids(
+        train_labels, None if test_intermediates is None else labels)
     result = _prediction_depth(
-        train_intermediates,
-        train_labels,
-        test_intermediates,
+        _layers(train_intermediates),
+        train_ids,
+        None if test_intermediates is None else _layers(test_intermediates),
         reference="labels",
-        query_labels=labels,
+        query_labels=train_ids if test_ids is None else test_ids,
+        num_classes=num_classes,
         k=k,
         self_match="include",
         device=_resolve_device(device),
