@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -71,6 +72,12 @@ int64_t check_knn_args(
 
   const int64_t m = queries.size(0);
   const int64_t n = support.size(0);
+  // k + skip and offset + N are formed below and in the kernels: keep them in int64.
+  constexpr int64_t kMaxInt64 = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK_VALUE(k <= kMaxInt64 - skip,
+      op, "(): k=", k, " is too large (k + ", skip, " dropped nearest must fit in int64)");
+  TORCH_CHECK_VALUE(offset <= kMaxInt64 - n,
+      op, "(): offset + N must fit in int64, got offset=", offset, " and N=", n);
   const int64_t kk = k + skip;
   const bool streaming = prev_dist.has_value() || prev_index.has_value();
 
@@ -176,10 +183,29 @@ void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t 
   if (neighbor_labels.numel() > 0) {
     const int64_t lo = neighbor_labels.min().item<int64_t>();
     const int64_t hi = neighbor_labels.max().item<int64_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi < num_classes,
+    TORCH_CHECK_VALUE(lo >= -1 && hi < num_classes,
         op, "(): neighbor_labels must lie in [0, num_classes=", num_classes,
-        "), got values in [", lo, ", ", hi, "] (-1 marks a missing neighbour)");
+        ") or be -1 (a missing neighbour, which does not vote), got values in [", lo, ", ",
+        hi, "]");
   }
+}
+
+void check_distance_range(const char* op, const at::Tensor& qn, const at::Tensor& sn) {
+  if (qn.numel() == 0 || sn.numel() == 0) {
+    return;
+  }
+  const double qmax = qn.max().item<double>();
+  const double smax = sn.max().item<double>();
+  const double limit = qn.scalar_type() == at::kDouble
+      ? std::numeric_limits<double>::max()
+      : static_cast<double>(std::numeric_limits<float>::max());
+  // 8 * (qmax + smax) <= limit, in a form that cannot overflow (limit / 8 is exact; a sum
+  // that overflows double is inf and fails the test).
+  TORCH_CHECK_VALUE(qmax + smax <= limit / 8,
+      op, "(): ", (qmax >= smax ? "queries" : "support"), " has values too large for ",
+      qn.scalar_type(), " squared distances: 8 * (max |q|^2 + max |s|^2) must not overflow ",
+      qn.scalar_type(), ", got max |q|^2 = ", qmax, " (queries) and max |s|^2 = ", smax,
+      " (support); rescale queries and support by a common factor");
 }
 
 void check_finite_rows(
@@ -200,6 +226,42 @@ at::Tensor self_index_or_empty(const c10::optional<at::Tensor>& self_index) {
   return self_index.has_value() ? self_index->contiguous() : at::Tensor();
 }
 
+// The ops are not differentiable (a ranking: distances of selected pairs and integer
+// indices). Their Autograd kernels run the op below autograd, so the outputs never require
+// grad and never carry a grad_fn whose backward would silently do nothing.
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_autograd(
+    const at::Tensor& queries, const at::Tensor& support, int64_t k,
+    const c10::optional<at::Tensor>& self_index, int64_t skip,
+    const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
+    int64_t offset) {
+  static const auto op = op_handle<decltype(knn_autograd)>("pdepth::knn");
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(queries, support, k, self_index, skip, prev_dist, prev_index, offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_autograd(
+    const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
+    int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
+    int64_t skip) {
+  static const auto op = op_handle<decltype(knn_vote_autograd)>("pdepth::knn_vote");
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(queries, support, support_labels, k, num_classes, self_index, skip);
+}
+
+at::Tensor vote_autograd(const at::Tensor& neighbor_labels, int64_t num_classes) {
+  static const auto op = op_handle<decltype(vote_autograd)>("pdepth::vote");
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(neighbor_labels, num_classes);
+}
+
+} // namespace
 } // namespace pdepth
 
 // The schema, written once. Backends register with TORCH_LIBRARY_IMPL in cpu/ and cuda/.
@@ -216,7 +278,14 @@ TORCH_LIBRARY(pdepth, m) {
       "knn_vote(Tensor queries, Tensor support, Tensor support_labels, int k, "
       "int num_classes, Tensor? self_index, int skip) -> (Tensor, Tensor, Tensor)");
   // Uniform vote over neighbour labels [M, k]: the most frequent, ties to the lowest class.
+  // Labels -1 (empty slots of a stream) do not vote; a row without any votes -1.
   m.def("vote(Tensor neighbor_labels, int num_classes) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pdepth, Autograd, m) {
+  m.impl("knn", &pdepth::knn_autograd);
+  m.impl("knn_vote", &pdepth::knn_vote_autograd);
+  m.impl("vote", &pdepth::vote_autograd);
 }
 
 PYBIND11_MODULE(_C, m) {

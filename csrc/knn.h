@@ -79,7 +79,8 @@ void check_labels(
     int64_t num_classes,
     const at::Device& device);
 
-// Neighbour labels for vote: 2-D int64 [M, k] with k >= 1 and values in [0, num_classes).
+// Neighbour labels for vote: 2-D int64 [M, k] with k >= 1 and values in [0, num_classes),
+// or -1 for a missing neighbour (an empty slot of a stream), which does not vote.
 void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t num_classes);
 
 // Squared row norms are finite iff every entry of the row is finite (and the squares do not
@@ -87,6 +88,14 @@ void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t 
 // `first_row` is the index of sqnorms[0] in the named tensor (for messages).
 void check_finite_rows(
     const char* op, const char* name, const at::Tensor& sqnorms, int64_t first_row = 0);
+
+// The range rule: every quantity a kernel forms from a query q and a support row s (squared
+// norms of the raw and the centered rows, their sums, the GEMM key and its margin, the
+// canonical key |q - s|^2 <= 2 (|q|^2 + |s|^2)) is at most 8 * (max |q|^2 + max |s|^2), so
+// that bound must be finite in the compute dtype, or a neighbour could be chosen by an
+// overflowed (inf / NaN) key. `qn`, `sn`: the raw rows' squared norms in the compute dtype
+// (already checked finite), any device. Raises ValueError naming the larger tensor.
+void check_distance_range(const char* op, const at::Tensor& qn, const at::Tensor& sn);
 
 // The self index as an int64 tensor of length M with -1 for "no self match", or an
 // undefined tensor when none was given.

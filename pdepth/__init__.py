@@ -32,6 +32,7 @@ from .knn import (
     knn,
     knn_vote,
     merge_topk,
+    neighbor_labels,
     vote,
 )
 from .pipeline import RunConfig, run
@@ -69,6 +70,7 @@ __all__ = [
     "load_fashion_mnist",
     "merge_topk",
     "models",
+    "neighbor_labels",
     "prediction_depth",
     "reference",
     "run",

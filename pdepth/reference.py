@@ -46,6 +46,7 @@ def _sort_topk(dist: torch.Tensor, index: torch.Tensor, k: int):
 
 
 def _check(queries, support, k):
+    k = _knn.check_int(k, "k", op="knn")
     if queries.dim() != 2 or support.dim() != 2:
         raise ValueError(
             f"knn(): queries and support must be 2-D, got {tuple(queries.shape)} and "
@@ -61,8 +62,31 @@ def _check(queries, support, k):
     for name, t in (("queries", queries), ("support", support)):
         if t.numel() and not torch.isfinite(t).all():
             raise ValueError(f"knn(): {name} contains NaN or Inf")
+    _check_range(queries, support)
+    return k
 
 
+def _check_range(queries, support):
+    """The ops' range rule (csrc/knn.h, check_distance_range): ``8 * (max |q|^2 + max |s|^2)``
+    must be finite in the dtype the op computes in (float32, or float64 for float64
+    inputs), or the op raises rather than rank by an overflowed key. Applied here too, so
+    that the reference raises where the op does."""
+    if not queries.shape[0] or not support.shape[0]:
+        return
+    dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
+    qmax = float(queries.double().pow(2).sum(1).max())
+    smax = float(support.double().pow(2).sum(1).max())
+    if not qmax + smax <= torch.finfo(dtype).max / 8:
+        name = "Double" if dtype == torch.float64 else "Float"
+        raise ValueError(
+            f"knn(): {'queries' if qmax >= smax else 'support'} has values too large for "
+            f"{name} squared distances: 8 * (max |q|^2 + max |s|^2) must not overflow {name}, "
+            f"got max |q|^2 = {qmax:g} (queries) and max |s|^2 = {smax:g} (support); rescale "
+            "queries and support by a common factor"
+        )
+
+
+@torch.no_grad()
 def knn(
     queries: torch.Tensor,
     support: torch.Tensor,
@@ -75,9 +99,10 @@ def knn(
 ):
     """Reference k nearest neighbours; same signature and rules as :func:`pdepth.knn`.
 
-    Returns ``(dist[M, k] float64, index[M, k] int64)``.
+    Returns ``(dist[M, k] float64, index[M, k] int64)``. Not differentiable (computed under
+    ``torch.no_grad``, as the op's outputs never require grad).
     """
-    _check(queries, support, k)
+    k = _check(queries, support, k)
     skip = 1 if self_match == "drop_nearest" else 0
     if self_match != "exclude":
         self_index = None
@@ -122,18 +147,30 @@ def knn(
     return out_d, out_i
 
 
+@torch.no_grad()
 def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Uniform vote: the most frequent label per row, ties to the lowest class. [M] int64."""
+    """Uniform vote: the most frequent label per row, ties to the lowest class. [M] int64.
+
+    A label -1 (a missing neighbour, see :func:`pdepth.neighbor_labels`) does not vote; a row
+    without any label votes -1."""
+    num_classes = _knn.check_int(num_classes, "num_classes", op="vote")
     if neighbor_labels.numel() and (
-        neighbor_labels.min() < 0 or neighbor_labels.max() >= num_classes
+        neighbor_labels.min() < -1 or neighbor_labels.max() >= num_classes
     ):
-        raise ValueError(f"vote(): neighbor_labels must lie in [0, num_classes={num_classes})")
+        raise ValueError(
+            f"vote(): neighbor_labels must lie in [0, num_classes={num_classes}) or be -1 (a "
+            f"missing neighbour, which does not vote), got values in "
+            f"[{int(neighbor_labels.min())}, {int(neighbor_labels.max())}]"
+        )
     m = neighbor_labels.shape[0]
     counts = torch.zeros(m, num_classes, dtype=torch.int64, device=neighbor_labels.device)
-    counts.scatter_add_(1, neighbor_labels, torch.ones_like(neighbor_labels))
-    return counts.argmax(1)  # argmax returns the first (lowest) maximal class
+    present = neighbor_labels >= 0
+    counts.scatter_add_(1, neighbor_labels.clamp_min(0), present.long())
+    pred = counts.argmax(1)  # argmax returns the first (lowest) maximal class
+    return torch.where(counts.amax(1) > 0, pred, -1) if m else pred
 
 
+@torch.no_grad()
 def knn_vote(
     queries: torch.Tensor,
     support: torch.Tensor,
@@ -148,6 +185,7 @@ def knn_vote(
     labels = support_labels.long()
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.numel() else 1
+    num_classes = _knn.check_int(num_classes, "num_classes", op="knn_vote")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"knn_vote(): support_labels must lie in [0, num_classes={num_classes})")
     dist, index = knn(queries, support, k, self_index=self_index, self_match=self_match)

@@ -9,10 +9,10 @@ import torch
 
 import pdepth  # registers torch.ops.pdepth.* and the fake kernels
 
-# "test_autograd_registration" is left out on purpose: opcheck skips it silently when no
-# input requires grad (and these inputs don't: the ops return a ranking -- distances of
-# selected pairs and integer indices -- and are non-differentiable by design, so nothing is
-# registered at the Autograd key). Listing it would only report a vacuous SUCCESS.
+# "test_autograd_registration" is left out here: opcheck skips it silently when no input
+# requires grad (and these inputs don't); test_opcheck_requires_grad runs it. The ops return
+# a ranking (distances of selected pairs, integer indices) and are not differentiable: their
+# Autograd kernels (csrc/knn.cpp) run them below autograd, so outputs never require grad.
 # "test_aot_dispatch_static" is added to the default set.
 TEST_UTILS = (
     "test_schema",
@@ -90,6 +90,18 @@ def test_opcheck(device, op_name, case):
     assert not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     op = getattr(torch.ops.pdepth, op_name).default
     torch.library.opcheck(op, args, test_utils=TEST_UTILS)
+
+
+@pytest.mark.parametrize("op_name", ["knn", "knn_vote"])
+def test_opcheck_requires_grad(device, op_name):
+    """Inputs that require grad: an Autograd kernel is registered, and the outputs do not
+    require grad (the ops are not differentiable)."""
+    args = list(ARGS[op_name](device)["self-index"])
+    args[0] = args[0].clone().requires_grad_()
+    args[1] = args[1].clone().requires_grad_()
+    op = getattr(torch.ops.pdepth, op_name).default
+    torch.library.opcheck(op, tuple(args), test_utils=TEST_UTILS + ("test_autograd_registration",))
+    assert not any(t.requires_grad or t.grad_fn is not None for t in op(*args))
 
 
 def test_fake_kernel_shapes():

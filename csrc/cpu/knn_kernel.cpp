@@ -240,11 +240,11 @@ void knn_cpu_impl(
           offset + n0, self != nullptr ? self[m0 + i] : -1, hp + (m0 + i) * kk, kk);
     }
   };
-  // A support tile shifted by the center, and its squared norms (checked).
+  // A support tile shifted by the center, and its squared norms (finite: the range rule
+  // of check_distance_range bounds them).
   const auto centered_tile = [&](int64_t n0, int64_t nb) {
     at::Tensor sc = s.narrow(0, n0, nb) - center;
     at::Tensor scn = row_sqnorms<T>(sc);
-    check_finite_rows("knn", "support", scn, n0);
     return std::make_pair(std::move(sc), std::move(scn));
   };
   const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
@@ -313,9 +313,10 @@ void knn_cpu_impl(
 
 // knn on checked arguments (kk = k + skip neighbours kept per query).
 std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
-    const at::Tensor& queries, const at::Tensor& support, int64_t kk, int64_t skip,
-    const c10::optional<at::Tensor>& self_index, const c10::optional<at::Tensor>& prev_dist,
-    const c10::optional<at::Tensor>& prev_index, int64_t offset) {
+    const char* op, const at::Tensor& queries, const at::Tensor& support, int64_t kk,
+    int64_t skip, const c10::optional<at::Tensor>& self_index,
+    const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
+    int64_t offset) {
   const auto compute = knn_compute_dtype(queries.scalar_type());
   const int64_t m = queries.size(0);
   const int64_t k = kk - skip;
@@ -331,7 +332,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
   const at::Tensor pd = prev_dist.has_value() ? prev_dist->contiguous() : at::Tensor();
   const at::Tensor pi = prev_index.has_value() ? prev_index->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(compute, "knn_cpu", [&] {
-    check_finite_rows("knn", "queries", row_sqnorms<scalar_t>(q));
+    const at::Tensor qn = row_sqnorms<scalar_t>(q);
+    const at::Tensor sn = row_sqnorms<scalar_t>(s);
+    check_finite_rows(op, "queries", qn);
+    check_finite_rows(op, "support", sn);
+    check_distance_range(op, qn, sn);
     knn_cpu_impl<scalar_t>(q, s, si, pd, pi, kk, skip, offset, out_dist, out_index);
   });
   return {out_dist, out_index};
@@ -344,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(
     int64_t offset) {
   const int64_t kk = check_knn_args(
       "knn", queries, support, k, self_index, skip, prev_dist, prev_index, offset);
-  return knn_cpu_checked(queries, support, kk, skip, self_index, prev_dist, prev_index, offset);
+  return knn_cpu_checked(
+      "knn", queries, support, kk, skip, self_index, prev_dist, prev_index, offset);
 }
 
 // vote on checked labels (knn_vote's labels are checked once, on the support side).
@@ -359,9 +365,12 @@ at::Tensor vote_cpu_checked(const at::Tensor& neighbor_labels, int64_t num_class
     std::vector<int64_t> counts(num_classes, 0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t* row = lp + r * k;
-      int64_t best = -1;
+      int64_t best = -1;  // stays -1 when every slot is empty
       int64_t best_count = 0;
       for (int64_t j = 0; j < k; ++j) {
+        if (row[j] < 0) {
+          continue;  // an empty slot (-1) does not vote
+        }
         const int64_t c = ++counts[row[j]];
         // Largest count wins; among equal counts the lowest class id.
         if (c > best_count || (c == best_count && row[j] < best)) {
@@ -371,7 +380,9 @@ at::Tensor vote_cpu_checked(const at::Tensor& neighbor_labels, int64_t num_class
       }
       pp[r] = best;
       for (int64_t j = 0; j < k; ++j) {
-        counts[row[j]] = 0;
+        if (row[j] >= 0) {
+          counts[row[j]] = 0;
+        }
       }
     }
   });
@@ -390,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
   const int64_t kk = check_knn_vote_args(
       queries, support, support_labels, k, num_classes, self_index, skip);
   auto [dist, index] = knn_cpu_checked(
-      queries, support, kk, skip, self_index, c10::nullopt, c10::nullopt, 0);
+      "knn_vote", queries, support, kk, skip, self_index, c10::nullopt, c10::nullopt, 0);
   const at::Tensor nl = support_labels.index_select(0, index.reshape({-1})).view(index.sizes());
   return {vote_cpu_checked(nl, num_classes), dist, index};
 }

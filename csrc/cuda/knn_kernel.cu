@@ -191,7 +191,8 @@ __device__ void merge_candidates(T* sd, int64_t* si, int kk, const T* cd, const 
 }
 
 // Block-wide uniform vote over k labels in shared memory: the largest count wins, ties to
-// the lowest class. O(k^2 / threads) comparisons, independent of the number of classes.
+// the lowest class; -1 (an empty slot) does not vote, and a row without labels votes -1.
+// O(k^2 / threads) comparisons, independent of the number of classes.
 __device__ int64_t block_vote(const int64_t* labels, int k) {
   __shared__ int64_t warp_best[kThreads / 32];
   __shared__ int warp_count[kThreads / 32];
@@ -199,6 +200,9 @@ __device__ int64_t block_vote(const int64_t* labels, int k) {
   int64_t best = std::numeric_limits<int64_t>::max();
   for (int j = threadIdx.x; j < k; j += kThreads) {
     const int64_t lab = labels[j];
+    if (lab < 0) {
+      continue;
+    }
     int cnt = 0;
     for (int j2 = 0; j2 < k; ++j2) {
       cnt += labels[j2] == lab ? 1 : 0;
@@ -229,7 +233,7 @@ __device__ int64_t block_vote(const int64_t* labels, int k) {
       }
     }
   }
-  return best;  // valid in thread 0
+  return best_count > 0 ? best : int64_t{-1};  // valid in thread 0
 }
 
 // One block per query row of the tile. The running top-k (sorted, canonical keys) lives in
@@ -306,7 +310,8 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
   if constexpr (kVote) {
     const int k = kk - skip;
     for (int j = threadIdx.x; j < k; j += kThreads) {
-      ci[j] = labels[si[skip + j]];
+      const int64_t g = si[skip + j];
+      ci[j] = g >= 0 ? labels[g] : int64_t{-1};
     }
     __syncthreads();
     const int64_t p = block_vote(ci, k);
@@ -327,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------
 // Runs the tiles. `labels`/`pred` set: vote on the last tile (knn_vote).
 template <typename scalar_t, typename T>
-void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
+void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
                   at::Tensor& top_d, at::Tensor& top_i, int64_t kk, int64_t skip,
                   int64_t offset, const at::Tensor& labels, at::Tensor* pred) {
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -336,8 +341,9 @@ void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& se
   const int64_t d = q.size(1);
   const at::Tensor qn = row_sqnorms<scalar_t, T>(q, stream);
   const at::Tensor sn = row_sqnorms<scalar_t, T>(s, stream);
-  check_finite_rows("knn", "queries", qn);
-  check_finite_rows("knn", "support", sn);
+  check_finite_rows(op, "queries", qn);
+  check_finite_rows(op, "support", sn);
+  check_distance_range(op, qn, sn);
 
   const int64_t qb = std::min<int64_t>(m, int64_t{kQueryBlock});
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(n, int64_t{kTileElems} / qb));
@@ -369,17 +375,17 @@ void knn_cuda_run(const at::Tensor& q, const at::Tensor& s, const at::Tensor& se
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
-    const at::Tensor& queries, const at::Tensor& support, int64_t kk, int64_t skip,
+    const char* op, const at::Tensor& queries, const at::Tensor& support, int64_t kk, int64_t skip,
     const c10::optional<at::Tensor>& self_index, const c10::optional<at::Tensor>& prev_dist,
     const c10::optional<at::Tensor>& prev_index, int64_t offset, const at::Tensor& labels,
     at::Tensor* pred) {
   // Namespace-scope constexprs are passed by value: nvcc gives them no host storage that a
   // reference could bind to.
   const int64_t max_k = kMaxK;
-  TORCH_CHECK_VALUE(kk <= max_k, "knn(): the CUDA kernel supports k up to ", max_k,
+  TORCH_CHECK_VALUE(kk <= max_k, op, "(): the CUDA kernel supports k up to ", max_k,
       " (including a dropped nearest), got ", kk);
   TORCH_CHECK_VALUE(queries.size(1) <= std::numeric_limits<int>::max(),
-      "knn(): D must fit in int32 for cuBLAS, got ", queries.size(1));
+      op, "(): D must fit in int32 for cuBLAS, got ", queries.size(1));
   const c10::cuda::CUDAGuard guard(queries.device());
   const auto compute = knn_compute_dtype(queries.scalar_type());
   const int64_t m = queries.size(0);
@@ -398,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
     const at::Tensor si = self_index_or_empty(self_index);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knn_cuda", [&] {
       using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      knn_cuda_run<scalar_t, T>(q, s, si, top_d, top_i, kk, skip, offset, labels, pred);
+      knn_cuda_run<scalar_t, T>(op, q, s, si, top_d, top_i, kk, skip, offset, labels, pred);
     });
   }
   if (skip == 0) {
@@ -415,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(
     int64_t offset) {
   const int64_t kk = check_knn_args(
       "knn", queries, support, k, self_index, skip, prev_dist, prev_index, offset);
-  return knn_cuda_checked(queries, support, kk, skip, self_index, prev_dist, prev_index,
-      offset, at::Tensor(), nullptr);
+  return knn_cuda_checked("knn", queries, support, kk, skip, self_index, prev_dist,
+      prev_index, offset, at::Tensor(), nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(
@@ -426,8 +432,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(
   const int64_t kk = check_knn_vote_args(
       queries, support, support_labels, k, num_classes, self_index, skip);
   at::Tensor pred = at::empty({queries.size(0)}, queries.options().dtype(at::kLong));
-  auto [dist, index] = knn_cuda_checked(queries, support, kk, skip, self_index, c10::nullopt,
-      c10::nullopt, 0, support_labels.contiguous(), &pred);
+  auto [dist, index] = knn_cuda_checked("knn_vote", queries, support, kk, skip, self_index,
+      c10::nullopt, c10::nullopt, 0, support_labels.contiguous(), &pred);
   return {pred, dist, index};
 }
 
