@@ -1,12 +1,13 @@
 # make test: venv + pinned deps, build pdepth._C (CUDA too when a toolkit is present), lint, tests.
 # make demo: the same setup, then the main job on the embedded default.
+# make sdist-check: build the sdist and install it as users do (see README, Install).
 PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 
-.PHONY: all venv build test lint bench demo dataset clean
+.PHONY: all venv build test lint bench demo dataset sdist-check clean
 
 all: test
 
@@ -24,6 +25,28 @@ build: venv
 		|| { tail -50 build.log; echo "pdepth: build failed (full log: build.log)"; exit 1; }
 	@grep -m1 "pdepth: build" build.log || true
 	@$(VPY) -c "import pdepth; print('pdepth:', pdepth.build_info())"
+
+# The sdist, installed as users do: `python -m build --sdist`, then a non-editable
+# `pip install --no-build-isolation` of the tarball (CPU only, to keep it short) into a scratch
+# venv that sees $(VENV)'s packages (torch), then used from outside the source tree.
+SDIST_DIR := $(CURDIR)/build/sdist-check
+sdist-check: venv
+	rm -rf $(SDIST_DIR) && mkdir -p $(SDIST_DIR)
+	env -u FORCE_CUDA FORCE_CPU=1 $(VPY) -m build --sdist --no-isolation --outdir $(SDIST_DIR)/dist . > $(SDIST_DIR)/sdist.log 2>&1 \
+		|| { tail -30 $(SDIST_DIR)/sdist.log; exit 1; }
+	$(VPY) -m venv --without-pip $(SDIST_DIR)/venv
+	$(VPY) -c "import sys; print('\n'.join(p for p in sys.path if p.endswith('-packages')))" \
+		> "$$($(SDIST_DIR)/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/dev-venv.pth"
+	cd $(SDIST_DIR) && env -u FORCE_CUDA FORCE_CPU=1 venv/bin/python -m pip install -v --no-build-isolation \
+		--no-deps dist/pdepth-*.tar.gz > install.log 2>&1 || { tail -50 install.log; exit 1; }
+	@grep -m1 "pdepth: build" $(SDIST_DIR)/install.log
+	cd $(SDIST_DIR) && venv/bin/python -c "import sys, torch, pdepth; \
+		assert pdepth.__file__.startswith(sys.prefix), pdepth.__file__; \
+		assert pdepth.backend() == 'extension', pdepth.build_info(); \
+		x = torch.randn(64, 8); nb = pdepth.knn(x[:5], x, k=3, self_match='include'); \
+		assert nb.index[:, 0].tolist() == list(range(5)), nb; \
+		print('pdepth: sdist install OK:', pdepth.__file__, pdepth.build_info())"
+	cd $(SDIST_DIR) && venv/bin/pdepth --help > /dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check pdepth tests benchmarks setup.py
@@ -46,4 +69,4 @@ demo: build dataset
 	$(VPY) -m pdepth run --out runs/demo --overwrite
 
 clean:
-	rm -rf build *.egg-info pdepth/_C*.so build.log
+	rm -rf build dist *.egg-info pdepth/_C*.so build.log
