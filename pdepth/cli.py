@@ -1,8 +1,9 @@
 """Command line: ``pdepth run`` (the protocol, :mod:`pdepth.pipeline`) and ``pdepth report DIR``.
 
-Exit status: 0 on success, 1 on a runtime failure (e.g. the dataset is missing), 2 on bad
-arguments (unknown architecture or probe, an output directory that already holds results
-without ``--overwrite``).
+Exit status: 0 on success; 2 on an error the user can fix (bad arguments, a missing dataset or
+optional dependency, an output directory that cannot be used, a damaged run file), reported
+as one line ``pdepth: error: ...`` on stderr with nothing half-written; 1 when a rank of a
+distributed run failed; 130 on Ctrl-C. Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -81,68 +82,66 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/pdepth", help="output directory (default: "
                                                         "%(default)s)")
     r.add_argument("--overwrite", action="store_true",
-                   help="replace results already in --out (an unfinished run with the same "
-                        "settings is resumed without it)")
+                   help="replace the pdepth run in --out, deleting only the files pdepth "
+                        "wrote (an unfinished run with the same settings is resumed without "
+                        "it; a directory with other files is always refused)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     rep = sub.add_parser("report", help="redraw the figures and report.html of a run directory")
     rep.add_argument("dir", help="a directory written by `pdepth run`")
     return p
 
 
-def _err(msg: str) -> None:
-    print(f"pdepth: error: {msg}", file=sys.stderr)
+def _err(msg) -> None:
+    """Prints ``msg`` as one line (a multi-line message, e.g. from several ranks, joined)."""
+    print(f"pdepth: error: {' '.join(str(msg).split())}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "report":
-        return _report(args.dir)
+    from .pipeline import MissingDependencyError, OutputExistsError
+
+    try:
+        return _report(args.dir) if args.command == "report" else _run(args)
+    except (OutputExistsError, MissingDependencyError, ValueError, OSError) as exc:
+        _err(exc)  # errors the user can fix, caught before anything is half-written
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+def _run(args) -> int:
     from .pipeline import OutputExistsError, RunConfig, run
 
     probes = args.probes
     if probes is not None and "," in probes:
         probes = [s.strip() for s in probes.split(",") if s.strip()]
-    try:
-        config = RunConfig(
-            dataset=args.dataset, root=args.root, arch=args.arch, probes=probes,
-            seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
-            batch_size=args.batch_size, max_dim=args.max_dim or None,
-            memory_budget=int(args.memory_budget * 2**20), device=args.device)
-    except ValueError as exc:
-        _err(str(exc))
-        return 2
+    config = RunConfig(
+        dataset=args.dataset, root=args.root, arch=args.arch, probes=probes,
+        seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
+        batch_size=args.batch_size, max_dim=args.max_dim or None,
+        memory_budget=int(args.memory_budget * 2**20), device=args.device)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))
     try:
         run(config, args.out, overwrite=args.overwrite, progress=not args.quiet and rank == 0,
             log=log, process_group=group)
-    except FileNotFoundError as exc:
-        _err(str(exc))
-        return 1
-    except OutputExistsError as exc:
-        _err(str(exc))
-        return 2
-    except ValueError as exc:
-        _err(str(exc))
-        return 2
     except KeyboardInterrupt:
         _err(f"interrupted; the models finished so far are kept in {args.out}/models; rerun "
              "the same command to resume")
         return 130
     except RuntimeError as exc:
-        if group is None:
+        if group is None or isinstance(exc, OutputExistsError):
             raise
-        _err(str(exc))
+        _err(exc)  # a rank failed: every rank reports it
         return 1
     finally:
         if group is not None:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    if rank != 0:
-        return 0
-    if args.quiet:
+    if rank == 0 and args.quiet:
         print(args.out)
     return 0
 
@@ -172,17 +171,18 @@ def _distributed(device: str):
 def _report(path: str) -> int:
     from pathlib import Path
 
-    from .report import write_report
+    from .pipeline import require_modules
+    from .report import REPORT_DEPENDENCIES, write_report
 
     out = Path(path)
     needed = ["results.parquet", "per_model.npz", "data.npz", "config.json"]
     missing = [f for f in needed if not (out / f).exists()]
     if missing or not (out / "COMPLETE").exists():
-        _err(f"{out} holds no finished pdepth run (missing: "
-             f"{', '.join(missing) or 'COMPLETE'}); run `pdepth run --out {out}` first")
-        return 1
-    html = write_report(out)
-    print(html)
+        raise FileNotFoundError(
+            f"{out} holds no finished pdepth run (missing: {', '.join(missing) or 'COMPLETE'});"
+            f" run `pdepth run --out {out}` first")
+    require_modules(REPORT_DEPENDENCIES, "pdepth report")
+    print(write_report(out))
     return 0
 
 

@@ -9,7 +9,7 @@ ranks all-gather their ``[M, k]`` lists and every rank merges them with
 rows alone, so the merged list is exactly the single-process result: same distances (bit for
 bit), same indices, same order, same votes.
 
-Communication per call: one small handshake (an all-gather of 11 int64 per rank), then an
+Communication per call: one small handshake (an all-gather of 14 int64 per rank), then an
 all-gather of the ``[M, k]`` distances and of the ``[M, k]`` indices (plus the neighbours'
 labels for :func:`knn_vote`): ``world_size * M * k * (4 + 8 + 8)`` bytes gathered per rank
 for float32 inputs. Nothing of size N is ever sent.
@@ -18,11 +18,13 @@ Failures: a rank whose local step raises (bad input, out of memory, ...) does no
 others waiting in the gather. The local step runs inside ``try``; the handshake then tells
 every rank which ranks failed, and every rank raises :class:`RuntimeError` naming them (the
 failing rank chains its own exception). Inputs that disagree across ranks (different query
-counts, overlapping or missing shards, different ``num_classes``) raise :class:`ValueError` on
-every rank. A rank that dies or never reaches the call can only be detected by the process
-group's timeout: pass ``timeout=datetime.timedelta(...)`` to
-``torch.distributed.init_process_group`` (NCCL also needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``,
-on by default in recent torch, for the timeout to raise instead of hang).
+counts or values, different ``self_index``, overlapping or missing shards, different
+``num_classes``) raise :class:`ValueError` on every rank (the handshake carries exact
+checksums of the queries' bits and of ``self_index``). A rank that dies or never reaches the
+call can only be detected by the process group's timeout: pass
+``timeout=datetime.timedelta(...)`` to ``torch.distributed.init_process_group`` (NCCL also
+needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default in recent torch, for the timeout to
+raise instead of hang).
 
 Collectives run on the queries' device with NCCL (set ``torch.cuda.set_device(local_rank)``
 first) and on the CPU with gloo.
@@ -44,12 +46,14 @@ from .knn import (
 )
 from .knn import knn as _local_knn
 
-__all__ = ["check_all", "knn", "knn_vote", "merge_shards", "shard_range"]
+__all__ = ["check_all", "check_same", "knn", "knn_vote", "merge_shards", "shard_range"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Handshake fields, one int64 each per rank.
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+         torch.float64: torch.int64}
+# Handshake fields, one int64 each per rank (q_rows, q_cols, si_sum: checksums).
 _FIELDS = ("failed", "m", "kk", "d", "n", "offset", "dtype", "si_lo", "si_hi", "label_max",
-           "num_classes")
+           "num_classes", "q_rows", "q_cols", "si_sum")
 
 
 def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -122,6 +126,42 @@ def _fail(op: str, failed: list[int], error: BaseException | None, group, world:
     raise RuntimeError(message)
 
 
+def check_same(values: dict, what: str, process_group=None) -> None:
+    """Collective: raises the same :class:`ValueError` on every rank, naming the keys whose
+    values differ and each rank's value, unless every rank passes equal ``values``
+    (JSON-like: compared with ``==`` after an all-gather of the objects)."""
+    group, _, world = _group_info(process_group)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, values, group=group)
+    keys = sorted({k for v in gathered for k in v}, key=str)
+    diff = [f"{k}: " + ", ".join(f"rank {r} {v.get(k)!r}" for r, v in enumerate(gathered))
+            for k in keys if any(v.get(k) != gathered[0].get(k) for v in gathered)]
+    if diff:
+        raise ValueError(f"{what}: the ranks' settings differ ({'; '.join(diff)}); start every "
+                         "rank with the same arguments")
+
+
+def _checksum(t: torch.Tensor, chunk: int = 2**22) -> tuple[int, int]:
+    """Exact, order-independent checksums of the bits of a float tensor ``[M, D]``: its row
+    sums weighted by row number and its column sums weighted by column number (int64 sums
+    wrap modulo 2**64, so neither rounding nor thread count can change them). Rows go in
+    blocks of about ``chunk`` elements, so the int64 copy stays small."""
+    bits = t.detach().view(_BITS[t.dtype])
+    step = max(1, chunk // max(1, t.shape[1]))
+    rows = torch.zeros(t.shape[0], dtype=torch.int64, device=t.device)
+    cols = torch.zeros(t.shape[1], dtype=torch.int64, device=t.device)
+    for i in range(0, t.shape[0], step):
+        block = bits[i:i + step].to(torch.int64)
+        rows[i:i + step] = block.sum(1)
+        cols += block.sum(0)
+    return _weighted(rows), _weighted(cols)
+
+
+def _weighted(v: torch.Tensor) -> int:
+    """``sum_i (i + 1) * v[i]`` in int64 (wrapping)."""
+    return int((v.to(torch.int64) * torch.arange(1, v.numel() + 1, device=v.device)).sum())
+
+
 def check_all(error: BaseException | None, what: str, process_group=None) -> None:
     """Collective: raises the same :class:`RuntimeError`, naming the failed ranks, on every
     rank when ``error`` is not None on any rank; returns on every rank otherwise.
@@ -146,7 +186,9 @@ def _check_table(op: str, table: torch.Tensor, world: int, k: int, skip: int,
     col = {name: [int(v) for v in table[:, i].tolist()] for i, name in enumerate(_FIELDS)}
     for name, what in (("m", "number of queries"), ("kk", "k"), ("d", "dimension D"),
                        ("dtype", "dtype"), ("si_lo", "self_index"), ("si_hi", "self_index"),
-                       ("num_classes", "num_classes")):
+                       ("si_sum", "self_index (checksum)"), ("num_classes", "num_classes"),
+                       ("q_rows", "queries (checksum of their values)"),
+                       ("q_cols", "queries (checksum of their values)")):
         if len(set(col[name])) > 1:
             raise ValueError(
                 f"{op}: the {what} differs across ranks ({name} per rank: {col[name]}); every "
@@ -214,13 +256,16 @@ def _sharded(op, queries, support_shard, labels_shard, k, num_classes, shard_off
         device = queries.device
         fields.update(m=m, kk=kk, d=queries.shape[1], n=n, offset=shard_offset,
                       dtype=_DTYPES.index(queries.dtype) if queries.dtype in _DTYPES else 99)
+        if queries.dtype in _BITS:
+            fields["q_rows"], fields["q_cols"] = _checksum(queries)
         sidx = None
         if self_match == "exclude" and self_index is not None:
             sidx = _as_index(self_index, "self_index").to(device)
             if sidx.shape != (m,):
                 raise ValueError(f"self_index must have shape ({m},), got {tuple(sidx.shape)}")
             if m:
-                fields.update(si_lo=int(sidx.min()), si_hi=int(sidx.max()))
+                fields.update(si_lo=int(sidx.min()), si_hi=int(sidx.max()),
+                              si_sum=_weighted(sidx))
         if num_classes is not None:
             fields["num_classes"] = int(num_classes)
         lab = None
@@ -317,7 +362,8 @@ def merge_shards(
         k = index.shape[1]
         fields.update(m=index.shape[0], kk=k, dtype=_DTYPES.index(dist_.dtype))
         if self_index is not None and index.shape[0]:
-            fields.update(si_lo=int(self_index.min()), si_hi=int(self_index.max()))
+            fields.update(si_lo=int(self_index.min()), si_hi=int(self_index.max()),
+                          si_sum=_weighted(self_index))
         local = Neighbors(dist_, index)
     nbrs, labels, _ = _exchange("pdepth.distributed.merge_shards()", fields, error, local,
                                 local_labels, k, 0, "exclude", group, world, device)

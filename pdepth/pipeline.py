@@ -20,10 +20,11 @@ categorised (:func:`pdepth.categorize`) and written out with a report
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import platform
-import shutil
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,9 +38,13 @@ from .data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_subs
 from .extract import ProbeSpec, probe_dims, resolve_probes
 from .metrics import layer_accuracy, summarize
 from .models import ARCHITECTURES, build_model
+from .report import FIGURES, REPORT_DEPENDENCIES
 from .stream import peak_rss_bytes, stream_prediction_depth
 
 __all__ = [
+    "MARKER",
+    "MissingDependencyError",
+    "ModelFileError",
     "OutputExistsError",
     "RunConfig",
     "load_results",
@@ -51,11 +56,46 @@ __all__ = [
 RESULT_FILES = ("results.parquet", "per_model.npz", "data.npz", "config.json", "report.html",
                 "COMPLETE")
 RESULT_DIRS = ("models", "figures")
+MARKER = ".pdepth-run.json"  # written first into every run directory: {"protocol_key": ...}
+_MODEL_NAME = re.compile(r"seed-?\d+-half[01]\.npz")
+_TMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[a-z]+)?")  # an atomic write's temporary name
 _RUNTIME_KEYS = ("device", "root")  # may change on resume
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+INSTALL_HINT = 'pip install "pdepth[run]"'
 
 
 class OutputExistsError(RuntimeError):
-    """The output directory already holds pdepth results."""
+    """The output directory cannot be used as it is: it holds results, other settings or
+    files pdepth did not write."""
+
+
+class ModelFileError(OutputExistsError):
+    """A per-model file of an unfinished run is unreadable or is not the model its name
+    says."""
+
+
+class MissingDependencyError(ImportError):
+    """An optional dependency of ``pdepth run`` / ``pdepth report`` is not installed."""
+
+
+def require_modules(modules, what: str) -> None:
+    """Raises :class:`MissingDependencyError` naming every module of ``modules`` that cannot
+    be imported, so that a run fails before any work instead of half-way."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingDependencyError(
+            f"{what} needs {', '.join(missing)}, not installed: {INSTALL_HINT}")
+
+
+def run_dependencies(config: RunConfig, progress: bool) -> list[str]:
+    """The optional modules a run with these settings imports."""
+    return (list(REPORT_DEPENDENCIES) + (["tqdm"] if progress else [])
+            + (["torchvision"] if config.arch == "resnet18" else []))
 
 
 @dataclass
@@ -102,6 +142,10 @@ class RunConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.subset is not None and self.subset < 4:
             raise ValueError(f"subset must be at least 4 examples, got {self.subset}")
+        self.device = str(self.device)
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device (--device) must be cpu, cuda, cuda:N or auto, got "
+                             f"{self.device!r}")
         CategoryThresholds.from_dict(self.thresholds)  # validates the names
 
     def to_dict(self) -> dict:
@@ -216,45 +260,115 @@ def _atomic_savez(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def _holds_results(out: Path) -> bool:
-    return any((out / f).exists() for f in RESULT_FILES + RESULT_DIRS)
+def _is_pdepth_name(folder: str, name: str) -> bool:
+    """Whether ``folder/name`` ("" for the top level) is a file name pdepth writes."""
+    if _TMP_NAME.fullmatch(name):  # left behind by an interrupted atomic write
+        return folder in ("",) + RESULT_DIRS
+    if folder == "models":
+        return _MODEL_NAME.fullmatch(name) is not None
+    if folder == "figures":
+        return name in FIGURES
+    return folder == "" and (name in RESULT_FILES or name == MARKER)
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """The entries of ``out`` (and of its models/ and figures/) that pdepth did not write."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in RESULT_DIRS and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{entry.name}/{e.name}" for e in sorted(entry.iterdir())
+                        if not (e.is_file() and _is_pdepth_name(entry.name, e.name))]
+        elif not (entry.is_file() and _is_pdepth_name("", entry.name)):
+            foreign.append(entry.name)
+    return foreign
+
+
+def _read_marker(out: Path) -> dict | None:
+    """The marker's content; None without a marker, {} for a damaged one (still pdepth's)."""
+    try:
+        marker = json.loads((out / MARKER).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _check_output(out: Path, config: RunConfig, overwrite: bool) -> None:
+    """Raises :class:`OutputExistsError` unless the non-empty directory ``out`` may be used:
+    it must be a pdepth run (marker) holding only pdepth's files; a finished run or other
+    settings need ``overwrite``."""
+    if _read_marker(out) is None:
+        raise OutputExistsError(
+            f"--out {out} is not empty and is not a pdepth run directory (no {MARKER}, which "
+            f"pdepth writes first into every run directory; it holds e.g. "
+            f"{_listing(sorted(p.name for p in out.iterdir()))}); pdepth never writes into or "
+            "deletes from such a directory, even with --overwrite: choose a new or empty --out"
+        )
+    foreign = _foreign_entries(out)
+    if foreign:
+        raise OutputExistsError(
+            f"--out {out} is a pdepth run directory but holds files pdepth did not write: "
+            f"{_listing(foreign)}; move them elsewhere (--overwrite never deletes them) or "
+            "choose another --out"
+        )
+    if overwrite:
+        return
+    if (out / "COMPLETE").exists():
+        raise OutputExistsError(
+            f"--out {out} already holds the results of a finished pdepth run; pass --overwrite "
+            "to replace them (it deletes only the files pdepth wrote), or choose another --out"
+        )
+    if _read_marker(out).get("protocol_key") != config.protocol_key():
+        raise OutputExistsError(
+            f"--out {out} holds an unfinished pdepth run with different settings; rerun with "
+            "its settings to resume it, pass --overwrite to replace it (it deletes only the "
+            "files pdepth wrote), or choose another --out"
+        )
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _remove_pdepth_files(out: Path) -> None:
+    """Deletes the files pdepth wrote (checked by :func:`_check_output`), keeping the marker;
+    removes models/ and figures/ only when that leaves them empty."""
+    for folder in RESULT_DIRS:
+        sub = out / folder
+        if sub.is_dir():
+            for entry in sub.iterdir():
+                if entry.is_file() and _is_pdepth_name(folder, entry.name):
+                    entry.unlink()
+            if not any(sub.iterdir()):
+                sub.rmdir()
+    for entry in out.iterdir():
+        if entry.is_file() and entry.name != MARKER and _is_pdepth_name("", entry.name):
+            entry.unlink()
 
 
 def prepare_output(out: Path, config: RunConfig, overwrite: bool) -> int:
-    """Creates / checks the output directory. Returns the number of per-model files kept for
-    resuming. A finished run (``COMPLETE``) is refused unless ``overwrite``; an unfinished run
-    with the same settings is resumed; other settings are refused unless ``overwrite``."""
+    """Creates / checks the output directory (the rules: docs/protocol.md, "Bad input,
+    interruption, resuming"). Returns the number of per-model files kept for resuming.
+
+    A new or empty directory is used as it is. Any other directory must be a pdepth run
+    (its marker, :data:`MARKER`, written first) holding only files pdepth writes; a finished
+    run or one with other settings is refused unless ``overwrite``, which deletes pdepth's
+    files and nothing else. An unfinished run with the same settings is resumed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory")
-    if out.exists() and _holds_results(out):
+        raise OutputExistsError(f"--out {out} exists and is not a directory; choose another "
+                                "--out")
+    if out.is_dir() and any(out.iterdir()):
+        _check_output(out, config, overwrite)
         if overwrite:
-            for name in RESULT_FILES:
-                (out / name).unlink(missing_ok=True)
-            for name in RESULT_DIRS:
-                shutil.rmtree(out / name, ignore_errors=True)
-        elif (out / "COMPLETE").exists():
-            raise OutputExistsError(
-                f"{out} already holds the results of a finished pdepth run; pass --overwrite to "
-                "replace them, or choose another --out"
-            )
-        else:
-            old = _read_config(out)
-            if old is None or old.get("protocol_key") != config.protocol_key():
-                raise OutputExistsError(
-                    f"{out} holds an unfinished pdepth run with different settings; pass "
-                    "--overwrite to replace it, or rerun with the same settings to resume it"
-                )
+            _remove_pdepth_files(out)
     out.mkdir(parents=True, exist_ok=True)
+    # The marker comes first: whatever pdepth writes later lies in a recognisable run.
+    _atomic_json(out / MARKER, {"pdepth_run": 1, "protocol_key": config.protocol_key()})
     (out / "models").mkdir(exist_ok=True)
-    return len(list((out / "models").glob("seed*-half*.npz")))
-
-
-def _read_config(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return len([p for p in (out / "models").iterdir() if _MODEL_NAME.fullmatch(p.name)])
 
 
 def versions() -> dict:
@@ -298,14 +412,47 @@ def _model_path(out: Path, seed: int, half: int) -> Path:
     return out / "models" / f"seed{seed}-half{half}.npz"
 
 
-def _load_model_file(path: Path, key: str) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {name: z[name] for name in z.files}
-    meta = json.loads(str(arrays.pop("meta")[()]))
-    if meta.get("protocol_key") != key:
-        raise OutputExistsError(f"{path} was computed with other settings; pass --overwrite")
+_MODEL_ARRAYS = ("seed", "half", "train_index", "held_out_index", "in_train", "depth",
+                 "layer_pred", "probs", "epoch_pred", "loss", "train_accuracy",
+                 "held_out_accuracy")
+
+
+def _load_model_file(path: Path, key: str, seed: int, half: int, n: int) -> dict:
+    """Reads ``models/seed<s>-half<h>.npz`` of an unfinished run and checks that it is model
+    ``(seed, half)`` of this run (settings, split, sizes), whatever its name says."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+        meta = json.loads(str(arrays.pop("meta")[()]))
+    except Exception as exc:  # truncated or damaged: zipfile, zlib, EOF, JSON, KeyError...
+        raise ModelFileError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to recompute "
+            "that model, then rerun the same command") from exc
+    problem = _model_mismatch(arrays, meta, key, seed, half, n)
+    if problem:
+        raise ModelFileError(f"{path} {problem}; delete it to recompute that model, then "
+                             "rerun the same command")
     arrays["meta"] = meta
     return arrays
+
+
+def _model_mismatch(arrays: dict, meta: dict, key: str, seed: int, half: int,
+                    n: int) -> str | None:
+    """What is wrong with a loaded model file, or None."""
+    if meta.get("protocol_key") != key:
+        return (f"was computed with other settings (protocol key "
+                f"{meta.get('protocol_key')!r}, this run {key!r})")
+    missing = [name for name in _MODEL_ARRAYS if name not in arrays]
+    if missing:
+        return f"lacks the arrays {', '.join(missing)}"
+    said = (int(arrays["seed"]), int(arrays["half"]), meta.get("seed"), meta.get("half"))
+    if said != (seed, half, seed, half):
+        return (f"holds the model of seed {said[0]} half {said[1]}, not seed {seed} half "
+                f"{half} as its name says")
+    if arrays["in_train"].shape != (n,) or not np.array_equal(
+            arrays["train_index"], split_halves(n, seed)[half]):
+        return f"does not hold the split of seed {seed} half {half} of these {n} examples"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +465,11 @@ def _resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
+        raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False; "
+                         "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} "
+                         "CUDA device(s) are visible")
     return dev
 
 
@@ -326,8 +477,11 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
         progress: bool = True, log=None, process_group=None) -> Path:
     """Runs the protocol and writes the results to ``out`` (see docs/protocol.md).
 
-    Returns the output directory. Raises ``FileNotFoundError`` (dataset missing; nothing is
-    written), ``ValueError`` (bad settings, unknown probe names) or :class:`OutputExistsError`.
+    Returns the output directory. Raises ``FileNotFoundError`` (dataset missing),
+    ``ValueError`` (bad settings, unknown probe names) or :class:`MissingDependencyError`
+    before anything is written; :class:`OutputExistsError` for an ``out`` that cannot be used
+    (see :func:`prepare_output`), :class:`ModelFileError` for a damaged or misnamed per-model
+    file when resuming.
 
     ``process_group`` (a ``torch.distributed`` group, e.g. ``torch.distributed.group.WORLD``
     under torchrun) spreads the models over its ranks: every rank calls ``run`` with the same
@@ -337,35 +491,35 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     ranks return once every model is saved). With CUDA, call
     ``torch.cuda.set_device(local_rank)`` first: ``device="cuda"`` means the current device.
     A failure on any rank (including bad settings or existing results on rank 0) raises
-    ``RuntimeError`` naming it on every rank.
+    ``RuntimeError`` naming it on every rank; ranks whose settings differ raise ``ValueError``
+    on every rank before any work.
     """
     t_start = time.perf_counter()
     out = Path(out)
     log = log or (lambda msg: None)
-    device = _resolve_device(config.device)
-    thresholds = CategoryThresholds.from_dict(config.thresholds)
-
-    # Everything that can fail on bad input fails before the output directory is touched.
-    probe_model = build_model(config.arch)
-    spec = resolve_probes(probe_model, config.probes if config.probes is not None else
-                          config.arch, max_dim=config.max_dim)
-    images, labels, dataset_index = load_subset(config.dataset, config.root, config.subset,
-                                                config.subset_seed)
-    n = int(labels.shape[0])
-    num_classes = int(labels.max()) + 1
-    x = normalize_images(images)
-    dims = probe_dims(probe_model, spec, x[:1])
-    del probe_model
-    if config.k > n // 2 - 1:
-        raise ValueError(f"k={config.k} is too large for a training half of {n // 2} examples")
-
     rank, world = 0, 1
     if process_group is not None:
         import torch.distributed as dist
 
-        from .distributed import check_all
+        from .distributed import check_all, check_same
 
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    # Everything that can fail on bad input fails before the output directory is touched,
+    # and under torchrun before any rank starts work.
+    setup, error = None, None
+    try:
+        setup = _setup(config, progress)
+    except Exception as exc:
+        if world == 1:
+            raise
+        error = exc
+    if world > 1:
+        check_all(error, "pdepth.run(): checking the settings", process_group)
+        check_same(_rank_settings(config, out, overwrite), "pdepth.run()", process_group)
+    device, thresholds, spec, images, labels, dataset_index, x, dims = setup
+    n = int(labels.shape[0])
+    num_classes = int(labels.max()) + 1
+
     key = config.protocol_key()
     models_meta = []
     cfg = {
@@ -423,7 +577,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
             halves = split_halves(n, seed)
             path = _model_path(out, seed, half)
             if path.exists():
-                per_model.append(_load_model_file(path, key))
+                per_model.append(_load_model_file(path, key, seed, half, n))
                 log(f"  seed {seed} half {half}: loaded {path.name}")
                 continue
             train_idx, held_idx = halves[half], halves[1 - half]
@@ -438,7 +592,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
         if rank != 0:
             return out
         jobs = [(s, h) for s in config.seeds for h in (0, 1)]
-        per_model = [m if m is not None else _load_model_file(_model_path(out, s, h), key)
+        per_model = [m if m is not None else _load_model_file(_model_path(out, s, h), key, s,
+                                                              h, n)
                      for m, (s, h) in zip(per_model, jobs, strict=True)]
     t_models = time.perf_counter() - t_start
 
@@ -498,6 +653,31 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     log(f"pdepth run: done in {cfg['timing']['total_seconds']:.1f} s; results in {out} "
         f"(report: {out / 'report.html'})")
     return out
+
+
+def _setup(config: RunConfig, progress: bool) -> tuple:
+    """Checks the dependencies and settings and loads the data: ``(device, thresholds, probe
+    spec, images, labels, dataset_index, normalised images, probe dims)``."""
+    require_modules(run_dependencies(config, progress), "pdepth run")
+    device = _resolve_device(config.device)
+    thresholds = CategoryThresholds.from_dict(config.thresholds)
+    probe_model = build_model(config.arch)
+    spec = resolve_probes(probe_model, config.probes if config.probes is not None else
+                          config.arch, max_dim=config.max_dim)
+    images, labels, dataset_index = load_subset(config.dataset, config.root, config.subset,
+                                                config.subset_seed)
+    x = normalize_images(images)
+    dims = probe_dims(probe_model, spec, x[:1])
+    n = int(labels.shape[0])
+    if config.k > n // 2 - 1:
+        raise ValueError(f"k={config.k} is too large for a training half of {n // 2} examples")
+    return device, thresholds, spec, images, labels, dataset_index, x, dims
+
+
+def _rank_settings(config: RunConfig, out: Path, overwrite: bool) -> dict:
+    """What every rank of a distributed run must agree on."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_KEYS}
+    return {**settings, "out": str(out), "overwrite": overwrite}
 
 
 def _run_model(config, spec: ProbeSpec, x, labels, train_idx, held_idx, seed, half, device,

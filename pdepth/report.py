@@ -17,7 +17,9 @@ import numpy as np
 from .categories import CATEGORIES
 from .metrics import layer_accuracy
 
-__all__ = ["FIGURES", "write_report"]
+__all__ = ["FIGURES", "REPORT_DEPENDENCIES", "RunFilesError", "write_report"]
+
+REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
 
 FIGURES = {
     "depth_hist.png": "Prediction depth per split (all models): examples in the model's "
@@ -39,22 +41,55 @@ _COLORS = {"easy": "#4c9f70", "ambiguous": "#e0a526", "looks_like_other_class": 
            "atypical": "#5b6fb5"}
 
 
+class RunFilesError(ValueError):
+    """A result file of a run directory is missing or cannot be read."""
+
+
+def _read_npz(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
 def _load(out: Path):
+    """Reads every input first, so that a damaged one stops the report before it writes."""
     import pandas as pd
 
-    df = pd.read_parquet(out / "results.parquet")
-    with np.load(out / "per_model.npz", allow_pickle=False) as z:
-        arrays = {name: z[name] for name in z.files}
-    with np.load(out / "data.npz", allow_pickle=False) as z:
-        data = {name: z[name] for name in z.files}
-    cfg = json.loads((out / "config.json").read_text())
-    return df, arrays, data, cfg
+    readers = {"results.parquet": pd.read_parquet, "per_model.npz": _read_npz,
+               "data.npz": _read_npz, "config.json": lambda p: json.loads(p.read_text())}
+    loaded = []
+    for name, read in readers.items():
+        try:
+            loaded.append(read(out / name))
+        except Exception as exc:  # truncated, damaged, missing: pyarrow, zipfile, JSON, OS
+            raise RunFilesError(
+                f"{out / name} cannot be read ({type(exc).__name__}: {exc}); to rebuild the "
+                f"results from models/, delete {out / 'COMPLETE'} and rerun the same "
+                f"`pdepth run --out {out} ...` command") from exc
+    return tuple(loaded)
 
 
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+class _Pending:
+    """Files written under temporary names and renamed together once all are written."""
+
+    def __init__(self):
+        self.files: list[tuple[Path, Path]] = []
+
+    def tmp(self, path: Path) -> Path:
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        self.files.append((tmp, path))
+        return tmp
+
+    def commit(self) -> None:
+        for tmp, path in self.files:
+            os.replace(tmp, path)
+
+    def discard(self) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+
+
+def _save(fig, path: Path, pending: _Pending) -> None:
+    fig.savefig(pending.tmp(path), dpi=110, bbox_inches="tight")
 
 
 def _binned(x: np.ndarray, y: np.ndarray, num_layers: int):
@@ -78,16 +113,35 @@ def _short(name: str) -> str:
 
 def write_report(out: str | os.PathLike) -> Path:
     """Draws every figure of :data:`FIGURES` into ``out/figures`` and writes
-    ``out/report.html``. Returns the path of the HTML file."""
+    ``out/report.html``. Returns the path of the HTML file.
+
+    All or nothing: the inputs are read first (:class:`RunFilesError` names one that cannot
+    be read), the files are drawn under temporary names and renamed only once all are drawn.
+    """
+    out = Path(out)
+    loaded = _load(out)
+    figdir = out / "figures"
+    created = not figdir.exists()
+    figdir.mkdir(exist_ok=True)
+    pending = _Pending()
+    try:
+        _draw(figdir, pending, *loaded)
+        pending.commit()
+    except BaseException:
+        pending.discard()
+        if created and not any(figdir.iterdir()):
+            figdir.rmdir()
+        raise
+    return out / "report.html"
+
+
+def _draw(figdir: Path, pending: _Pending, df, arr, data, cfg) -> None:
+    """Draws every figure and report.html under temporary names (``pending``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    df, arr, data, cfg = _load(out)
-    figdir = out / "figures"
-    figdir.mkdir(exist_ok=True)
     res = cfg["resolved"]
     names = list(arr["layer_names"])
     num_layers = len(names)
@@ -109,7 +163,7 @@ def write_report(out: str | os.PathLike) -> Path:
     ax.set_ylabel("fraction of (model, example) pairs")
     ax.legend()
     ax.set_title("Prediction depth per split")
-    _save(fig, figdir / "depth_hist.png")
+    _save(fig, figdir / "depth_hist.png", pending)
     plt.close(fig)
 
     # 2. metrics against depth
@@ -129,7 +183,7 @@ def write_report(out: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, figdir / "metrics_vs_depth.png")
+    _save(fig, figdir / "metrics_vs_depth.png", pending)
     plt.close(fig)
 
     # 3. per-layer k-NN accuracy
@@ -145,7 +199,7 @@ def write_report(out: str | os.PathLike) -> Path:
     ax.set_title(f"Per-probe k-NN accuracy (k = {cfg['config']['k']})")
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(fig, figdir / "layer_knn.png")
+    _save(fig, figdir / "layer_knn.png", pending)
     plt.close(fig)
 
     # 4. 2-D view
@@ -173,7 +227,7 @@ def write_report(out: str | os.PathLike) -> Path:
         ax.set_ylim(-0.5, num_layers + 0.5)
         ax.plot([0, num_layers], [0, num_layers], color="gray", lw=0.5)
     fig.tight_layout()
-    _save(fig, figdir / "depth_2d.png")
+    _save(fig, figdir / "depth_2d.png", pending)
     plt.close(fig)
 
     # 5./6. image grids
@@ -196,7 +250,7 @@ def write_report(out: str | os.PathLike) -> Path:
             axes[r, 0].set_ylabel(row_label, fontsize=8, rotation=0, ha="right", va="center")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        _save(fig, path)
+        _save(fig, path, pending)
         plt.close(fig)
 
     ho_round = np.rint(df["held_out_depth"].to_numpy(float))
@@ -232,13 +286,14 @@ def write_report(out: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     a1.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, figdir / "training.png")
+    _save(fig, figdir / "training.png", pending)
     plt.close(fig)
 
-    return _write_html(out, df, cfg, acc_tr, acc_ho, names)
+    html_path = pending.tmp(figdir.parent / "report.html")
+    html_path.write_text(_html(df, cfg, acc_tr, acc_ho, names))
 
 
-def _write_html(out: Path, df, cfg, acc_tr, acc_ho, names) -> Path:
+def _html(df, cfg, acc_tr, acc_ho, names) -> str:
     c = cfg["config"]
     res = cfg["resolved"]
     summary = cfg.get("summary", {})
@@ -295,8 +350,4 @@ Per-example results: results.parquet; per-model arrays: per_model.npz, models/.<
 <p style="color:#888">summary: {e(json.dumps(summary.get('categories', {})))}</p>
 </body></html>
 """
-    path = out / "report.html"
-    tmp = out / f".report.html.tmp-{os.getpid()}"
-    tmp.write_text(doc)
-    os.replace(tmp, path)
-    return path
+    return doc

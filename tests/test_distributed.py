@@ -157,7 +157,7 @@ def _parity_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def _failure_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     _init(rank, world, init_file, seconds=10.0)
     log = {}
-    q = torch.randn(4, 3)
+    q = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))  # same on every rank
     s = torch.randn(5, 3)
     off = 5 * rank
     # (a) the local step raises on rank 1 only (labels out of range).
@@ -193,6 +193,56 @@ def _failure_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
     torch.save(log, os.path.join(out_dir, f"rank{rank}.pt"))
     open(done, "w").close()
     os._exit(0)  # skip destroy_process_group with a hung peer
+
+
+def _mismatch_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Inputs that agree in shape and range but not in value across the ranks."""
+    _init(rank, world, init_file)
+    log = {}
+    q = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    s = torch.randn(5, 3, generator=torch.Generator().manual_seed(1 + rank))
+    off = 5 * rank
+    cases = {
+        # (a) one query value differs on rank 1
+        "queries": dict(queries=q + (q == q[2, 1]) * 1e-3 * rank),
+        # (b) two queries swapped on rank 1 (same values, other order)
+        "order": dict(queries=q[[0, 2, 1, 3]] if rank else q),
+        # (c) self_index with the same shape, min and max, one value different
+        "self_index": dict(queries=q, self_index=torch.tensor([0, 3 + rank, -1, 9])),
+    }
+    for name, kw in cases.items():
+        try:
+            pdist.knn(kw.pop("queries"), s, 3, shard_offset=off, **kw)
+            log[name] = "no error"
+        except Exception as exc:
+            log[name] = (type(exc).__name__, str(exc))
+    ok = pdist.knn(q, s, 3, shard_offset=off, self_index=torch.tensor([0, 3, -1, 9]))
+    log["ok"] = ok.index  # the group still works
+    # (d) pdepth.run with different settings per rank: refused before any work
+    if os.path.exists(_FMNIST):
+        try:
+            pdepth.run(pdepth.RunConfig(**{**_SMALL_RUN, "k": 5 + rank}),
+                       os.path.join(out_dir, "run"), progress=False,
+                       process_group=dist.group.WORLD)
+            log["run"] = "no error"
+        except Exception as exc:
+            log["run"] = (type(exc).__name__, str(exc))
+    torch.save(log, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ranks_with_different_values_fail_every_rank(tmp_path):
+    per_rank = _spawn(_mismatch_worker, 2, tmp_path)
+    for rank, log in enumerate(per_rank):
+        for name, what in (("queries", "queries"), ("order", "queries"),
+                           ("self_index", "self_index")):
+            assert log[name][0] == "ValueError", (rank, name, log[name])
+            assert f"the {what} (checksum" in log[name][1], (rank, name, log[name])
+        assert log["ok"].shape == (4, 3)
+        if os.path.exists(_FMNIST):
+            assert log["run"][0] == "ValueError", (rank, log["run"])
+            assert "settings differ (k: rank 0 5, rank 1 6)" in log["run"][1], log["run"]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def _spawn(fn, world: int, tmp_path) -> list[dict]:

@@ -15,6 +15,7 @@ from pdepth import models
 from pdepth.cli import main
 from pdepth.data import FASHION_MNIST_ROOT
 from pdepth.extract import extract
+from pdepth.pipeline import MARKER
 from pdepth.report import FIGURES
 from pdepth.stream import stream_prediction_depth
 
@@ -199,9 +200,9 @@ def test_pipeline_on_cuda(tmp_path):
 def test_cli_missing_dataset(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["run", "--root", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
-    assert "apt-get install dataset-fashion-mnist" in err
+    assert "apt-get install dataset-fashion-mnist" in err and err.count("\n") == 1
     assert not out.exists()  # nothing half-written
 
 
@@ -235,13 +236,13 @@ def test_cli_refuses_unfinished_run_with_other_settings(tmp_path, capsys):
         pytest.skip("Fashion-MNIST not installed")
     out = tmp_path / "out"
     (out / "models").mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps({"protocol_key": "something-else"}))
+    (out / MARKER).write_text(json.dumps({"pdepth_run": 1, "protocol_key": "something-else"}))
     assert main(["run", *SMALL, "--out", str(out)]) == 2
     assert "different settings" in capsys.readouterr().err
 
 
 def test_cli_report_on_empty_dir(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 1
+    assert main(["report", str(tmp_path)]) == 2
     assert "no finished pdepth run" in capsys.readouterr().err
 
 

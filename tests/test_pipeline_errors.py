@@ -1,0 +1,223 @@
+"""`pdepth run` / `pdepth report` on bad input: what --out may hold and what --overwrite may
+delete, resuming from damaged or misnamed model files, missing optional dependencies, and the
+CLI's error contract (one line on stderr, exit 2, nothing half-written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import pdepth.report
+from pdepth.cli import main
+from pdepth.data import FASHION_MNIST_ROOT
+from pdepth.pipeline import MARKER, OutputExistsError, RunConfig, prepare_output
+
+HAVE_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz"))
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed at "
+                                  f"{FASHION_MNIST_ROOT} (apt-get install dataset-fashion-mnist)")
+TINY = ["--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not HAVE_FMNIST:
+        pytest.skip("Fashion-MNIST not installed")
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["run", *TINY, "--out", str(out)]) == 0
+    return out
+
+
+def _copy(run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    return out
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("pdepth: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _tree(path) -> dict:
+    """Every file under ``path``: its content and modification time."""
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# what --out may hold, what --overwrite deletes
+# --------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_foreign_directory_is_refused_and_kept(tmp_path, capsys, overwrite):
+    """The issue's reproduction: a project folder with models/, figures/, config.json."""
+    proj = tmp_path / "proj"
+    (proj / "models").mkdir(parents=True)
+    (proj / "figures").mkdir()
+    (proj / "models" / "resnet_final.pt").write_text("ckpt")
+    (proj / "figures" / "fig1.png").write_text("x")
+    (proj / "config.json").write_text("{}")
+    before = _tree(proj)
+    args = ["run", *TINY, "--out", str(proj)] + (["--overwrite"] if overwrite else [])
+    assert main(args) == 2
+    err = _one_error_line(capsys)
+    assert "not a pdepth run directory" in err and "config.json" in err
+    assert "unfinished" not in err and "pass --overwrite" not in err
+    assert _tree(proj) == before
+    assert sorted(p.name for p in proj.iterdir()) == ["config.json", "figures", "models"]
+
+
+def test_prepare_output_deletes_only_pdepth_files(tmp_path):
+    cfg = RunConfig(subset=200, epochs=1, k=3)
+    out = tmp_path / "run"
+    assert prepare_output(out, cfg, False) == 0  # a new directory
+    assert json.loads((out / MARKER).read_text())["protocol_key"] == cfg.protocol_key()
+    ours = ["config.json", "COMPLETE", "results.parquet", "models/seed0-half0.npz",
+            "models/seed1-half1.npz", "figures/depth_hist.png", ".config.json.tmp-123",
+            "figures/.training.tmp-9.png", "models/.seed0-half1.npz.tmp-7"]
+    for rel in ours:
+        (out / rel).parent.mkdir(exist_ok=True)
+        (out / rel).write_text("pdepth")
+    with pytest.raises(OutputExistsError, match="finished pdepth run; pass --overwrite"):
+        prepare_output(out, cfg, False)
+    mine = ["notes.txt", "models/best.pt", "figures/seed0-half0.npz"]
+    for rel in mine:
+        (out / rel).write_text("mine")
+    before = _tree(out)
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match="did not write: figures/seed0-half0.npz, "
+                                                    "models/best.pt, notes.txt; move them"):
+            prepare_output(out, cfg, overwrite)
+    assert _tree(out) == before
+    for rel in mine:
+        (out / rel).unlink()
+    assert prepare_output(out, cfg, True) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [MARKER, "models"]
+
+
+def test_prepare_output_other_settings_and_odd_paths(tmp_path):
+    cfg = RunConfig(subset=200, epochs=1, k=3)
+    out = tmp_path / "run"
+    out.mkdir()
+    assert prepare_output(out, cfg, False) == 0  # an existing empty directory is fine
+    (out / "models" / "seed0-half0.npz").write_text("x")
+    assert prepare_output(out, cfg, False) == 1  # same settings: resumed
+    other = RunConfig(subset=200, epochs=1, k=4)
+    with pytest.raises(OutputExistsError, match="unfinished pdepth run with different"):
+        prepare_output(out, other, False)
+    assert prepare_output(out, other, True) == 0
+    assert json.loads((out / MARKER).read_text())["protocol_key"] == other.protocol_key()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a directory"):
+        prepare_output(tmp_path / "file", cfg, True)
+
+
+@needs_fmnist
+def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
+    """`make demo` reruns `pdepth run --overwrite` into the same directory."""
+    out = _copy(tiny_run, tmp_path)
+    with np.load(tiny_run / "per_model.npz") as z:
+        before = {k: z[k] for k in z.files}
+    assert main(["run", *TINY, "--out", str(out), "--overwrite"]) == 0
+    with np.load(out / "per_model.npz") as z:
+        for name, value in before.items():
+            assert np.array_equal(z[name], value), name  # same seeds, same results
+    assert (out / "COMPLETE").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# resuming from model files
+# --------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_resume_checks_what_a_model_file_holds(tiny_run, tmp_path, capsys):
+    out = _copy(tiny_run, tmp_path)
+    (out / "COMPLETE").unlink()
+    shutil.copy(out / "models" / "seed0-half0.npz", out / "models" / "seed1-half1.npz")
+    assert main(["run", *TINY, "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "seed1-half1.npz holds the model of seed 0 half 0" in err
+    assert "delete it to recompute that model" in err
+    assert not (out / "COMPLETE").exists()
+
+
+@needs_fmnist
+def test_resume_names_a_truncated_model_file(tiny_run, tmp_path, capsys):
+    out = _copy(tiny_run, tmp_path)
+    (out / "COMPLETE").unlink()
+    path = out / "models" / "seed0-half1.npz"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert main(["run", *TINY, "--out", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "seed0-half1.npz cannot be read" in err and "delete it" in err
+    path.unlink()  # as the message says
+    assert main(["run", *TINY, "--out", str(out)]) == 0
+    assert (out / "COMPLETE").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# optional dependencies, bad devices, damaged results, all-or-nothing report
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, quiet", [("tqdm", False), ("pandas", True),
+                                           ("matplotlib", True)])
+def test_missing_optional_dependency(module, quiet, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
+    out = tmp_path / "out"
+    args = ["run", "--subset", "200", "--epochs", "1", "--k", "3", "--out", str(out)]
+    assert main(args + (["--quiet"] if quiet else [])) == 2
+    err = _one_error_line(capsys)
+    assert module in err and 'pip install "pdepth[run]"' in err
+    assert not out.exists()
+
+
+@needs_fmnist
+def test_report_missing_dependency(tiny_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(tiny_run)]) == 2
+    assert 'matplotlib, not installed: pip install "pdepth[run]"' in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99", "gpu"])
+def test_cli_bad_device(device, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--device", device, "--out", str(out), "--quiet"]) == 2
+    assert repr(device) in _one_error_line(capsys)
+    assert not out.exists()
+
+
+@needs_fmnist
+def test_report_on_truncated_results(tiny_run, tmp_path, capsys):
+    out = _copy(tiny_run, tmp_path)
+    path = out / "results.parquet"
+    path.write_bytes(path.read_bytes()[:500])
+    before = _tree(out)
+    assert main(["report", str(out)]) == 2
+    err = _one_error_line(capsys)
+    assert "results.parquet cannot be read" in err and "COMPLETE" in err
+    assert _tree(out) == before
+
+
+@needs_fmnist
+def test_report_is_all_or_nothing(tiny_run, tmp_path, monkeypatch):
+    """A failure half-way through the figures leaves every file as it was."""
+    out = _copy(tiny_run, tmp_path)
+    before = _tree(out)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pdepth.report, "layer_accuracy", boom)  # the 3rd figure fails
+    with pytest.raises(RuntimeError, match="boom"):
+        pdepth.report.write_report(out)
+    assert _tree(out) == before
