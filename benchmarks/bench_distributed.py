@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     tw = statistics.median(res["times"])
     tl = statistics.median(res["local"])
     gathered = args.world * args.q * args.k * (4 + 8 + 8)
-    handshake = args.world * 11 * 8
+    handshake = args.world * len(pdist._FIELDS) * 8
     rows = [
         ["1 process (pdepth.knn_vote)", fmt(t1), "-", "-", "1.000"],
         [f"{args.world} ranks (pdepth.distributed.knn_vote)", fmt(tw), fmt(tl),
