@@ -10,7 +10,10 @@
   difficulty categories (:func:`categorize`); the CLI is ``pdepth run``.
 """
 
-from . import compat, data, models, reference
+import sys
+
+from . import compat, data, models, ops, probes, reference
+from ._version import __version__
 from .categories import CATEGORIES, CategoryThresholds, categorize
 from .data import load_fashion_mnist
 from .depth import (
@@ -21,8 +24,7 @@ from .depth import (
     depth_from_predictions,
     prediction_depth,
 )
-from .extract import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
-from .knn import (
+from .ops import (
     SELF_MATCH_POLICIES,
     Neighbors,
     Vote,
@@ -36,9 +38,14 @@ from .knn import (
     vote,
 )
 from .pipeline import RunConfig, run
+from .probes import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
 from .stream import StreamResult, stream_prediction_depth
 
-__version__ = "0.1.0"
+# The modules pdepth.ops and pdepth.probes were named pdepth.knn and pdepth.extract, names the
+# functions pdepth.knn and pdepth.extract now own. Registering the old module paths keeps
+# `from pdepth.knn import merge_topk` working without a module hiding behind a function.
+sys.modules[__name__ + ".knn"] = ops
+sys.modules[__name__ + ".extract"] = probes
 
 __all__ = [
     "CATEGORIES",

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .knn import SELF_MATCH_POLICIES, knn_vote
+from .ops import SELF_MATCH_POLICIES, knn_vote
 
 __all__ = [
     "REFERENCE_MODES",
@@ -41,7 +41,7 @@ _FORMAT_VERSION = 1
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .knn import (
+from .ops import (
     SELF_MATCH_POLICIES,
     Neighbors,
     Vote,
@@ -44,7 +44,7 @@ from .knn import (
     merge_topk,
     vote,
 )
-from .knn import knn as _local_knn
+from .ops import knn as _local_knn
 
 __all__ = ["check_all", "check_same", "knn", "knn_vote", "merge_shards", "shard_range"]
 

@@ -35,9 +35,9 @@ import torch
 
 from .categories import CATEGORIES, CategoryThresholds, categorize
 from .data import DATASETS, FASHION_MNIST_CLASSES, FASHION_MNIST_ROOT, load_subset, normalize_images
-from .extract import ProbeSpec, probe_dims, resolve_probes
 from .metrics import layer_accuracy, summarize
 from .models import ARCHITECTURES, build_model
+from .probes import ProbeSpec, probe_dims, resolve_probes
 from .report import FIGURES, REPORT_DEPENDENCIES
 from .stream import peak_rss_bytes, stream_prediction_depth
 
@@ -372,8 +372,8 @@ def prepare_output(out: Path, config: RunConfig, overwrite: bool) -> int:
 
 
 def versions() -> dict:
-    from . import __version__
-    from .knn import build_info
+    from ._version import __version__
+    from .ops import build_info
 
     try:
         import torchvision

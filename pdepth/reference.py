@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-
-from . import knn as _knn  # merge_topk: the one implementation of the merge rule
 
 __all__ = ["knn", "knn_vote", "vote", "distance_tolerance"]
 
@@ -39,14 +38,39 @@ def distance_tolerance(queries: torch.Tensor, support: torch.Tensor, dtype=None)
     return (d + 4) * eps * (qn + smax)
 
 
+_INT64 = np.iinfo(np.int64)
+
+
+def _int_arg(value, name: str, op: str) -> int:
+    """``value`` as an int: booleans, floats and non-integral objects raise TypeError (never
+    truncated), values outside int64 raise ValueError. Written here, not imported, so that
+    the oracle shares no code with the ops it checks."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    ):
+        value = int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{op}(): {name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if not _INT64.min <= value <= _INT64.max:
+        raise ValueError(f"{op}(): {name}={value} does not fit in int64")
+    return value
+
+
 def _sort_topk(dist: torch.Tensor, index: torch.Tensor, k: int):
-    """Sort rows of (dist, index) by distance then index (-1 last) and keep k columns
-    (:func:`pdepth.merge_topk`, the same rule as the op's)."""
-    return tuple(_knn.merge_topk(dist, index, min(k, dist.shape[1])))
+    """The first ``k`` columns of each row ordered by (distance, index), empty slots (index
+    -1) after every real index. A lexicographic sort in numpy: deliberately not the ops'
+    merge (two stable torch sorts), so a bug in either shows as a disagreement."""
+    d = dist.detach().cpu().numpy()
+    i = index.detach().cpu().numpy()
+    key = np.where(i < 0, _INT64.max, i)
+    order = np.lexsort((key, d), axis=1)[:, : min(k, d.shape[1])]
+    pick = torch.from_numpy(order).to(dist.device)
+    return dist.gather(1, pick), index.gather(1, pick)
 
 
 def _check(queries, support, k):
-    k = _knn.check_int(k, "k", op="knn")
+    k = _int_arg(k, "k", "knn")
     if queries.dim() != 2 or support.dim() != 2:
         raise ValueError(
             f"knn(): queries and support must be 2-D, got {tuple(queries.shape)} and "
@@ -153,7 +177,7 @@ def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
     A label -1 (a missing neighbour, see :func:`pdepth.neighbor_labels`) does not vote; a row
     without any label votes -1."""
-    num_classes = _knn.check_int(num_classes, "num_classes", op="vote")
+    num_classes = _int_arg(num_classes, "num_classes", "vote")
     if neighbor_labels.numel() and (
         neighbor_labels.min() < -1 or neighbor_labels.max() >= num_classes
     ):
@@ -185,7 +209,7 @@ def knn_vote(
     labels = support_labels.long()
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.numel() else 1
-    num_classes = _knn.check_int(num_classes, "num_classes", op="knn_vote")
+    num_classes = _int_arg(num_classes, "num_classes", "knn_vote")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"knn_vote(): support_labels must lie in [0, num_classes={num_classes})")
     dist, index = knn(queries, support, k, self_index=self_index, self_match=self_match)

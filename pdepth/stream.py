@@ -37,8 +37,8 @@ from .depth import (
     depth_from_predictions,
 )
 from .distributed import merge_shards
-from .extract import ProbeRecorder, iter_batches, resolve_probes
-from .knn import empty_topk, knn, vote
+from .ops import empty_topk, knn, vote
+from .probes import ProbeRecorder, iter_batches, resolve_probes
 
 __all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
 
@@ -468,7 +468,7 @@ def stream_prediction_depth(
     num_classes = _class_count(num_classes, [(query_labels_arg, q_labels), (ref_name, ref)])
     num_classes = max(num_classes, vote_classes)
     depth = depth_from_predictions(layer_pred, ref)
-    from . import __version__
+    from ._version import __version__
 
     result = DepthResult(
         depth=depth,

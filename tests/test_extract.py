@@ -9,7 +9,7 @@ from torch import nn
 
 import pdepth
 from pdepth import models
-from pdepth.extract import (
+from pdepth.probes import (
     PRESETS,
     ProbeRecorder,
     ProbeSpec,

@@ -1,5 +1,5 @@
 """torch.library.opcheck on the three ops: schema (no aliasing / mutation), the fake kernels
-registered in pdepth/knn.py against the real kernels, and AOT dispatch (static and dynamic
+registered in pdepth/ops.py against the real kernels, and AOT dispatch (static and dynamic
 shapes)."""
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ needs_extension = pytest.mark.skipif(
 
 
 def check_int(*args, **kw):
-    from pdepth.knn import check_int as impl  # the shared helper other modules use
+    from pdepth.ops import check_int as impl  # the shared helper other modules use
 
     return impl(*args, **kw)
 

@@ -14,8 +14,8 @@ import pdepth
 from pdepth import models
 from pdepth.cli import main
 from pdepth.data import FASHION_MNIST_ROOT
-from pdepth.extract import extract
 from pdepth.pipeline import MARKER
+from pdepth.probes import extract
 from pdepth.report import FIGURES
 from pdepth.stream import stream_prediction_depth
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pdepth
 from pdepth import stream as stream_mod
-from pdepth.extract import extract
+from pdepth.probes import extract
 from pdepth.stream import stream_prediction_depth
 
 PROBES = ["1"]  # input, the hidden ReLU, softmax: three probes

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from ..knn import knn
+from ..ops import knn
 
 __all__ = ["knn_predict"]
 

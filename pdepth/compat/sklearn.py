@@ -47,7 +47,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from ..knn import knn, knn_vote
+from ..ops import knn, knn_vote
 
 try:
     import sklearn  # noqa: F401
