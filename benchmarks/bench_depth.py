@@ -28,16 +28,11 @@ import json
 import sys
 import time
 
+import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
 import torch
-from _common import (
-    check,
-    describe_machine,
-    fmt,
-    format_table,
-    knn_gflops,
-    machine_info,
-    matmul_gflops,
-)
+from _machine import describe_machine, machine_info
+from _tables import check, fmt, format_table
+from _timing import knn_gflops, matmul_gflops
 
 import pdepth
 

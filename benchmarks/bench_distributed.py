@@ -27,10 +27,13 @@ import sys
 import tempfile
 import time
 
+import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _common import describe_machine, fmt, format_table, machine_info, make_data
+from _data import make_data
+from _machine import describe_machine, machine_info
+from _tables import fmt, format_table
 
 import pdepth
 from pdepth import distributed as pdist

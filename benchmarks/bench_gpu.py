@@ -22,19 +22,13 @@ import json
 import os
 import sys
 
+import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
 import torch
-from _common import (
-    agreement,
-    describe_machine,
-    fmt,
-    format_table,
-    knn_gflops,
-    machine_info,
-    make_data,
-    matmul_gflops,
-    time_many,
-    torch_pipeline_vote,
-)
+from _baselines import agreement, same_neighbours, torch_pipeline_vote
+from _data import make_data
+from _machine import describe_machine, machine_info
+from _tables import fmt, format_table
+from _timing import knn_gflops, matmul_gflops, time_many
 
 import pdepth
 
@@ -61,11 +55,6 @@ SIZES = {
         "repeat": 2,
     },
 }
-
-
-def same_neighbours(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of queries whose k neighbour sets are equal."""
-    return (a.sort(1).values == b.sort(1).values).all(1).double().mean().item()
 
 
 def peak_extra_bytes(device: torch.device, fn) -> int | None:

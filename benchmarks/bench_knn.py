@@ -22,24 +22,20 @@ import sys
 import threading
 import time
 
+import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
 import torch
-from _common import (
-    OtherLoad,
+from _baselines import (
     agreement,
-    check,
-    describe_machine,
     faiss_available,
     faiss_vote,
-    fmt,
-    format_table,
-    knn_gflops,
-    machine_info,
-    make_data,
-    matmul_fn,
+    same_neighbours,
     sklearn_vote,
-    time_many,
     torch_pipeline_vote,
 )
+from _data import make_data
+from _machine import OtherLoad, describe_machine, machine_info
+from _tables import check, fmt, format_table
+from _timing import knn_gflops, matmul_fn, time_many
 
 import pdepth
 
@@ -70,11 +66,6 @@ SKLEARN_TARGET = ("<=", 0.2)  # >= 5x faster
 TORCH_TARGET = ("<", 1.0)
 MATMUL_TARGET = (">=", 85.0)  # percent of the matmul rate, at the largest D
 MEMORY_TARGET = ("<=", 1.5)  # total peak (inputs + extra) / inputs
-
-
-def same_neighbours(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of queries whose k neighbour sets are equal."""
-    return (a.sort(1).values == b.sort(1).values).all(1).double().mean().item()
 
 
 def bench_dim(n: int, m: int, d: int, repeat: int, has_faiss: bool, matmul_size: int) -> dict:
@@ -347,7 +338,7 @@ def header(info: dict, cfg: dict, repeat: int) -> str:
         "# pdepth k-NN vote, CPU",
         describe_machine(info),
         f"dtype float32, N={cfg['n']} support, Q={cfg['m']} queries, k={K}, {NUM_CLASSES} "
-        f"classes, D in {list(cfg['dims'])}; data: Gaussian blobs (_common.make_data)",
+        f"classes, D in {list(cfg['dims'])}; data: Gaussian blobs (_data.make_data)",
         f"median of {repeat} runs after 1 warm-up; the methods and a {cfg['matmul']}^3 float32 "
         "torch.matmul (the roofline) interleaved run by run; spread = (max - min) / median",
     ]

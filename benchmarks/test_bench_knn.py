@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import functools
 
+import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
 import pytest
 import torch
-from _common import (
-    KnnData,
+from _baselines import (
     agreement,
     faiss_available,
     faiss_vote,
-    make_data,
     sklearn_vote,
     torch_pipeline_vote,
     torch_vote,
 )
+from _data import KnnData, make_data
 
 import pdepth
 

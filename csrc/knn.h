@@ -1,6 +1,6 @@
 // Shared declarations of the pdepth k-NN ops: the ordering rule, the distance formula and
 // the argument checks. Every backend (cpu/, cuda/) includes this file, so the rules of
-// design.md section 2 are written once.
+// docs/design.md sections 2 and 6 are written once.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,8 +1,8 @@
 """pdepth: fast, exact prediction depth (Baldock, Maennel, Neyshabur, NeurIPS 2021).
 
-- k-NN core (:func:`knn`, :func:`knn_vote`, :func:`vote`): the compiled extension
-  ``pdepth._C`` (C++ on CPU, CUDA on GPU); :mod:`pdepth.reference` is the float64 oracle
-  and fallback.
+- k-NN core (:func:`knn`, :func:`knn_vote`, :func:`vote`; :mod:`pdepth.ops`): the compiled
+  extension ``pdepth._C`` (C++ on CPU, CUDA on GPU); :mod:`pdepth.reference` is the float64
+  oracle and fallback; the running top-k and its merge rule are :mod:`pdepth.topk`.
 - Prediction depth on embeddings (:func:`prediction_depth`, :func:`depth_from_predictions`,
   :func:`aggregate`) and drop-in shims for existing probe code (:mod:`pdepth.compat`).
 - The paper's protocol: probes and extraction (:func:`extract`), model-level streaming
@@ -13,6 +13,7 @@
 import sys
 
 from . import compat, data, models, ops, probes, reference
+from ._extension import backend, build_info
 from ._version import __version__
 from .categories import CATEGORIES, CategoryThresholds, categorize
 from .data import load_fashion_mnist
@@ -24,22 +25,11 @@ from .depth import (
     depth_from_predictions,
     prediction_depth,
 )
-from .ops import (
-    SELF_MATCH_POLICIES,
-    Neighbors,
-    Vote,
-    backend,
-    build_info,
-    empty_topk,
-    knn,
-    knn_vote,
-    merge_topk,
-    neighbor_labels,
-    vote,
-)
+from .ops import SELF_MATCH_POLICIES, knn, knn_vote, vote
 from .pipeline import RunConfig, run
 from .probes import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
 from .stream import StreamResult, stream_prediction_depth
+from .topk import Neighbors, Vote, empty_topk, merge_topk, neighbor_labels
 
 # The modules pdepth.ops and pdepth.probes were named pdepth.knn and pdepth.extract, names the
 # functions pdepth.knn and pdepth.extract now own. Registering the old module paths keeps

@@ -1,4 +1,4 @@
-"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.pipeline`) and ``pdepth report DIR``.
+"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.protocol`) and ``pdepth report DIR``.
 
 Exit status: 0 on success; 2 on an error the user can fix (bad arguments, a missing dataset or
 optional dependency, an output directory that cannot be used, a damaged run file), reported
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .data import DATASETS
 from .models import ARCHITECTURES
 
 __all__ = ["main"]
@@ -38,7 +39,7 @@ def _subset(text: str) -> int | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .pipeline import RunConfig
+    from .protocol import RunConfig
 
     d = RunConfig()
     p = argparse.ArgumentParser(
@@ -49,11 +50,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Split the data 50/50 per seed, train a model on each half, compute "
                     "prediction depth of every example in and out of the training split, write "
                     "results.parquet, per-model arrays, config.json and report.html.")
-    r.add_argument("--dataset", default=d.dataset, choices=["fashion-mnist"],
+    r.add_argument("--dataset", default=d.dataset, choices=list(DATASETS),
                    help="dataset (default: %(default)s, from the Debian package "
                         "dataset-fashion-mnist)")
     r.add_argument("--root", default=None,
-                   help="dataset folder (default: /usr/share/datasets/fashion-mnist)")
+                   help=f"dataset folder (default: {DATASETS[d.dataset].root})")
     r.add_argument("--arch", default=d.arch, choices=list(ARCHITECTURES),
                    help="architecture (default: %(default)s)")
     r.add_argument("--probes", default=None,
@@ -98,7 +99,7 @@ def _err(msg) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .pipeline import MissingDependencyError, OutputExistsError
+    from .protocol import MissingDependencyError, OutputExistsError
 
     try:
         return _report(args.dir) if args.command == "report" else _run(args)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .pipeline import OutputExistsError, RunConfig, run
+    from .protocol import OutputExistsError, RunConfig, run
 
     probes = args.probes
     if probes is not None and "," in probes:
@@ -171,7 +172,7 @@ def _distributed(device: str):
 def _report(path: str) -> int:
     from pathlib import Path
 
-    from .pipeline import require_modules
+    from .protocol import require_modules
     from .report import REPORT_DEPENDENCIES, write_report
 
     out = Path(path)

@@ -1,4 +1,6 @@
-"""Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (IDX files, gzip).
+"""Datasets: the table :data:`DATASETS` (name -> :class:`DatasetInfo`: default folder, class
+names, normalisation, loader) and Fashion-MNIST from the Debian package
+``dataset-fashion-mnist`` (IDX files, gzip), its one entry.
 
 Nothing here touches the network: the files are read from ``root`` (default
 ``/usr/share/datasets/fashion-mnist``, where ``apt-get install dataset-fashion-mnist`` puts
@@ -9,13 +11,16 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 __all__ = [
-    "DATASETS", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_ROOT",
-    "FASHION_MNIST_STD", "load_fashion_mnist", "load_subset", "normalize_images",
+    "DATASETS", "DatasetInfo", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_ROOT",
+    "FASHION_MNIST_STD", "dataset_info", "load_fashion_mnist", "load_subset",
+    "normalize_images",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -87,7 +92,40 @@ def load_fashion_mnist(
 # Per-pixel statistics of the Fashion-MNIST training images (scaled to [0, 1]).
 FASHION_MNIST_MEAN = 0.2860
 FASHION_MNIST_STD = 0.3530
-DATASETS = ("fashion-mnist",)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset: its default folder, class names, normalisation (per-pixel mean and std of
+    the training images scaled to [0, 1]) and loader ``load(root, split) -> (images uint8,
+    labels int64)``."""
+
+    name: str
+    root: str
+    classes: tuple[str, ...]
+    mean: float
+    std: float
+    load: Callable[[str, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# The dataset table: everything the protocol needs to know about a dataset, by name.
+DATASETS = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES,
+                                 FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist),
+}
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    """The table entry of ``dataset``; ValueError naming the valid ones for another name."""
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: "
+                         f"{', '.join(DATASETS)}") from None
 
 
 def normalize_images(images: torch.Tensor, mean: float = FASHION_MNIST_MEAN,
@@ -112,9 +150,8 @@ def load_subset(
     ``dataset_index`` are the examples' indices in the full split (sorted ascending). ``subset``
     None (or >= the split size) takes the whole split.
     """
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(DATASETS)}")
-    images, labels = load_fashion_mnist(root or FASHION_MNIST_ROOT, split)
+    info = dataset_info(dataset)
+    images, labels = info.load(root or info.root, split)
     total = labels.shape[0]
     if subset is None or subset >= total:
         index = torch.arange(total)

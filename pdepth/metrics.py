@@ -132,33 +132,50 @@ def summarize(
     in_train = np.asarray(in_train, bool)
     probs = np.asarray(probs, np.float64)
     layer_pred = np.asarray(layer_pred)
-    epoch_pred = np.asarray(epoch_pred)
     labels = np.asarray(labels).astype(np.int64)
-    r_models, n = depth.shape
-    num_classes = probs.shape[2]
-    num_layers = layer_pred.shape[1]
     scored = depth >= 0
-    held_out = ~in_train & scored
-    train = in_train & scored
+    held_out, train = ~in_train & scored, in_train & scored
+    cols: dict[str, np.ndarray] = {"label": labels}
+    cols.update(_depth_columns(depth, in_train, held_out))
+    cols.update(_prediction_columns(probs, labels, train, held_out))
+    learned = np.stack([iteration_learned(e) for e in np.asarray(epoch_pred)]).astype(np.float64)
+    cols["iteration_learned"] = _masked_mean(learned, train)
+    cols["held_out_iteration_learned"] = _masked_mean(learned, held_out)
+    cols.update(_early_columns(layer_pred, labels, scored, probs.shape[2], early_fraction))
+    for r in range(depth.shape[0]):
+        cols[f"depth_m{r}"] = np.where(scored[r], depth[r], -1).astype(np.int64)
+        cols[f"in_train_m{r}"] = in_train[r]
+    knn_correct = (layer_pred == labels[None, None, :]).astype(np.float64)  # [R, L, n]
+    for name, mask in (("train", train), ("held_out", held_out)):
+        for layer in range(layer_pred.shape[1]):
+            cols[f"knn_{name}_{layer}"] = _masked_mean(knn_correct[:, layer], mask)
+    df = pd.DataFrame(cols)
+    df.index.name = "example"
+    return df
 
+
+def _depth_columns(depth, in_train, held_out) -> dict:
+    """Mean, std and count of the depth per split (:func:`pdepth.aggregate`)."""
+    scored = depth >= 0
     ens = aggregate([d.astype(np.float64) for d in np.where(scored, depth, -1)],
                     [{"train": t, "held_out": h} for t, h in zip(in_train, held_out, strict=True)],
-                    num_examples=n)
-    cols: dict[str, np.ndarray] = {"label": labels}
-    cols["train_depth"] = ens.train_mean.numpy()
-    cols["held_out_depth"] = ens.held_out_mean.numpy()
-    cols["train_depth_std"] = ens.train_std.numpy()
-    cols["held_out_depth_std"] = ens.held_out_std.numpy()
-    cols["train_count"] = ens.train_count.numpy()
-    cols["held_out_count"] = ens.held_out_count.numpy()
+                    num_examples=depth.shape[1])
+    return {"train_depth": ens.train_mean.numpy(), "held_out_depth": ens.held_out_mean.numpy(),
+            "train_depth_std": ens.train_std.numpy(),
+            "held_out_depth_std": ens.held_out_std.numpy(),
+            "train_count": ens.train_count.numpy(), "held_out_count": ens.held_out_count.numpy()}
 
+
+def _prediction_columns(probs, labels, train, held_out) -> dict:
+    """Accuracy, mode and consistency, confidence and margin, and the held-out ensemble's
+    prediction and entropy, from the models' softmax outputs ``probs [R, n, C]``."""
+    r_models, _, num_classes = probs.shape
+    cols = {}
     pred = probs.argmax(2)  # [R, n]
     correct = (pred == labels[None]).astype(np.float64)
     cols["held_out_accuracy"] = _masked_mean(correct, held_out)
     cols["train_accuracy"] = _masked_mean(correct, train)
-    mode, share = _mode(class_counts(pred, held_out, num_classes))
-    cols["held_out_mode"] = mode
-    cols["consistency"] = share
+    cols["held_out_mode"], cols["consistency"] = _mode(class_counts(pred, held_out, num_classes))
 
     conf = probs.max(2)
     true_p = np.take_along_axis(probs, labels[None, :, None].repeat(r_models, 0), 2)[..., 0]
@@ -176,29 +193,18 @@ def summarize(
         ent = -(np.where(mean_p > 0, mean_p * np.log(mean_p), 0.0)).sum(1)
     cols["ensemble_pred"] = mean_p.argmax(1)
     cols["ensemble_entropy"] = np.where(cnt > 0, ent, np.nan)
+    return cols
 
-    learned = np.stack([iteration_learned(e) for e in epoch_pred]).astype(np.float64)
-    cols["iteration_learned"] = _masked_mean(learned, train)
-    cols["held_out_iteration_learned"] = _masked_mean(learned, held_out)
 
-    n_early = early_probes(num_layers, early_fraction)
+def _early_columns(layer_pred, labels, scored, num_classes, early_fraction) -> dict:
+    """The k-NN votes of the first ``ceil(early_fraction * L)`` probes of every model."""
+    n = labels.shape[0]
+    n_early = early_probes(layer_pred.shape[1], early_fraction)
     early = layer_pred[:, :n_early, :].reshape(-1, n)  # [R * n_early, n]
     early_mask = np.repeat(scored, n_early, axis=0)
     counts = class_counts(early, early_mask, num_classes)
-    e_mode, e_share = _mode(counts)
-    cols["early_mode"] = e_mode
-    cols["early_mode_share"] = e_share
+    cols = {}
+    cols["early_mode"], cols["early_mode_share"] = _mode(counts)
     with np.errstate(invalid="ignore", divide="ignore"):
         cols["early_label_share"] = counts[np.arange(n), labels] / np.maximum(counts.sum(1), 1)
-
-    for r in range(r_models):
-        cols[f"depth_m{r}"] = np.where(scored[r], depth[r], -1).astype(np.int64)
-        cols[f"in_train_m{r}"] = in_train[r]
-    knn_correct = (layer_pred == labels[None, None, :]).astype(np.float64)  # [R, L, n]
-    for layer in range(num_layers):
-        cols[f"knn_train_{layer}"] = _masked_mean(knn_correct[:, layer], train)
-    for layer in range(num_layers):
-        cols[f"knn_held_out_{layer}"] = _masked_mean(knn_correct[:, layer], held_out)
-    df = pd.DataFrame(cols)
-    df.index.name = "example"
-    return df
+    return cols

@@ -1,7 +1,7 @@
 """Embedding extraction: every probe of a network in one forward pass, with forward hooks.
 
 A :class:`ProbeSpec` names the probed modules (by their ``named_modules()`` name), in order
-from input to output. By convention (design.md section 1) probe 0 is the raw input and the
+from input to output. By convention (docs/design.md section 1) probe 0 is the raw input and the
 last probe is the softmax of the model's output; the hooked modules sit in between. Each hook
 copies its module's output at the moment the module runs (so an in-place activation that runs
 later, e.g. ``ReLU(inplace=True)`` after a batch norm, cannot change what was recorded),
@@ -378,21 +378,6 @@ def iter_batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, to
             yield batch.get("x", batch.get("image")), batch.get("y", batch.get("label"))
         else:
             yield batch[0], (batch[1] if len(batch) > 1 else None)
-
-
-def _num_items(data) -> int | None:
-    if isinstance(data, torch.Tensor):
-        return data.shape[0]
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        return data[0].shape[0]
-    try:
-        return len(data.dataset)  # DataLoader
-    except (AttributeError, TypeError):
-        pass
-    try:
-        return len(data)
-    except TypeError:
-        return None
 
 
 def extract(

@@ -1,11 +1,22 @@
-"""Pure-torch float64 implementation of the k-NN rules (design.md section 2).
+"""Pure-torch float64 implementation of the k-NN rules (docs/design.md section 2), from scratch.
 
 It is the test oracle and the fallback used when the compiled extension cannot be loaded.
-It follows the same rules as the kernels: squared L2 distance, ties to the lower support
-index, self-match policies, uniform vote with ties to the lowest class. Distances are
-computed in float64 from the expanded form |q|^2 + |s|^2 - 2 q.s (exact for integer-valued
-inputs below 2**26 in magnitude, and within ~1e-16 relative otherwise), in query chunks so
-that memory stays bounded, and returned as float64.
+It implements the rules directly and imports nothing from the code it checks (its argument
+checks, and its merge, are its own):
+
+- distance: the squared Euclidean distance sum_d (q_d - s_d)^2, computed directly from the
+  two rows in float64, summed over d in order (exact for integer-valued inputs whose squared
+  distances stay below 2**53, and within about D * 2**-53 relative otherwise), for query
+  chunks so that memory stays bounded, and returned as float64;
+- neighbours: a stable sort on (distance, index), empty slots (index -1) last; the first k;
+- self match: ``exclude`` skips each query's own support index, ``include`` ignores it,
+  ``drop_nearest`` takes k+1 and drops the first (no streaming);
+- vote: uniform counts, ties to the lowest class, -1 labels (missing neighbours) not voting.
+
+Of the inputs the op rejects, these are rejected here too: k < 1 or above the usable
+support, an unknown self-match policy, streaming with ``drop_nearest``, a negative offset,
+labels outside ``[0, num_classes)``, non-finite values, squared distances that could
+overflow the op's compute dtype, and non-integer ``k``, ``offset`` and ``num_classes``.
 """
 
 from __future__ import annotations
@@ -17,16 +28,20 @@ import torch
 
 __all__ = ["knn", "knn_vote", "vote", "distance_tolerance"]
 
+# Elements of one chunk's [rows, N] distance block (float64: 128 MiB).
 _CHUNK_ELEMENTS = 2**24
+
+_POLICIES = ("exclude", "include", "drop_nearest")
 
 
 def distance_tolerance(queries: torch.Tensor, support: torch.Tensor, dtype=None) -> torch.Tensor:
     """Documented accuracy of the kernels' squared distances, per query.
 
-    The kernels rank by ``|q|^2 + |s|^2 - 2 q.s`` evaluated in ``dtype`` (float32 for
-    float16/bfloat16/float32 inputs). The standard bound on a D-term dot product gives an
-    absolute error of at most ``(D + 4) * eps * (|q|^2 + max_s |s|^2)``; results may differ
-    from exact ordering only between points whose exact distances are closer than this.
+    The kernels rank by the canonical key sum_d (q_d - s_d)^2 evaluated in ``dtype``
+    (float32 for float16/bfloat16/float32 inputs; a fast GEMM only filters candidates). The
+    documented tolerance of that key is ``(D + 4) * eps * (|q|^2 + max_s |s|^2)``; results
+    may differ from exact ordering only between points whose exact distances are closer
+    than this.
 
     Returns a float64 tensor [M].
     """
@@ -50,10 +65,10 @@ def _int_arg(value, name: str, op: str) -> int:
     ):
         value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{op}(): {name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"knn(): {name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if not _INT64.min <= value <= _INT64.max:
-        raise ValueError(f"{op}(): {name}={value} does not fit in int64")
+        raise ValueError(f"knn(): {name}={value} does not fit in int64")
     return value
 
 
@@ -69,8 +84,13 @@ def _sort_topk(dist: torch.Tensor, index: torch.Tensor, k: int):
     return dist.gather(1, pick), index.gather(1, pick)
 
 
-def _check(queries, support, k):
+def _check(queries, support, k, offset, *, self_match, streaming):
+    """The rules on the arguments of :func:`knn` (``streaming``: a running top-k was given);
+    returns ``(k, offset)`` as ints."""
     k = _int_arg(k, "k", "knn")
+    offset = _int_arg(offset, "offset", "knn")
+    if self_match not in _POLICIES:
+        raise ValueError(f"self_match must be one of {_POLICIES}, got {self_match!r}")
     if queries.dim() != 2 or support.dim() != 2:
         raise ValueError(
             f"knn(): queries and support must be 2-D, got {tuple(queries.shape)} and "
@@ -83,11 +103,18 @@ def _check(queries, support, k):
         )
     if k < 1:
         raise ValueError(f"knn(): k must be >= 1, got k={k}")
+    if offset < 0:
+        raise ValueError(f"knn(): offset must be >= 0, got offset={offset}")
+    if streaming and self_match == "drop_nearest":
+        raise ValueError(
+            "knn(): streaming (prev) is not supported with self_match='drop_nearest'; "
+            "stream with self_match='include' and k+1, then drop the first column"
+        )
     for name, t in (("queries", queries), ("support", support)):
         if t.numel() and not torch.isfinite(t).all():
             raise ValueError(f"knn(): {name} contains NaN or Inf")
     _check_range(queries, support)
-    return k
+    return k, offset
 
 
 def _check_range(queries, support):
@@ -110,6 +137,46 @@ def _check_range(queries, support):
         )
 
 
+def _check_usable(m, n, kk, k, self_index, offset):
+    """Without a running top-k, every query needs k (+1 dropped nearest) usable points."""
+    excluded = 0
+    if self_index is not None and m:
+        excluded = int(((self_index >= offset) & (self_index < offset + n)).any())
+    if m and kk > n - excluded:
+        raise ValueError(
+            f"knn(): k={k} is larger than the usable support: {n} points"
+            + (", 1 excluded as the self match" if excluded else "")
+        )
+
+
+def _sq_dist(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``[m, n]`` float64 squared distances sum_d (q_d - s_d)^2 of float64 rows, summed over
+    d = 0..D-1 in order (the definition itself: no expanded form, no cancellation)."""
+    acc = q.new_zeros(q.shape[0], s.shape[0])
+    for j in range(q.shape[1]):
+        diff = q[:, j, None] - s[None, :, j]
+        acc.addcmul_(diff, diff)
+    return acc
+
+
+def _chunk_topk(d, idx, kk, prev_rows, self_rows):
+    """The (distance, index)-sorted first ``kk`` of one chunk of query rows: the chunk's
+    distances ``d`` / indices ``idx`` ``[rows, N]``, self matches removed, merged with the
+    running top-k rows ``prev_rows`` or padded with empty slots up to ``kk``."""
+    if self_rows is not None:
+        hit = idx == self_rows[:, None]
+        d = d.masked_fill(hit, math.inf)
+        idx = idx.masked_fill(hit, -1)
+    if prev_rows is not None:
+        d = torch.cat([prev_rows[0].to(torch.float64), d], 1)
+        idx = torch.cat([prev_rows[1], idx], 1)
+    elif d.shape[1] < kk:
+        pad = kk - d.shape[1]
+        d = torch.cat([d, d.new_full((d.shape[0], pad), math.inf)], 1)
+        idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], 1)
+    return _sort_topk(d, idx, kk)
+
+
 @torch.no_grad()
 def knn(
     queries: torch.Tensor,
@@ -126,7 +193,8 @@ def knn(
     Returns ``(dist[M, k] float64, index[M, k] int64)``. Not differentiable (computed under
     ``torch.no_grad``, as the op's outputs never require grad).
     """
-    k = _check(queries, support, k)
+    k, offset = _check(queries, support, k, offset, self_match=self_match,
+                       streaming=prev is not None)
     skip = 1 if self_match == "drop_nearest" else 0
     if self_match != "exclude":
         self_index = None
@@ -135,39 +203,22 @@ def knn(
     device = queries.device
     q = queries.to(torch.float64)
     s = support.to(torch.float64)
-    qn = q.pow(2).sum(1)
-    sn = s.pow(2).sum(1)
     if prev is None:
-        excluded = 0
-        if self_index is not None and m:
-            excluded = int(((self_index >= offset) & (self_index < offset + n)).any())
-        if m and kk > n - excluded:
-            raise ValueError(
-                f"knn(): k={k} is larger than the usable support: {n} points"
-                + (", 1 excluded as the self match" if excluded else "")
-            )
+        _check_usable(m, n, kk, k, self_index, offset)
     out_d = torch.empty(m, k, dtype=torch.float64, device=device)
     out_i = torch.empty(m, k, dtype=torch.int64, device=device)
     cols = torch.arange(offset, offset + n, device=device)
     step = max(1, _CHUNK_ELEMENTS // max(n, 1))
     for r0 in range(0, m, step):
-        r1 = min(m, r0 + step)
-        d = (qn[r0:r1, None] + sn[None, :]) - 2.0 * (q[r0:r1] @ s.T)
-        d = d.clamp_min(0.0)
-        idx = cols.expand(r1 - r0, n).clone()
-        if self_index is not None:
-            hit = idx == self_index[r0:r1, None]
-            d = d.masked_fill(hit, math.inf)
-            idx = idx.masked_fill(hit, -1)
-        if prev is not None:
-            d = torch.cat([prev[0][r0:r1].to(torch.float64), d], 1)
-            idx = torch.cat([prev[1][r0:r1], idx], 1)
-        elif d.shape[1] < kk:
-            pad = kk - d.shape[1]
-            d = torch.cat([d, d.new_full((r1 - r0, pad), math.inf)], 1)
-            idx = torch.cat([idx, idx.new_full((r1 - r0, pad), -1)], 1)
-        d, idx = _sort_topk(d, idx, kk)
-        out_d[r0:r1], out_i[r0:r1] = d[:, skip:], idx[:, skip:]
+        rows = slice(r0, min(m, r0 + step))
+        d, idx = _chunk_topk(
+            _sq_dist(q[rows], s),
+            cols.expand(rows.stop - r0, n).clone(),
+            kk,
+            None if prev is None else (prev[0][rows], prev[1][rows]),
+            None if self_index is None else self_index[rows],
+        )
+        out_d[rows], out_i[rows] = d[:, skip:], idx[:, skip:]
     return out_d, out_i
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._atomic import PendingFiles
 from .categories import CATEGORIES
 from .metrics import layer_accuracy
 
@@ -68,30 +69,6 @@ def _load(out: Path):
     return tuple(loaded)
 
 
-class _Pending:
-    """Files written under temporary names and renamed together once all are written."""
-
-    def __init__(self):
-        self.files: list[tuple[Path, Path]] = []
-
-    def tmp(self, path: Path) -> Path:
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-        self.files.append((tmp, path))
-        return tmp
-
-    def commit(self) -> None:
-        for tmp, path in self.files:
-            os.replace(tmp, path)
-
-    def discard(self) -> None:
-        for tmp, _ in self.files:
-            tmp.unlink(missing_ok=True)
-
-
-def _save(fig, path: Path, pending: _Pending) -> None:
-    fig.savefig(pending.tmp(path), dpi=110, bbox_inches="tight")
-
-
 def _binned(x: np.ndarray, y: np.ndarray, num_layers: int):
     ok = ~np.isnan(x) & ~np.isnan(y)
     xb = np.rint(x[ok]).astype(int)
@@ -123,10 +100,10 @@ def write_report(out: str | os.PathLike) -> Path:
     figdir = out / "figures"
     created = not figdir.exists()
     figdir.mkdir(exist_ok=True)
-    pending = _Pending()
+    pending = PendingFiles(keep_suffix=True)
     try:
-        _draw(figdir, pending, *loaded)
-        pending.commit()
+        _draw(figdir, pending, loaded)
+        pending.replace_all()
     except BaseException:
         pending.discard()
         if created and not any(figdir.iterdir()):
@@ -135,108 +112,163 @@ def write_report(out: str | os.PathLike) -> Path:
     return out / "report.html"
 
 
-def _draw(figdir: Path, pending: _Pending, df, arr, data, cfg) -> None:
-    """Draws every figure and report.html under temporary names (``pending``)."""
-    import matplotlib
+def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
+    """Draws every figure and report.html under temporary names (``pending``), in the order
+    of :data:`FIGURES` (the figures share one random generator, used in this order)."""
+    d = _Drawing(figdir, pending, loaded)
+    d.depth_hist()
+    d.metrics_vs_depth()
+    acc_tr, acc_ho = d.layer_knn()
+    d.depth_2d()
+    d.examples_by_depth()
+    d.examples_by_category()
+    d.training()
+    html_path = pending.tmp(figdir.parent / "report.html")
+    html_path.write_text(_html(d.df, d.cfg, acc_tr, acc_ho, d.names))
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
-    res = cfg["resolved"]
-    names = list(arr["layer_names"])
-    num_layers = len(names)
-    class_names = res.get("class_names") or [str(i) for i in range(res["num_classes"])]
-    depth, in_train = arr["depth"], arr["in_train"].astype(bool)
-    scored = depth >= 0
-    labels = arr["labels"]
-    rng = np.random.default_rng(0)
+class _Drawing:
+    """The figures of one run directory; each method draws one figure of :data:`FIGURES`."""
 
-    # 1. depth histograms per split
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    bins = np.arange(num_layers + 1)
-    for i, (mask, lab) in enumerate(((in_train & scored, "training split (self excluded)"),
-                                     (~in_train & scored, "held out"))):
-        counts = np.bincount(depth[mask], minlength=num_layers + 1)
-        ax.bar(bins + (i - 0.5) * 0.4, counts / max(1, counts.sum()), width=0.4, label=lab)
-    ax.set_xticks(bins)
-    ax.set_xlabel(f"prediction depth (0 = every probe agrees, {num_layers} = last disagrees)")
-    ax.set_ylabel("fraction of (model, example) pairs")
-    ax.legend()
-    ax.set_title("Prediction depth per split")
-    _save(fig, figdir / "depth_hist.png", pending)
-    plt.close(fig)
+    per_row = 10  # images per row of the example grids
 
-    # 2. metrics against depth
-    panels = [("held_out_accuracy", "held-out accuracy (C-score est.)"),
-              ("consistency", "held-out consistency"),
-              ("confidence", "held-out confidence"),
-              ("iteration_learned", "iteration (epoch) learned")]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
-    for ax, (col, title) in zip(axes.ravel(), panels, strict=True):
-        for dcol, lab in (("held_out_depth", "vs held-out depth"),
-                          ("train_depth", "vs train-split depth")):
-            c, m, s = _binned(df[dcol].to_numpy(float), df[col].to_numpy(float), num_layers)
-            ax.errorbar(c, m, yerr=s, marker="o", capsize=3, label=lab)
-        ax.set_title(title)
-        ax.set_xlabel("mean prediction depth (rounded)")
-        ax.set_xticks(range(num_layers + 1))
+    def __init__(self, figdir: Path, pending: PendingFiles, loaded: tuple):
+        """``loaded``: ``(results table, per-model arrays, data.npz arrays, config.json)``."""
+        df, arr, data, cfg = loaded
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        self.plt, self.matplotlib = plt, matplotlib
+        self.figdir, self.pending = figdir, pending
+        self.df, self.arr, self.cfg = df, arr, cfg
+        self.images = data["images"]
+        res = cfg["resolved"]
+        self.names = list(arr["layer_names"])
+        self.num_layers = len(self.names)
+        self.class_names = (res.get("class_names")
+                            or [str(i) for i in range(res["num_classes"])])
+        self.depth, self.in_train = arr["depth"], arr["in_train"].astype(bool)
+        self.scored = self.depth >= 0
+        self.labels = arr["labels"]
+        self.rng = np.random.default_rng(0)
+
+    def save(self, fig, name: str) -> None:
+        fig.savefig(self.pending.tmp(self.figdir / name), dpi=110, bbox_inches="tight")
+        self.plt.close(fig)
+
+    def depth_hist(self) -> None:
+        num_layers, depth = self.num_layers, self.depth
+        fig, ax = self.plt.subplots(figsize=(6.5, 3.8))
+        bins = np.arange(num_layers + 1)
+        for i, (mask, lab) in enumerate(
+                ((self.in_train & self.scored, "training split (self excluded)"),
+                 (~self.in_train & self.scored, "held out"))):
+            counts = np.bincount(depth[mask], minlength=num_layers + 1)
+            ax.bar(bins + (i - 0.5) * 0.4, counts / max(1, counts.sum()), width=0.4, label=lab)
+        ax.set_xticks(bins)
+        ax.set_xlabel(f"prediction depth (0 = every probe agrees, {num_layers} = last "
+                      "disagrees)")
+        ax.set_ylabel("fraction of (model, example) pairs")
+        ax.legend()
+        ax.set_title("Prediction depth per split")
+        self.save(fig, "depth_hist.png")
+
+    def metrics_vs_depth(self) -> None:
+        df, num_layers = self.df, self.num_layers
+        panels = [("held_out_accuracy", "held-out accuracy (C-score est.)"),
+                  ("consistency", "held-out consistency"),
+                  ("confidence", "held-out confidence"),
+                  ("iteration_learned", "iteration (epoch) learned")]
+        fig, axes = self.plt.subplots(2, 2, figsize=(9, 6.5))
+        for ax, (col, title) in zip(axes.ravel(), panels, strict=True):
+            for dcol, lab in (("held_out_depth", "vs held-out depth"),
+                              ("train_depth", "vs train-split depth")):
+                c, m, s = _binned(df[dcol].to_numpy(float), df[col].to_numpy(float),
+                                  num_layers)
+                ax.errorbar(c, m, yerr=s, marker="o", capsize=3, label=lab)
+            ax.set_title(title)
+            ax.set_xlabel("mean prediction depth (rounded)")
+            ax.set_xticks(range(num_layers + 1))
+            ax.grid(alpha=0.3)
+        axes[0, 0].legend(fontsize=8)
+        fig.tight_layout()
+        self.save(fig, "metrics_vs_depth.png")
+
+    def layer_knn(self):
+        """Returns the per-probe k-NN accuracy ``(training split, held out)``."""
+        num_layers = self.num_layers
+        lp = self.arr["layer_pred"].astype(np.int64)
+        acc_tr = layer_accuracy(lp, self.labels, self.in_train & self.scored)
+        acc_ho = layer_accuracy(lp, self.labels, ~self.in_train & self.scored)
+        fig, ax = self.plt.subplots(figsize=(max(6.0, 0.55 * num_layers + 2), 3.8))
+        ax.plot(range(num_layers), acc_tr, "o-", label="training split (self excluded)")
+        ax.plot(range(num_layers), acc_ho, "s-", label="held out")
+        ax.set_xticks(range(num_layers))
+        ax.set_xticklabels(self.names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("k-NN accuracy (given labels)")
+        ax.set_title(f"Per-probe k-NN accuracy (k = {self.cfg['config']['k']})")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, figdir / "metrics_vs_depth.png", pending)
-    plt.close(fig)
+        ax.legend()
+        self.save(fig, "layer_knn.png")
+        return acc_tr, acc_ho
 
-    # 3. per-layer k-NN accuracy
-    lp = arr["layer_pred"].astype(np.int64)
-    acc_tr = layer_accuracy(lp, labels, in_train & scored)
-    acc_ho = layer_accuracy(lp, labels, ~in_train & scored)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * num_layers + 2), 3.8))
-    ax.plot(range(num_layers), acc_tr, "o-", label="training split (self excluded)")
-    ax.plot(range(num_layers), acc_ho, "s-", label="held out")
-    ax.set_xticks(range(num_layers))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("k-NN accuracy (given labels)")
-    ax.set_title(f"Per-probe k-NN accuracy (k = {cfg['config']['k']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, figdir / "layer_knn.png", pending)
-    plt.close(fig)
+    def depth_2d(self) -> None:
+        df, num_layers = self.df, self.num_layers
+        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(11, 4.8))
+        ok = ~df["train_depth"].isna() & ~df["held_out_depth"].isna()
+        tr = df.loc[ok, "train_depth"].to_numpy(float)
+        ho = df.loc[ok, "held_out_depth"].to_numpy(float)
+        edges = np.arange(-0.25, num_layers + 0.5, 0.5)
+        h, _, _, im = a1.hist2d(tr, ho, bins=[edges, edges], cmap="viridis",
+                                norm=self.matplotlib.colors.LogNorm())
+        fig.colorbar(im, ax=a1, label="examples")
+        a1.set_title("Train-split vs held-out depth (counts)")
+        cats = df.loc[ok, "category"].astype(str).to_numpy()
+        jit = lambda v: v + self.rng.uniform(-0.2, 0.2, v.shape)  # noqa: E731
+        for c in CATEGORIES:
+            sel = cats == c
+            a2.scatter(jit(tr[sel]), jit(ho[sel]), s=4, alpha=0.5, color=_COLORS[c],
+                       label=f"{c} ({int(sel.sum())})")
+        a2.legend(markerscale=3, fontsize=8, loc="upper left")
+        a2.set_title("Difficulty categories")
+        for ax in (a1, a2):
+            ax.set_xlabel("mean depth, in the training split")
+            ax.set_ylabel("mean depth, held out")
+            ax.set_xlim(-0.5, num_layers + 0.5)
+            ax.set_ylim(-0.5, num_layers + 0.5)
+            ax.plot([0, num_layers], [0, num_layers], color="gray", lw=0.5)
+        fig.tight_layout()
+        self.save(fig, "depth_2d.png")
 
-    # 4. 2-D view
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.8))
-    ok = ~df["train_depth"].isna() & ~df["held_out_depth"].isna()
-    tr = df.loc[ok, "train_depth"].to_numpy(float)
-    ho = df.loc[ok, "held_out_depth"].to_numpy(float)
-    edges = np.arange(-0.25, num_layers + 0.5, 0.5)
-    h, _, _, im = a1.hist2d(tr, ho, bins=[edges, edges], cmap="viridis",
-                            norm=matplotlib.colors.LogNorm())
-    fig.colorbar(im, ax=a1, label="examples")
-    a1.set_title("Train-split vs held-out depth (counts)")
-    cats = df.loc[ok, "category"].astype(str).to_numpy()
-    jit = lambda v: v + rng.uniform(-0.2, 0.2, v.shape)  # noqa: E731
-    for c in CATEGORIES:
-        sel = cats == c
-        a2.scatter(jit(tr[sel]), jit(ho[sel]), s=4, alpha=0.5, color=_COLORS[c],
-                   label=f"{c} ({int(sel.sum())})")
-    a2.legend(markerscale=3, fontsize=8, loc="upper left")
-    a2.set_title("Difficulty categories")
-    for ax in (a1, a2):
-        ax.set_xlabel("mean depth, in the training split")
-        ax.set_ylabel("mean depth, held out")
-        ax.set_xlim(-0.5, num_layers + 0.5)
-        ax.set_ylim(-0.5, num_layers + 0.5)
-        ax.plot([0, num_layers], [0, num_layers], color="gray", lw=0.5)
-    fig.tight_layout()
-    _save(fig, figdir / "depth_2d.png", pending)
-    plt.close(fig)
+    def examples_by_depth(self) -> None:
+        ho_round = np.rint(self.df["held_out_depth"].to_numpy(float))
+        rows = []
+        for d in range(self.num_layers + 1):
+            idx = np.flatnonzero(ho_round == d)
+            idx = self.rng.permutation(idx)[:self.per_row]
+            rows.append((f"depth {d}\n({int((ho_round == d).sum())})", idx,
+                         [_short(self.class_names[self.labels[i]]) for i in idx]))
+        self.grid(rows, "examples_by_depth.png", "Examples by held-out prediction depth")
 
-    # 5./6. image grids
-    images = data["images"]
-    per_row = 10
+    def examples_by_category(self) -> None:
+        names, labels = self.class_names, self.labels
+        rows = []
+        mode = self.df["held_out_mode"].to_numpy()
+        cat_all = self.df["category"].astype(str).to_numpy()
+        for c in CATEGORIES:
+            idx = self.rng.permutation(np.flatnonzero(cat_all == c))[:self.per_row]
+            rows.append((c.replace("_", "\n"), idx,
+                         [f"{_short(names[labels[i]])}>{_short(names[mode[i]])}"
+                          for i in idx]))
+        self.grid(rows, "examples_by_category.png", "Examples by difficulty category")
 
-    def grid(rows, path, title):
-        fig, axes = plt.subplots(len(rows), per_row, figsize=(per_row * 0.95, len(rows) * 1.2),
-                                 squeeze=False)
+    def grid(self, rows, name: str, title: str) -> None:
+        """One row of up to :attr:`per_row` images per ``(row_label, indices, captions)``."""
+        per_row = self.per_row
+        fig, axes = self.plt.subplots(len(rows), per_row,
+                                      figsize=(per_row * 0.95, len(rows) * 1.2), squeeze=False)
         for r, (row_label, idx, captions) in enumerate(rows):
             for c in range(per_row):
                 ax = axes[r, c]
@@ -245,52 +277,30 @@ def _draw(figdir: Path, pending: _Pending, df, arr, data, cfg) -> None:
                 for s in ax.spines.values():
                     s.set_visible(False)
                 if c < len(idx):
-                    ax.imshow(images[idx[c]], cmap="gray_r", vmin=0, vmax=255)
+                    ax.imshow(self.images[idx[c]], cmap="gray_r", vmin=0, vmax=255)
                     ax.set_title(captions[c], fontsize=6)
             axes[r, 0].set_ylabel(row_label, fontsize=8, rotation=0, ha="right", va="center")
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        _save(fig, path, pending)
-        plt.close(fig)
+        self.save(fig, name)
 
-    ho_round = np.rint(df["held_out_depth"].to_numpy(float))
-    rows = []
-    for d in range(num_layers + 1):
-        idx = np.flatnonzero(ho_round == d)
-        idx = rng.permutation(idx)[:per_row]
-        rows.append((f"depth {d}\n({int((ho_round == d).sum())})", idx,
-                     [_short(class_names[labels[i]]) for i in idx]))
-    grid(rows, figdir / "examples_by_depth.png", "Examples by held-out prediction depth")
-    rows = []
-    mode = df["held_out_mode"].to_numpy()
-    cat_all = df["category"].astype(str).to_numpy()
-    for c in CATEGORIES:
-        idx = rng.permutation(np.flatnonzero(cat_all == c))[:per_row]
-        rows.append((c.replace("_", "\n"), idx,
-                     [f"{_short(class_names[labels[i]])}>{_short(class_names[mode[i]])}"
-                      for i in idx]))
-    grid(rows, figdir / "examples_by_category.png", "Examples by difficulty category")
-
-    # 7. training curves
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for r in range(arr["loss"].shape[0]):
-        lab = f"seed {arr['seeds'][r]} half {arr['halves'][r]}"
-        ep = np.arange(1, arr["loss"].shape[1] + 1)
-        a1.plot(ep, arr["loss"][r], label=lab)
-        a2.plot(ep, arr["train_accuracy"][r], "-", color=f"C{r}")
-        a2.plot(ep, arr["held_out_accuracy"][r], "--", color=f"C{r}")
-    a1.set_title("training loss")
-    a2.set_title("accuracy (solid: train half, dashed: held out)")
-    for ax in (a1, a2):
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    a1.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, figdir / "training.png", pending)
-    plt.close(fig)
-
-    html_path = pending.tmp(figdir.parent / "report.html")
-    html_path.write_text(_html(df, cfg, acc_tr, acc_ho, names))
+    def training(self) -> None:
+        arr = self.arr
+        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(9, 3.4))
+        for r in range(arr["loss"].shape[0]):
+            lab = f"seed {arr['seeds'][r]} half {arr['halves'][r]}"
+            ep = np.arange(1, arr["loss"].shape[1] + 1)
+            a1.plot(ep, arr["loss"][r], label=lab)
+            a2.plot(ep, arr["train_accuracy"][r], "-", color=f"C{r}")
+            a2.plot(ep, arr["held_out_accuracy"][r], "--", color=f"C{r}")
+        a1.set_title("training loss")
+        a2.set_title("accuracy (solid: train half, dashed: held out)")
+        for ax in (a1, a2):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        self.save(fig, "training.png")
 
 
 def _html(df, cfg, acc_tr, acc_ho, names) -> str:

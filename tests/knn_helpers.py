@@ -4,10 +4,10 @@ The oracle is :mod:`pdepth.reference` (float64, run on CPU). Two kinds of compar
 
 - exact (:func:`assert_same_topk`, :func:`check_exact_reference`): for integer-valued
   inputs, whose squared distances are exactly representable in float32, and for
-  op-vs-op comparisons that design.md promises to be bit-identical (streaming, threads,
-  CPU vs CUDA, float16 vs float32 on the same values);
+  op-vs-op comparisons that docs/design.md (section 9) promises to be bit-identical
+  (streaming, threads, CPU vs CUDA, float16 vs float32 on the same values);
 - within the documented tolerance (:func:`check_close_to_reference`): for random float data,
-  where the kernels' expanded-form distances may reorder points whose exact distances are
+  where the kernels' distances may reorder points whose exact distances are
   closer than ``reference.distance_tolerance``.
 """
 

@@ -1,18 +1,19 @@
-"""Difficulty categories and the per-example metrics they are computed from."""
+"""Difficulty categories (pdepth.categories): constructed cases, thresholds, and a flipped
+label through summarize. The metrics themselves: tests/test_metrics.py."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
+from run_helpers import NUM_PROBES, ensemble
 
 import pdepth
 from pdepth.categories import CATEGORIES, CategoryThresholds, categorize
-from pdepth.metrics import class_counts, iteration_learned, layer_accuracy, summarize
+from pdepth.metrics import summarize
 
-L = 6  # probes
+L = NUM_PROBES  # probes
 
 
 def _row(**kw):
@@ -73,42 +74,8 @@ def test_high_entropy_makes_ambiguous():
     assert categorize(df, L, num_classes=10)[0] == "ambiguous"
 
 
-def _ensemble(n=6, flipped=0, true_class=5, given=3):
-    """Per-model arrays for R=4 models (2 seeds x 2 halves) over n examples, where example
-    ``flipped`` has the given label 3 but looks like class 5 (its true class)."""
-    r_models, num_classes, epochs = 4, 10, 4
-    labels = np.arange(n) % num_classes
-    labels[flipped] = given
-    in_train = np.zeros((r_models, n), bool)
-    in_train[0, ::2] = in_train[1, 1::2] = True
-    in_train[2, :n // 2] = in_train[3, n // 2:] = True
-    probs = np.full((r_models, n, num_classes), 0.01)
-    layer_pred = np.repeat(labels[None, None, :], L, 1).repeat(r_models, 0)
-    epoch_pred = np.repeat(labels[None, None, :], epochs + 1, 1).repeat(r_models, 0).copy()
-    epoch_pred[:, 0] = 0  # untrained: predicts class 0
-    for r in range(r_models):
-        for i in range(n):
-            if i == flipped:
-                if in_train[r, i]:  # memorised: late probes follow the given label
-                    probs[r, i, given] = 0.91
-                    layer_pred[r, :4, i] = true_class
-                    layer_pred[r, 4:, i] = given
-                    epoch_pred[r, :3, i] = true_class
-                    epoch_pred[r, 3:, i] = given
-                else:  # held out: every probe and the network say 5
-                    probs[r, i, true_class] = 0.91
-                    layer_pred[r, :, i] = true_class
-                    epoch_pred[r, 1:, i] = true_class
-            else:
-                probs[r, i, labels[i]] = 0.91
-    pred = probs.argmax(2)
-    depth = np.stack([pdepth.depth_from_predictions(layer_pred[r], pred[r])
-                      for r in range(r_models)])
-    return depth, in_train, probs, layer_pred, epoch_pred, labels
-
-
 def test_flipped_label_through_summarize_lands_in_looks_like_other_class():
-    depth, in_train, probs, layer_pred, epoch_pred, labels = _ensemble()
+    depth, in_train, probs, layer_pred, epoch_pred, labels = ensemble()
     df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels)
     row = df.iloc[0]
     assert row["train_depth"] == 4 and row["held_out_depth"] == 0
@@ -119,26 +86,3 @@ def test_flipped_label_through_summarize_lands_in_looks_like_other_class():
     cats = categorize(df, L)
     assert cats[0] == "looks_like_other_class"
     assert (cats[1:] == "easy").all()
-
-
-def test_summarize_metrics():
-    depth, in_train, probs, layer_pred, epoch_pred, labels = _ensemble()
-    df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels)
-    assert np.allclose(df["confidence"], 0.91)
-    np.testing.assert_allclose(df["margin"].iloc[1:], 0.90)
-    assert df["margin"].iloc[0] == pytest.approx(0.01 - 0.91)
-    p = np.full(10, 0.01)
-    p[labels[1]] = 0.91
-    assert df["ensemble_entropy"].iloc[1] == pytest.approx(-(p * np.log(p)).sum())
-    assert df["knn_held_out_0"].iloc[0] == 0 and df["knn_train_5"].iloc[0] == 1
-    assert list(df.filter(like="depth_m").columns) == [f"depth_m{r}" for r in range(4)]
-
-
-def test_metric_helpers():
-    ep = np.array([[0, 1, 2, 2], [1, 1, 1, 1], [2, 2, 1, 2]]).T  # [E+1=4, n=3]
-    np.testing.assert_array_equal(iteration_learned(ep), [2, 0, 3])
-    counts = class_counts(np.array([[1, 2], [1, 0]]), np.array([[True, True], [True, False]]), 3)
-    np.testing.assert_array_equal(counts, [[0, 2, 0], [0, 0, 1]])
-    lp = np.array([[[0, 1], [1, 1]]])  # [R=1, L=2, n=2]
-    np.testing.assert_allclose(layer_accuracy(lp, np.array([0, 1]), np.ones((1, 2), bool)),
-                               [1.0, 0.5])

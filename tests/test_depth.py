@@ -458,7 +458,7 @@ def test_load_npz_refuses_inconsistent_arrays(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])
 def test_save_is_atomic(tmp_path, suffix, monkeypatch):
-    from pdepth import depth as depth_mod
+    from pdepth.depth import result as depth_mod  # DepthResult.save lives there
 
     old, new = _result(), prediction_depth(_layers(10, 3, widths=(4, 5, 6)),
                                            torch.arange(10) % 3, reference="labels", k=2)
@@ -750,8 +750,8 @@ def test_bad_layer_containers():
 
 
 def test_device_matches_cpu(device):
-    # small integers: every distance is exact, so CPU and CUDA must agree exactly (design.md
-    # section 2), ties included
+    # small integers: every distance is exact, so CPU and CUDA must agree exactly
+    # (docs/design.md section 9), ties included
     g = torch.Generator().manual_seed(9)
     widths = (8, 16, 4)
     support = [torch.randint(-4, 5, (300, w), generator=g).float() for w in widths]

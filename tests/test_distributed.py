@@ -1,4 +1,4 @@
-"""Support-set sharding over torch.distributed (pdepth.distributed, design.md section 3).
+"""Support-set sharding over torch.distributed (pdepth.distributed, docs/design.md section 8).
 
 2 and 3 CPU processes with gloo (spawned here, rendezvous through a file in tmp_path) each
 hold a shard of the support set and compute the sharded k-NN, vote and prediction depth; the
@@ -273,22 +273,6 @@ def test_shard_range():
         pdist.shard_range(5, 2, 2)
 
 
-def test_merge_topk_is_the_op_rule():
-    """Merging per-chunk op outputs (global offsets) gives the op's result on the union."""
-    g = torch.Generator().manual_seed(0)
-    support = torch.randint(-2, 3, (40, 3), generator=g).float()  # many exact ties
-    queries = torch.randint(-2, 3, (9, 3), generator=g).float()
-    full = pdepth.knn(queries, support, 8, self_match="include")
-    parts = [pdepth.knn(queries, support[a:b], 8, self_match="include",
-                        prev=pdepth.empty_topk(9, 8), offset=a)
-             for a, b in ((0, 3), (3, 21), (21, 40))]
-    merged, order = pdepth.merge_topk(torch.cat([p.dist for p in parts], 1),
-                                      torch.cat([p.index for p in parts], 1), 8,
-                                      return_order=True)
-    assert torch.equal(merged.dist, full.dist) and torch.equal(merged.index, full.index)
-    assert torch.equal(torch.cat([p.index for p in parts], 1).gather(1, order), merged.index)
-
-
 def test_needs_process_group():
     if dist.is_initialized():
         pytest.skip("a process group is initialised in this process")
@@ -370,10 +354,6 @@ def test_sharded_argument_errors_before_any_collective():
     with pytest.raises(ValueError, match="shard_offset=, queries= and num_classes="):
         pdepth.stream_prediction_depth(torch.nn.Linear(2, 2), torch.zeros(4, 2),
                                        torch.zeros(4, dtype=torch.long), shard_offset=0)
-    with pytest.raises(ValueError, match="same shape"):
-        pdepth.merge_topk(torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.long), 1)
-    with pytest.raises(ValueError, match="k=4"):
-        pdepth.merge_topk(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), 4)
 
 
 # ---------------------------------------------------------------------------------------------

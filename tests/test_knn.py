@@ -1,5 +1,5 @@
 """Parity tests of the k-NN op (pdepth.knn) against the float64 oracle (pdepth.reference),
-following the rules of design.md section 2.
+following the rules of docs/design.md section 2.
 
 Sizes straddle the kernels' tiles: CPU query block 128, support tile 1024, scan width 16;
 CUDA query blocks / support tiles up to 4096 / 16384 and candidate rounds of 1024.
@@ -383,7 +383,7 @@ def test_streaming_empty_chunk_keeps_prev(device):
 @pytest.mark.parametrize("chunk", [7, 1000])
 def test_streaming_random_float_exact(device, chunk, dtype):
     """Streaming a support set chunk by chunk gives exactly the result of one call
-    (pdepth.knn docstring; design.md section 3), also on random float data."""
+    (pdepth.knn docstring; docs/design.md section 8), also on random float data."""
     m, n, d, k = 129, 2049, 17, 30
     q, s = float_data(m, n, d, dtype=dtype, key=("streamf",))
     q, si = with_self_matches(q, s, key=("streamf",))
@@ -431,7 +431,7 @@ def test_streaming_random_float_within_tolerance(device, chunk):
     ids=_case_id,
 )
 def test_thread_count_does_not_change_output(restore_num_threads, case):
-    """design.md section 2: the same output on every thread count (CPU)."""
+    """docs/design.md section 9: the same output on every thread count (CPU)."""
     m, n, d, k = case
     q, s = float_data(m, n, d, key=("threads",))
     q, si = with_self_matches(q, s, key=("threads",))

@@ -172,34 +172,6 @@ def test_large_but_representable_distances_are_exact(device, dtype, x):
 # ---- 3. streams with fewer usable points than k: -1 slots never vote ------------------
 
 
-def test_neighbor_labels_keeps_empty_slots(device):
-    labels = torch.tensor([3, 1, 2], device=device)
-    index = torch.tensor([[2, 0, -1], [-1, -1, -1], [1, 1, 0]], device=device)
-    got = pdepth.neighbor_labels(labels, index)
-    assert got.dtype == I64 and got.device.type == torch.device(device).type
-    assert got.cpu().tolist() == [[2, 3, -1], [-1, -1, -1], [1, 1, 3]]
-    empty = pdepth.neighbor_labels(labels[:0], torch.full((2, 3), -1, device=device))
-    assert empty.cpu().tolist() == [[-1] * 3] * 2
-
-
-@pytest.mark.parametrize("index,match", [
-    ([[0, 3]], r"index must lie in \[-1, 3\) .*got values in \[0, 3\]"),
-    ([[0, -2]], r"index must lie in \[-1, 3\) .*got values in \[-2, 0\]"),
-])
-def test_neighbor_labels_checks_the_index(index, match):
-    with pytest.raises(ValueError, match=match):
-        pdepth.neighbor_labels(torch.tensor([0, 1, 2]), torch.tensor(index))
-
-
-def test_neighbor_labels_bad_arguments():
-    with pytest.raises(ValueError, match=r"labels must be 1-D"):
-        pdepth.neighbor_labels(torch.zeros(3, 1, dtype=I64), torch.zeros(2, 2, dtype=I64))
-    with pytest.raises(ValueError, match=r"index must be 2-D"):
-        pdepth.neighbor_labels(torch.zeros(3, dtype=I64), torch.zeros(2, dtype=I64))
-    with pytest.raises(ValueError, match=r"labels must be an integer tensor"):
-        pdepth.neighbor_labels(torch.zeros(3), torch.zeros(2, 2, dtype=I64))
-
-
 @pytest.mark.parametrize("impl", ["op", "reference"])
 def test_vote_ignores_empty_slots(device, impl):
     vote = pdepth.vote if impl == "op" else reference.vote

@@ -1,6 +1,6 @@
 """stream_prediction_depth: the inputs it reads (loaders and their labels) and the checks it
 shares with prediction_depth. The equality with prediction_depth on clean inputs is tested in
-test_pipeline.py."""
+test_stream.py."""
 
 from __future__ import annotations
 

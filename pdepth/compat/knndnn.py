@@ -86,6 +86,21 @@ def knn_predict(
         ``[B, classes]`` scores (float32; float64 for float64 inputs) on ``feature``'s device:
         per class, the sum of the weights of the neighbours with that label.
     """
+    _check_args(feature, feature_bank, dist, knn_t)
+    queries, support = _queries_support(feature, feature_bank, dist)
+    labels = _labels(feature_labels, support, classes)
+    sq_dist, index = _neighbours(queries, support, knn_k, rm_top1, self_index)
+    # Similarity of each selected neighbour, in the ranking's own terms.
+    sim = (1.0 - 0.5 * sq_dist) if dist == "cosine" else -sq_dist
+    if stable and sim.numel():
+        sim = sim - sim[:, :1]  # the nearest neighbour has the largest similarity
+    weight = (sim / knn_t).exp()
+    scores = torch.zeros(queries.shape[0], classes, dtype=weight.dtype, device=queries.device)
+    scores.scatter_add_(1, labels[index], weight)
+    return scores
+
+
+def _check_args(feature, feature_bank, dist, knn_t) -> None:
     if dist not in ("l2", "cosine"):
         raise ValueError(f"dist must be 'l2' or 'cosine', got {dist!r}")
     if feature.dim() != 2 or feature_bank.dim() != 2:
@@ -100,6 +115,11 @@ def knn_predict(
         )
     if not knn_t or knn_t <= 0:
         raise ValueError(f"knn_t must be > 0, got {knn_t!r}")
+
+
+def _queries_support(feature, feature_bank, dist):
+    """Queries ``[B, F]`` and support ``[K, F]`` in one floating dtype on ``feature``'s
+    device, unit length for ``dist="cosine"``."""
     queries = feature.detach()
     support = feature_bank.detach().t()
     if not queries.is_floating_point():
@@ -111,7 +131,13 @@ def knn_predict(
     if dist == "cosine":
         queries = torch.nn.functional.normalize(queries, dim=1, p=2.0)
         support = torch.nn.functional.normalize(support, dim=1, p=2.0)
-    labels = torch.as_tensor(feature_labels, device=queries.device).long().reshape(-1)
+    return queries, support
+
+
+def _labels(feature_labels, support, classes) -> torch.Tensor:
+    """``[K]`` int64 labels in ``[0, classes)``, one per support point: the scores are
+    indexed by them (the k-NN op never sees these labels)."""
+    labels = torch.as_tensor(feature_labels, device=support.device).long().reshape(-1)
     if labels.shape[0] != support.shape[0]:
         raise ValueError(
             f"feature_labels has {labels.shape[0]} entries but feature_bank has "
@@ -122,18 +148,13 @@ def knn_predict(
             f"feature_labels must lie in [0, classes={classes}), got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
+    return labels
+
+
+def _neighbours(queries, support, knn_k, rm_top1, self_index):
+    """The op's neighbours under the self-match policy the arguments select."""
     if self_index is not None:
-        sq_dist, index = knn(queries, support, knn_k,
-                             self_index=torch.as_tensor(self_index, device=queries.device),
-                             self_match="exclude")
-    else:
-        sq_dist, index = knn(queries, support, knn_k,
-                             self_match="drop_nearest" if rm_top1 else "include")
-    # Similarity of each selected neighbour, in the ranking's own terms.
-    sim = (1.0 - 0.5 * sq_dist) if dist == "cosine" else -sq_dist
-    if stable and sim.numel():
-        sim = sim - sim[:, :1]  # the nearest neighbour has the largest similarity
-    weight = (sim / knn_t).exp()
-    scores = torch.zeros(queries.shape[0], classes, dtype=weight.dtype, device=queries.device)
-    scores.scatter_add_(1, labels[index], weight)
-    return scores
+        return knn(queries, support, knn_k,
+                   self_index=torch.as_tensor(self_index, device=queries.device),
+                   self_match="exclude")
+    return knn(queries, support, knn_k, self_match="drop_nearest" if rm_top1 else "include")

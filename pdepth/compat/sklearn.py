@@ -195,9 +195,7 @@ if _SKLEARN_IMPORT_ERROR is None:
                     "KNeighborsClassifier for other settings."
                 )
 
-            k = self.n_neighbors
-            if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-                raise ValueError(f"n_neighbors must be a positive integer, got {k!r}")
+            _check_n_neighbors(self.n_neighbors)
             if self.weights is not None and not (
                 isinstance(self.weights, str) and self.weights == "uniform"
             ):
@@ -298,9 +296,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             return (q, None, "include", *out)
 
         def _k(self, n_neighbors, self_excluded: bool, n_queries: int) -> int:
-            k = self.n_neighbors if n_neighbors is None else n_neighbors
-            if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-                raise ValueError(f"n_neighbors must be a positive integer, got {k!r}")
+            k = _check_n_neighbors(self.n_neighbors if n_neighbors is None else n_neighbors)
             n = self.n_samples_fit_
             if self_excluded and k >= n:
                 raise ValueError(
@@ -413,6 +409,12 @@ if _SKLEARN_IMPORT_ERROR is None:
             if isinstance(sample_weight, torch.Tensor):
                 sample_weight = sample_weight.detach().cpu().numpy()
             return float(accuracy_score(y, pred, sample_weight=sample_weight))
+
+    def _check_n_neighbors(k):
+        """``k`` when it is a positive integer (booleans are not), else ``ValueError``."""
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise ValueError(f"n_neighbors must be a positive integer, got {k!r}")
+        return k
 
     def _hashable_in(value, table: dict) -> bool:
         try:

@@ -1,54 +1,20 @@
-"""`pdepth run` / `pdepth report` on bad input: what --out may hold and what --overwrite may
-delete, resuming from damaged or misnamed model files, missing optional dependencies, and the
-CLI's error contract (one line on stderr, exit 2, nothing half-written)."""
+"""`pdepth run` on bad input: what --out may hold and what --overwrite may delete, resuming
+from damaged or misnamed model files, missing optional dependencies; each with the CLI's error
+contract (one line on stderr, exit 2, nothing half-written). The report on bad input:
+tests/test_report.py; the CLI's own errors: tests/test_cli.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 
 import numpy as np
 import pytest
+from run_helpers import TINY, copy_run, needs_fmnist, one_error_line, tree
 
-import pdepth.report
 from pdepth.cli import main
-from pdepth.data import FASHION_MNIST_ROOT
 from pdepth.pipeline import MARKER, OutputExistsError, RunConfig, prepare_output
-
-HAVE_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz"))
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="Fashion-MNIST not installed at "
-                                  f"{FASHION_MNIST_ROOT} (apt-get install dataset-fashion-mnist)")
-TINY = ["--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    if not HAVE_FMNIST:
-        pytest.skip("Fashion-MNIST not installed")
-    out = tmp_path_factory.mktemp("tiny") / "run"
-    assert main(["run", *TINY, "--out", str(out)]) == 0
-    return out
-
-
-def _copy(run, tmp_path):
-    out = tmp_path / "copy"
-    shutil.copytree(run, out)
-    return out
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("pdepth: error: ") and err.count("\n") == 1, err
-    return err
-
-
-def _tree(path) -> dict:
-    """Every file under ``path``: its content and modification time."""
-    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
 
 # --------------------------------------------------------------------------------------------
 # what --out may hold, what --overwrite deletes
@@ -65,13 +31,13 @@ def test_foreign_directory_is_refused_and_kept(tmp_path, capsys, overwrite):
     (proj / "models" / "resnet_final.pt").write_text("ckpt")
     (proj / "figures" / "fig1.png").write_text("x")
     (proj / "config.json").write_text("{}")
-    before = _tree(proj)
+    before = tree(proj)
     args = ["run", *TINY, "--out", str(proj)] + (["--overwrite"] if overwrite else [])
     assert main(args) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert "not a pdepth run directory" in err and "config.json" in err
     assert "unfinished" not in err and "pass --overwrite" not in err
-    assert _tree(proj) == before
+    assert tree(proj) == before
     assert sorted(p.name for p in proj.iterdir()) == ["config.json", "figures", "models"]
 
 
@@ -91,12 +57,12 @@ def test_prepare_output_deletes_only_pdepth_files(tmp_path):
     mine = ["notes.txt", "models/best.pt", "figures/seed0-half0.npz"]
     for rel in mine:
         (out / rel).write_text("mine")
-    before = _tree(out)
+    before = tree(out)
     for overwrite in (False, True):
         with pytest.raises(OutputExistsError, match="did not write: figures/seed0-half0.npz, "
                                                     "models/best.pt, notes.txt; move them"):
             prepare_output(out, cfg, overwrite)
-    assert _tree(out) == before
+    assert tree(out) == before
     for rel in mine:
         (out / rel).unlink()
     assert prepare_output(out, cfg, True) == 0
@@ -123,7 +89,7 @@ def test_prepare_output_other_settings_and_odd_paths(tmp_path):
 @needs_fmnist
 def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
     """`make demo` reruns `pdepth run --overwrite` into the same directory."""
-    out = _copy(tiny_run, tmp_path)
+    out = copy_run(tiny_run, tmp_path)
     with np.load(tiny_run / "per_model.npz") as z:
         before = {k: z[k] for k in z.files}
     assert main(["run", *TINY, "--out", str(out), "--overwrite"]) == 0
@@ -140,11 +106,11 @@ def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
 
 @needs_fmnist
 def test_resume_checks_what_a_model_file_holds(tiny_run, tmp_path, capsys):
-    out = _copy(tiny_run, tmp_path)
+    out = copy_run(tiny_run, tmp_path)
     (out / "COMPLETE").unlink()
     shutil.copy(out / "models" / "seed0-half0.npz", out / "models" / "seed1-half1.npz")
     assert main(["run", *TINY, "--out", str(out)]) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert "seed1-half1.npz holds the model of seed 0 half 0" in err
     assert "delete it to recompute that model" in err
     assert not (out / "COMPLETE").exists()
@@ -152,12 +118,12 @@ def test_resume_checks_what_a_model_file_holds(tiny_run, tmp_path, capsys):
 
 @needs_fmnist
 def test_resume_names_a_truncated_model_file(tiny_run, tmp_path, capsys):
-    out = _copy(tiny_run, tmp_path)
+    out = copy_run(tiny_run, tmp_path)
     (out / "COMPLETE").unlink()
     path = out / "models" / "seed0-half1.npz"
     path.write_bytes(path.read_bytes()[:1000])
     assert main(["run", *TINY, "--out", str(out)]) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert "seed0-half1.npz cannot be read" in err and "delete it" in err
     path.unlink()  # as the message says
     assert main(["run", *TINY, "--out", str(out)]) == 0
@@ -165,7 +131,7 @@ def test_resume_names_a_truncated_model_file(tiny_run, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------------------------
-# optional dependencies, bad devices, damaged results, all-or-nothing report
+# optional dependencies
 # --------------------------------------------------------------------------------------------
 
 
@@ -176,48 +142,6 @@ def test_missing_optional_dependency(module, quiet, tmp_path, capsys, monkeypatc
     out = tmp_path / "out"
     args = ["run", "--subset", "200", "--epochs", "1", "--k", "3", "--out", str(out)]
     assert main(args + (["--quiet"] if quiet else [])) == 2
-    err = _one_error_line(capsys)
+    err = one_error_line(capsys)
     assert module in err and 'pip install "pdepth[run]"' in err
     assert not out.exists()
-
-
-@needs_fmnist
-def test_report_missing_dependency(tiny_run, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert main(["report", str(tiny_run)]) == 2
-    assert 'matplotlib, not installed: pip install "pdepth[run]"' in _one_error_line(capsys)
-
-
-@pytest.mark.parametrize("device", ["bogus", "cuda:99", "gpu"])
-def test_cli_bad_device(device, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["run", "--device", device, "--out", str(out), "--quiet"]) == 2
-    assert repr(device) in _one_error_line(capsys)
-    assert not out.exists()
-
-
-@needs_fmnist
-def test_report_on_truncated_results(tiny_run, tmp_path, capsys):
-    out = _copy(tiny_run, tmp_path)
-    path = out / "results.parquet"
-    path.write_bytes(path.read_bytes()[:500])
-    before = _tree(out)
-    assert main(["report", str(out)]) == 2
-    err = _one_error_line(capsys)
-    assert "results.parquet cannot be read" in err and "COMPLETE" in err
-    assert _tree(out) == before
-
-
-@needs_fmnist
-def test_report_is_all_or_nothing(tiny_run, tmp_path, monkeypatch):
-    """A failure half-way through the figures leaves every file as it was."""
-    out = _copy(tiny_run, tmp_path)
-    before = _tree(out)
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(pdepth.report, "layer_accuracy", boom)  # the 3rd figure fails
-    with pytest.raises(RuntimeError, match="boom"):
-        pdepth.report.write_report(out)
-    assert _tree(out) == before

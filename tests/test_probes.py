@@ -1,4 +1,5 @@
-"""Embedding extraction: hooks vs a manual forward, in-place activations, presets, pooling."""
+"""Probes (pdepth.probes): embedding extraction, hooks vs a manual forward, in-place
+activations, presets, pooling."""
 
 from __future__ import annotations
 

@@ -1,56 +1,27 @@
-"""Support-set sharding over ``torch.distributed`` (design.md section 3).
-
-Every rank of a process group holds one contiguous shard of the support set (rows
-``shard_offset .. shard_offset + n_r - 1`` of the global support set, see
-:func:`shard_range`) and the SAME queries. Each rank computes the local top-k of the queries
-with the op (:func:`pdepth.knn` with ``offset=shard_offset``, so indices are global), the
-ranks all-gather their ``[M, k]`` lists and every rank merges them with
-:func:`pdepth.merge_topk`. The op's distance of a (query, support) pair depends on those two
-rows alone, so the merged list is exactly the single-process result: same distances (bit for
-bit), same indices, same order, same votes.
-
-Communication per call: one small handshake (an all-gather of 14 int64 per rank), then an
-all-gather of the ``[M, k]`` distances and of the ``[M, k]`` indices (plus the neighbours'
-labels for :func:`knn_vote`): ``world_size * M * k * (4 + 8 + 8)`` bytes gathered per rank
-for float32 inputs. Nothing of size N is ever sent.
-
-Failures: a rank whose local step raises (bad input, out of memory, ...) does not leave the
-others waiting in the gather. The local step runs inside ``try``; the handshake then tells
-every rank which ranks failed, and every rank raises :class:`RuntimeError` naming them (the
-failing rank chains its own exception). Inputs that disagree across ranks (different query
-counts or values, different ``self_index``, overlapping or missing shards, different
-``num_classes``) raise :class:`ValueError` on every rank (the handshake carries exact
-checksums of the queries' bits and of ``self_index``). A rank that dies or never reaches the
-call can only be detected by the process group's timeout: pass
-``timeout=datetime.timedelta(...)`` to ``torch.distributed.init_process_group`` (NCCL also
-needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default in recent torch, for the timeout to
-raise instead of hang).
-
-Collectives run on the queries' device with NCCL (set ``torch.cuda.set_device(local_rank)``
-first) and on the CPU with gloo.
-"""
+""":func:`knn`, :func:`knn_vote` and :func:`merge_shards` over a support set sharded across a
+process group: the local step, the handshake (failures, consistency), the all-gather of the
+local top-k lists and their merge. See :mod:`pdepth.distributed`."""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from .ops import (
+from ..ops import (
     SELF_MATCH_POLICIES,
     Neighbors,
     Vote,
     _as_index,
     empty_topk,
     merge_topk,
+    neighbor_labels,
     vote,
 )
-from .ops import knn as _local_knn
+from ..ops import knn as _local_knn
+from .collectives import _BITS, _all_gather, _checksum, _comm_device, _fail, _group_info, _weighted
 
-__all__ = ["check_all", "check_same", "knn", "knn_vote", "merge_shards", "shard_range"]
+__all__ = ["knn", "knn_vote", "merge_shards", "shard_range"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-         torch.float64: torch.int64}
 # Handshake fields, one int64 each per rank (q_rows, q_cols, si_sum: checksums).
 _FIELDS = ("failed", "m", "kk", "d", "n", "offset", "dtype", "si_lo", "si_hi", "label_max",
            "num_classes", "q_rows", "q_cols", "si_sum")
@@ -68,114 +39,6 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
     base, extra = divmod(int(n), int(world_size))
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
-
-
-def _group_info(process_group):
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "pdepth.distributed needs an initialised process group: call "
-            "torch.distributed.init_process_group(backend, timeout=datetime.timedelta(...)) "
-            "first (torchrun sets the environment for init_method='env://')"
-        )
-    group = process_group if process_group is not None else dist.group.WORLD
-    return group, dist.get_rank(group), dist.get_world_size(group)
-
-
-def _comm_device(group, device: torch.device) -> torch.device:
-    """Where the collectives' tensors live: the CPU for gloo, a CUDA device for NCCL."""
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "gloo":
-        return torch.device("cpu")
-    if backend == "nccl" and device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _all_gather(t: torch.Tensor, group, world: int, op: str, what: str) -> list[torch.Tensor]:
-    out = [torch.empty_like(t) for _ in range(world)]
-    try:
-        dist.all_gather(out, t.contiguous(), group=group)
-    except Exception as exc:
-        raise RuntimeError(
-            f"{op}: the all-gather of the {what} failed on rank {dist.get_rank(group)}: "
-            "another rank died, hung, or did not make the same call (every rank of the "
-            "group must call it; the wait is bounded by the timeout= given to "
-            f"init_process_group). Cause: {type(exc).__name__}: {exc}"
-        ) from exc
-    return out
-
-
-def _fail(op: str, failed: list[int], error: BaseException | None, group, world: int,
-          gather: bool = True):
-    """Raises the same RuntimeError on every rank, naming the failed ranks (and their errors,
-    exchanged with all_gather_object where that works)."""
-    mine = None if error is None else f"{type(error).__name__}: {error}"
-    details: list = [None] * world
-    try:
-        dist.all_gather_object(details, mine, group=group)
-    except Exception:  # pragma: no cover - best effort only
-        details = [None] * world
-    ranks = ", ".join(str(r) for r in failed)
-    lines = [f"{op}: failed on rank(s) {ranks} of {world}"
-             + ("; no rank entered the gather" if gather else "")]
-    for r in failed:
-        lines.append(f"  rank {r}: {details[r] or 'see the error raised on that rank'}")
-    message = "\n".join(lines)
-    if error is not None:
-        raise RuntimeError(message) from error
-    raise RuntimeError(message)
-
-
-def check_same(values: dict, what: str, process_group=None) -> None:
-    """Collective: raises the same :class:`ValueError` on every rank, naming the keys whose
-    values differ and each rank's value, unless every rank passes equal ``values``
-    (JSON-like: compared with ``==`` after an all-gather of the objects)."""
-    group, _, world = _group_info(process_group)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, values, group=group)
-    keys = sorted({k for v in gathered for k in v}, key=str)
-    diff = [f"{k}: " + ", ".join(f"rank {r} {v.get(k)!r}" for r, v in enumerate(gathered))
-            for k in keys if any(v.get(k) != gathered[0].get(k) for v in gathered)]
-    if diff:
-        raise ValueError(f"{what}: the ranks' settings differ ({'; '.join(diff)}); start every "
-                         "rank with the same arguments")
-
-
-def _checksum(t: torch.Tensor, chunk: int = 2**22) -> tuple[int, int]:
-    """Exact, order-independent checksums of the bits of a float tensor ``[M, D]``: its row
-    sums weighted by row number and its column sums weighted by column number (int64 sums
-    wrap modulo 2**64, so neither rounding nor thread count can change them). Rows go in
-    blocks of about ``chunk`` elements, so the int64 copy stays small."""
-    bits = t.detach().view(_BITS[t.dtype])
-    step = max(1, chunk // max(1, t.shape[1]))
-    rows = torch.zeros(t.shape[0], dtype=torch.int64, device=t.device)
-    cols = torch.zeros(t.shape[1], dtype=torch.int64, device=t.device)
-    for i in range(0, t.shape[0], step):
-        block = bits[i:i + step].to(torch.int64)
-        rows[i:i + step] = block.sum(1)
-        cols += block.sum(0)
-    return _weighted(rows), _weighted(cols)
-
-
-def _weighted(v: torch.Tensor) -> int:
-    """``sum_i (i + 1) * v[i]`` in int64 (wrapping)."""
-    return int((v.to(torch.int64) * torch.arange(1, v.numel() + 1, device=v.device)).sum())
-
-
-def check_all(error: BaseException | None, what: str, process_group=None) -> None:
-    """Collective: raises the same :class:`RuntimeError`, naming the failed ranks, on every
-    rank when ``error`` is not None on any rank; returns on every rank otherwise.
-
-    Wrap a rank-local step in ``try`` / ``except Exception as exc: error = exc`` and call this
-    after it, so that one rank's failure does not leave the others waiting in the next
-    collective until the process group's timeout."""
-    group, _, world = _group_info(process_group)
-    flag = torch.tensor([int(error is not None)], dtype=torch.int64,
-                        device=_comm_device(group, torch.device("cpu")))
-    flags = _all_gather(flag, group, world, what, "error flags")
-    failed = [r for r in range(world) if int(flags[r][0])]
-    if failed:
-        _fail(what, failed, error, group, world, gather=False)
 
 
 def _check_table(op: str, table: torch.Tensor, world: int, k: int, skip: int,
@@ -227,11 +90,11 @@ def _check_table(op: str, table: torch.Tensor, world: int, k: int, skip: int,
     return total, num_classes
 
 
-def _sharded(op, queries, support_shard, labels_shard, k, num_classes, shard_offset,
+def _sharded(op, queries, support_shard, labels_shard, k, *, num_classes, shard_offset,
              self_index, self_match, process_group):
     """The local step, the handshake, the gather and the merge. Returns ``(Neighbors,
     labels[M, k] or None, num_classes)``."""
-    group, rank, world = _group_info(process_group)
+    _group_info(process_group)  # before any work: needs an initialised process group
     fields = dict.fromkeys(_FIELDS, -1)
     fields["failed"] = 0
     skip = 1 if self_match == "drop_nearest" else 0
@@ -287,20 +150,28 @@ def _sharded(op, queries, support_shard, labels_shard, k, num_classes, shard_off
                            self_match="exclude" if self_match == "exclude" else "include",
                            prev=empty_topk(m, kk, compute, device), offset=shard_offset)
         if lab is not None:
-            hit = local.index >= 0
-            rows = torch.where(hit, local.index - shard_offset, 0)
-            lab_k = lab[rows] if n else torch.zeros_like(local.index)
-            lab_k = torch.where(hit, lab_k, -1)
+            lab_k = shard_neighbor_labels(lab, local.index, shard_offset)
     except Exception as exc:  # reported to every rank by the handshake below
         error = exc
         fields["failed"] = 1
     device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-    return _exchange(op, fields, error, local, lab_k, k, skip, self_match, group, world,
-                     device)
+    return _exchange(op, fields, local, lab_k, error=error, k=k, skip=skip,
+                     self_match=self_match, process_group=process_group, device=device)
 
 
-def _exchange(op, fields, error, local, lab_k, k, skip, self_match, group, world, device):
-    """Handshake (failures, consistency), all-gather of the local lists, merge."""
+def shard_neighbor_labels(labels_shard: torch.Tensor, index: torch.Tensor,
+                          shard_offset: int) -> torch.Tensor:
+    """``[M, k]`` labels of the neighbours ``index`` (global indices into this rank's shard,
+    -1 for empty slots) from the shard's labels; -1 in the empty slots."""
+    return neighbor_labels(labels_shard, torch.where(index >= 0, index - shard_offset, -1))
+
+
+def _exchange(op, fields, local, lab_k, *, error, k, skip, self_match, process_group,
+              device):
+    """Handshake (failures, consistency), all-gather of the local lists, merge. Every rank
+    calls it, the failed ones too (``error``, ``local`` None): the handshake tells every rank
+    who failed."""
+    group, _, world = _group_info(process_group)
     comm = _comm_device(group, device)
     header = torch.tensor([fields[f] for f in _FIELDS], dtype=torch.int64, device=comm)
     table = torch.stack(_all_gather(header, group, world, op, "handshake")).cpu()
@@ -350,24 +221,31 @@ def merge_shards(
 
     Returns ``(Neighbors, labels[M, k])``, identical on every rank.
     """
-    group, _, world = _group_info(process_group)
+    fields, device = _merge_fields(local, shard_offset=shard_offset, shard_size=shard_size,
+                                   num_classes=num_classes, dim=dim, self_index=self_index,
+                                   error=error)
+    local = None if local is None else Neighbors(*local)
+    nbrs, labels, _ = _exchange(
+        "pdepth.distributed.merge_shards()", fields, local, local_labels, error=error,
+        k=0 if local is None else local.index.shape[1], skip=0, self_match="exclude",
+        process_group=process_group, device=device)
+    return nbrs, labels
+
+
+def _merge_fields(local, *, shard_offset, shard_size, num_classes, dim, self_index,
+                  error) -> tuple[dict, torch.device]:
+    """The handshake fields of :func:`merge_shards` (``local`` None: this rank failed)."""
     fields = dict.fromkeys(_FIELDS, -1)
     fields.update(failed=int(error is not None), n=int(shard_size), offset=int(shard_offset),
                   num_classes=int(num_classes), d=int(dim))
-    device = torch.device("cpu")
-    k = 0
-    if local is not None:
-        dist_, index = local
-        device = index.device
-        k = index.shape[1]
-        fields.update(m=index.shape[0], kk=k, dtype=_DTYPES.index(dist_.dtype))
-        if self_index is not None and index.shape[0]:
-            fields.update(si_lo=int(self_index.min()), si_hi=int(self_index.max()),
-                          si_sum=_weighted(self_index))
-        local = Neighbors(dist_, index)
-    nbrs, labels, _ = _exchange("pdepth.distributed.merge_shards()", fields, error, local,
-                                local_labels, k, 0, "exclude", group, world, device)
-    return nbrs, labels
+    if local is None:
+        return fields, torch.device("cpu")
+    dist_, index = local
+    fields.update(m=index.shape[0], kk=index.shape[1], dtype=_DTYPES.index(dist_.dtype))
+    if self_index is not None and index.shape[0]:
+        fields.update(si_lo=int(self_index.min()), si_hi=int(self_index.max()),
+                      si_sum=_weighted(self_index))
+    return fields, index.device
 
 
 def knn(
@@ -406,8 +284,9 @@ def knn(
         RuntimeError: on every rank, when the local step failed on some rank (named).
         ValueError: on every rank, when the ranks' arguments disagree or k is too large.
     """
-    return _sharded("pdepth.distributed.knn()", queries, support_shard, None, k, None,
-                    shard_offset, self_index, self_match, process_group)[0]
+    return _sharded("pdepth.distributed.knn()", queries, support_shard, None, k,
+                    num_classes=None, shard_offset=shard_offset, self_index=self_index,
+                    self_match=self_match, process_group=process_group)[0]
 
 
 def knn_vote(
@@ -433,6 +312,7 @@ def knn_vote(
         ``pdepth.knn_vote`` on the concatenated support set.
     """
     nbrs, labels, num_classes = _sharded(
-        "pdepth.distributed.knn_vote()", queries, support_shard, labels_shard, k, num_classes,
-        shard_offset, self_index, self_match, process_group)
+        "pdepth.distributed.knn_vote()", queries, support_shard, labels_shard, k,
+        num_classes=num_classes, shard_offset=shard_offset, self_index=self_index,
+        self_match=self_match, process_group=process_group)
     return Vote(vote(labels, max(num_classes, 1)), nbrs.dist, nbrs.index)

@@ -1,85 +1,21 @@
-"""Streaming model-level depth, the end-to-end protocol on Fashion-MNIST, and CLI errors."""
+"""The end-to-end protocol (pdepth.protocol, `pdepth run`) on Fashion-MNIST: outputs,
+resuming, what an existing --out may hold. Bad input: tests/test_protocol_errors.py; training:
+tests/test_protocol_train.py; streaming depth: tests/test_stream.py; the CLI:
+tests/test_cli.py; the report: tests/test_report.py."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from run_helpers import FMNIST_MISSING, HAVE_FMNIST, needs_fmnist
 
 import pdepth
-from pdepth import models
 from pdepth.cli import main
-from pdepth.data import FASHION_MNIST_ROOT
 from pdepth.pipeline import MARKER
-from pdepth.probes import extract
 from pdepth.report import FIGURES
-from pdepth.stream import stream_prediction_depth
-
-HAVE_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz"))
-needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST,
-    reason=f"Fashion-MNIST not installed at {FASHION_MNIST_ROOT} "
-           "(apt-get install dataset-fashion-mnist; CI installs it)",
-)
-
-
-def _model():
-    torch.manual_seed(0)
-    model = models.cnn().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# streaming == embeddings-level
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("budget", [None, 300_000])
-def test_stream_equals_embedding_level_depth(budget, device):
-    model = _model().to(device)
-    g = torch.Generator().manual_seed(1)
-    xs, ys = torch.randn(250, 1, 28, 28, generator=g), torch.randint(0, 10, (250,), generator=g)
-    xq, yq = torch.randn(90, 1, 28, 28, generator=g), torch.randint(0, 10, (90,), generator=g)
-    # the first 40 queries are support points 100..139 (self excluded), the rest are new
-    xq[:40] = xs[100:140]
-    self_index = torch.full((90,), -1)
-    self_index[:40] = torch.arange(100, 140)
-    res = stream_prediction_depth(model, xs, ys, xq, probes="cnn", k=7, self_index=self_index,
-                                  query_labels=yq, batch_size=32, memory_budget=budget,
-                                  example_index=torch.arange(90) + 1000)
-    sup = extract(model, xs, "cnn", batch_size=32, storage=device)
-    qry = extract(model, xq, "cnn", batch_size=32, storage=device)
-    want = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits.cpu(),
-                                   k=7, self_index=self_index, query_labels=yq,
-                                   example_index=torch.arange(90) + 1000, device=device)
-    assert res.depth.equals(want)
-    assert res.num_chunks == (1 if budget is None else 3)
-    assert res.peak_bytes > 0 and res.peak_rss_bytes > 0
-    torch.testing.assert_close(res.logits, qry.logits.cpu())
-    if device.type == "cuda":
-        assert res.cuda_peak_bytes > 0
-
-
-def test_stream_scores_support_itself_like_prediction_depth():
-    model = _model()
-    g = torch.Generator().manual_seed(2)
-    xs, ys = torch.randn(120, 1, 28, 28, generator=g), torch.randint(0, 10, (120,), generator=g)
-    res = stream_prediction_depth(model, xs, ys, probes="cnn", k=5, batch_size=50,
-                                  memory_budget=1)
-    sup = extract(model, xs, "cnn", batch_size=50)
-    want = pdepth.prediction_depth(sup.layers, ys, network_pred=sup.logits, k=5)
-    assert res.depth.equals(want)
-    assert res.num_chunks == 3  # one batch per chunk at a tiny budget
-    with pytest.raises(ValueError, match="k=120 is larger"):
-        stream_prediction_depth(model, xs, ys, probes="cnn", k=120)
-
 
 # --------------------------------------------------------------------------------------------
 # end to end
@@ -91,8 +27,7 @@ SMALL = ["--subset", "1200", "--epochs", "3", "--k", "10", "--seeds", "2", "--qu
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     if not HAVE_FMNIST:
-        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST_ROOT} "
-                    "(apt-get install dataset-fashion-mnist; CI installs it)")
+        pytest.skip(FMNIST_MISSING)
     out = tmp_path_factory.mktemp("run") / "out"
     assert main(["run", *SMALL, "--out", str(out)]) == 0
     return out
@@ -193,34 +128,8 @@ def test_pipeline_on_cuda(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# CLI errors
+# what an existing --out may hold
 # --------------------------------------------------------------------------------------------
-
-
-def test_cli_missing_dataset(tmp_path, capsys):
-    out = tmp_path / "out"
-    code = main(["run", "--root", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "apt-get install dataset-fashion-mnist" in err and err.count("\n") == 1
-    assert not out.exists()  # nothing half-written
-
-
-def test_cli_unknown_arch(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["run", "--arch", "alexnet"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "alexnet" in err and "cnn" in err and "resnet18" in err and "vgg16" in err
-
-
-@needs_fmnist
-def test_cli_unknown_probe(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["run", "--probes", "block1,nope", "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "nope" in err and "block2" in err
-    assert not out.exists()
 
 
 @needs_fmnist
@@ -239,17 +148,3 @@ def test_cli_refuses_unfinished_run_with_other_settings(tmp_path, capsys):
     (out / MARKER).write_text(json.dumps({"pdepth_run": 1, "protocol_key": "something-else"}))
     assert main(["run", *SMALL, "--out", str(out)]) == 2
     assert "different settings" in capsys.readouterr().err
-
-
-def test_cli_report_on_empty_dir(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 2
-    assert "no finished pdepth run" in capsys.readouterr().err
-
-
-def test_python_dash_m_entry_point():
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "pdepth", "run", "--help"],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0 and "--overwrite" in proc.stdout

@@ -1,0 +1,115 @@
+"""Atomic file writes: the one place pdepth writes a file under a temporary name in the same
+directory and renames it into place with :func:`os.replace`, so a reader (or a resumed run)
+sees the old file or the new one, never a partial one.
+
+Temporary names are ``.<name>.tmp-<pid>`` (``.<stem>.tmp-<pid><suffix>`` with
+``keep_suffix=True``, for writers that pick the format from the suffix, e.g. matplotlib);
+:data:`TMP_NAME` matches both, so that a run directory check can recognise what an
+interrupted write left behind. A temporary file is created with :func:`open`'s permissions
+(``0o666 & ~umask``) and removed again when the write fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+__all__ = ["TMP_NAME", "PendingFiles", "json_default", "savez", "temp_path", "write_bytes",
+           "write_json", "write_parquet", "write_with"]
+
+TMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[a-z]+)?")  # what temp_path() returns (its name)
+
+
+def temp_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
+    """The temporary name for ``path`` (same directory, hidden, this process's id)."""
+    path = Path(path)
+    if keep_suffix:
+        return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *,
+               sync: bool = True) -> None:
+    """Calls ``write(f)`` on a binary file open at ``path``'s temporary name, then renames
+    it to ``path`` (after :func:`os.fsync` when ``sync``). The temporary file is removed if
+    anything fails."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
+    """Writes ``data`` to ``path`` atomically."""
+    write_with(path, lambda f: f.write(data), sync=sync)
+
+
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1,
+               sync: bool = True) -> None:
+    """Writes ``obj`` as JSON (numpy values and paths allowed, :func:`json_default`)."""
+    write_bytes(path, json.dumps(obj, indent=indent, default=json_default).encode(), sync=sync)
+
+
+def savez(path: str | os.PathLike, *, sync: bool = True, **arrays) -> None:
+    """:func:`numpy.savez_compressed` of ``arrays`` to ``path`` atomically."""
+    import numpy as np
+
+    write_with(path, lambda f: np.savez_compressed(f, **arrays), sync=sync)
+
+
+def write_parquet(path: str | os.PathLike, df, *, sync: bool = True) -> None:
+    """``df.to_parquet`` to ``path`` atomically."""
+    write_with(path, df.to_parquet, sync=sync)
+
+
+class PendingFiles:
+    """Several files written under temporary names (:meth:`tmp`) and renamed together
+    (:meth:`replace_all`) once all are written, or removed (:meth:`discard`)."""
+
+    def __init__(self, keep_suffix: bool = True):
+        self.keep_suffix = keep_suffix
+        self.files: list[tuple[Path, Path]] = []
+
+    def tmp(self, path: str | os.PathLike) -> Path:
+        """The temporary name to write ``path``'s content to."""
+        path = Path(path)
+        tmp = temp_path(path, self.keep_suffix)
+        self.files.append((tmp, path))
+        return tmp
+
+    def replace_all(self) -> None:
+        for tmp, path in self.files:
+            os.replace(tmp, path)
+
+    commit = replace_all
+
+    def discard(self) -> None:
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)

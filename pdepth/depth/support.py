@@ -1,0 +1,117 @@
+"""Where the support set lives: :class:`LocalSupport` (all of it in this process) or
+:class:`pdepth.distributed.ShardedSupport` (this rank's shard of a process group). Both
+prediction-depth drivers talk to the support set through this small interface only, so
+sharding is one implementation of it rather than a branch in every function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import knn_vote, neighbor_labels, vote
+
+__all__ = ["LocalSupport", "Support", "resolve_support"]
+
+
+class Support:
+    """The interface (and the local behaviour, which :class:`LocalSupport` keeps).
+
+    ``offset`` is the global index of this process's first support row.
+    """
+
+    offset = 0
+    sharded = False
+
+    def check_call(self, *, scoring_support: bool, num_classes, queries_arg: str) -> None:
+        """Argument rules of the placement itself, checked before any work."""
+
+    def size(self, n: int) -> int | None:
+        """The global support size, where this process knows it (``n``: its rows)."""
+        return n
+
+    def count_classes(self, num_classes: int | None, labels: torch.Tensor, named) -> int:
+        """The number of classes over the support labels and the ``(name, tensor)`` pairs
+        ``named`` (see :func:`pdepth.depth.args._class_count`)."""
+        from .args import _class_count
+
+        return _class_count(num_classes, [("support_labels", labels), *named])
+
+    def check_labels(self) -> None:
+        """Raises what :meth:`count_classes` left to the collective (nothing, locally)."""
+
+    def check_k(self, k: int, n: int, self_index: torch.Tensor | None) -> None:
+        """Before streaming: k against the usable support (the op cannot, a batch at a
+        time). A sharded support set's global size is known only when the ranks merge."""
+        excludes = self_index is not None and bool((self_index >= 0).any())
+        if k > n - (1 if excludes else 0):
+            raise ValueError(
+                f"k={k} is larger than the support set allows (N={n}"
+                f"{', one point excluded as self match' if excludes else ''})"
+            )
+
+    def knn_vote(self, queries, support, labels, k: int, num_classes: int, *,
+                 self_index=None, self_match: str = "exclude") -> torch.Tensor:
+        """``[M]`` k-NN predictions of ``queries`` (:func:`pdepth.knn_vote`)."""
+        return knn_vote(queries, support, labels, k, num_classes, self_index=self_index,
+                        self_match=self_match).pred
+
+    def finish(self, tops, labels: torch.Tensor, *, k: int, num_classes: int,
+               self_index=None, row0: int = 0, dims=()) -> list[torch.Tensor]:
+        """The ``[M]`` predictions (CPU) of the running top-k lists ``tops`` (one per probe)
+        that streaming this process's support rows (labels ``labels``) left; ``dims`` are
+        the probes' embedding dimensions (compared across ranks when sharded)."""
+        preds = []
+        for top in tops:
+            check_full(top.index, k, labels.shape[0], row0)  # no -1 slot reaches the vote
+            preds.append(vote(neighbor_labels(labels, top.index), num_classes).cpu())
+        return preds
+
+    def fail(self, error: BaseException, *, n: int, num_classes) -> None:
+        """Reports a failure of this process's streaming step (raises)."""
+        raise error
+
+
+class LocalSupport(Support):
+    """The whole support set lives in this process (the default)."""
+
+    def __repr__(self) -> str:
+        return "LocalSupport()"
+
+
+def resolve_support(shard=None, shard_offset=None, process_group=None) -> Support:
+    """The :class:`Support` of a call: ``shard=`` (a :class:`LocalSupport` or a
+    :class:`pdepth.distributed.ShardedSupport`), or the older ``shard_offset=`` /
+    ``process_group=`` keywords (deprecated aliases for
+    ``shard=ShardedSupport(shard_offset, process_group)``), or local."""
+    if shard is not None:
+        if shard_offset is not None or process_group is not None:
+            raise ValueError("give shard= or shard_offset= / process_group= (its older "
+                             "spelling), not both")
+        if not isinstance(shard, Support):
+            raise ValueError("shard= must be a pdepth.distributed.ShardedSupport or a "
+                             f"LocalSupport, got {type(shard).__name__}")
+        return shard
+    if shard_offset is None and process_group is None:
+        return LocalSupport()
+    if shard_offset is None:
+        raise ValueError("process_group= needs shard_offset=, the global index of this "
+                         "rank's first support row")
+    from ..distributed import ShardedSupport
+
+    return ShardedSupport(shard_offset, process_group)
+
+
+def check_full(index: torch.Tensor, k: int, n: int, row0: int) -> None:
+    """Every query must have k real neighbours (no empty slot, index -1) before the vote:
+    the one check a streaming driver needs after the op (which sees a batch at a time)."""
+    if not index.numel():
+        return
+    filled = (index >= 0).sum(1)
+    least = int(filled.min())
+    if least < k:
+        j = int(filled.argmin())
+        raise ValueError(
+            f"k={k} is larger than the usable support: query {row0 + j} has only {least} "
+            f"support points to vote from (support_labels has N={n}, minus its self match). "
+            "Lower k or give a larger support set."
+        )

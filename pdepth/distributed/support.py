@@ -1,0 +1,91 @@
+""":class:`ShardedSupport`: the support set is sharded across a process group. It implements
+the same small interface as :class:`pdepth.depth.support.LocalSupport`, so both
+prediction-depth drivers run unchanged on a shard; every call that talks to the other ranks
+is a collective (every rank makes it, in the same order)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..depth.support import Support, check_full
+from ..ops import vote
+from .shards import _exchange, _merge_fields, knn_vote, merge_shards, shard_neighbor_labels
+
+__all__ = ["ShardedSupport"]
+
+
+class ShardedSupport(Support):
+    """This rank holds the contiguous rows ``offset ..`` of the support set; the other ranks
+    of ``process_group`` (default: the world) hold the rest (see
+    :func:`pdepth.distributed.shard_range`).
+
+    Pass it as ``shard=`` to :func:`pdepth.prediction_depth` or
+    :func:`pdepth.stream_prediction_depth`. Every rank then calls with the same queries,
+    ``num_classes`` (required), ``self_index`` (global indices) and ``k``, and gets the whole
+    result, equal to the single-process one.
+    """
+
+    sharded = True
+
+    def __init__(self, offset: int, process_group=None):
+        self.offset = offset
+        self.process_group = process_group
+        self._label_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"ShardedSupport(offset={self.offset!r}, process_group={self.process_group!r})"
+
+    def check_call(self, *, scoring_support: bool, num_classes, queries_arg: str) -> None:
+        if scoring_support or num_classes is None:
+            raise ValueError(f"a sharded support set needs shard_offset=, {queries_arg}= and "
+                             "num_classes=, the same on every rank")
+
+    def size(self, n: int) -> None:
+        return None  # the ranks agree on the global size in the collective
+
+    def count_classes(self, num_classes: int | None, labels: torch.Tensor, named) -> int:
+        # This shard's labels differ per rank: checked inside the collective (check_labels,
+        # or the op's own check in knn_vote), so that every rank raises alike.
+        from ..depth.args import _class_count
+
+        try:
+            _class_count(num_classes, [("support_labels", labels)])
+        except ValueError as exc:
+            self._label_error = exc
+        return _class_count(num_classes, named)
+
+    def check_labels(self) -> None:
+        if self._label_error is not None:
+            raise self._label_error
+
+    def check_k(self, k: int, n: int, self_index) -> None:
+        pass  # the global size is known on the merge, which checks k
+
+    def knn_vote(self, queries, support, labels, k: int, num_classes: int, *,
+                 self_index=None, self_match: str = "exclude") -> torch.Tensor:
+        return knn_vote(queries, support, labels, k, num_classes, shard_offset=self.offset,
+                        self_index=self_index, self_match=self_match,
+                        process_group=self.process_group).pred
+
+    def finish(self, tops, labels: torch.Tensor, *, k: int, num_classes: int,
+               self_index=None, row0: int = 0, dims=()) -> list[torch.Tensor]:
+        n, offset = labels.shape[0], int(self.offset)
+        preds = []
+        for top, dim in zip(tops, dims, strict=True):
+            merged, lab_k = merge_shards(
+                top, shard_neighbor_labels(labels, top.index, offset), num_classes,
+                shard_offset=offset, shard_size=n, dim=dim, self_index=self_index,
+                process_group=self.process_group)
+            check_full(merged.index, k, n, row0)  # identical on every rank
+            preds.append(vote(lab_k, num_classes).cpu())
+        return preds
+
+    def fail(self, error: BaseException, *, n: int, num_classes) -> None:
+        """Tells the other ranks (in place of :meth:`finish`'s merges) that this rank's
+        step failed; raises the same RuntimeError on every rank."""
+        fields, device = _merge_fields(None, shard_offset=self.offset, shard_size=n,
+                                       num_classes=num_classes, dim=0, self_index=None,
+                                       error=error)
+        _exchange("pdepth.distributed.merge_shards()", fields, None, None, error=error, k=0,
+                  skip=0, self_match="exclude", process_group=self.process_group,
+                  device=device)

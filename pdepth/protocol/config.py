@@ -1,0 +1,120 @@
+"""The settings of a run (:class:`RunConfig`), its protocol key, and the 50/50 split."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..categories import CategoryThresholds
+from ..data import DATASETS
+from ..models import ARCHITECTURES
+from ..report import REPORT_DEPENDENCIES
+
+__all__ = ["RUNTIME_KEYS", "RunConfig", "rank_settings", "resolve_device", "run_dependencies",
+           "split_halves"]
+
+RUNTIME_KEYS = ("device", "root")  # may change on resume
+DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run (all are written to ``config.json``).
+
+    The defaults are the CPU demo: a small CNN on 8,000 random Fashion-MNIST training images,
+    2 seeds x 2 halves = 4 models of 6 epochs each, k = 30.
+    """
+
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    arch: str = "cnn"
+    probes: str | list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    epochs: int = 6
+    subset: int | None = 8000
+    subset_seed: int = 0
+    k: int = 30
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_dim: int | None = 4096
+    memory_budget: int = 2**30
+    device: str = "cpu"
+    thresholds: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.seeds = [int(s) for s in self.seeds]
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; valid architectures: "
+                             f"{', '.join(ARCHITECTURES)}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: "
+                             f"{', '.join(DATASETS)}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.subset is not None and self.subset < 4:
+            raise ValueError(f"subset must be at least 4 examples, got {self.subset}")
+        self.device = str(self.device)
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device (--device) must be cpu, cuda, cuda:N or auto, got "
+                             f"{self.device!r}")
+        CategoryThresholds.from_dict(self.thresholds)  # validates the names
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def protocol_key(self) -> str:
+        """A hash of the settings that change results (not the device or the data root)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def jobs(self) -> list[tuple[int, int]]:
+        """The models of the run, ``(seed, half)`` in seed, half order."""
+        return [(s, h) for s in self.seeds for h in (0, 1)]
+
+
+def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random 50/50 split of ``range(n)`` (sorted index arrays; the first half gets
+    ``n // 2``)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
+def run_dependencies(config: RunConfig, progress: bool) -> list[str]:
+    """The optional modules a run with these settings imports."""
+    return (list(REPORT_DEPENDENCIES) + (["tqdm"] if progress else [])
+            + (["torchvision"] if config.arch == "resnet18" else []))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``config.device`` as a torch device (``auto``: CUDA when available); ValueError for a
+    CUDA device that is not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False; "
+                         "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} "
+                         "CUDA device(s) are visible")
+    return dev
+
+
+def rank_settings(config: RunConfig, out: Path, overwrite: bool) -> dict:
+    """What every rank of a distributed run must agree on."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS}
+    return {**settings, "out": str(out), "overwrite": overwrite}

@@ -1,0 +1,67 @@
+"""Aggregating the per-model results of a run into ``results.parquet`` (one row per example),
+``per_model.npz`` (every model's arrays, stacked) and the summary in ``config.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import _atomic
+from ..categories import CATEGORIES, categorize
+from ..metrics import layer_accuracy, summarize
+from .model_run import RunData
+
+__all__ = ["write_results"]
+
+
+def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
+    """Writes ``results.parquet`` and ``per_model.npz`` from the models' arrays (in seed,
+    half order) and returns the run's summary for ``config.json``."""
+    stacked = {name: np.stack([m[name] for m in per_model])
+               for name in ("depth", "in_train", "probs", "layer_pred", "epoch_pred", "loss",
+                            "train_accuracy", "held_out_accuracy")}
+    for name in ("depth", "layer_pred", "epoch_pred"):
+        stacked[name] = stacked[name].astype(np.int64)
+    y = data.labels.numpy()
+    df = _results_table(stacked, data)
+    _atomic.write_parquet(out / "results.parquet", df)
+    _atomic.savez(
+        out / "per_model.npz",
+        depth=stacked["depth"], in_train=stacked["in_train"],
+        probs=stacked["probs"].astype(np.float32),
+        layer_pred=stacked["layer_pred"].astype(np.int16),
+        epoch_pred=stacked["epoch_pred"].astype(np.int16),
+        seeds=np.array([m["seed"] for m in per_model]),
+        halves=np.array([m["half"] for m in per_model]),
+        labels=y, dataset_index=data.dataset_index.numpy(),
+        layer_names=np.array(data.spec.names),
+        loss=stacked["loss"], train_accuracy=stacked["train_accuracy"],
+        held_out_accuracy=stacked["held_out_accuracy"],
+    )
+    layer_pred, in_train = stacked["layer_pred"], stacked["in_train"]
+    return {
+        "layer_knn_accuracy_train": layer_accuracy(layer_pred, y, in_train).tolist(),
+        "layer_knn_accuracy_held_out": layer_accuracy(layer_pred, y, ~in_train).tolist(),
+        "mean_train_depth": float(np.nanmean(df["train_depth"])),
+        "mean_held_out_depth": float(np.nanmean(df["held_out_depth"])),
+        "held_out_accuracy": float(np.nanmean(df["held_out_accuracy"])),
+        "train_accuracy": float(np.nanmean(df["train_accuracy"])),
+        "categories": {c: int((df["category"] == c).sum()) for c in CATEGORIES},
+    }
+
+
+def _results_table(stacked: dict, data: RunData):
+    """The per-example table: :func:`pdepth.metrics.summarize` with the category, the
+    dataset index and the label's name in front."""
+    y = data.labels.numpy()
+    df = summarize(stacked["depth"], stacked["in_train"], stacked["probs"],
+                   stacked["layer_pred"], stacked["epoch_pred"], y,
+                   early_fraction=data.thresholds.early_fraction)
+    df["category"] = categorize(df, data.spec.num_probes, data.thresholds,
+                                num_classes=data.num_classes)
+    df.insert(0, "dataset_index", data.dataset_index.numpy())
+    df.insert(2, "label_name", [data.dataset.classes[i] for i in y])
+    cat = df.pop("category")
+    df.insert(3, "category", cat)
+    return df

@@ -1,0 +1,250 @@
+"""``run()``: the protocol's steps in order -- check the settings and load the data, prepare
+the output directory, train and score every model (spread over the ranks of a process group),
+aggregate, write the results and the report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import _atomic
+from ..categories import CategoryThresholds
+from ..data import dataset_info, load_subset, normalize_images
+from ..models import build_model
+from ..probes import probe_dims, resolve_probes
+from .config import RunConfig, rank_settings, resolve_device, run_dependencies
+from .errors import require_modules
+from .model_run import RunData, check_support, run_model
+from .outdir import load_model_file, model_path, prepare_output
+from .results import write_results
+
+__all__ = ["load_run_data", "run", "versions"]
+
+
+def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
+        progress: bool = True, log=None, process_group=None) -> Path:
+    """Runs the protocol and writes the results to ``out`` (see docs/protocol.md).
+
+    Returns the output directory. Raises ``FileNotFoundError`` (dataset missing),
+    ``ValueError`` (bad settings, unknown probe names) or :class:`MissingDependencyError`
+    before anything is written; :class:`OutputExistsError` for an ``out`` that cannot be used
+    (see :func:`prepare_output`), :class:`ModelFileError` for a damaged or misnamed per-model
+    file when resuming.
+
+    ``process_group`` (a ``torch.distributed`` group, e.g. ``torch.distributed.group.WORLD``
+    under torchrun) spreads the models over its ranks: every rank calls ``run`` with the same
+    arguments and an ``out`` on a filesystem all ranks share; rank 0 prepares ``out``, model
+    ``j`` (in seed, half order) is trained and scored by rank ``j % world_size`` and saved to
+    ``models/``, and rank 0 then aggregates and writes the results and the report (the other
+    ranks return once every model is saved). With CUDA, call
+    ``torch.cuda.set_device(local_rank)`` first: ``device="cuda"`` means the current device.
+    A failure on any rank (including bad settings or existing results on rank 0) raises
+    ``RuntimeError`` naming it on every rank; ranks whose settings differ raise ``ValueError``
+    on every rank before any work.
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    log = log or (lambda msg: None)
+    ranks = _Ranks.of(process_group)
+    # Everything that can fail on bad input fails before the output directory is touched,
+    # and under torchrun before any rank starts work.
+    data = ranks.together(lambda: load_run_data(config, progress),
+                          "pdepth.run(): checking the settings")
+    ranks.check_same(rank_settings(config, out, overwrite), "pdepth.run()")
+    cfg = _config_record(config, data)
+    kept = ranks.together(lambda: _prepare(out, config, overwrite, cfg, data),
+                          "pdepth.run(): preparing the output directory (rank 0)",
+                          rank0_only=True, default=0)
+    log(f"pdepth run: {config.arch} on {data.n} {config.dataset} examples, seeds "
+        f"{config.seeds}, {config.epochs} epochs, k={config.k}, {data.spec.num_probes} probes, "
+        f"device {data.device}" + (f"; resuming ({kept} model(s) already done)" if kept else ""))
+    per_model = ranks.together(
+        lambda: _score_models(config, data, out, ranks, progress=progress, log=log),
+        "pdepth.run(): training and scoring the models")
+    if ranks.rank != 0:
+        return out
+    key = config.protocol_key()
+    per_model = [m if m is not None else load_model_file(model_path(out, s, h), key, s, h, data.n)
+                 for m, (s, h) in zip(per_model, config.jobs(), strict=True)]
+    t_models = time.perf_counter() - t_start
+    cfg["models"] = [m["meta"] for m in per_model]
+    cfg["summary"] = write_results(out, per_model, data)
+    cfg["timing"] = {"models_seconds": t_models}
+    _atomic.write_json(out / "config.json", cfg)
+    _finish(out, cfg, t_start)
+    log(f"pdepth run: done in {cfg['timing']['total_seconds']:.1f} s; results in {out} "
+        f"(report: {out / 'report.html'})")
+    return out
+
+
+@dataclass
+class _Ranks:
+    """The ranks of a run's process group (one rank without a group)."""
+
+    group: object = None
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def of(cls, process_group) -> _Ranks:
+        if process_group is None:
+            return cls()
+        import torch.distributed as dist
+
+        return cls(process_group, dist.get_rank(process_group),
+                   dist.get_world_size(process_group))
+
+    def together(self, step, what: str, *, rank0_only: bool = False, default=None):
+        """``step()`` on every rank (on rank 0 only with ``rank0_only``; ``default`` on the
+        others); with several ranks, a failure on any rank raises RuntimeError naming it on
+        every rank (:func:`pdepth.distributed.check_all`)."""
+        if self.world == 1:
+            return step()
+        from ..distributed import check_all
+
+        error, result = None, default
+        if not rank0_only or self.rank == 0:
+            try:
+                result = step()
+            except Exception as exc:
+                error = exc
+        check_all(error, what, self.group)
+        return result
+
+    def check_same(self, values: dict, what: str) -> None:
+        if self.world > 1:
+            from ..distributed import check_same
+
+            check_same(values, what, self.group)
+
+
+def load_run_data(config: RunConfig, progress: bool) -> RunData:
+    """Checks the dependencies and settings and loads the data."""
+    require_modules(run_dependencies(config, progress), "pdepth run")
+    device = resolve_device(config.device)
+    thresholds = CategoryThresholds.from_dict(config.thresholds)
+    probe_model = build_model(config.arch)
+    spec = resolve_probes(probe_model, config.probes if config.probes is not None else
+                          config.arch, max_dim=config.max_dim)
+    info = dataset_info(config.dataset)
+    images, labels, dataset_index = load_subset(config.dataset, config.root, config.subset,
+                                                config.subset_seed)
+    x = normalize_images(images, info.mean, info.std)
+    dims = probe_dims(probe_model, spec, x[:1])
+    check_support(config.k, int(labels.shape[0]) // 2)  # the smaller half
+    return RunData(device, thresholds, spec, info, images, labels, dataset_index, x, dims)
+
+
+def _config_record(config: RunConfig, data: RunData) -> dict:
+    """``config.json`` of a running run (the models, summary and timing come later)."""
+    return {
+        "status": "running",
+        "protocol_key": config.protocol_key(),
+        "config": config.to_dict(),
+        "resolved": {
+            "device": str(data.device),
+            "root": config.root or data.dataset.root,
+            "num_examples": data.n,
+            "num_classes": data.num_classes,
+            "class_names": list(data.dataset.classes),
+            "probes": data.spec.names,
+            "probe_preset": data.spec.preset,
+            "probe_dims": data.dims,
+            "num_layers": data.spec.num_probes,
+            "num_models": 2 * len(config.seeds),
+            "thresholds": data.thresholds.to_dict(),
+            "reference": "network",
+            "self_match": "exclude",
+            "support": "the model's training half, given labels",
+        },
+        "versions": versions(),
+    }
+
+
+def _prepare(out: Path, config: RunConfig, overwrite: bool, cfg: dict, data: RunData) -> int:
+    """Prepares ``out`` (:func:`prepare_output`) and writes ``config.json`` and ``data.npz``;
+    returns the number of per-model files kept for resuming."""
+    kept = prepare_output(out, config, overwrite)
+    _atomic.write_json(out / "config.json", cfg)
+    _atomic.savez(out / "data.npz", images=data.images.numpy(), labels=data.labels.numpy(),
+                  dataset_index=data.dataset_index.numpy())
+    return kept
+
+
+def _score_models(config: RunConfig, data: RunData, out: Path, ranks: _Ranks, *,
+                  progress: bool, log) -> list[dict | None]:
+    """This rank's models, in seed, half order (None for another rank's model): loaded from
+    their files when an earlier run saved them, else trained, scored and saved."""
+    per_model: list[dict | None] = []
+    for job, (seed, half) in enumerate(config.jobs()):
+        if job % ranks.world != ranks.rank:
+            per_model.append(None)  # another rank's model: rank 0 reads it from its file
+            continue
+        path = model_path(out, seed, half)
+        if path.exists():
+            per_model.append(load_model_file(path, config.protocol_key(), seed, half, data.n))
+            log(f"  seed {seed} half {half}: loaded {path.name}")
+            continue
+        per_model.append(run_model(config, data, seed, half, path=path, progress=progress,
+                                   log=log))
+    return per_model
+
+
+def _finish(out: Path, cfg: dict, t_start: float) -> None:
+    """Draws the report, then marks the run complete (``config.json`` status, ``COMPLETE``)."""
+    from ..report import write_report
+    from ..stream import peak_rss_bytes
+
+    t_report = time.perf_counter()
+    write_report(out)
+    cfg["status"] = "complete"
+    cfg["timing"]["report_seconds"] = time.perf_counter() - t_report
+    cfg["timing"]["total_seconds"] = time.perf_counter() - t_start
+    cfg["peak_rss_bytes"] = peak_rss_bytes()
+    _atomic.write_json(out / "config.json", cfg)
+    _atomic.write_bytes(out / "COMPLETE", f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+
+
+def versions() -> dict:
+    """The versions of pdepth, its dependencies, the extension and the machine."""
+    from .._version import __version__
+    from ..ops import build_info
+
+    try:
+        import torchvision
+
+        tv = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        tv = None
+    info = {
+        "pdepth": __version__,
+        "torch": torch.__version__,
+        "torchvision": tv,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        import pandas
+        import pyarrow
+
+        info["pandas"] = pandas.__version__
+        info["pyarrow"] = pyarrow.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        info["extension"] = build_info()
+    except Exception as exc:  # pragma: no cover
+        info["extension"] = {"error": str(exc)}
+    return info

@@ -1,0 +1,102 @@
+"""Training one model of the protocol (Adam, cosine learning rate), recording every example's
+prediction at initialisation and after each epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["TrainOptions", "train_model"]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The settings of :func:`train_model`."""
+
+    epochs: int
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    seed: int = 0  # of the batch order
+
+
+@torch.no_grad()
+def predict(model, x, batch_size, device) -> torch.Tensor:
+    """The argmax prediction of ``model`` (in eval mode) on every row of ``x``."""
+    was = model.training
+    model.eval()
+    out = [model(x[i:i + batch_size].to(device)).argmax(1).cpu()
+           for i in range(0, x.shape[0], batch_size)]
+    model.train(was)
+    return torch.cat(out)
+
+
+def train_model(model, x, y, train_index, options: TrainOptions | None = None, *,
+                device="cpu", progress=False, desc="train", **settings):
+    """Trains ``model`` on ``x[train_index]`` and records the prediction on every row of ``x``
+    at initialisation and after each epoch.
+
+    ``options`` (a :class:`TrainOptions`), or its fields as keywords (``epochs=`` is
+    required then, as in ``train_model(model, x, y, idx, epochs=6, lr=2e-3)``).
+
+    Returns ``(epoch_pred [epochs + 1, n] int64, history)`` with ``history`` holding per-epoch
+    ``loss``, ``train_accuracy`` (on the training half, eval mode) and ``held_out_accuracy``.
+    """
+    if options is None:
+        options = TrainOptions(**settings)
+    elif settings:
+        raise TypeError(f"train_model() takes options= or the settings "
+                        f"{', '.join(f.name for f in fields(TrainOptions))}, not both")
+    device = torch.device(device)
+    model.to(device)
+    train_index = torch.as_tensor(train_index)
+    held = torch.ones(x.shape[0], dtype=torch.bool)
+    held[train_index] = False
+    xt, yt = x[train_index].to(device), y[train_index].to(device)
+    steps_per_epoch = max(1, -(-xt.shape[0] // options.batch_size))
+    opt = torch.optim.Adam(model.parameters(), lr=options.lr,
+                           weight_decay=options.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+        opt, T_max=options.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(int(options.seed))
+    preds = [predict(model, x, options.eval_batch_size, device)]
+    history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
+    epochs_iter = range(options.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs_iter = tqdm(epochs_iter, desc=desc, unit="epoch", leave=False)
+    for _ in epochs_iter:
+        perm = torch.randperm(xt.shape[0], generator=gen).to(device)
+        loss = _epoch(model, (xt, yt), perm, (opt, sched), options.batch_size)
+        pred = predict(model, x, options.eval_batch_size, device)
+        preds.append(pred)
+        correct = pred == y
+        history["loss"].append(loss)
+        history["train_accuracy"].append(float(correct[~held].float().mean()))
+        history["held_out_accuracy"].append(
+            float(correct[held].float().mean()) if held.any() else float("nan"))
+        if progress:
+            epochs_iter.set_postfix(loss=f"{history['loss'][-1]:.3f}",
+                                    train=f"{history['train_accuracy'][-1]:.3f}",
+                                    held_out=f"{history['held_out_accuracy'][-1]:.3f}")
+    return torch.stack(preds), history
+
+
+def _epoch(model, data, perm, optimizer, batch_size) -> float:
+    """One pass over ``data = (x, y)`` in the order ``perm``; the mean training loss."""
+    (xt, yt), (opt, sched) = data, optimizer
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    total = 0.0
+    for i in range(0, xt.shape[0], batch_size):
+        idx = perm[i:i + batch_size]
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xt[idx]), yt[idx])
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss.detach()) * idx.shape[0]
+    return total / xt.shape[0]

@@ -1,0 +1,64 @@
+"""pdepth._atomic: the one atomic-write module (run directories, reports, DepthResult.save)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pdepth import _atomic
+
+
+def test_writes_replace_and_leave_no_temporary(tmp_path):
+    path = tmp_path / "a.json"
+    _atomic.write_json(path, {"x": np.int64(3), "y": np.float32(0.5), "z": np.arange(2),
+                              "p": tmp_path})
+    assert json.loads(path.read_text()) == {"x": 3, "y": 0.5, "z": [0, 1], "p": str(tmp_path)}
+    _atomic.write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+    _atomic.savez(tmp_path / "b.npz", a=np.arange(3))
+    with np.load(tmp_path / "b.npz") as z:
+        assert z["a"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npz"]
+
+
+def test_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _atomic.write_with(path, fails)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_permissions_are_those_of_open(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    _atomic.write_bytes(tmp_path / "a", b"")
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("keep_suffix", [False, True])
+def test_temporary_names_are_recognised(tmp_path, keep_suffix):
+    tmp = _atomic.temp_path(tmp_path / "figure.png", keep_suffix)
+    assert tmp.parent == tmp_path
+    assert _atomic.TMP_NAME.fullmatch(tmp.name)
+    assert tmp.suffix == ".png" if keep_suffix else tmp.name.startswith(".figure.png.tmp-")
+
+
+def test_pending_files_all_or_nothing(tmp_path):
+    pending = _atomic.PendingFiles()
+    for name in ("a.png", "b.html"):
+        pending.tmp(tmp_path / name).write_text(name)
+    assert not (tmp_path / "a.png").exists()
+    pending.replace_all()
+    assert (tmp_path / "b.html").read_text() == "b.html"
+    dropped = _atomic.PendingFiles()
+    dropped.tmp(tmp_path / "c.png").write_text("c")
+    dropped.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.html"]

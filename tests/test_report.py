@@ -1,0 +1,173 @@
+"""The report (pdepth.report): write_report on a synthetic finished run (no training, no
+Fashion-MNIST: run_helpers.write_synthetic_run) draws every figure of FIGURES as a PNG file and
+an HTML page with every section and figure; damaged or missing inputs raise RunFilesError
+naming the file and leave the directory as it was; `pdepth report DIR`. The same on a real
+run (tiny_run, needs Fashion-MNIST): a missing dependency, truncated results, and a failure
+half-way through the figures."""
+
+from __future__ import annotations
+
+import html
+import sys
+
+import pytest
+from run_helpers import copy_run, needs_fmnist, one_error_line, tree, write_synthetic_run
+
+import pdepth
+import pdepth.report
+from pdepth.cli import main
+from pdepth.report import FIGURES, RunFilesError, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+INPUTS = ("results.parquet", "per_model.npz", "data.npz", "config.json")
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A finished synthetic run with its report drawn once (tests change copies)."""
+    out = write_synthetic_run(tmp_path_factory.mktemp("synthetic") / "run")
+    assert write_report(out) == out / "report.html"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# what the report holds
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_figure_is_a_png_file(synthetic_run):
+    figdir = synthetic_run / "figures"
+    assert sorted(p.name for p in figdir.iterdir()) == sorted(FIGURES)
+    for name in FIGURES:
+        data = (figdir / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, name
+
+
+def test_html_has_every_section_and_figure(synthetic_run):
+    page = (synthetic_run / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    for section in ("Summary", "Categories", "Probes", "Figures", "Settings"):
+        assert f"<h2>{section}</h2>" in page, section
+    for name, caption in FIGURES.items():
+        assert f'<img src="figures/{name}"' in page, name
+        assert html.escape(caption) in page, name
+    for category in pdepth.CATEGORIES:
+        assert f"<td>{category}</td>" in page, category
+    for probe in ("input", "block1", "block2", "block3", "fc", "softmax"):
+        assert f"<td>{probe}</td>" in page, probe
+    assert "Prediction depth: cnn on fashion-mnist" in page
+
+
+def test_no_temporary_files_are_left(synthetic_run):
+    assert not [p for p in synthetic_run.rglob("*") if ".tmp-" in p.name]
+
+
+def test_redraw_replaces_every_file(synthetic_run, tmp_path):
+    out = copy_run(synthetic_run, tmp_path)
+    (out / "figures" / "depth_2d.png").unlink()
+    (out / "report.html").write_text("stale")
+    assert write_report(out) == out / "report.html"
+    assert (out / "figures" / "depth_2d.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "<h2>Figures</h2>" in (out / "report.html").read_text()
+
+
+def test_cli_report_on_a_finished_run(synthetic_run, tmp_path, capsys):
+    out = copy_run(synthetic_run, tmp_path)
+    assert main(["report", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.html")
+
+
+# --------------------------------------------------------------------------------------------
+# damaged input: the documented error, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", INPUTS)
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_input_names_the_file_and_changes_nothing(synthetic_run, tmp_path, name,
+                                                          damage):
+    out = copy_run(synthetic_run, tmp_path)
+    path = out / name
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    before = tree(out)
+    with pytest.raises(RunFilesError, match=rf"{name} cannot be read") as exc:
+        write_report(out)
+    assert isinstance(exc.value, ValueError)
+    assert f"delete {out / 'COMPLETE'}" in str(exc.value) and "pdepth run --out" in str(exc.value)
+    assert tree(out) == before
+
+
+def test_cli_damaged_input_is_one_error_line(synthetic_run, tmp_path, capsys):
+    out = copy_run(synthetic_run, tmp_path)
+    (out / "config.json").write_text("{not json")
+    before = tree(out)
+    assert main(["report", str(out)]) == 2
+    assert "config.json cannot be read" in one_error_line(capsys)
+    assert tree(out) == before
+
+
+def test_failure_half_way_leaves_every_file(synthetic_run, tmp_path, monkeypatch):
+    out = copy_run(synthetic_run, tmp_path)
+    before = tree(out)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pdepth.report, "_html", boom)  # every figure drawn, the page fails
+    with pytest.raises(RuntimeError, match="boom"):
+        write_report(out)
+    assert tree(out) == before
+
+
+def test_first_report_failure_leaves_no_figures_folder(synthetic_run, tmp_path, monkeypatch):
+    out = copy_run(synthetic_run, tmp_path)
+    for p in (out / "figures").iterdir():
+        p.unlink()
+    (out / "figures").rmdir()
+    (out / "report.html").unlink()
+    monkeypatch.setattr(pdepth.report, "_html", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_report(out)
+    assert not (out / "figures").exists() and not (out / "report.html").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# on a real run (Fashion-MNIST)
+# --------------------------------------------------------------------------------------------
+
+
+@needs_fmnist
+def test_report_missing_dependency(tiny_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["report", str(tiny_run)]) == 2
+    assert 'matplotlib, not installed: pip install "pdepth[run]"' in one_error_line(capsys)
+
+
+@needs_fmnist
+def test_report_on_truncated_results(tiny_run, tmp_path, capsys):
+    out = copy_run(tiny_run, tmp_path)
+    path = out / "results.parquet"
+    path.write_bytes(path.read_bytes()[:500])
+    before = tree(out)
+    assert main(["report", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert "results.parquet cannot be read" in err and "COMPLETE" in err
+    assert tree(out) == before
+
+
+@needs_fmnist
+def test_report_is_all_or_nothing(tiny_run, tmp_path, monkeypatch):
+    """A failure half-way through the figures leaves every file as it was."""
+    out = copy_run(tiny_run, tmp_path)
+    before = tree(out)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pdepth.report, "layer_accuracy", boom)  # the 3rd figure fails
+    with pytest.raises(RuntimeError, match="boom"):
+        pdepth.report.write_report(out)
+    assert tree(out) == before

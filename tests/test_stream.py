@@ -1,0 +1,67 @@
+"""Streaming model-level depth (pdepth.stream_prediction_depth): the support set streamed
+through the model batch by batch and merged into running top-k gives exactly the depth of
+:func:`pdepth.prediction_depth` on the materialised embeddings. Its input checks:
+tests/test_stream_inputs.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pdepth
+from pdepth import models
+
+
+def _model():
+    torch.manual_seed(0)
+    model = models.cnn().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# streaming == embeddings-level
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [None, 300_000])
+def test_stream_equals_embedding_level_depth(budget, device):
+    model = _model().to(device)
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(250, 1, 28, 28, generator=g), torch.randint(0, 10, (250,), generator=g)
+    xq, yq = torch.randn(90, 1, 28, 28, generator=g), torch.randint(0, 10, (90,), generator=g)
+    # the first 40 queries are support points 100..139 (self excluded), the rest are new
+    xq[:40] = xs[100:140]
+    self_index = torch.full((90,), -1)
+    self_index[:40] = torch.arange(100, 140)
+    res = pdepth.stream_prediction_depth(model, xs, ys, xq, probes="cnn", k=7,
+                                         self_index=self_index, query_labels=yq, batch_size=32,
+                                         memory_budget=budget,
+                                         example_index=torch.arange(90) + 1000)
+    sup = pdepth.extract(model, xs, "cnn", batch_size=32, storage=device)
+    qry = pdepth.extract(model, xq, "cnn", batch_size=32, storage=device)
+    want = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits.cpu(),
+                                   k=7, self_index=self_index, query_labels=yq,
+                                   example_index=torch.arange(90) + 1000, device=device)
+    assert res.depth.equals(want)
+    assert res.num_chunks == (1 if budget is None else 3)
+    assert res.peak_bytes > 0 and res.peak_rss_bytes > 0
+    torch.testing.assert_close(res.logits, qry.logits.cpu())
+    if device.type == "cuda":
+        assert res.cuda_peak_bytes > 0
+
+
+def test_stream_scores_support_itself_like_prediction_depth():
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(120, 1, 28, 28, generator=g), torch.randint(0, 10, (120,), generator=g)
+    res = pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=5, batch_size=50,
+                                         memory_budget=1)
+    sup = pdepth.extract(model, xs, "cnn", batch_size=50)
+    want = pdepth.prediction_depth(sup.layers, ys, network_pred=sup.logits, k=5)
+    assert res.depth.equals(want)
+    assert res.num_chunks == 3  # one batch per chunk at a tiny budget
+    with pytest.raises(ValueError, match="k=120 is larger"):
+        pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=120)
