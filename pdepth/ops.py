@@ -296,6 +296,7 @@ def _fake_check_prev(op, q, prev_dist, prev_index, kk, skip):
         raise RuntimeError(f"{op}(): prev must be on the queries' device {q.device}")
 
 
+# Mirrors the op schema's argument list (csrc/knn.cpp), as the fake kernels must.
 def _fake_check_knn(op, queries, support, k, self_index, skip, prev_dist, prev_index,
                     offset):
     """The op's checks in csrc/knn.cpp's order (arguments as in its schema); ``(M, k)``."""

@@ -772,3 +772,25 @@ def test_device_matches_cpu(device):
     self_dev = prediction_depth([s.to(device) for s in support], labels.to(device),
                                 network_pred=labels.flip(0).to(device), k=9)
     assert self_dev.equals(self_cpu)
+
+
+def test_shard_keyword_local_equals_default_and_rejects_mixed_spellings():
+    from pdepth.depth import LocalSupport
+    from pdepth.distributed import ShardedSupport
+
+    gen = torch.Generator().manual_seed(7)
+    layers = [torch.randn(40, 5, generator=gen), torch.randn(40, 3, generator=gen)]
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    base = prediction_depth(layers, labels, k=5, reference="labels")
+    local = prediction_depth(layers, labels, k=5, reference="labels", shard=LocalSupport())
+    assert torch.equal(base.depth, local.depth)
+    assert torch.equal(base.layer_pred, local.layer_pred)
+    with pytest.raises(ValueError, match="not both"):
+        prediction_depth(layers, labels, k=5, shard=LocalSupport(), shard_offset=0)
+    with pytest.raises(ValueError, match="shard= must be"):
+        prediction_depth(layers, labels, k=5, shard="rank0")
+    with pytest.raises(ValueError, match="needs query_layers= and num_classes="):
+        prediction_depth(layers, labels, k=5, reference="labels", shard=ShardedSupport(0))
+    with pytest.raises((ValueError, RuntimeError), match="process group"):
+        prediction_depth(layers, labels, k=5, reference="labels", shard=ShardedSupport(0),
+                         query_layers=layers, query_labels=labels, num_classes=3)

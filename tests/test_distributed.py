@@ -351,7 +351,7 @@ def test_sharded_argument_errors_before_any_collective():
     with pytest.raises(ValueError, match="query_layers= and num_classes="):
         pdepth.prediction_depth(x, torch.zeros(4, dtype=torch.long), x, reference="labels",
                                 query_labels=torch.zeros(4, dtype=torch.long), shard_offset=0)
-    with pytest.raises(ValueError, match="shard_offset=, queries= and num_classes="):
+    with pytest.raises(ValueError, match="needs queries= and num_classes="):
         pdepth.stream_prediction_depth(torch.nn.Linear(2, 2), torch.zeros(4, 2),
                                        torch.zeros(4, dtype=torch.long), shard_offset=0)
 

@@ -97,6 +97,7 @@ def _class_ids(train_labels: torch.Tensor, test_labels: torch.Tensor | None):
     return ids[0], (ids[1] if len(ids) > 1 else None), max(int(classes.numel()), 1)
 
 
+# The positional parameters mirror nn_example_difficulty's signature (a drop-in).
 def prediction_depth(
     train_intermediates: Iterable | dict,
     train_labels: torch.Tensor,

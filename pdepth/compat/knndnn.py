@@ -52,6 +52,7 @@ from ..ops import knn
 __all__ = ["knn_predict"]
 
 
+# The positional parameters mirror the AngularGap-family knn_predict (a drop-in).
 def knn_predict(
     feature: torch.Tensor,
     feature_bank: torch.Tensor,

@@ -37,8 +37,8 @@ class ShardedSupport(Support):
 
     def check_call(self, *, scoring_support: bool, num_classes, queries_arg: str) -> None:
         if scoring_support or num_classes is None:
-            raise ValueError(f"a sharded support set needs shard_offset=, {queries_arg}= and "
-                             "num_classes=, the same on every rank")
+            raise ValueError(f"a sharded support set (shard= or shard_offset=) needs "
+                             f"{queries_arg}= and num_classes=, the same on every rank")
 
     def size(self, n: int) -> None:
         return None  # the ranks agree on the global size in the collective
