@@ -244,5 +244,7 @@ def test_sdist_has_every_source_and_header(checkout, tmp_path):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     wanted |= {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md"}
+    # every module of every subpackage (a package list by hand once left pdepth/depth/ out)
+    wanted |= {str(p.relative_to(ROOT)) for p in (ROOT / "pdepth").rglob("*.py")}
     assert wanted <= names, sorted(wanted - names)
     assert not any(n.endswith(".so") for n in names)
