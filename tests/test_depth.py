@@ -775,8 +775,7 @@ def test_device_matches_cpu(device):
 
 
 def test_shard_keyword_local_equals_default_and_rejects_mixed_spellings():
-    from pdepth.depth import LocalSupport
-    from pdepth.distributed import ShardedSupport
+    from pdepth import LocalSupport, ShardedSupport
 
     gen = torch.Generator().manual_seed(7)
     layers = [torch.randn(40, 5, generator=gen), torch.randn(40, 3, generator=gen)]

@@ -3,7 +3,8 @@
 - :mod:`.rule`: :func:`depth_from_predictions` (the rule alone) and the reference modes.
 - :mod:`.args`: the one validation path of both drivers (arguments, defaults, reference).
 - :mod:`.support`: where the support set lives (:class:`LocalSupport`; the sharded one is
-  :class:`pdepth.distributed.ShardedSupport`), the only thing the drivers ask for k-NN work.
+  :class:`.sharded.ShardedSupport`, built on :mod:`pdepth.distributed`), the only thing the
+  drivers ask for k-NN work; :mod:`.placement` picks one for a call.
 - :mod:`.result`: :class:`DepthResult`, its one builder and its files.
 - :mod:`.embeddings`: :func:`prediction_depth` (embeddings, one layer at a time).
 - :mod:`.stream`: :func:`stream_prediction_depth` (a model; the support set streamed).
@@ -18,6 +19,7 @@ from .embeddings import _embedding, _layer_iter, _layer_label, prediction_depth
 from .ensemble import EnsembleDepth, aggregate
 from .result import _FORMAT_VERSION, DepthResult, _atomic_write, build_result
 from .rule import REFERENCE_MODES, depth_from_predictions
+from .sharded import ShardedSupport
 from .stream import StreamResult, peak_rss_bytes, stream_prediction_depth
 from .support import LocalSupport
 
@@ -26,6 +28,7 @@ __all__ = [
     "DepthResult",
     "EnsembleDepth",
     "LocalSupport",
+    "ShardedSupport",
     "StreamResult",
     "aggregate",
     "build_result",

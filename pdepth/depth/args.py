@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .rule import REFERENCE_MODES
-from .support import Support
+from .support import Support, _class_count  # noqa: F401  (_class_count: re-exported)
 
 __all__ = ["DepthArgs", "depth_args"]
 
@@ -177,34 +177,6 @@ def _check_num_classes(num_classes) -> int | None:
             or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     return int(num_classes)
-
-
-def _class_count(num_classes: int | None, named) -> int:
-    """Checks the class-id vectors ``named`` (``(name, tensor or None)`` pairs) and returns
-    the number of classes.
-
-    Every vector must hold ids ``>= 0``, and ``< num_classes`` when ``num_classes`` is given.
-    Without it the count is one more than the largest id in *any* of the vectors, so a class
-    that occurs only among the query labels or the reference (absent from the support set,
-    as real splits produce) counts too: the probes simply never predict it.
-    """
-    top = -1
-    for name, t in named:
-        if t is None or not t.numel():
-            continue
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0:
-            raise ValueError(
-                f"{name} must hold class ids >= 0, got values in [{lo}, {hi}]; map the labels "
-                "to 0..C-1 first"
-            )
-        if num_classes is not None and hi >= num_classes:
-            raise ValueError(
-                f"{name} must lie in [0, num_classes={num_classes}), got values in "
-                f"[{lo}, {hi}]; raise num_classes or leave it out to infer it from the labels"
-            )
-        top = max(top, hi)
-    return num_classes if num_classes is not None else max(top + 1, 1)
 
 
 def _check_self_index(self_index: torch.Tensor | None, n: int | None) -> None:

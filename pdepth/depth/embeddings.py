@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .args import DepthArgs, depth_args
+from .placement import resolve_support
 from .result import DepthResult, build_result
-from .support import resolve_support
 
 __all__ = ["prediction_depth"]
 
@@ -84,7 +84,7 @@ def prediction_depth(
             :func:`aggregate`. Defaults to ``arange(N)`` when ``query_layers`` is None.
         progress: show a tqdm progress bar over layers.
         shard: where the support set lives: None (here, all of it) or a
-            :class:`pdepth.distributed.ShardedSupport` (``support_layers`` and
+            :class:`pdepth.ShardedSupport` (``support_layers`` and
             ``support_labels`` are this rank's contiguous shard of the support set, starting
             at global row ``shard.offset``; each layer's vote is
             :func:`pdepth.distributed.knn_vote` over all ranks). Sharded, the call is

@@ -29,8 +29,8 @@ from torch import nn
 from ..ops import empty_topk, knn
 from ..probes import ProbeRecorder, iter_batches, resolve_probes
 from .args import DepthArgs, _class_count, _int_vector, depth_args
+from .placement import resolve_support
 from .result import DepthResult, build_result
-from .support import resolve_support
 
 __all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
 
@@ -197,7 +197,7 @@ def stream_prediction_depth(
         dtype: embedding dtype.
         progress: tqdm progress bars.
         shard: where the support set lives: None (here, all of it) or a
-            :class:`pdepth.distributed.ShardedSupport` (``support`` and ``support_labels``
+            :class:`pdepth.ShardedSupport` (``support`` and ``support_labels``
             are this rank's contiguous shard, starting at global row ``shard.offset``; each
             rank streams its shard and the per-probe top-k lists are merged across ranks
             (:func:`pdepth.distributed.merge_shards`) before the vote). Sharded, the call is

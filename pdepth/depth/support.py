@@ -1,5 +1,5 @@
 """Where the support set lives: :class:`LocalSupport` (all of it in this process) or
-:class:`pdepth.distributed.ShardedSupport` (this rank's shard of a process group). Both
+:class:`pdepth.depth.sharded.ShardedSupport` (this rank's shard of a process group). Both
 prediction-depth drivers talk to the support set through this small interface only, so
 sharding is one implementation of it rather than a branch in every function.
 """
@@ -10,7 +10,7 @@ import torch
 
 from ..ops import knn_vote, neighbor_labels, vote
 
-__all__ = ["LocalSupport", "Support", "resolve_support"]
+__all__ = ["LocalSupport", "Support", "check_full"]
 
 
 class Support:
@@ -31,9 +31,7 @@ class Support:
 
     def count_classes(self, num_classes: int | None, labels: torch.Tensor, named) -> int:
         """The number of classes over the support labels and the ``(name, tensor)`` pairs
-        ``named`` (see :func:`pdepth.depth.args._class_count`)."""
-        from .args import _class_count
-
+        ``named`` (see :func:`_class_count`)."""
         return _class_count(num_classes, [("support_labels", labels), *named])
 
     def check_labels(self) -> None:
@@ -78,29 +76,6 @@ class LocalSupport(Support):
         return "LocalSupport()"
 
 
-def resolve_support(shard=None, shard_offset=None, process_group=None) -> Support:
-    """The :class:`Support` of a call: ``shard=`` (a :class:`LocalSupport` or a
-    :class:`pdepth.distributed.ShardedSupport`), or the older ``shard_offset=`` /
-    ``process_group=`` keywords (deprecated aliases for
-    ``shard=ShardedSupport(shard_offset, process_group)``), or local."""
-    if shard is not None:
-        if shard_offset is not None or process_group is not None:
-            raise ValueError("give shard= or shard_offset= / process_group= (its older "
-                             "spelling), not both")
-        if not isinstance(shard, Support):
-            raise ValueError("shard= must be a pdepth.distributed.ShardedSupport or a "
-                             f"LocalSupport, got {type(shard).__name__}")
-        return shard
-    if shard_offset is None and process_group is None:
-        return LocalSupport()
-    if shard_offset is None:
-        raise ValueError("process_group= needs shard_offset=, the global index of this "
-                         "rank's first support row")
-    from ..distributed import ShardedSupport
-
-    return ShardedSupport(shard_offset, process_group)
-
-
 def check_full(index: torch.Tensor, k: int, n: int, row0: int) -> None:
     """Every query must have k real neighbours (no empty slot, index -1) before the vote:
     the one check a streaming driver needs after the op (which sees a batch at a time)."""
@@ -115,3 +90,31 @@ def check_full(index: torch.Tensor, k: int, n: int, row0: int) -> None:
             f"support points to vote from (support_labels has N={n}, minus its self match). "
             "Lower k or give a larger support set."
         )
+
+
+def _class_count(num_classes: int | None, named) -> int:
+    """Checks the class-id vectors ``named`` (``(name, tensor or None)`` pairs) and returns
+    the number of classes.
+
+    Every vector must hold ids ``>= 0``, and ``< num_classes`` when ``num_classes`` is given.
+    Without it the count is one more than the largest id in *any* of the vectors, so a class
+    that occurs only among the query labels or the reference (absent from the support set,
+    as real splits produce) counts too: the probes simply never predict it.
+    """
+    top = -1
+    for name, t in named:
+        if t is None or not t.numel():
+            continue
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0:
+            raise ValueError(
+                f"{name} must hold class ids >= 0, got values in [{lo}, {hi}]; map the labels "
+                "to 0..C-1 first"
+            )
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, num_classes={num_classes}), got values in "
+                f"[{lo}, {hi}]; raise num_classes or leave it out to infer it from the labels"
+            )
+        top = max(top, hi)
+    return num_classes if num_classes is not None else max(top + 1, 1)

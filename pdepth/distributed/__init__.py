@@ -12,7 +12,8 @@ bit), same indices, same order, same votes.
 - :mod:`.collectives`: the group, the all-gather, :func:`check_all`, :func:`check_same`.
 - :mod:`.shards`: :func:`knn`, :func:`knn_vote`, :func:`merge_shards` (handshake, gather,
   merge) and :func:`shard_range`.
-- :mod:`.support`: :class:`ShardedSupport`, the sharded placement of the support set that
+- :class:`pdepth.ShardedSupport` (:mod:`pdepth.depth.sharded`, built on this package): the
+  sharded placement of the support set that
   :func:`pdepth.prediction_depth` and :func:`pdepth.stream_prediction_depth` take as
   ``shard=``.
 
@@ -39,8 +40,7 @@ first) and on the CPU with gloo.
 
 from .collectives import check_all, check_same
 from .shards import _DTYPES, _FIELDS, knn, knn_vote, merge_shards, shard_range
-from .support import ShardedSupport
 
-__all__ = ["ShardedSupport", "check_all", "check_same", "knn", "knn_vote", "merge_shards",
+__all__ = ["check_all", "check_same", "knn", "knn_vote", "merge_shards",
            "shard_range"]
 _ = (_DTYPES, _FIELDS)  # handshake layout, for benchmarks

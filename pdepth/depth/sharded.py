@@ -1,5 +1,6 @@
 """:class:`ShardedSupport`: the support set is sharded across a process group. It implements
-the same small interface as :class:`pdepth.depth.support.LocalSupport`, so both
+the same small interface as :class:`pdepth.depth.support.LocalSupport` (and lives beside it, above
+:mod:`pdepth.distributed`, whose collectives it uses), so both
 prediction-depth drivers run unchanged on a shard; every call that talks to the other ranks
 is a collective (every rank makes it, in the same order)."""
 
@@ -7,9 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from ..depth.support import Support, check_full
+from ..distributed.shards import (
+    _exchange,
+    _merge_fields,
+    knn_vote,
+    merge_shards,
+    shard_neighbor_labels,
+)
 from ..ops import vote
-from .shards import _exchange, _merge_fields, knn_vote, merge_shards, shard_neighbor_labels
+from .support import Support, _class_count, check_full
 
 __all__ = ["ShardedSupport"]
 
@@ -46,8 +53,6 @@ class ShardedSupport(Support):
     def count_classes(self, num_classes: int | None, labels: torch.Tensor, named) -> int:
         # This shard's labels differ per rank: checked inside the collective (check_labels,
         # or the op's own check in knn_vote), so that every rank raises alike.
-        from ..depth.args import _class_count
-
         try:
             _class_count(num_classes, [("support_labels", labels)])
         except ValueError as exc:
