@@ -23,7 +23,7 @@ from .protocol.outdir import load_model_file as _load_model_file
 from .protocol.outdir import model_path as _model_path
 from .protocol.outdir import read_marker as _read_marker
 from .protocol.outdir import remove_pdepth_files as _remove_pdepth_files
-from .protocol.run import load_run_data as _load_run_data
+from .protocol.runner import load_run_data as _load_run_data
 from .protocol.train import predict as _predict
 
 # The private names the old module had, for code that reached into it.

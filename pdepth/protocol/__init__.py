@@ -31,7 +31,7 @@ from .errors import (
     require_modules,
 )
 from .outdir import MARKER, RESULT_DIRS, RESULT_FILES, load_results, prepare_output
-from .run import run, versions
+from .runner import run, versions
 from .train import TrainOptions, train_model
 
 __all__ = [
