@@ -32,28 +32,26 @@ def temp_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *,
-               sync: bool = True) -> None:
+def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Calls ``write(f)`` on a binary file open at ``path``'s temporary name, then renames
-    it to ``path`` (after :func:`os.fsync` when ``sync``). The temporary file is removed if
-    anything fails."""
+    it to ``path`` (after :func:`os.fsync`). The temporary file is removed if anything
+    fails."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
-            if sync:
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, *, sync: bool = True) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically."""
-    write_with(path, lambda f: f.write(data), sync=sync)
+    write_with(path, lambda f: f.write(data))
 
 
 def json_default(o):
@@ -71,44 +69,40 @@ def json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_json(path: str | os.PathLike, obj, *, indent: int | None = 1,
-               sync: bool = True) -> None:
+def write_json(path: str | os.PathLike, obj) -> None:
     """Writes ``obj`` as JSON (numpy values and paths allowed, :func:`json_default`)."""
-    write_bytes(path, json.dumps(obj, indent=indent, default=json_default).encode(), sync=sync)
+    write_bytes(path, json.dumps(obj, indent=1, default=json_default).encode())
 
 
-def savez(path: str | os.PathLike, *, sync: bool = True, **arrays) -> None:
+def savez(path: str | os.PathLike, **arrays) -> None:
     """:func:`numpy.savez_compressed` of ``arrays`` to ``path`` atomically."""
     import numpy as np
 
-    write_with(path, lambda f: np.savez_compressed(f, **arrays), sync=sync)
+    write_with(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def write_parquet(path: str | os.PathLike, df, *, sync: bool = True) -> None:
+def write_parquet(path: str | os.PathLike, df) -> None:
     """``df.to_parquet`` to ``path`` atomically."""
-    write_with(path, df.to_parquet, sync=sync)
+    write_with(path, df.to_parquet)
 
 
 class PendingFiles:
     """Several files written under temporary names (:meth:`tmp`) and renamed together
     (:meth:`replace_all`) once all are written, or removed (:meth:`discard`)."""
 
-    def __init__(self, keep_suffix: bool = True):
-        self.keep_suffix = keep_suffix
+    def __init__(self):
         self.files: list[tuple[Path, Path]] = []
 
     def tmp(self, path: str | os.PathLike) -> Path:
         """The temporary name to write ``path``'s content to."""
         path = Path(path)
-        tmp = temp_path(path, self.keep_suffix)
+        tmp = temp_path(path, keep_suffix=True)  # e.g. .figure.tmp-123.png: still a PNG
         self.files.append((tmp, path))
         return tmp
 
     def replace_all(self) -> None:
         for tmp, path in self.files:
             os.replace(tmp, path)
-
-    commit = replace_all
 
     def discard(self) -> None:
         for tmp, _ in self.files:

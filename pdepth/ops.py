@@ -19,19 +19,16 @@ import torch
 
 from . import reference
 from ._args import INT64_MAX as _INT64_MAX
-from ._args import INT64_MIN as _INT64_MIN  # noqa: F401  (re-exported)
 from ._args import as_index as _as_index
 from ._args import check_int
 from ._extension import (  # noqa: F401  (re-exported: pdepth.ops / pdepth.knn names)
     _C,
     _LOAD_ERROR,
-    _installed_extension_elsewhere,
     _load_failure_message,
     backend,
     build_info,
 )
 from .topk import (  # noqa: F401  (re-exported)
-    _EMPTY_SORT_KEY,
     Neighbors,
     Vote,
     empty_topk,

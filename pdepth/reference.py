@@ -65,10 +65,10 @@ def _int_arg(value, name: str, op: str) -> int:
     ):
         value = int(value)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"knn(): {name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{op}(): {name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if not _INT64.min <= value <= _INT64.max:
-        raise ValueError(f"knn(): {name}={value} does not fit in int64")
+        raise ValueError(f"{op}(): {name}={value} does not fit in int64")
     return value
 
 
@@ -242,7 +242,7 @@ def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     present = neighbor_labels >= 0
     counts.scatter_add_(1, neighbor_labels.clamp_min(0), present.long())
     pred = counts.argmax(1)  # argmax returns the first (lowest) maximal class
-    return torch.where(counts.amax(1) > 0, pred, -1) if m else pred
+    return torch.where(counts.amax(1) > 0, pred, -1)
 
 
 @torch.no_grad()

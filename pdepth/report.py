@@ -100,7 +100,7 @@ def write_report(out: str | os.PathLike) -> Path:
     figdir = out / "figures"
     created = not figdir.exists()
     figdir.mkdir(exist_ok=True)
-    pending = PendingFiles(keep_suffix=True)
+    pending = PendingFiles()
     try:
         _draw(figdir, pending, loaded)
         pending.replace_all()

@@ -14,10 +14,9 @@ The k-NN work is always done by the op (:func:`pdepth.knn_vote`, :func:`pdepth.k
 nothing here computes distances or votes.
 """
 
-from .args import _check_k, _check_num_classes, _check_self_index, _class_count, _int_vector
-from .embeddings import _embedding, _layer_iter, _layer_label, prediction_depth
+from .embeddings import prediction_depth
 from .ensemble import EnsembleDepth, aggregate
-from .result import _FORMAT_VERSION, DepthResult, _atomic_write, build_result
+from .result import DepthResult, build_result
 from .rule import REFERENCE_MODES, depth_from_predictions
 from .sharded import ShardedSupport
 from .stream import StreamResult, peak_rss_bytes, stream_prediction_depth
@@ -37,6 +36,3 @@ __all__ = [
     "prediction_depth",
     "stream_prediction_depth",
 ]
-# Names of the former module pdepth/depth.py that other code may import.
-_ = (_FORMAT_VERSION, _atomic_write, _check_k, _check_num_classes, _check_self_index,
-     _class_count, _embedding, _int_vector, _layer_iter, _layer_label)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .rule import REFERENCE_MODES
-from .support import Support, _class_count  # noqa: F401  (_class_count: re-exported)
+from .support import Support
 
 __all__ = ["DepthArgs", "depth_args"]
 

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed.shards import (
-    _exchange,
-    _merge_fields,
-    knn_vote,
-    merge_shards,
-    shard_neighbor_labels,
-)
+from ..distributed.shards import knn_vote, merge_shards, shard_neighbor_labels
 from ..ops import vote
 from .support import Support, _class_count, check_full
 
@@ -31,8 +25,6 @@ class ShardedSupport(Support):
     ``num_classes`` (required), ``self_index`` (global indices) and ``k``, and gets the whole
     result, equal to the single-process one.
     """
-
-    sharded = True
 
     def __init__(self, offset: int, process_group=None):
         self.offset = offset
@@ -52,7 +44,9 @@ class ShardedSupport(Support):
 
     def count_classes(self, num_classes: int | None, labels: torch.Tensor, named) -> int:
         # This shard's labels differ per rank: checked inside the collective (check_labels,
-        # or the op's own check in knn_vote), so that every rank raises alike.
+        # or the op's own check in knn_vote), so that every rank raises alike. The error
+        # belongs to this call: a reused ShardedSupport starts clean.
+        self._label_error = None
         try:
             _class_count(num_classes, [("support_labels", labels)])
         except ValueError as exc:
@@ -88,9 +82,5 @@ class ShardedSupport(Support):
     def fail(self, error: BaseException, *, n: int, num_classes) -> None:
         """Tells the other ranks (in place of :meth:`finish`'s merges) that this rank's
         step failed; raises the same RuntimeError on every rank."""
-        fields, device = _merge_fields(None, shard_offset=self.offset, shard_size=n,
-                                       num_classes=num_classes, dim=0, self_index=None,
-                                       error=error)
-        _exchange("pdepth.distributed.merge_shards()", fields, None, None, error=error, k=0,
-                  skip=0, self_match="exclude", process_group=self.process_group,
-                  device=device)
+        merge_shards(None, None, num_classes, shard_offset=self.offset, shard_size=n, dim=0,
+                     process_group=self.process_group, error=error)

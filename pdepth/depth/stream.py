@@ -28,9 +28,10 @@ from torch import nn
 
 from ..ops import empty_topk, knn
 from ..probes import ProbeRecorder, iter_batches, resolve_probes
-from .args import DepthArgs, _class_count, _int_vector, depth_args
+from .args import DepthArgs, _int_vector, depth_args
 from .placement import resolve_support
 from .result import DepthResult, build_result
+from .support import _class_count
 
 __all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
 

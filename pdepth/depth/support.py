@@ -20,7 +20,6 @@ class Support:
     """
 
     offset = 0
-    sharded = False
 
     def check_call(self, *, scoring_support: bool, num_classes, queries_arg: str) -> None:
         """Argument rules of the placement itself, checked before any work."""

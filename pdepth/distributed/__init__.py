@@ -39,8 +39,8 @@ first) and on the CPU with gloo.
 """
 
 from .collectives import check_all, check_same
-from .shards import _DTYPES, _FIELDS, knn, knn_vote, merge_shards, shard_range
+from .shards import _FIELDS, knn, knn_vote, merge_shards, shard_range
 
 __all__ = ["check_all", "check_same", "knn", "knn_vote", "merge_shards",
            "shard_range"]
-_ = (_DTYPES, _FIELDS)  # handshake layout, for benchmarks
+_ = _FIELDS  # handshake layout, for benchmarks

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..categories import CategoryThresholds
-from ..data import DATASETS
+from ..data import dataset_info
 from ..models import ARCHITECTURES
 from ..report import REPORT_DEPENDENCIES
 
@@ -58,9 +58,7 @@ class RunConfig:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; valid architectures: "
                              f"{', '.join(ARCHITECTURES)}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid datasets: "
-                             f"{', '.join(DATASETS)}")
+        dataset_info(self.dataset)  # ValueError naming the valid datasets
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.k < 1:

@@ -67,7 +67,8 @@ def check_output(out: Path, config: RunConfig, overwrite: bool) -> None:
     """Raises :class:`OutputExistsError` unless the non-empty directory ``out`` may be used:
     it must be a pdepth run (marker) holding only pdepth's files; a finished run or other
     settings need ``overwrite``."""
-    if read_marker(out) is None:
+    marker = read_marker(out)
+    if marker is None:
         raise OutputExistsError(
             f"--out {out} is not empty and is not a pdepth run directory (no {MARKER}, which "
             f"pdepth writes first into every run directory; it holds e.g. "
@@ -88,7 +89,7 @@ def check_output(out: Path, config: RunConfig, overwrite: bool) -> None:
             f"--out {out} already holds the results of a finished pdepth run; pass --overwrite "
             "to replace them (it deletes only the files pdepth wrote), or choose another --out"
         )
-    if read_marker(out).get("protocol_key") != config.protocol_key():
+    if marker.get("protocol_key") != config.protocol_key():
         raise OutputExistsError(
             f"--out {out} holds an unfinished pdepth run with different settings; rerun with "
             "its settings to resume it, pass --overwrite to replace it (it deletes only the "
