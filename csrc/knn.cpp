@@ -1,10 +1,13 @@
 // The op schema (one TORCH_LIBRARY block), the argument checks shared by every backend,
 // and the Python module pdepth._C with its build information.
 #include "knn.h"
+#include "cpu/filter_gemm.h"
 
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <atomic>
+#include <cmath>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -27,6 +30,68 @@ at::ScalarType knn_compute_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+const char* filter_name(Filter f) {
+  switch (f) {
+    case Filter::kFp32:
+      return "fp32";
+    case Filter::kBf16:
+      return "bf16";
+    case Filter::kBf16x3:
+      return "bf16x3";
+    case Filter::kTf32:
+      return "tf32";
+  }
+  return "?";
+}
+
+// docs/design.md section 6.2. First-order sum of the GEMM key's error terms relative to
+// Q = |a|^2 + |b|^2, then 1.25x and 16 unit roundoffs for the second-order terms (valid while
+// every n u <= 0.01; beyond that the filter passes every pair).
+FilterMargin filter_margin(
+    Filter f, int64_t d, bool dbl, int64_t lanes, bool centred, int64_t block, bool truncating) {
+  const double u = dbl ? std::ldexp(1.0, -53) : std::ldexp(1.0, -24);
+  const double u_acc = truncating ? 2 * u : u;
+  // Input format: relative error of each product a_d b_d (exact products in float32).
+  double eps_in = 0.0;
+  double width = 1.0;  // terms per element of the reduction
+  if (f == Filter::kBf16) {
+    const double r = truncating ? std::ldexp(1.0, -7) : std::ldexp(1.0, -8);
+    eps_in = 2 * r + r * r;
+  } else if (f == Filter::kBf16x3) {
+    eps_in = 3.01 * std::ldexp(1.0, -16);  // 2 * 2^-16 residual rounding + the lo.lo dropped
+    width = 3.0;
+  } else if (f == Filter::kTf32) {
+    const double r = truncating ? std::ldexp(1.0, -10) : std::ldexp(1.0, -11);
+    eps_in = 2 * r + r * r;
+  }
+  const int64_t b = block > 0 ? std::min(block, d) : d;
+  const int64_t nblocks = block > 0 ? (d + block - 1) / block : 1;
+  const double n_acc = width * static_cast<double>(b) + static_cast<double>(nblocks);
+  const double eps_acc = 1.02 * n_acc * u_acc;
+  const double eps_norms = u + static_cast<double>(d) * (dbl ? 1.01 * u : std::ldexp(1.0, -53));
+  const double first = eps_in + eps_acc + 2 * eps_norms + 4 * u + (centred ? 4 * u : 0.0);
+  const double n_c = std::ceil(static_cast<double>(d) / lanes) + std::log2(lanes) + 3;
+  FilterMargin out;
+  if (n_acc * u_acc > 0.01 || n_c * u > 0.01 || first > 0.01) {
+    out.m = std::numeric_limits<double>::infinity();
+    out.keep = -1e30;  // every lower bound <= 0 <= every threshold: all pairs pass
+    out.grow = 1.0;
+    return out;
+  }
+  out.m = 1.25 * first + 16 * u;
+  out.keep = 1.0 - out.m;
+  out.grow = 1.0 + 1.25 * (n_c + 4) * u;
+  return out;
+}
+
+double filter_slack(int64_t d, bool dbl, double qmax, double smax) {
+  // Denormals flushed to zero (VDPBF16PS, or a user's flush-denormal mode): at most the
+  // smallest normal per rounding, over sum |a_d| + |b_d| <= sqrt(2 D Q) and D additions.
+  const double tiny = dbl ? std::ldexp(1.0, -1018) : std::ldexp(1.0, -124);
+  const double qbound = 6.0 * (qmax + smax);  // |q - c|^2 + |s - c|^2, c the queries' mean
+  return tiny * (std::sqrt(2.0 * static_cast<double>(d) * qbound) + 2.0 * static_cast<double>(d));
+}
+
 namespace {
 
 std::string shape_str(const at::Tensor& t) {
@@ -40,6 +105,93 @@ bool is_supported_float(at::ScalarType t) {
 }
 
 } // namespace
+
+namespace {
+
+constexpr const char* kFilterValues = "'auto', 'fp32', 'bf16', 'bf16x3', 'tf32'";
+
+bool parse_filter(c10::string_view name, Filter* out) {
+  for (int f = 0; f < kNumFilters; ++f) {
+    if (name == filter_name(static_cast<Filter>(f))) {
+      *out = static_cast<Filter>(f);
+      return true;
+    }
+  }
+  return false;
+}
+
+// The "auto" rule (docs/design.md 6.5): a low-precision filter where the CPU has a bfloat16
+// matrix unit pdepth drives (AVX512-BF16 through pdepth's kernel, AMX through MKL) and D is
+// large enough for the GEMM to dominate the scan; fp32 otherwise. CUDA stays at fp32 until
+// the tensor-core modes have been shown exact on a card.
+Filter auto_filter(at::DeviceType device, at::ScalarType dtype, int64_t d, std::string* why) {
+  const auto say = [&](const std::string& w) {
+    if (why != nullptr) {
+      *why = w;
+    }
+  };
+  if (dtype == at::kDouble) {
+    say("float64 inputs: the float64 GEMM filter");
+    return Filter::kFp32;
+  }
+  if (device != at::kCPU) {
+    say("CUDA: fp32 until the tensor-core filters have run exact on a card");
+    return Filter::kFp32;
+  }
+  const cpu::Bf16Gemm g = cpu::bf16_gemm();
+  const bool fast = g == cpu::Bf16Gemm::kKernel || (g == cpu::Bf16Gemm::kMkl && cpu::has_amx_bf16());
+  if (!fast) {
+    say("no bfloat16 matrix unit (AVX512-BF16 or AMX-BF16) on this CPU");
+    return Filter::kFp32;
+  }
+  if (d < kAutoBf16MinD) {
+    say("D=" + std::to_string(d) + " < " + std::to_string(kAutoBf16MinD) +
+        ": the scan, not the GEMM, dominates");
+    return Filter::kFp32;
+  }
+  say(std::string("bfloat16 GEMM through the ") + cpu::bf16_gemm_name(g) +
+      ", fp32 fallback per tile");
+  return Filter::kBf16;
+}
+
+} // namespace
+
+Filter resolve_filter(
+    const char* op, c10::string_view filter, at::DeviceType device, at::ScalarType dtype,
+    int64_t d, std::string* why) {
+  if (filter == "auto") {
+    return auto_filter(device, dtype, d, why);
+  }
+  Filter f = Filter::kFp32;
+  TORCH_CHECK_VALUE(parse_filter(filter, &f),
+      op, "(): filter must be one of ", kFilterValues, ", got '", filter, "'");
+  TORCH_CHECK_VALUE(f == Filter::kFp32 || dtype != at::kDouble,
+      op, "(): filter='", filter, "' needs float32, float16 or bfloat16 inputs; float64 "
+      "inputs are filtered by a float64 GEMM (filter='fp32' or 'auto')");
+  TORCH_CHECK_VALUE(f != Filter::kTf32 || device == at::kCUDA,
+      op, "(): filter='tf32' is a CUDA tensor-core format; on the CPU use 'auto', 'fp32', "
+      "'bf16' or 'bf16x3'");
+  if (why != nullptr) {
+    *why = "requested";
+  }
+  return f;
+}
+
+namespace {
+std::atomic<int64_t> g_stats[kNumStats];
+} // namespace
+
+void stats_add(Stat s, int64_t v) {
+  g_stats[s].fetch_add(v, std::memory_order_relaxed);
+}
+
+std::vector<int64_t> stats_read(bool reset) {
+  std::vector<int64_t> out(kNumStats);
+  for (int i = 0; i < kNumStats; ++i) {
+    out[i] = reset ? g_stats[i].exchange(0) : g_stats[i].load();
+  }
+  return out;
+}
 
 int64_t check_knn_args(
     const char* op,
@@ -190,12 +342,10 @@ void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t 
   }
 }
 
-void check_distance_range(const char* op, const at::Tensor& qn, const at::Tensor& sn) {
-  if (qn.numel() == 0 || sn.numel() == 0) {
-    return;
-  }
-  const double qmax = qn.max().item<double>();
-  const double smax = sn.max().item<double>();
+std::pair<double, double> check_distance_range(
+    const char* op, const at::Tensor& qn, const at::Tensor& sn) {
+  const double qmax = qn.numel() > 0 ? qn.max().item<double>() : 0.0;
+  const double smax = sn.numel() > 0 ? sn.max().item<double>() : 0.0;
   const double limit = qn.scalar_type() == at::kDouble
       ? std::numeric_limits<double>::max()
       : static_cast<double>(std::numeric_limits<float>::max());
@@ -206,6 +356,7 @@ void check_distance_range(const char* op, const at::Tensor& qn, const at::Tensor
       qn.scalar_type(), " squared distances: 8 * (max |q|^2 + max |s|^2) must not overflow ",
       qn.scalar_type(), ", got max |q|^2 = ", qmax, " (queries) and max |s|^2 = ", smax,
       " (support); rescale queries and support by a common factor");
+  return {qmax, smax};
 }
 
 void check_finite_rows(
@@ -240,19 +391,19 @@ std::tuple<at::Tensor, at::Tensor> knn_autograd(
     const at::Tensor& queries, const at::Tensor& support, int64_t k,
     const c10::optional<at::Tensor>& self_index, int64_t skip,
     const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
-    int64_t offset) {
+    int64_t offset, c10::string_view filter) {
   static const auto op = op_handle<decltype(knn_autograd)>("pdepth::knn");
   const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(queries, support, k, self_index, skip, prev_dist, prev_index, offset);
+  return op.call(queries, support, k, self_index, skip, prev_dist, prev_index, offset, filter);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_autograd(
     const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
     int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
-    int64_t skip) {
+    int64_t skip, c10::string_view filter) {
   static const auto op = op_handle<decltype(knn_vote_autograd)>("pdepth::knn_vote");
   const at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(queries, support, support_labels, k, num_classes, self_index, skip);
+  return op.call(queries, support, support_labels, k, num_classes, self_index, skip, filter);
 }
 
 at::Tensor vote_autograd(const at::Tensor& neighbor_labels, int64_t num_classes) {
@@ -269,14 +420,16 @@ TORCH_LIBRARY(pdepth, m) {
   // Running top-k: squared L2 distances [M, k] ascending (ties to the lower index) and
   // int64 support indices [M, k]. `skip` drops that many nearest (drop_nearest policy).
   // prev_dist/prev_index: a running top-k to merge this chunk into; chunk rows have global
-  // indices offset..offset+N-1.
+  // indices offset..offset+N-1. `filter`: the GEMM format that filters candidates ("auto",
+  // "fp32", "bf16", "bf16x3", "tf32"); it never changes the output.
   m.def(
       "knn(Tensor queries, Tensor support, int k, Tensor? self_index, int skip, "
-      "Tensor? prev_dist, Tensor? prev_index, int offset) -> (Tensor, Tensor)");
+      "Tensor? prev_dist, Tensor? prev_index, int offset, str filter=\"auto\") -> (Tensor, Tensor)");
   // Fused k-NN + uniform vote: (pred [M] int64, dist [M, k], index [M, k]).
   m.def(
       "knn_vote(Tensor queries, Tensor support, Tensor support_labels, int k, "
-      "int num_classes, Tensor? self_index, int skip) -> (Tensor, Tensor, Tensor)");
+      "int num_classes, Tensor? self_index, int skip, str filter=\"auto\") -> "
+      "(Tensor, Tensor, Tensor)");
   // Uniform vote over neighbour labels [M, k]: the most frequent, ties to the lowest class.
   // Labels -1 (empty slots of a stream) do not vote; a row without any votes -1.
   m.def("vote(Tensor neighbor_labels, int num_classes) -> Tensor");
@@ -310,4 +463,47 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   });
+  m.def("knn_stats", [](bool reset) {
+    static const char* names[pdepth::kNumStats] = {"calls", "pairs", "candidates", "seeded_rows",
+        "tiles", "fallback_tiles", "pairs_fp32", "pairs_bf16", "pairs_bf16x3", "pairs_tf32"};
+    const std::vector<int64_t> v = pdepth::stats_read(reset);
+    pybind11::dict out;
+    for (int i = 0; i < pdepth::kNumStats; ++i) {
+      out[names[i]] = v[i];
+    }
+    return out;
+  }, pybind11::arg("reset") = false);
+  m.def("knn_plan", [](int64_t d, const std::string& dtype, const std::string& device,
+                        const std::string& filter) {
+    const at::ScalarType st = dtype == "float64" ? at::kDouble : at::kFloat;
+    const at::DeviceType dev = device == "cuda" ? at::kCUDA : at::kCPU;
+    std::string why;
+    const pdepth::Filter f = pdepth::resolve_filter("knn_plan", filter, dev, st, d, &why);
+    const bool cuda = dev == at::kCUDA;
+    const pdepth::FilterMargin fm = pdepth::filter_margin(f, d, st == at::kDouble,
+        cuda ? 32 : 16, !cuda, cuda ? 0 : pdepth::kReduceBlock, cuda && f != pdepth::Filter::kFp32);
+    pybind11::dict out;
+    out["filter"] = std::string(pdepth::filter_name(f));
+    out["reason"] = why;
+    out["margin"] = fm.m;
+    out["threshold_growth"] = fm.grow - 1.0;
+    out["reduce_block"] = cuda ? d : pdepth::kReduceBlock;
+    out["bf16_gemm"] = std::string(pdepth::cpu::bf16_gemm_name(pdepth::cpu::bf16_gemm()));
+    out["fallback"] = f == pdepth::Filter::kFp32 ? std::string("none")
+        : std::string("fp32 per tile when more than ") +
+            std::to_string(pdepth::cpu::fallback_budget()) + " of its pairs pass";
+    return out;
+  });
+  m.def("_cpu_features", []() {
+    pybind11::dict out;
+    out["avx512_bf16"] = pdepth::cpu::has_avx512_bf16();
+    out["amx_bf16"] = pdepth::cpu::has_amx_bf16();
+    out["mkl_bf16"] = pdepth::cpu::mkl_bf16_available();
+    return out;
+  });
+  m.def("_knn_test_hooks", [](const std::string& bf16_gemm, double fallback_budget) {
+    pdepth::cpu::set_bf16_gemm_override(bf16_gemm);
+    pdepth::cpu::set_fallback_budget(fallback_budget);
+  }, pybind11::arg("bf16_gemm") = "", pybind11::arg("fallback_budget") = -1.0);
+  m.def("_gemm_bf16", &pdepth::cpu::gemm_bf16_for_test);
 }

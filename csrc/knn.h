@@ -8,6 +8,9 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace pdepth {
 
@@ -20,28 +23,84 @@ C10_HOST_DEVICE inline bool knn_less(T da, int64_t ia, T db, int64_t ib) {
       (da == db && static_cast<uint64_t>(ia) < static_cast<uint64_t>(ib));
 }
 
-// Two keys per (query, support) pair.
-// - The GEMM key |q|^2 + |s|^2 - 2 q.s (q, s possibly shifted by a common center), from a
-//   fast GEMM (MKL / cuBLAS) whose rounding depends on the GEMM's shape, kernel and thread
-//   count. It only filters.
-// - The canonical key, sum_d (q_d - s_d)^2 from a fixed-order function of the two rows
-//   alone (canonical_sqdist in each backend). The neighbours are ranked by it, so the output
-//   never depends on tiling, chunking (streaming) or threads; it is translation invariant,
-//   exact whenever the inputs make it exact, and within D * eps * |q - s|^2 of the truth.
-// A pair is a candidate when gemm_key - filter_margin(D) * (|q|^2 + |s|^2) <= the k-th best
-// canonical key (norms of the rows the GEMM saw). The margin bounds the error of the GEMM
-// key plus that of the canonical key (|q - s|^2 <= 2 (|q|^2 + |s|^2)) with room to spare, so
-// no pair whose canonical key qualifies is ever filtered out.
-template <typename T>
-C10_HOST_DEVICE inline T filter_margin(int64_t d) {
-  const T eps = sizeof(T) == 8 ? T(2.220446049250313e-16) : T(1.1920928955078125e-07);
-  return T(4) * (T(d) + T(16)) * eps;
-}
+// Two keys per (query, support) pair (docs/design.md section 6).
+// - The GEMM key |a|^2 + |b|^2 - 2 a.b of the centred rows a = q - c, b = s - c, from a fast
+//   GEMM (MKL, a bfloat16 kernel, cuBLAS) whose rounding depends on the GEMM's shape, kernel,
+//   thread count and filter format. It only filters.
+// - The canonical key, sum_d (q_d - s_d)^2 from a fixed-order function of the two original
+//   rows alone (canonical_sqdist in each backend). Neighbours are ranked by it, so the output
+//   depends on nothing else: not on tiling, chunking (streaming), threads or the filter.
+// A pair is a candidate when
+//     lower = (|a|^2 + |b|^2) * keep - 2 a.b  <=  kth * grow + slack
+// with kth the query's current k-th best canonical key. `keep` = 1 - m bounds the GEMM key's
+// error (m: the filter format's input rounding, the float32 accumulation over blocks of the
+// reduction dimension, the norms, the shift by c); `grow` bounds the canonical key's own
+// rounding relative to the key; `slack` covers flushed denormals. So no pair whose canonical
+// key qualifies is ever filtered out, whatever the filter format.
 
-// Lower bound of the canonical key from the GEMM key: keep = 1 - filter_margin(D).
+// The filter's GEMM format (the `filter=` argument of knn / knn_vote, resolved from "auto").
+// fp32: the compute dtype's own GEMM (float64 for float64 inputs). bf16: rows rounded to
+// bfloat16, products exact in float32, float32 accumulation. bf16x3: each row split into a
+// bfloat16 high part and a bfloat16 residual, hi.hi + hi.lo + lo.hi in one GEMM over 3x the
+// reduction dimension. tf32: CUDA tensor cores with TF32 inputs.
+enum class Filter : int { kFp32 = 0, kBf16 = 1, kBf16x3 = 2, kTf32 = 3 };
+constexpr int kNumFilters = 4;
+const char* filter_name(Filter f);
+
+// Width of the reduction blocks whose GEMM results are summed in a fixed order (CPU): the
+// GEMM's rounding then grows with kReduceBlock + D / kReduceBlock instead of with D.
+constexpr int64_t kReduceBlock = 1024;
+// "auto" picks a low-precision CPU filter from this D on (below it the scan dominates).
+constexpr int64_t kAutoBf16MinD = 256;
+
+// The candidate rule's constants for one (filter, D, compute dtype, backend).
+struct FilterMargin {
+  double keep;   // 1 - m: multiplies |a|^2 + |b|^2
+  double grow;   // multiplies the k-th best canonical key
+  double m;      // the GEMM-side margin, relative to |a|^2 + |b|^2
+};
+
+// `lanes`: the canonical key's running sums (16 on the CPU, 32 on CUDA); `centred`: the GEMM
+// saw rows shifted by a rounded centre (CPU); `block`: reduction block width (0: one GEMM
+// over all of D, any order); `truncating`: the filter format's conversion may truncate
+// (cuBLAS fast modes) rather than round to nearest. Derived in docs/design.md section 6.2.
+FilterMargin filter_margin(
+    Filter f, int64_t d, bool dbl, int64_t lanes, bool centred, int64_t block, bool truncating);
+
+// Absolute slack for flushed denormals (docs/design.md 6.2, step 6); qmax / smax are the
+// largest squared norms of the raw rows.
+double filter_slack(int64_t d, bool dbl, double qmax, double smax);
+
 template <typename T>
 C10_HOST_DEVICE inline T filter_bound(T qnorm, T snorm, T dot, T keep) {
   return (qnorm + snorm) * keep - T(2) * dot;
+}
+
+// Resolves the op's `filter` string for these inputs: "auto" by the documented rule (section
+// 6.5), an explicit mode checked against the device and dtype. Raises ValueError listing the
+// valid values for an unknown string. `why` (optional) receives the reason for the choice.
+Filter resolve_filter(
+    const char* op, c10::string_view filter, at::DeviceType device, at::ScalarType dtype,
+    int64_t d, std::string* why = nullptr);
+
+// Counters of what the kernels did, summed over calls (pdepth.knn_stats()).
+enum Stat : int {
+  kStatCalls = 0,
+  kStatPairs,          // (query, support) pairs scanned
+  kStatCandidates,     // canonical keys computed
+  kStatSeeded,         // rows whose threshold was seeded from the GEMM keys
+  kStatTiles,          // (query block, support tile) GEMMs
+  kStatFallbacks,      // of those, recomputed in fp32 after the low-precision filter let too many through
+  kStatPairsFp32,      // pairs filtered by each mode (after fallbacks)
+  kStatPairsBf16,
+  kStatPairsBf16x3,
+  kStatPairsTf32,
+  kNumStats
+};
+void stats_add(Stat s, int64_t v);
+std::vector<int64_t> stats_read(bool reset);
+inline Stat pairs_stat(Filter f) {
+  return static_cast<Stat>(kStatPairsFp32 + static_cast<int>(f));
 }
 
 // Accumulation / output dtype: float32 for float16, bfloat16 and float32 inputs.
@@ -95,7 +154,9 @@ void check_finite_rows(
 // that bound must be finite in the compute dtype, or a neighbour could be chosen by an
 // overflowed (inf / NaN) key. `qn`, `sn`: the raw rows' squared norms in the compute dtype
 // (already checked finite), any device. Raises ValueError naming the larger tensor.
-void check_distance_range(const char* op, const at::Tensor& qn, const at::Tensor& sn);
+// Returns (max |q|^2, max |s|^2) (0 for an empty tensor).
+std::pair<double, double> check_distance_range(
+    const char* op, const at::Tensor& qn, const at::Tensor& sn);
 
 // The self index as an int64 tensor of length M with -1 for "no self match", or an
 // undefined tensor when none was given.

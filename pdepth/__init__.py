@@ -27,7 +27,7 @@ from .depth import (
     depth_from_predictions,
     prediction_depth,
 )
-from .ops import SELF_MATCH_POLICIES, knn, knn_vote, vote
+from .ops import FILTERS, SELF_MATCH_POLICIES, knn, knn_plan, knn_stats, knn_vote, vote
 from .pipeline import RunConfig, run
 from .probes import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
 from .stream import StreamResult, stream_prediction_depth
@@ -41,6 +41,7 @@ sys.modules[__name__ + ".extract"] = probes
 
 __all__ = [
     "CATEGORIES",
+    "FILTERS",
     "PRESETS",
     "REFERENCE_MODES",
     "SELF_MATCH_POLICIES",
@@ -67,6 +68,8 @@ __all__ = [
     "empty_topk",
     "extract",
     "knn",
+    "knn_plan",
+    "knn_stats",
     "knn_vote",
     "load_fashion_mnist",
     "merge_topk",

@@ -43,8 +43,11 @@ __all__ = [
     "backend",
     "build_info",
     "check_int",
+    "FILTERS",
     "empty_topk",
     "knn",
+    "knn_plan",
+    "knn_stats",
     "knn_vote",
     "merge_topk",
     "neighbor_labels",
@@ -52,6 +55,8 @@ __all__ = [
 ]
 
 SELF_MATCH_POLICIES = ("exclude", "include", "drop_nearest")
+# The filter GEMM's formats (docs/design.md section 6); none changes the output.
+FILTERS = ("auto", "fp32", "bf16", "bf16x3", "tf32")
 
 _warned: set[str] = set()
 
@@ -100,6 +105,7 @@ def knn(
     self_match: str = "exclude",
     prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     offset: int = 0,
+    filter: str = "auto",
 ) -> Neighbors:
     """The k nearest support points of every query, by squared L2 distance.
 
@@ -115,6 +121,12 @@ def knn(
         prev: a running top-k ``(dist[M, k], index[M, k])`` from an earlier call (or
             :func:`empty_topk`) to merge this support chunk into.
         offset: global index of ``support[0]`` (streaming).
+        filter: the GEMM format that *filters* candidates before they are ranked by their
+            canonical key: ``"fp32"`` (float32 GEMM; float64 for float64 inputs),
+            ``"bf16"`` (bfloat16 inputs, float32 accumulation), ``"bf16x3"`` (bfloat16
+            high and residual parts, three products), ``"tf32"`` (CUDA tensor cores) or
+            ``"auto"`` (the fastest exact one here: :func:`knn_plan`). The result is the
+            same bits in every mode; only the speed differs.
 
     Returns:
         :class:`Neighbors` ``(dist[M, k], index[M, k])``: distances ascending, equal
@@ -124,8 +136,9 @@ def knn(
         gather their labels with :func:`neighbor_labels`, which keeps the -1.
 
     Raises ``ValueError`` when the squared distances could overflow the compute dtype
-    (``8 * (max |q|^2 + max |s|^2)`` must be finite; rescale the inputs), and ``TypeError``
-    for a non-integer ``k`` or ``offset``. Not differentiable: the outputs never require grad.
+    (``8 * (max |q|^2 + max |s|^2)`` must be finite; rescale the inputs) or for an unknown
+    ``filter``, and ``TypeError`` for a non-integer ``k`` or ``offset``. Not differentiable:
+    the outputs never require grad.
     """
     k = check_int(k, "k", op="knn")
     offset = check_int(offset, "offset", op="knn")
@@ -134,9 +147,11 @@ def knn(
     if _use_extension(queries.device):
         return Neighbors(
             *torch.ops.pdepth.knn(
-                queries, support, k, self_index, skip, prev_dist, prev_index, offset
+                queries, support, k, self_index, skip, prev_dist, prev_index, offset,
+                filter,
             )
         )
+    check_filter("knn", filter, queries.dtype, queries.device)
     return Neighbors(
         *reference.knn(
             queries, support, k, self_index=self_index, self_match=self_match, prev=prev,
@@ -160,11 +175,12 @@ def knn_vote(
     *,
     self_index: torch.Tensor | None = None,
     self_match: str = "exclude",
+    filter: str = "auto",
 ) -> Vote:
     """k-NN classification: the uniform vote of each query's k nearest support labels.
 
     Args:
-        queries, support, k, self_index, self_match: as in :func:`knn`.
+        queries, support, k, self_index, self_match, filter: as in :func:`knn`.
         support_labels: ``[N]`` integer labels in ``[0, num_classes)``.
         num_classes: number of classes; default ``support_labels.max() + 1``.
 
@@ -180,9 +196,10 @@ def knn_vote(
     if _use_extension(queries.device):
         return Vote(
             *torch.ops.pdepth.knn_vote(
-                queries, support, labels, k, num_classes, self_index, skip
+                queries, support, labels, k, num_classes, self_index, skip, filter
             )
         )
+    check_filter("knn_vote", filter, queries.dtype, queries.device)
     return Vote(
         *reference.knn_vote(
             queries, support, labels, k, num_classes, self_index=self_index,
@@ -201,6 +218,56 @@ def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if _use_extension(labels.device):
         return torch.ops.pdepth.vote(labels, num_classes)
     return reference.vote(labels, num_classes)
+
+
+def check_filter(op: str, filter, dtype: torch.dtype, device: torch.device) -> None:
+    """The op's rule for ``filter=`` (csrc/knn.cpp, resolve_filter), for the paths that do not
+    reach the op (the reference, the fake kernels)."""
+    if not isinstance(filter, str) or filter not in FILTERS:
+        valid = ", ".join(repr(f) for f in FILTERS)
+        raise ValueError(f"{op}(): filter must be one of {valid}, got {filter!r}")
+    if filter not in ("auto", "fp32") and dtype == torch.float64:
+        raise ValueError(
+            f"{op}(): filter='{filter}' needs float32, float16 or bfloat16 inputs; float64 "
+            "inputs are filtered by a float64 GEMM (filter='fp32' or 'auto')"
+        )
+    if filter == "tf32" and device.type != "cuda":
+        raise ValueError(
+            f"{op}(): filter='tf32' is a CUDA tensor-core format; on the CPU use 'auto', "
+            "'fp32', 'bf16' or 'bf16x3'"
+        )
+
+
+def knn_plan(
+    dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    filter: str = "auto",
+) -> dict:
+    """What :func:`knn` will do for rows of ``dim`` features: the filter ``"auto"`` resolves
+    to and why, its margin (relative to ``|a|^2 + |b|^2``), the threshold growth (relative to
+    the k-th distance), the reduction block, the bfloat16 GEMM backend and the fallback rule.
+    See docs/design.md section 6."""
+    dim = check_int(dim, "dim", op="knn_plan")
+    device = torch.device(device)
+    check_filter("knn_plan", filter, dtype, device)
+    if _C is None:
+        return {"filter": "fp32", "reason": "no compiled extension: the float64 reference"}
+    return dict(_C.knn_plan(dim, "float64" if dtype == torch.float64 else "float32",
+                            device.type, filter))
+
+
+def knn_stats(reset: bool = False) -> dict:
+    """Counters of the compiled kernels since the last reset (process-wide): calls, pairs
+    scanned, ``candidates`` (canonical keys computed; about ``k (1 + ln(N / k))`` per query
+    when the filter is tight), rows whose threshold was seeded from the GEMM keys, tiles,
+    ``fallback_tiles`` (low-precision tiles recomputed in fp32 because too many pairs
+    passed) and the pairs filtered in each format. ``reset=True`` returns and zeroes them.
+    On CUDA, candidates and seeded rows are not counted."""
+    if _C is None:
+        return {}
+    return dict(_C.knn_stats(reset))
 
 
 # ---- fake (meta) kernels -------------------------------------------------------------------
@@ -295,9 +362,10 @@ def _fake_check_prev(op, q, prev_dist, prev_index, kk, skip):
 
 # Mirrors the op schema's argument list (csrc/knn.cpp), as the fake kernels must.
 def _fake_check_knn(op, queries, support, k, self_index, skip, prev_dist, prev_index,
-                    offset):
+                    offset, filter="auto"):
     """The op's checks in csrc/knn.cpp's order (arguments as in its schema); ``(M, k)``."""
     _fake_check_inputs(op, queries, support)
+    check_filter(op, filter, queries.dtype, queries.device)
     m, n, kk = queries.shape[0], support.shape[0], k + skip
     _fake_check_ints(op, k, skip, offset, n)
     if self_index is not None:
@@ -323,18 +391,20 @@ def _fake_check_labels(op, name, labels, n, num_classes, device):
 if _C is not None:
 
     @torch.library.register_fake("pdepth::knn")
-    def _knn_fake(queries, support, k, self_index, skip, prev_dist, prev_index, offset):
+    def _knn_fake(queries, support, k, self_index, skip, prev_dist, prev_index, offset,
+                  filter="auto"):
         m, k = _fake_check_knn("knn", queries, support, k, self_index, skip, prev_dist,
-                               prev_index, offset)
+                               prev_index, offset, filter)
         return (
             queries.new_empty((m, k), dtype=_compute_dtype(queries.dtype)),
             queries.new_empty((m, k), dtype=torch.int64),
         )
 
     @torch.library.register_fake("pdepth::knn_vote")
-    def _knn_vote_fake(queries, support, support_labels, k, num_classes, self_index, skip):
+    def _knn_vote_fake(queries, support, support_labels, k, num_classes, self_index, skip,
+                       filter="auto"):
         m, k = _fake_check_knn("knn_vote", queries, support, k, self_index, skip, None, None,
-                               0)
+                               0, filter)
         _fake_check_labels("knn_vote", "support_labels", support_labels, support.shape[0],
                            num_classes, support.device)
         return (

@@ -4,11 +4,13 @@
 // k-th best. Parallel over query blocks; the output depends neither on the thread count nor
 // on how the support set is chunked.
 #include "../knn.h"
+#include "filter_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <mutex>
 #include <utility>
@@ -109,27 +111,51 @@ PDEPTH_CLONES double canonical_sqdist(const double* a, const double* b, int64_t 
   return canonical_sqdist_impl(a, b, d);
 }
 
-// One query against one support tile. `dot`, `qnorm`, `snorm` are the GEMM cross terms and
-// norms of the centered rows; a group of kScanWidth filter bounds is tested at once against
-// the k-th best (vectorised), and only candidates get their canonical key from the original
-// rows `qrow`, `srows` and touch the heap `h` (size k).
+// The candidate rule of one filter format in the compute dtype (knn.h, docs/design.md 6).
 template <typename T>
-__attribute__((always_inline)) inline void select_row_impl(
+struct Rule {
+  T keep;   // lower bound of the canonical key: (|a|^2 + |b|^2) * keep - 2 a.b
+  T up;     // upper bound of |q - s|^2: (|a|^2 + |b|^2) * up - 2 a.b
+  T grow;   // k-th best canonical key * grow + slack: the threshold for lower bounds
+  T slack;
+};
+
+template <typename T>
+Rule<T> make_rule(Filter f, int64_t d, double qmax, double smax) {
+  const bool dbl = sizeof(T) == 8;
+  const FilterMargin fm = filter_margin(f, d, dbl, 16, true, kReduceBlock, false);
+  return Rule<T>{static_cast<T>(fm.keep), static_cast<T>(1.0 + fm.m),
+      static_cast<T>(fm.grow), static_cast<T>(filter_slack(d, dbl, qmax, smax))};
+}
+
+template <typename T>
+inline T row_threshold(const Entry<T>* h, const Rule<T>& rule, T seed) {
+  return std::min(h[0].d * rule.grow + rule.slack, seed);
+}
+
+// One query against one support tile. `dot`, `qnorm`, `snorm` are the filter's cross terms
+// and norms of the centred rows; a group of kScanWidth lower bounds is tested at once against
+// the threshold (vectorised), and only candidates get their canonical key from the original
+// rows `qrow`, `srows` and touch the heap `h` (size k). Returns the number of canonical keys.
+template <typename T>
+__attribute__((always_inline)) inline int64_t select_row_impl(
     const T* dot, int64_t nb, const T* qrow, const T* srows, int64_t d, T qnorm,
-    const T* snorm, int64_t gbase, int64_t self, Entry<T>* h, int64_t k) {
-  const T keep = T(1) - filter_margin<T>(d);
+    const T* snorm, int64_t gbase, int64_t self, Entry<T>* h, int64_t k, const Rule<T>& rule,
+    T seed) {
   T lower[kScanWidth];
+  int64_t keys = 0;
   const auto consider = [&](int64_t j, T low) {
     const int64_t g = gbase + j;
-    if (low <= h[0].d && g != self) {
+    if (low <= row_threshold(h, rule, seed) && g != self) {
+      ++keys;
       offer(h, k, canonical_sqdist(qrow, srows + j * d, d), g);
     }
   };
   int64_t j0 = 0;
   for (; j0 + kScanWidth <= nb; j0 += kScanWidth) {
-    const T thr = h[0].d;
+    const T thr = row_threshold(h, rule, seed);
     for (int64_t t = 0; t < kScanWidth; ++t) {
-      lower[t] = filter_bound(qnorm, snorm[j0 + t], dot[j0 + t], keep);
+      lower[t] = filter_bound(qnorm, snorm[j0 + t], dot[j0 + t], rule.keep);
     }
     int hits = 0;  // an integer count vectorises (a compare mask), a bool OR does not
     for (int64_t t = 0; t < kScanWidth; ++t) {
@@ -142,21 +168,55 @@ __attribute__((always_inline)) inline void select_row_impl(
     }
   }
   for (; j0 < nb; ++j0) {
-    consider(j0, filter_bound(qnorm, snorm[j0], dot[j0], keep));
+    consider(j0, filter_bound(qnorm, snorm[j0], dot[j0], rule.keep));
   }
+  return keys;
 }
 
 // The scan is most of the CPU time at small D: give it the machine's vector width too.
-PDEPTH_CLONES void select_row(
+PDEPTH_CLONES int64_t select_row(
     const float* dot, int64_t nb, const float* qrow, const float* srows, int64_t d,
-    float qnorm, const float* snorm, int64_t gbase, int64_t self, Entry<float>* h, int64_t k) {
-  select_row_impl(dot, nb, qrow, srows, d, qnorm, snorm, gbase, self, h, k);
+    float qnorm, const float* snorm, int64_t gbase, int64_t self, Entry<float>* h, int64_t k,
+    const Rule<float>& rule, float seed) {
+  return select_row_impl(dot, nb, qrow, srows, d, qnorm, snorm, gbase, self, h, k, rule, seed);
 }
-PDEPTH_CLONES void select_row(
+PDEPTH_CLONES int64_t select_row(
     const double* dot, int64_t nb, const double* qrow, const double* srows, int64_t d,
     double qnorm, const double* snorm, int64_t gbase, int64_t self, Entry<double>* h,
-    int64_t k) {
-  select_row_impl(dot, nb, qrow, srows, d, qnorm, snorm, gbase, self, h, k);
+    int64_t k, const Rule<double>& rule, double seed) {
+  return select_row_impl(dot, nb, qrow, srows, d, qnorm, snorm, gbase, self, h, k, rule, seed);
+}
+
+// Pairs of one row whose lower bound passes `thr` (the fallback decision).
+template <typename T>
+int64_t count_candidates(const T* dot, int64_t nb, T qnorm, const T* snorm, T keep, T thr) {
+  int64_t c = 0;
+  for (int64_t j = 0; j < nb; ++j) {
+    c += filter_bound(qnorm, snorm[j], dot[j], keep) <= thr ? 1 : 0;
+  }
+  return c;
+}
+
+// A row whose top-k is not full yet (root at inf) takes its threshold from this tile's GEMM
+// keys: the kk-th smallest upper bound of |q - s|^2 (self excluded), grown to bound the
+// canonical key, bounds the final k-th best; so the first tile does not compute a canonical
+// key for every pair. inf when the row is full or the tile has fewer than kk usable pairs.
+template <typename T>
+T seed_threshold(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase,
+                 int64_t self, const Entry<T>* h, int64_t kk, const Rule<T>& rule,
+                 std::vector<T>& scratch) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if (h[0].d != inf || nb - ((self >= gbase && self < gbase + nb) ? 1 : 0) < kk) {
+    return inf;
+  }
+  scratch.clear();
+  for (int64_t j = 0; j < nb; ++j) {
+    if (gbase + j != self) {
+      scratch.push_back((qnorm + snorm[j]) * rule.up - T(2) * dot[j]);
+    }
+  }
+  std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end());
+  return std::max(scratch[kk - 1], T(0)) * rule.grow + rule.slack;
 }
 
 // Squared row norms, accumulated in double.
@@ -181,6 +241,98 @@ at::Tensor row_sqnorms(const at::Tensor& x) {
   return out;
 }
 
+// What one call does per support tile: the centred tile in the filter's format (support
+// side) and its squared norms.
+template <typename T>
+struct Tile {
+  cpu::FilterRows fp32;   // centred rows (fp32 format)
+  cpu::FilterRows low;    // the low-precision format, when the filter has one
+  at::Tensor norms;       // [nb] squared norms of the centred rows
+  int64_t n0;
+  int64_t nb;
+};
+
+// Per-call state shared by every block: inputs, centred queries in each format, the rules.
+template <typename T>
+struct Scan {
+  Filter filter;
+  int64_t d, kk, offset;
+  const T* qp;
+  const T* sp;
+  const T* qn;            // squared norms of the centred queries
+  const int64_t* self;
+  cpu::FilterRows q32, qlow;
+  Rule<T> rule[kNumFilters];
+  std::atomic<int64_t> counts[kNumStats];
+};
+
+// Filters and ranks rows m0..m0+mb of one tile into the heaps `hp` (indexed by query), with
+// `dot` a buffer of mb * nb. A low-precision filter that lets more than the budget of pairs
+// through is recomputed in fp32 for this block (candidate control, counted).
+template <typename T>
+void process_block(Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
+                   Entry<T>* hp) {
+  const int64_t nb = tile.nb;
+  const int64_t gbase = sc.offset + tile.n0;
+  const T* sn = tile.norms.template const_data_ptr<T>();
+  std::vector<T> seeds(mb);
+  const auto filter_block = [&](Filter f) {
+    if (f == Filter::kFp32) {
+      cpu::filter_dot(f, sc.q32, m0, mb, tile.fp32, dot);
+    } else {
+      cpu::filter_dot(f, sc.qlow, m0, mb, tile.low, dot);
+    }
+    at::parallel_for(0, mb, 64, [&](int64_t i0, int64_t i1) {
+      std::vector<T> scratch;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = m0 + i;
+        seeds[i] = seed_threshold(dot + i * nb, nb, sc.qn[r], sn, gbase,
+            sc.self != nullptr ? sc.self[r] : -1, hp + r * sc.kk, sc.kk, sc.rule[int(f)],
+            scratch);
+      }
+    });
+  };
+  Filter f = sc.filter;
+  filter_block(f);
+  if (f != Filter::kFp32) {
+    std::atomic<int64_t> passing{0};
+    at::parallel_for(0, mb, 64, [&](int64_t i0, int64_t i1) {
+      int64_t c = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = m0 + i;
+        c += count_candidates(dot + i * nb, nb, sc.qn[r], sn, sc.rule[int(f)].keep,
+            row_threshold(hp + r * sc.kk, sc.rule[int(f)], seeds[i]));
+      }
+      passing += c;
+    });
+    if (static_cast<double>(passing.load()) > cpu::fallback_budget() * double(mb * nb)) {
+      sc.counts[kStatFallbacks] += 1;
+      f = Filter::kFp32;
+      filter_block(f);
+    }
+  }
+  std::atomic<int64_t> keys{0};
+  std::atomic<int64_t> seeded{0};
+  at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
+    int64_t c = 0;
+    int64_t s = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = m0 + i;
+      s += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
+      c += select_row(dot + i * nb, nb, sc.qp + r * sc.d, sc.sp + tile.n0 * sc.d, sc.d,
+          sc.qn[r], sn, gbase, sc.self != nullptr ? sc.self[r] : -1, hp + r * sc.kk, sc.kk,
+          sc.rule[int(f)], seeds[i]);
+    }
+    keys += c;
+    seeded += s;
+  });
+  sc.counts[kStatCandidates] += keys.load();
+  sc.counts[kStatSeeded] += seeded.load();
+  sc.counts[kStatTiles] += 1;
+  sc.counts[pairs_stat(f)] += mb * nb;
+  sc.counts[kStatPairs] += mb * nb;
+}
+
 // Support tiles in order; within a tile, query blocks in parallel. The GEMM sees rows shifted
 // by the queries' mean, so its error (and the filter margin) scales with the spread of the
 // data rather than its distance from the origin (ReLU features sit far from it). The center
@@ -189,14 +341,12 @@ template <typename T>
 void knn_cpu_impl(
     const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
     const at::Tensor& prev_dist, const at::Tensor& prev_index, int64_t kk, int64_t skip,
-    int64_t offset, at::Tensor& out_dist, at::Tensor& out_index) {
+    int64_t offset, Filter filter, double qmax, double smax, at::Tensor& out_dist,
+    at::Tensor& out_index) {
   const int64_t m = q.size(0);
   const int64_t n = s.size(0);
   const int64_t k = kk - skip;
   const int64_t d = q.size(1);
-  const T* qp = q.const_data_ptr<T>();
-  const T* sp = s.const_data_ptr<T>();
-  const int64_t* self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
   const T* pd = prev_dist.defined() ? prev_dist.const_data_ptr<T>() : nullptr;
   const int64_t* pi = prev_index.defined() ? prev_index.const_data_ptr<int64_t>() : nullptr;
   T* od = out_dist.mutable_data_ptr<T>();
@@ -205,7 +355,25 @@ void knn_cpu_impl(
   const at::Tensor center = (q.sum(0, false, at::kDouble) / static_cast<double>(m)).to(q.scalar_type());
   const at::Tensor qc = q - center;
   const at::Tensor qcn = row_sqnorms<T>(qc);
-  const T* qn = qcn.const_data_ptr<T>();
+  Scan<T> sc;
+  sc.filter = filter;
+  sc.d = d;
+  sc.kk = kk;
+  sc.offset = offset;
+  sc.qp = q.const_data_ptr<T>();
+  sc.sp = s.const_data_ptr<T>();
+  sc.qn = qcn.const_data_ptr<T>();
+  sc.self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
+  sc.q32 = cpu::filter_rows(Filter::kFp32, qc, false);
+  if (filter != Filter::kFp32) {
+    sc.qlow = cpu::filter_rows(filter, qc, false);
+  }
+  for (int f = 0; f < kNumFilters; ++f) {
+    sc.rule[f] = make_rule<T>(static_cast<Filter>(f), d, qmax, smax);
+  }
+  for (auto& c : sc.counts) {
+    c = 0;
+  }
 
   std::vector<Entry<T>> heaps(m * kk);
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
@@ -232,20 +400,19 @@ void knn_cpu_impl(
       ? std::min<int64_t>(m, kWideQueryBlock)
       : std::clamp<int64_t>((m + threads - 1) / threads, 16, kQueryBlock);
   const int64_t nblocks = (m + qblock - 1) / qblock;
-  // Scans rows m0..m0+mb of a tile's cross terms into the heaps at `hp` (indexed by query).
-  const auto scan = [&](const T* dp, int64_t m0, int64_t mb, int64_t nb, int64_t n0,
-                        const T* sn, Entry<T>* hp) {
-    for (int64_t i = 0; i < mb; ++i) {
-      select_row(dp + i * nb, nb, qp + (m0 + i) * d, sp + n0 * d, d, qn[m0 + i], sn,
-          offset + n0, self != nullptr ? self[m0 + i] : -1, hp + (m0 + i) * kk, kk);
+  // A support tile shifted by the center, in the filter's formats, and its squared norms
+  // (finite: the range rule of check_distance_range bounds them).
+  const auto make_tile = [&](int64_t n0, int64_t nb) {
+    Tile<T> t;
+    const at::Tensor centred = s.narrow(0, n0, nb) - center;
+    t.fp32 = cpu::filter_rows(Filter::kFp32, centred, true);
+    if (filter != Filter::kFp32) {
+      t.low = cpu::filter_rows(filter, centred, true);
     }
-  };
-  // A support tile shifted by the center, and its squared norms (finite: the range rule
-  // of check_distance_range bounds them).
-  const auto centered_tile = [&](int64_t n0, int64_t nb) {
-    at::Tensor sc = s.narrow(0, n0, nb) - center;
-    at::Tensor scn = row_sqnorms<T>(sc);
-    return std::make_pair(std::move(sc), std::move(scn));
+    t.norms = row_sqnorms<T>(centred);
+    t.n0 = n0;
+    t.nb = nb;
+    return t;
   };
   const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
   const bool split_support = nblocks < threads && ntiles > 1;
@@ -256,12 +423,10 @@ void knn_cpu_impl(
     std::mutex merge;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<Entry<T>> local(m * kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+      std::vector<T> dot(m * kSupportTile);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kSupportTile;
-        const int64_t nb = std::min(kSupportTile, n - n0);
-        const std::pair<at::Tensor, at::Tensor> tile = centered_tile(n0, nb);
-        const at::Tensor dot = at::mm(qc, tile.first.t());
-        scan(dot.const_data_ptr<T>(), 0, m, nb, n0, tile.second.const_data_ptr<T>(),
+        process_block(sc, make_tile(n0, std::min(kSupportTile, n - n0)), 0, m, dot.data(),
             local.data());
       }
       const std::lock_guard<std::mutex> lock(merge);
@@ -272,28 +437,21 @@ void knn_cpu_impl(
       }
     });
   } else {
+    std::vector<T> wide_dot(wide ? qblock * std::min(kSupportTile, n) : 0);
     for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
-      const int64_t nb = std::min(kSupportTile, n - n0);
-      const std::pair<at::Tensor, at::Tensor> tile = centered_tile(n0, nb);
-      const at::Tensor& sc = tile.first;
-      const T* sn = tile.second.const_data_ptr<T>();
+      const Tile<T> tile = make_tile(n0, std::min(kSupportTile, n - n0));
       if (wide) {
         for (int64_t m0 = 0; m0 < m; m0 += qblock) {
-          const int64_t mb = std::min(qblock, m - m0);
-          const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
-          const T* dp = dot.const_data_ptr<T>();
-          at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
-            scan(dp + i0 * nb, m0 + i0, i1 - i0, nb, n0, sn, heaps.data());
-          });
+          process_block(sc, tile, m0, std::min(qblock, m - m0), wide_dot.data(),
+              heaps.data());
         }
         continue;
       }
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<T> dot(qblock * tile.nb);
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t m0 = b * qblock;
-          const int64_t mb = std::min(qblock, m - m0);
-          const at::Tensor dot = at::mm(qc.narrow(0, m0, mb), sc.t());
-          scan(dot.const_data_ptr<T>(), m0, mb, nb, n0, sn, heaps.data());
+          process_block(sc, tile, m0, std::min(qblock, m - m0), dot.data(), heaps.data());
         }
       });
     }
@@ -309,6 +467,10 @@ void knn_cpu_impl(
       }
     }
   });
+  stats_add(kStatCalls, 1);
+  for (int st = 1; st < kNumStats; ++st) {
+    stats_add(static_cast<Stat>(st), sc.counts[st].load());
+  }
 }
 
 // knn on checked arguments (kk = k + skip neighbours kept per query).
@@ -316,7 +478,9 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
     const char* op, const at::Tensor& queries, const at::Tensor& support, int64_t kk,
     int64_t skip, const c10::optional<at::Tensor>& self_index,
     const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
-    int64_t offset) {
+    int64_t offset, c10::string_view filter_arg) {
+  const Filter filter = resolve_filter(
+      op, filter_arg, at::kCPU, queries.scalar_type(), queries.size(1));
   const auto compute = knn_compute_dtype(queries.scalar_type());
   const int64_t m = queries.size(0);
   const int64_t k = kk - skip;
@@ -336,8 +500,9 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
     const at::Tensor sn = row_sqnorms<scalar_t>(s);
     check_finite_rows(op, "queries", qn);
     check_finite_rows(op, "support", sn);
-    check_distance_range(op, qn, sn);
-    knn_cpu_impl<scalar_t>(q, s, si, pd, pi, kk, skip, offset, out_dist, out_index);
+    const auto [qmax, smax] = check_distance_range(op, qn, sn);
+    knn_cpu_impl<scalar_t>(
+        q, s, si, pd, pi, kk, skip, offset, filter, qmax, smax, out_dist, out_index);
   });
   return {out_dist, out_index};
 }
@@ -346,11 +511,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(
     const at::Tensor& queries, const at::Tensor& support, int64_t k,
     const c10::optional<at::Tensor>& self_index, int64_t skip,
     const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
-    int64_t offset) {
+    int64_t offset, c10::string_view filter) {
   const int64_t kk = check_knn_args(
       "knn", queries, support, k, self_index, skip, prev_dist, prev_index, offset);
   return knn_cpu_checked(
-      "knn", queries, support, kk, skip, self_index, prev_dist, prev_index, offset);
+      "knn", queries, support, kk, skip, self_index, prev_dist, prev_index, offset, filter);
 }
 
 // vote on checked labels (knn_vote's labels are checked once, on the support side).
@@ -397,11 +562,11 @@ at::Tensor vote_cpu(const at::Tensor& neighbor_labels, int64_t num_classes) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
     const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
     int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
-    int64_t skip) {
+    int64_t skip, c10::string_view filter) {
   const int64_t kk = check_knn_vote_args(
       queries, support, support_labels, k, num_classes, self_index, skip);
-  auto [dist, index] = knn_cpu_checked(
-      "knn_vote", queries, support, kk, skip, self_index, c10::nullopt, c10::nullopt, 0);
+  auto [dist, index] = knn_cpu_checked("knn_vote", queries, support, kk, skip, self_index,
+      c10::nullopt, c10::nullopt, 0, filter);
   const at::Tensor nl = support_labels.index_select(0, index.reshape({-1})).view(index.sizes());
   return {vote_cpu_checked(nl, num_classes), dist, index};
 }

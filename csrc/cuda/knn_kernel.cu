@@ -86,18 +86,53 @@ __device__ __forceinline__ T warp_canonical_sqdist(const scalar_t* a, const scal
 }
 
 // ---------------------------------------------------------------------------------------
-// Cross terms out[i, j] = q[m0 + i] . s[n0 + j] for an [mb x nb] tile, row-major with
-// leading dimension nb. Exact mode: float32 math (TF32 off) or float64; float16/bfloat16
-// inputs multiply on tensor cores with float32 accumulation.
-void gemm_cross(const at::Tensor& q, int64_t m0, int64_t mb, const at::Tensor& s, int64_t n0,
-                int64_t nb, at::Tensor& out) {
-  const int64_t d = q.size(1);
+// Restores the math mode of torch's shared cuBLAS handle: the filter's setting must not leak
+// into the user's own matmuls.
+class MathModeGuard {
+ public:
+  MathModeGuard(cublasHandle_t handle, cublasMath_t mode) : handle_(handle) {
+    TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle_, &saved_));
+    TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle_, mode));
+  }
+  ~MathModeGuard() {
+    cublasSetMathMode(handle_, saved_);  // no throw from a destructor
+  }
+  MathModeGuard(const MathModeGuard&) = delete;
+  MathModeGuard& operator=(const MathModeGuard&) = delete;
+
+ private:
+  cublasHandle_t handle_;
+  cublasMath_t saved_ = CUBLAS_DEFAULT_MATH;
+};
+
+// The rows one side of the GEMM reads in the filter's format: the inputs as they are (fp32,
+// tf32), rounded to bfloat16 (bf16), or split per element into [hi|hi|lo] (queries) and
+// [hi|lo|hi] (support) so one GEMM gives hi.hi + hi.lo + lo.hi (bf16x3).
+at::Tensor filter_rows(Filter f, const at::Tensor& x, bool support_side) {
+  if (f == Filter::kFp32 || f == Filter::kTf32) {
+    return x;
+  }
+  const at::Tensor hi = x.to(at::kBFloat16);
+  if (f == Filter::kBf16) {
+    return hi;
+  }
+  const at::Tensor lo = (x.to(at::kFloat) - hi.to(at::kFloat)).to(at::kBFloat16);
+  return support_side ? at::cat({hi, lo, hi}, 1) : at::cat({hi, hi, lo}, 1);
+}
+
+// Cross terms out[i, j] = a[m0 + i] . b[n0 + j] for an [mb x nb] tile, row-major with
+// leading dimension nb, from rows in the filter's format. fp32: float32 math (TF32 off) or
+// float64; tf32: TF32 tensor cores; bf16 / bf16x3: bfloat16 tensor cores, float32 accumulation.
+void gemm_cross(Filter f, const at::Tensor& a, int64_t m0, int64_t mb, const at::Tensor& b,
+                int64_t n0, int64_t nb, at::Tensor& out) {
+  const int64_t d = a.size(1);
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to current stream
-  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
+  const MathModeGuard mode(handle, CUBLAS_DEFAULT_MATH);
   cudaDataType_t in_type = CUDA_R_32F;
   cudaDataType_t out_type = CUDA_R_32F;
-  cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
-  switch (q.scalar_type()) {
+  cublasComputeType_t compute =
+      f == Filter::kTf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  switch (a.scalar_type()) {
     case at::kDouble:
       in_type = out_type = CUDA_R_64F;
       compute = CUBLAS_COMPUTE_64F;
@@ -113,15 +148,15 @@ void gemm_cross(const at::Tensor& q, int64_t m0, int64_t mb, const at::Tensor& s
   }
   const double one_d = 1.0, zero_d = 0.0;
   const float one_f = 1.0f, zero_f = 0.0f;
-  const bool dbl = q.scalar_type() == at::kDouble;
-  const int64_t es = q.element_size();
-  const char* sp = static_cast<const char*>(s.const_data_ptr()) + n0 * d * es;
-  const char* qp = static_cast<const char*>(q.const_data_ptr()) + m0 * d * es;
-  // Column-major view: out^T [nb x mb] = S_tile [nb x d] * Q_block^T [d x mb].
+  const bool dbl = a.scalar_type() == at::kDouble;
+  const int64_t es = a.element_size();
+  const char* bp = static_cast<const char*>(b.const_data_ptr()) + n0 * d * es;
+  const char* ap = static_cast<const char*>(a.const_data_ptr()) + m0 * d * es;
+  // Column-major view: out^T [nb x mb] = B_tile [nb x d] * A_block^T [d x mb].
   TORCH_CUDABLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N,
       static_cast<int>(nb), static_cast<int>(mb), static_cast<int>(d),
       dbl ? static_cast<const void*>(&one_d) : static_cast<const void*>(&one_f),
-      sp, in_type, static_cast<int>(d), qp, in_type, static_cast<int>(d),
+      bp, in_type, static_cast<int>(d), ap, in_type, static_cast<int>(d),
       dbl ? static_cast<const void*>(&zero_d) : static_cast<const void*>(&zero_f),
       out.mutable_data_ptr(), out_type, static_cast<int>(nb), compute, CUBLAS_GEMM_DEFAULT));
 }
@@ -246,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
     const scalar_t* __restrict__ srows, int64_t d, const T* __restrict__ qnorm,
     const T* __restrict__ snorm, int64_t gbase, const int64_t* __restrict__ self,
     T* __restrict__ top_d, int64_t* __restrict__ top_i, int kk, int skip,
-    const int64_t* __restrict__ labels, int64_t* __restrict__ pred) {
+    const int64_t* __restrict__ labels, int64_t* __restrict__ pred, T keep, T grow, T slack) {
   extern __shared__ unsigned char smem[];
   int64_t* si = reinterpret_cast<int64_t*>(smem);
   int64_t* ci = si + kk;
@@ -263,11 +298,12 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
   const int64_t self_g = self != nullptr ? self[row] : -1;
   const T* drow = dot + row * nb;
   const scalar_t* qrow = qrows + row * d;
-  const T keep = T(1) - filter_margin<T>(d);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   __syncthreads();
-  T thr_d = sd[kk - 1];
+  // The threshold for lower bounds: the k-th best canonical key grown by its own rounding
+  // bound, plus the slack for flushed denormals (knn.h).
+  T thr_d = sd[kk - 1] * grow + slack;
   bool changed = false;
   for (int64_t r0 = 0; r0 < nb; r0 += kRound) {
     if (threadIdx.x == 0) {
@@ -297,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
       }
       __syncthreads();
       merge_candidates<T>(sd, si, kk, cd, ci, c);
-      thr_d = sd[kk - 1];
+      thr_d = sd[kk - 1] * grow + slack;
       changed = true;
     }
   }
@@ -334,7 +370,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename T>
 void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
                   at::Tensor& top_d, at::Tensor& top_i, int64_t kk, int64_t skip,
-                  int64_t offset, const at::Tensor& labels, at::Tensor* pred) {
+                  int64_t offset, Filter filter, const at::Tensor& labels, at::Tensor* pred) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t m = q.size(0);
   const int64_t n = s.size(0);
@@ -343,7 +379,15 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
   const at::Tensor sn = row_sqnorms<scalar_t, T>(s, stream);
   check_finite_rows(op, "queries", qn);
   check_finite_rows(op, "support", sn);
-  check_distance_range(op, qn, sn);
+  const auto [qmax, smax] = check_distance_range(op, qn, sn);
+  const bool dbl = std::is_same_v<T, double>;
+  // One cuBLAS GEMM over all of D in an unknown order; tensor cores may truncate.
+  const FilterMargin fm = filter_margin(filter, d, dbl, 32, false, 0, filter != Filter::kFp32);
+  const T keep = static_cast<T>(fm.keep);
+  const T grow = static_cast<T>(fm.grow);
+  const T slack = static_cast<T>(filter_slack(d, dbl, qmax, smax));
+  const at::Tensor qf = filter_rows(filter, q, false);
+  const at::Tensor sf = filter_rows(filter, s, true);
 
   const int64_t qb = std::min<int64_t>(m, int64_t{kQueryBlock});
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(n, int64_t{kTileElems} / qb));
@@ -361,24 +405,30 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
     const int64_t* sf = self != nullptr ? self + m0 : nullptr;
     for (int64_t n0 = 0; n0 < n; n0 += tile) {
       const int64_t nb = std::min(tile, n - n0);
-      gemm_cross(q, m0, mb, s, n0, nb, dot);
+      gemm_cross(filter, qf, m0, mb, sf, n0, nb, dot);
       const bool vote = pred != nullptr && n0 + nb >= n;
       auto kernel = vote ? select_tile_kernel<scalar_t, T, true>
                          : select_tile_kernel<scalar_t, T, false>;
       kernel<<<mb, kThreads, smem, stream>>>(dot.const_data_ptr<T>(), nb, qp + m0 * d,
           sp + n0 * d, d, qn.const_data_ptr<T>() + m0, sn.const_data_ptr<T>() + n0,
           offset + n0, sf, td, ti, static_cast<int>(kk), static_cast<int>(skip),
-          vote ? lab : nullptr, vote ? pred->mutable_data_ptr<int64_t>() + m0 : nullptr);
+          vote ? lab : nullptr, vote ? pred->mutable_data_ptr<int64_t>() + m0 : nullptr,
+          keep, grow, slack);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      stats_add(kStatTiles, 1);
+      stats_add(pairs_stat(filter), mb * nb);
     }
   }
+  stats_add(kStatCalls, 1);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
     const char* op, const at::Tensor& queries, const at::Tensor& support, int64_t kk, int64_t skip,
     const c10::optional<at::Tensor>& self_index, const c10::optional<at::Tensor>& prev_dist,
-    const c10::optional<at::Tensor>& prev_index, int64_t offset, const at::Tensor& labels,
-    at::Tensor* pred) {
+    const c10::optional<at::Tensor>& prev_index, int64_t offset, c10::string_view filter_arg,
+    const at::Tensor& labels, at::Tensor* pred) {
+  const Filter filter = resolve_filter(
+      op, filter_arg, at::kCUDA, queries.scalar_type(), queries.size(1));
   // Namespace-scope constexprs are passed by value: nvcc gives them no host storage that a
   // reference could bind to.
   const int64_t max_k = kMaxK;
@@ -404,7 +454,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda_checked(
     const at::Tensor si = self_index_or_empty(self_index);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "knn_cuda", [&] {
       using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      knn_cuda_run<scalar_t, T>(op, q, s, si, top_d, top_i, kk, skip, offset, labels, pred);
+      knn_cuda_run<scalar_t, T>(
+          op, q, s, si, top_d, top_i, kk, skip, offset, filter, labels, pred);
     });
   }
   if (skip == 0) {
@@ -418,22 +469,22 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(
     const at::Tensor& queries, const at::Tensor& support, int64_t k,
     const c10::optional<at::Tensor>& self_index, int64_t skip,
     const c10::optional<at::Tensor>& prev_dist, const c10::optional<at::Tensor>& prev_index,
-    int64_t offset) {
+    int64_t offset, c10::string_view filter) {
   const int64_t kk = check_knn_args(
       "knn", queries, support, k, self_index, skip, prev_dist, prev_index, offset);
   return knn_cuda_checked("knn", queries, support, kk, skip, self_index, prev_dist,
-      prev_index, offset, at::Tensor(), nullptr);
+      prev_index, offset, filter, at::Tensor(), nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cuda(
     const at::Tensor& queries, const at::Tensor& support, const at::Tensor& support_labels,
     int64_t k, int64_t num_classes, const c10::optional<at::Tensor>& self_index,
-    int64_t skip) {
+    int64_t skip, c10::string_view filter) {
   const int64_t kk = check_knn_vote_args(
       queries, support, support_labels, k, num_classes, self_index, skip);
   at::Tensor pred = at::empty({queries.size(0)}, queries.options().dtype(at::kLong));
   auto [dist, index] = knn_cuda_checked("knn_vote", queries, support, kk, skip, self_index,
-      c10::nullopt, c10::nullopt, 0, support_labels.contiguous(), &pred);
+      c10::nullopt, c10::nullopt, 0, filter, support_labels.contiguous(), &pred);
   return {pred, dist, index};
 }
 

@@ -1,0 +1,236 @@
+// CPU filter GEMMs (filter_gemm.h): fp32 through ATen (MKL / OpenBLAS), bf16 and bf16x3
+// through pdepth's AVX512-BF16 kernel, MKL's bf16 GEMM or float32 sgemm on widened values.
+#include "filter_gemm.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+
+// MKL's bfloat16 GEMM with float32 output (LP64 interface), exported by torch's
+// libtorch_cpu on x86 builds. Weak: absent elsewhere, and then never called.
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k,
+    float alpha, const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c,
+    int ldc) __attribute__((weak));
+
+namespace pdepth {
+namespace cpu {
+namespace {
+
+constexpr int kCblasRowMajor = 101;
+constexpr int kCblasNoTrans = 111;
+constexpr int kCblasTrans = 112;
+
+std::mutex hook_mutex;
+std::string bf16_override;                 // guarded by hook_mutex
+std::atomic<double> budget_fraction{-1.0};  // < 0: default
+
+// Columns of reduction block j in the format's row layout (bf16x3 rows are 3x as wide).
+struct Block {
+  int64_t off;
+  int64_t len;
+};
+
+int64_t block_count(int64_t d) {
+  return std::max<int64_t>(1, (d + kReduceBlock - 1) / kReduceBlock);
+}
+
+Block block_cols(Filter f, int64_t d, int64_t j) {
+  const int64_t w = f == Filter::kBf16x3 ? 3 : 1;
+  const int64_t off = j * kReduceBlock;
+  return Block{w * off, w * std::min(kReduceBlock, d - off)};
+}
+
+const uint16_t* bf16_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
+
+// One block's GEMM for rows m0..m0+mb into c (row stride nb), overwriting c.
+template <typename T>
+void block_gemm(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,
+                int64_t j, T* c) {
+  const int64_t d = q.rows.size(1);
+  const int64_t nb = s.rows.size(0);
+  const Block b = block_cols(f, d, j);
+  const auto out_of = [&](at::ScalarType dt) {
+    return at::from_blob(c, {mb, nb}, at::TensorOptions().dtype(dt));
+  };
+  if constexpr (std::is_same_v<T, double>) {
+    at::Tensor o = out_of(at::kDouble);
+    at::mm_out(o, q.rows.narrow(0, m0, mb).narrow(1, b.off, b.len),
+        s.rows.narrow(1, b.off, b.len).t());
+  } else {
+    if (f == Filter::kFp32) {
+      at::Tensor o = out_of(at::kFloat);
+      at::mm_out(o, q.rows.narrow(0, m0, mb).narrow(1, b.off, b.len),
+          s.rows.narrow(1, b.off, b.len).t());
+      return;
+    }
+    const int64_t lda = q.low.size(1);
+    const at::BFloat16* a = q.low.const_data_ptr<at::BFloat16>() + m0 * lda + b.off;
+    switch (s.gemm) {
+      case Bf16Gemm::kKernel:
+        if (at::in_parallel_region() || mb < 64) {
+          gemm_bf16_packed(a, lda, mb, s.packed[j], c, nb);
+        } else {
+          at::parallel_for(0, (mb + 15) / 16, 1, [&](int64_t r0, int64_t r1) {
+            const int64_t i0 = r0 * 16;
+            const int64_t i1 = std::min(mb, r1 * 16);
+            gemm_bf16_packed(a + i0 * lda, lda, i1 - i0, s.packed[j], c + i0 * nb, nb);
+          });
+        }
+        return;
+      case Bf16Gemm::kMkl: {
+        const int64_t ldb = s.low.size(1);
+        cblas_gemm_bf16bf16f32(kCblasRowMajor, kCblasNoTrans, kCblasTrans,
+            static_cast<int>(mb), static_cast<int>(nb), static_cast<int>(b.len), 1.0f,
+            reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
+            bf16_ptr(s.low) + b.off, static_cast<int>(ldb), 0.0f, c, static_cast<int>(nb));
+        return;
+      }
+      case Bf16Gemm::kSgemm: {
+        at::Tensor o = out_of(at::kFloat);
+        at::mm_out(o, q.low.narrow(0, m0, mb).narrow(1, b.off, b.len).to(at::kFloat),
+            s.low.narrow(1, b.off, b.len).to(at::kFloat).t());
+        return;
+      }
+    }
+  }
+}
+
+template <typename T>
+void filter_dot_impl(Filter f, const FilterRows& q, int64_t m0, int64_t mb,
+                     const FilterRows& s, T* out) {
+  const int64_t nblocks = block_count(q.rows.size(1));
+  const int64_t len = mb * s.rows.size(0);
+  block_gemm<T>(f, q, m0, mb, s, 0, out);
+  if (nblocks == 1) {
+    return;
+  }
+  // Later blocks are summed into the first one by one, in order: one rounding each.
+  std::vector<T> tmp(len);
+  for (int64_t j = 1; j < nblocks; ++j) {
+    block_gemm<T>(f, q, m0, mb, s, j, tmp.data());
+    for (int64_t e = 0; e < len; ++e) {
+      out[e] += tmp[e];
+    }
+  }
+}
+
+} // namespace
+
+bool mkl_bf16_available() {
+  return cblas_gemm_bf16bf16f32 != nullptr;
+}
+
+Bf16Gemm bf16_gemm() {
+  {
+    const std::lock_guard<std::mutex> lock(hook_mutex);
+    if (bf16_override == "kernel" && has_avx512_bf16()) {
+      return Bf16Gemm::kKernel;
+    }
+    if (bf16_override == "mkl" && mkl_bf16_available()) {
+      return Bf16Gemm::kMkl;
+    }
+    if (bf16_override == "sgemm") {
+      return Bf16Gemm::kSgemm;
+    }
+  }
+  // AMX: MKL drives the tile units; AVX512-BF16 alone: pdepth's kernel (MKL runs bf16 at the
+  // float32 rate there); neither: widened sgemm.
+  if (has_amx_bf16() && mkl_bf16_available()) {
+    return Bf16Gemm::kMkl;
+  }
+  if (has_avx512_bf16()) {
+    return Bf16Gemm::kKernel;
+  }
+  return mkl_bf16_available() ? Bf16Gemm::kMkl : Bf16Gemm::kSgemm;
+}
+
+const char* bf16_gemm_name(Bf16Gemm g) {
+  switch (g) {
+    case Bf16Gemm::kKernel:
+      return "avx512_bf16 kernel";
+    case Bf16Gemm::kMkl:
+      return "mkl cblas_gemm_bf16bf16f32";
+    case Bf16Gemm::kSgemm:
+      return "float32 sgemm on bfloat16 values";
+  }
+  return "?";
+}
+
+void set_bf16_gemm_override(const std::string& name) {
+  TORCH_CHECK_VALUE(name.empty() || name == "kernel" || name == "mkl" || name == "sgemm",
+      "_knn_test_hooks(): bf16_gemm must be '', 'kernel', 'mkl' or 'sgemm', got '", name, "'");
+  TORCH_CHECK_VALUE(name != "kernel" || has_avx512_bf16(),
+      "_knn_test_hooks(): this CPU has no AVX512-BF16 for the bf16 kernel");
+  TORCH_CHECK_VALUE(name != "mkl" || mkl_bf16_available(),
+      "_knn_test_hooks(): MKL's cblas_gemm_bf16bf16f32 is not available in this torch");
+  const std::lock_guard<std::mutex> lock(hook_mutex);
+  bf16_override = name;
+}
+
+void set_fallback_budget(double pairs_fraction) {
+  budget_fraction.store(pairs_fraction);
+}
+
+double fallback_budget() {
+  const double b = budget_fraction.load();
+  // Default: a tile falls back when more than 1/8 of its pairs are candidates; a canonical
+  // key costs about as much as 4-8 pairs of fp32 GEMM, so past that the recomputation pays.
+  return b < 0 ? 0.125 : b;
+}
+
+FilterRows filter_rows(Filter f, const at::Tensor& centred, bool support_side) {
+  FilterRows out;
+  out.rows = centred;
+  out.gemm = bf16_gemm();
+  if (f == Filter::kFp32) {
+    return out;
+  }
+  const at::Tensor hi = centred.to(at::kBFloat16);  // round to nearest even
+  if (f == Filter::kBf16) {
+    out.low = hi;
+  } else {
+    // residual exact in float32 (the low bits of each value), then rounded to bfloat16
+    const at::Tensor lo = (centred - hi.to(centred.scalar_type())).to(at::kBFloat16);
+    const int64_t d = centred.size(1);
+    std::vector<at::Tensor> parts;
+    for (int64_t j = 0; j < block_count(d); ++j) {
+      const int64_t off = j * kReduceBlock;
+      const int64_t len = std::min(kReduceBlock, d - off);
+      const at::Tensor h = hi.narrow(1, off, len);
+      const at::Tensor l = lo.narrow(1, off, len);
+      parts.insert(parts.end(), {h, support_side ? l : h, support_side ? h : l});
+    }
+    out.low = at::cat(parts, 1).contiguous();
+  }
+  if (support_side && out.gemm == Bf16Gemm::kKernel) {
+    const int64_t d = centred.size(1);
+    const int64_t ld = out.low.size(1);
+    out.packed.resize(block_count(d));
+    for (int64_t j = 0; j < block_count(d); ++j) {
+      const Block b = block_cols(f, d, j);
+      pack_b(out.low.const_data_ptr<at::BFloat16>() + b.off, ld, out.low.size(0), b.len,
+          out.packed[j]);
+    }
+  }
+  return out;
+}
+
+void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,
+                float* out) {
+  filter_dot_impl<float>(f, q, m0, mb, s, out);
+}
+
+void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,
+                double* out) {
+  filter_dot_impl<double>(f, q, m0, mb, s, out);
+}
+
+} // namespace cpu
+} // namespace pdepth
