@@ -36,7 +36,11 @@ def _knn_args(device):
     q16, s16 = _data(device, 20, 40, 3, torch.float16)
     q64, s64 = _data(device, 20, 40, 3, torch.float64)
     qb, sb = _data(device, 7, 40, 3, torch.bfloat16)
+    qw, sw = _data(device, 40, 1100, 300)
     return {
+        "filter-fp32": (qw, sw, 10, None, 0, None, None, 0, "fp32"),
+        "filter-bf16": (qw, sw, 10, None, 0, None, None, 0, "bf16"),
+        "filter-bf16x3": (qw, sw, 10, None, 1, None, None, 0, "bf16x3"),
         "plain": (q, s, 30, None, 0, None, None, 0),
         "self-index": (q, s, 30, si, 0, None, None, 0),
         "drop-nearest": (q, s, 5, None, 1, None, None, 0),
@@ -53,6 +57,7 @@ def _knn_vote_args(device):
     labels = (torch.arange(1025, device=device) * 7) % 10
     si = torch.arange(129, device=device) * 3 - 1
     return {
+        "filter-bf16": (q, s, labels, 30, 10, si, 0, "bf16"),
         "plain": (q, s, labels, 30, 10, None, 0),
         "self-index": (q, s, labels, 30, 10, si, 0),
         "drop-nearest": (q, s, labels, 30, 10, None, 1),
@@ -73,9 +78,10 @@ ARGS = {"knn": _knn_args, "knn_vote": _knn_vote_args, "vote": _vote_args}
 CASES = [
     ("knn", name)
     for name in ("plain", "self-index", "drop-nearest", "stream", "float16", "bfloat16",
-                 "float64", "no-queries")
+                 "float64", "no-queries", "filter-fp32", "filter-bf16", "filter-bf16x3")
 ] + [
-    ("knn_vote", name) for name in ("plain", "self-index", "drop-nearest", "no-queries")
+    ("knn_vote", name)
+    for name in ("plain", "self-index", "drop-nearest", "no-queries", "filter-bf16")
 ] + [("vote", name) for name in ("plain", "k1", "empty")]
 
 pytestmark = pytest.mark.skipif(

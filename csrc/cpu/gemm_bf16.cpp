@@ -63,8 +63,6 @@ struct Features {
   Features() {
     unsigned a, b, c, d;
     if (!__get_cpuid(0, &a, &b, &c, &d) || a < 7) return;
-    unsigned max_leaf = a;
-    (void)max_leaf;
     __get_cpuid(1, &a, &b, &c, &d);
     const bool osxsave = (c >> 27) & 1;
     if (!osxsave) return;

@@ -22,18 +22,21 @@
 // 4. Bound (k >= 1, no step overflows, k*2^-24 < 1/2): with S = sum_d |p_d| over the
 //    products of the DAZ'd inputs and E = sum_d p_d their exact sum,
 //        |c - E| <= gamma_k * S + k * 2^-125,       gamma_k = k u / (1 - k u),  u = 2^-24.
-//    (At most k roundings act on the chain, each with relative error <= u, the first one
-//    (0 + p_1) being exact unless flushed; each FTZ flush moves a value of magnitude
-//    < 2^-126 to zero, at most one per step; 2^-125 per step also covers the propagation of
-//    the flush errors through the later (1+u) factors.) gamma_k <= gamma_{k+1}.
+//    (Write each step as fl(x) = x (1 + e) + f with |e| <= u, and f = 0, or f = -x with
+//    |x| < 2^-126 when flushed. At most k steps round (the zero pad of odd k adds +0 to a
+//    normal or zero s: exact), so the products carry at most (1+u)^k - 1 <= gamma_k and the
+//    flush errors sum to < k 2^-126 (1 + gamma_k) <= k 2^-125.) gamma_k <= gamma_{k+1}.
+//    The relative term does not depend on the order or grouping of the roundings, so a CPU
+//    that rounded a pair in one step would also meet it.
 //    Relative to the un-DAZ'd inputs add sum_{d: a_d or b_d denormal} |a_d b_d| (a term can
 //    be large when the other factor is: callers should avoid denormal bfloat16 inputs, e.g.
 //    by flushing values below 2^-126 to zero before the bfloat16 conversion).
 // 5. k == 0: c = 0. m == 0 or n == 0: nothing is written.
 //
-// The measured hardware semantics of VDPBF16PS on AMD Zen (and Intel's documented
-// pseudocode) are exactly steps 1-3 per lane; the test file checks them on the machine it
-// runs on.
+// Steps 1-3 are VDPBF16PS's per-lane semantics as measured on AMD EPYC (Zen, avx512_bf16)
+// and as Intel's pseudocode documents them (odd pair element first; DAZ, FTZ, RNE implied,
+// MXCSR ignored) with tininess detected after rounding to 24 bits (measured). tests/test_gemm_bf16.py
+// checks them on the machine it runs on.
 #pragma once
 #include <ATen/ATen.h>
 #include <cstdint>
@@ -50,6 +53,8 @@ struct PackedB {
   int64_t n = 0, k = 0;     // logical shape
   std::vector<uint16_t> data;  // kernel layout (VNNI pairs, zero padded), your choice
 };
+// pack_b splits large packs over 32-column panels with at::parallel_for (which runs inline
+// inside an outer parallel region). Reusing one PackedB keeps the vector's capacity.
 void pack_b(const at::BFloat16* b, int64_t ldb, int64_t n, int64_t k, PackedB& out);
 // c[i*ldc + j] = sum_d a[i*lda + d] * b[j*ldb + d] for i < m, j < packed.n (overwrites c).
 // Precondition has_avx512_bf16(). Single-threaded (the caller runs one call per thread on

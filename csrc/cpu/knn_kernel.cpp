@@ -241,47 +241,85 @@ at::Tensor row_sqnorms(const at::Tensor& x) {
   return out;
 }
 
-// What one call does per support tile: the centred tile in the filter's format (support
-// side) and its squared norms.
+// One support tile: the centred rows, their squared norms, and the rows in each filter
+// format, made on first use (a tile that never falls back is never converted to fp32's
+// companion formats). Shared by the threads that scan it.
 template <typename T>
 struct Tile {
-  cpu::FilterRows fp32;   // centred rows (fp32 format)
-  cpu::FilterRows low;    // the low-precision format, when the filter has one
+  at::Tensor centred;     // [nb, D] s - c
   at::Tensor norms;       // [nb] squared norms of the centred rows
-  int64_t n0;
-  int64_t nb;
+  int64_t n0 = 0;
+  int64_t nb = 0;
+  cpu::FilterRows rows[kNumFilters];
+  std::once_flag made[kNumFilters];
+
+  const cpu::FilterRows& in(Filter f) {
+    std::call_once(made[int(f)], [&] { rows[int(f)] = cpu::filter_rows(f, centred, true); });
+    return rows[int(f)];
+  }
 };
 
-// Per-call state shared by every block: inputs, centred queries in each format, the rules.
+// Per-call state shared by every block: inputs, centred queries in each format, the rules,
+// the formats to try in order (candidate control), the counters.
 template <typename T>
 struct Scan {
-  Filter filter;
+  std::vector<Filter> chain;  // the requested format, then more precise ones
   int64_t d, kk, offset;
   const T* qp;
   const T* sp;
   const T* qn;            // squared norms of the centred queries
   const int64_t* self;
-  cpu::FilterRows q32, qlow;
+  at::Tensor qc;          // centred queries
+  cpu::FilterRows qrows[kNumFilters];
+  std::once_flag made[kNumFilters];
   Rule<T> rule[kNumFilters];
+  std::atomic<int64_t> tried[kNumFilters];
+  std::atomic<int64_t> failed[kNumFilters];
   std::atomic<int64_t> counts[kNumStats];
+
+  const cpu::FilterRows& in(Filter f) {
+    std::call_once(made[int(f)], [&] { qrows[int(f)] = cpu::filter_rows(f, qc, false); });
+    return qrows[int(f)];
+  }
+  // The first format of the chain that has not failed on most of the blocks so far: data
+  // that defeats a format on its first tiles skips it on the rest.
+  size_t start() const {
+    size_t l = 0;
+    while (l + 1 < chain.size() && failed[int(chain[l])] >= 2 &&
+           2 * failed[int(chain[l])] >= tried[int(chain[l])]) {
+      ++l;
+    }
+    return l;
+  }
 };
 
+// The formats a requested filter falls back through, most precise last: bf16 -> bf16x3
+// (where the bfloat16 GEMM is fast, three products still beat one float32 product) -> fp32.
+std::vector<Filter> fallback_chain(Filter f) {
+  const bool fast = cpu::bf16_gemm() == cpu::Bf16Gemm::kKernel ||
+      (cpu::bf16_gemm() == cpu::Bf16Gemm::kMkl && cpu::has_amx_bf16());
+  if (f == Filter::kBf16) {
+    return fast ? std::vector<Filter>{Filter::kBf16, Filter::kBf16x3, Filter::kFp32}
+                : std::vector<Filter>{Filter::kBf16, Filter::kFp32};
+  }
+  if (f == Filter::kBf16x3) {
+    return {Filter::kBf16x3, Filter::kFp32};
+  }
+  return {Filter::kFp32};
+}
+
 // Filters and ranks rows m0..m0+mb of one tile into the heaps `hp` (indexed by query), with
-// `dot` a buffer of mb * nb. A low-precision filter that lets more than the budget of pairs
-// through is recomputed in fp32 for this block (candidate control, counted).
+// `dot` a buffer of mb * nb. A format that lets more than the budget of pairs through is
+// replaced by the next, more precise one for this block (candidate control, counted).
 template <typename T>
-void process_block(Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
+void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
                    Entry<T>* hp) {
   const int64_t nb = tile.nb;
   const int64_t gbase = sc.offset + tile.n0;
   const T* sn = tile.norms.template const_data_ptr<T>();
   std::vector<T> seeds(mb);
   const auto filter_block = [&](Filter f) {
-    if (f == Filter::kFp32) {
-      cpu::filter_dot(f, sc.q32, m0, mb, tile.fp32, dot);
-    } else {
-      cpu::filter_dot(f, sc.qlow, m0, mb, tile.low, dot);
-    }
+    cpu::filter_dot(f, sc.in(f), m0, mb, tile.in(f), dot);
     at::parallel_for(0, mb, 64, [&](int64_t i0, int64_t i1) {
       std::vector<T> scratch;
       for (int64_t i = i0; i < i1; ++i) {
@@ -292,10 +330,9 @@ void process_block(Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb, T* 
       }
     });
   };
-  Filter f = sc.filter;
-  filter_block(f);
-  if (f != Filter::kFp32) {
-    std::atomic<int64_t> passing{0};
+  // Pairs whose lower bound passes the rows' thresholds before the scan.
+  const auto passing = [&](Filter f) {
+    std::atomic<int64_t> total{0};
     at::parallel_for(0, mb, 64, [&](int64_t i0, int64_t i1) {
       int64_t c = 0;
       for (int64_t i = i0; i < i1; ++i) {
@@ -303,13 +340,27 @@ void process_block(Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb, T* 
         c += count_candidates(dot + i * nb, nb, sc.qn[r], sn, sc.rule[int(f)].keep,
             row_threshold(hp + r * sc.kk, sc.rule[int(f)], seeds[i]));
       }
-      passing += c;
+      total += c;
     });
-    if (static_cast<double>(passing.load()) > cpu::fallback_budget() * double(mb * nb)) {
-      sc.counts[kStatFallbacks] += 1;
-      f = Filter::kFp32;
-      filter_block(f);
+    return total.load();
+  };
+  const double budget = cpu::fallback_budget() * static_cast<double>(mb * nb);
+  const size_t first = sc.start();
+  Filter f = sc.chain[first];
+  for (size_t l = first;; ++l) {
+    f = sc.chain[l];
+    filter_block(f);
+    if (l + 1 == sc.chain.size()) {
+      break;
     }
+    sc.tried[int(f)] += 1;
+    if (static_cast<double>(passing(f)) <= budget) {
+      break;
+    }
+    sc.failed[int(f)] += 1;
+  }
+  if (f != sc.chain[0]) {
+    sc.counts[kStatFallbacks] += 1;
   }
   std::atomic<int64_t> keys{0};
   std::atomic<int64_t> seeded{0};
@@ -356,7 +407,8 @@ void knn_cpu_impl(
   const at::Tensor qc = q - center;
   const at::Tensor qcn = row_sqnorms<T>(qc);
   Scan<T> sc;
-  sc.filter = filter;
+  sc.chain = fallback_chain(filter);
+  sc.qc = qc;
   sc.d = d;
   sc.kk = kk;
   sc.offset = offset;
@@ -364,12 +416,10 @@ void knn_cpu_impl(
   sc.sp = s.const_data_ptr<T>();
   sc.qn = qcn.const_data_ptr<T>();
   sc.self = self_index.defined() ? self_index.const_data_ptr<int64_t>() : nullptr;
-  sc.q32 = cpu::filter_rows(Filter::kFp32, qc, false);
-  if (filter != Filter::kFp32) {
-    sc.qlow = cpu::filter_rows(filter, qc, false);
-  }
   for (int f = 0; f < kNumFilters; ++f) {
     sc.rule[f] = make_rule<T>(static_cast<Filter>(f), d, qmax, smax);
+    sc.tried[f] = 0;
+    sc.failed[f] = 0;
   }
   for (auto& c : sc.counts) {
     c = 0;
@@ -400,19 +450,13 @@ void knn_cpu_impl(
       ? std::min<int64_t>(m, kWideQueryBlock)
       : std::clamp<int64_t>((m + threads - 1) / threads, 16, kQueryBlock);
   const int64_t nblocks = (m + qblock - 1) / qblock;
-  // A support tile shifted by the center, in the filter's formats, and its squared norms
-  // (finite: the range rule of check_distance_range bounds them).
-  const auto make_tile = [&](int64_t n0, int64_t nb) {
-    Tile<T> t;
-    const at::Tensor centred = s.narrow(0, n0, nb) - center;
-    t.fp32 = cpu::filter_rows(Filter::kFp32, centred, true);
-    if (filter != Filter::kFp32) {
-      t.low = cpu::filter_rows(filter, centred, true);
-    }
-    t.norms = row_sqnorms<T>(centred);
+  // A support tile shifted by the center and its squared norms (finite: the range rule of
+  // check_distance_range bounds them).
+  const auto make_tile = [&](Tile<T>& t, int64_t n0, int64_t nb) {
+    t.centred = s.narrow(0, n0, nb) - center;
+    t.norms = row_sqnorms<T>(t.centred);
     t.n0 = n0;
     t.nb = nb;
-    return t;
   };
   const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
   const bool split_support = nblocks < threads && ntiles > 1;
@@ -426,8 +470,9 @@ void knn_cpu_impl(
       std::vector<T> dot(m * kSupportTile);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n0 = t * kSupportTile;
-        process_block(sc, make_tile(n0, std::min(kSupportTile, n - n0)), 0, m, dot.data(),
-            local.data());
+        Tile<T> tile;
+        make_tile(tile, n0, std::min(kSupportTile, n - n0));
+        process_block(sc, tile, 0, m, dot.data(), local.data());
       }
       const std::lock_guard<std::mutex> lock(merge);
       for (int64_t e = 0; e < m * kk; ++e) {
@@ -439,7 +484,8 @@ void knn_cpu_impl(
   } else {
     std::vector<T> wide_dot(wide ? qblock * std::min(kSupportTile, n) : 0);
     for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
-      const Tile<T> tile = make_tile(n0, std::min(kSupportTile, n - n0));
+      Tile<T> tile;
+      make_tile(tile, n0, std::min(kSupportTile, n - n0));
       if (wide) {
         for (int64_t m0 = 0; m0 < m; m0 += qblock) {
           process_block(sc, tile, m0, std::min(qblock, m - m0), wide_dot.data(),
