@@ -13,6 +13,7 @@ import sys
 
 from .data import DATASETS
 from .models import ARCHITECTURES
+from .ops import FILTERS
 
 __all__ = ["main"]
 
@@ -80,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                         "%(default).0f)")
     r.add_argument("--device", default=d.device,
                    help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    r.add_argument("--knn-filter", default=d.knn_filter, choices=list(FILTERS),
+                   help="the GEMM format the k-NN filters candidates with (tf32: CUDA only); "
+                        "speed only: the results are identical, and a run may be resumed "
+                        "with another one (default: %(default)s, the fastest exact one)")
     r.add_argument("--out", default="runs/pdepth", help="output directory (default: "
                                                         "%(default)s)")
     r.add_argument("--overwrite", action="store_true",
@@ -121,7 +126,8 @@ def _run(args) -> int:
         dataset=args.dataset, root=args.root, arch=args.arch, probes=probes,
         seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
         batch_size=args.batch_size, max_dim=args.max_dim or None,
-        memory_budget=int(args.memory_budget * 2**20), device=args.device)
+        memory_budget=int(args.memory_budget * 2**20), device=args.device,
+        knn_filter=args.knn_filter)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))

@@ -118,7 +118,7 @@ def test_knn_vote_every_filter(bf16_gemm):
     ref = pdepth.knn_vote(q, s, labels, 15, 7, filter="fp32")
     for f in LOW + ("auto",):
         out = pdepth.knn_vote(q, s, labels, 15, 7, filter=f)
-        for a, b in zip(out, ref):
+        for a, b in zip(out, ref, strict=True):
             assert torch.equal(a, b), f
 
 

@@ -108,6 +108,8 @@ def prediction_depth(
     return_matches: bool = False,
     use_faiss: bool = False,
     device: str | torch.device = "cuda",
+    *,
+    filter: str = "auto",
 ):
     """Prediction depth per example, as ``difficulty.metrics.prediction_depth``.
 
@@ -132,6 +134,9 @@ def prediction_depth(
         use_faiss: accepted and ignored (see the module docstring).
         device: where to run the k-NN; ``"cuda"`` falls back to the CPU with a warning when
             CUDA is unavailable.
+        filter: the k-NN op's filter format (keyword only; :func:`pdepth.prediction_depth`):
+            ``"auto"``, ``"fp32"``, ``"bf16"``, ``"bf16x3"`` or ``"tf32"``; speed only, the
+            depths are the same. ``"tf32"`` needs the k-NN on CUDA (after the fallback).
 
     Returns:
         ``depth`` ``[N]`` int64 in ``0..L`` on ``train_labels``' device, or
@@ -165,6 +170,7 @@ def prediction_depth(
         k=k,
         self_match="include",
         device=_resolve_device(device),
+        filter=filter,
         progress=verbose,
     )
     out_device = train_labels.device

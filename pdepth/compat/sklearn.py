@@ -19,10 +19,12 @@ and ``predict()`` without ``X`` leave each point out). The search runs in the pd
 
 Supported: ``n_neighbors``, ``weights="uniform"`` (or None), ``metric`` ``"minkowski"`` with
 ``p=2``, ``"euclidean"`` or ``"l2"``, ``algorithm`` ``"auto"`` or ``"brute"``; ``leaf_size``
-and ``n_jobs`` are accepted and ignored. As in scikit-learn, the constructor and
-``set_params`` only store parameters; ``fit`` validates them and raises :class:`ValueError`
-for anything else (a ``sklearn.utils._param_validation.InvalidParameterError`` for values
-scikit-learn itself rejects, e.g. ``n_neighbors=0``).
+and ``n_jobs`` are accepted and ignored. pdepth's own parameters: ``dtype``, ``device`` and
+``filter`` (the k-NN op's filter format, :func:`pdepth.knn`; speed only). As in
+scikit-learn, the constructor and ``set_params`` only store parameters; ``fit`` validates
+them and raises :class:`ValueError` for anything else (a
+``sklearn.utils._param_validation.InvalidParameterError`` for values scikit-learn itself
+rejects, e.g. ``n_neighbors=0``).
 
 Inputs are validated as scikit-learn does (``validate_data``: lists, object arrays of numbers,
 pandas DataFrames with ``feature_names_in_``; NaN, infinity, complex, sparse and zero-feature
@@ -47,7 +49,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from ..ops import knn, knn_vote
+from ..ops import FILTERS, check_filter, knn, knn_vote
 
 try:
     import sklearn  # noqa: F401
@@ -101,6 +103,7 @@ if _SKLEARN_IMPORT_ERROR is None:
                       Options(torch.dtype, {torch.float64, torch.float32}),
                       Options(type, {np.float64, np.float32}), None],
             "device": [str, torch.device, Integral, None],
+            "filter": [StrOptions(set(FILTERS))],
         }
 
     _DTYPES = {"float64": torch.float64, "float32": torch.float32,
@@ -134,6 +137,11 @@ if _SKLEARN_IMPORT_ERROR is None:
                 other inputs become float64).
             device: where the fitted data and the search live (default: the fitted input's
                 device for tensors, else the CPU).
+            filter: the GEMM format the k-NN op filters candidates with (:func:`pdepth.knn`):
+                ``"auto"`` (default), ``"fp32"``, ``"bf16"``, ``"bf16x3"`` or ``"tf32"``
+                (CUDA only). Speed only: predictions and neighbours are the same. The
+                bfloat16 and TF32 formats need float32 compute (``dtype="float32"``, or None
+                with float32 input); ``fit`` raises ``ValueError`` otherwise.
 
         Parameters are stored as given and validated by ``fit`` (scikit-learn's convention).
 
@@ -158,6 +166,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             n_jobs: int | None = None,
             dtype: str | torch.dtype | None = "float64",
             device: str | torch.device | None = None,
+            filter: str = "auto",
         ):
             self.n_neighbors = n_neighbors
             self.weights = weights
@@ -169,6 +178,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             self.n_jobs = n_jobs
             self.dtype = dtype
             self.device = device
+            self.filter = filter
 
         def __sklearn_tags__(self):
             tags = super().__sklearn_tags__()
@@ -216,6 +226,9 @@ if _SKLEARN_IMPORT_ERROR is None:
                 raise ValueError(
                     f"dtype must be 'float64', 'float32' or None, got {self.dtype!r}"
                 )
+            if not isinstance(self.filter, str) or self.filter not in FILTERS:
+                raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got "
+                                 f"{self.filter!r}")
 
         # -- input handling -----------------------------------------------------------------
 
@@ -348,6 +361,8 @@ if _SKLEARN_IMPORT_ERROR is None:
             if device is None:
                 device = x.device if fit_torch else "cpu"
             fit_x = x.to(device=torch.device(device), dtype=self._compute_dtype(x.dtype))
+            # the op's rule for filter= against the compute dtype and device, before storing
+            check_filter("KNeighborsClassifier.fit", self.filter, fit_x.dtype, fit_x.device)
             classes, y_enc = np.unique(y, return_inverse=True)
             self.classes_ = classes
             self._fit_X = fit_x
@@ -369,7 +384,8 @@ if _SKLEARN_IMPORT_ERROR is None:
             ``X``, the fitted points' neighbours, each point left out of its own list."""
             q, self_index, policy, as_torch, device = self._queries(X)
             k = self._k(n_neighbors, X is None, q.shape[0])
-            dist, index = knn(q, self._fit_X, k, self_index=self_index, self_match=policy)
+            dist, index = knn(q, self._fit_X, k, self_index=self_index, self_match=policy,
+                              filter=self.filter)
             index = self._array_out(index, as_torch, device)
             if not return_distance:
                 return index
@@ -383,7 +399,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             q, self_index, policy, as_torch, device = self._queries(X)
             k = self._k(None, X is None, q.shape[0])
             pred = knn_vote(q, self._fit_X, self._y, k, len(self.classes_),
-                            self_index=self_index, self_match=policy).pred
+                            self_index=self_index, self_match=policy, filter=self.filter).pred
             return self._labels_out(pred, as_torch, device)
 
         def predict_proba(self, X=None):
@@ -391,7 +407,8 @@ if _SKLEARN_IMPORT_ERROR is None:
             points in each class, columns in the order of ``classes_``."""
             q, self_index, policy, as_torch, device = self._queries(X)
             k = self._k(None, X is None, q.shape[0])
-            index = knn(q, self._fit_X, k, self_index=self_index, self_match=policy).index
+            index = knn(q, self._fit_X, k, self_index=self_index, self_match=policy,
+                        filter=self.filter).index
             neighbor_labels = self._y[index]
             counts = torch.zeros(q.shape[0], len(self.classes_), dtype=torch.float64,
                                  device=q.device)

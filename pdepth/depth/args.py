@@ -4,7 +4,10 @@ checked, the query-side defaults filled in and the reference resolved here, once
 
 The k-NN op's own rules (k against the usable support, the self-match policies, the support
 labels' range inside the op) are checked by the op and, for a sharded support set, by
-:mod:`pdepth.distributed`; nothing here repeats them.
+:mod:`pdepth.distributed`; nothing here repeats them. The ``filter=`` name is checked here,
+before any layer is read or any model runs, with the op's own rule
+(:func:`pdepth.ops.check_filter`); what depends on the embeddings' dtype and device is left to
+the op (or checked by the driver once it knows them).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..ops import check_filter
 from .rule import REFERENCE_MODES
 from .support import Support
 
-__all__ = ["DepthArgs", "depth_args"]
+__all__ = ["DepthArgs", "check_filter_arg", "depth_args"]
 
 
 @dataclass(eq=False)
@@ -28,7 +32,9 @@ class DepthArgs:
     prediction (mode ``"network"``, when the caller gave it) or the query labels (mode
     ``"labels"``, when known); None where the driver produces it (``"last_probe"``, or a
     model's prediction / a loader's labels). ``num_classes`` counts every class id seen so
-    far (the given value when there is one)."""
+    far (the given value when there is one). ``filter`` is the k-NN op's filter format
+    (:data:`pdepth.FILTERS`), passed to every k-NN call of the driver; it never changes
+    a result."""
 
     k: int
     labels: torch.Tensor
@@ -43,6 +49,7 @@ class DepthArgs:
     num_classes_given: int | None
     num_classes: int
     scoring_support: bool
+    filter: str = "auto"
 
     def check_lengths(self, m: int, where: str = "", *, reference=None, reference_name=None,
                       query_labels=None) -> None:
@@ -75,7 +82,8 @@ class DepthArgs:
 
 def depth_args(support_labels, *, support: Support, scoring_support: bool, queries_arg: str,
                reference, query_labels, self_index, example_index, k, num_classes,
-               network_pred=None, from_model: bool = False) -> DepthArgs:
+               network_pred=None, from_model: bool = False, filter: str = "auto",
+               op: str = "prediction_depth", device=None) -> DepthArgs:
     """Checks the arguments both drivers share and fills in the defaults of scoring the
     support set itself (``self_index``, ``example_index`` ``arange(N)``, the query labels the
     support labels).
@@ -86,7 +94,12 @@ def depth_args(support_labels, *, support: Support, scoring_support: bool, queri
     now. Class ids are counted over every vector known here; a sharded support set's labels
     are left to the collective (:meth:`Support.count_classes`), so that every rank raises
     alike.
+
+    ``filter`` is checked first (:func:`check_filter_arg`, ``op`` names the driver in the
+    message; ``device``, when the caller already knows it, also rules out ``"tf32"`` off
+    CUDA).
     """
+    filter = check_filter_arg(op, filter, device=device)
     k = _check_k(k)
     support.check_call(scoring_support=scoring_support, num_classes=num_classes,
                        queries_arg=queries_arg)
@@ -128,7 +141,19 @@ def depth_args(support_labels, *, support: Support, scoring_support: bool, queri
                      reference_name=ref_name, query_labels=q_labels, query_labels_arg=q_arg,
                      self_index=self_index, example_index=example_index,
                      num_classes_given=num_classes, num_classes=classes,
-                     scoring_support=scoring_support)
+                     scoring_support=scoring_support, filter=filter)
+
+
+def check_filter_arg(op: str, filter, *, dtype: torch.dtype | None = None,
+                     device=None) -> str:
+    """``filter`` when the k-NN op would accept it, else the op's ``ValueError`` naming the
+    valid values (:func:`pdepth.ops.check_filter`). What is not known yet is not held against
+    it: ``dtype`` None stands for float32 inputs (every format is valid), ``device`` None for
+    a CUDA device (``"tf32"`` is valid); the op checks those itself when it runs."""
+    check_filter(op, filter, torch.float32 if dtype is None else dtype, torch.device("cuda"))
+    if device is not None and filter == "tf32":  # the one device-dependent rule
+        check_filter(op, filter, torch.float32, torch.device(device))
+    return filter
 
 
 def _reference_mode(reference) -> tuple[str, torch.Tensor | None]:

@@ -35,6 +35,7 @@ def prediction_depth(
     self_index=None,
     num_classes: int | None = None,
     device: torch.device | str | None = None,
+    filter: str = "auto",
     example_index=None,
     progress: bool = False,
     shard=None,
@@ -80,6 +81,11 @@ def prediction_depth(
             queries have is never predicted, but it is not an error). Given, every one
             of them must lie in ``[0, num_classes)``.
         device: where to run the k-NN (default: where each support layer lives).
+        filter: the GEMM format the k-NN op filters candidates with (:func:`pdepth.knn`):
+            ``"auto"`` (default: the fastest exact one, :func:`pdepth.knn_plan`), ``"fp32"``,
+            ``"bf16"``, ``"bf16x3"`` or ``"tf32"`` (CUDA only); float64 embeddings take only
+            ``"auto"`` or ``"fp32"``. Only the speed depends on it: the result is the same
+            bits. An unknown value raises ``ValueError`` before any layer is read.
         example_index: ``[M]`` dataset indices of the queries, stored in the result for
             :func:`aggregate`. Defaults to ``arange(N)`` when ``query_layers`` is None.
         progress: show a tqdm progress bar over layers.
@@ -90,7 +96,8 @@ def prediction_depth(
             :func:`pdepth.distributed.knn_vote` over all ranks). Sharded, the call is
             collective: every rank calls with the same ``query_layers`` (required),
             ``self_index`` (global indices), ``num_classes`` (required), ``k`` and reference.
-            Every rank gets the whole result, equal to the single-process one.
+            Every rank gets the whole result, equal to the single-process one. ``filter`` may
+            differ between ranks.
         shard_offset, process_group: the older spelling of
             ``shard=ShardedSupport(shard_offset, process_group)`` (deprecated aliases).
 
@@ -103,7 +110,7 @@ def prediction_depth(
             than the support, mismatched layer counts), and naming the argument otherwise
             (a missing ``network_pred``, a reference of the wrong length, class ids that are
             negative or not below an explicit ``num_classes``, ``self_index`` outside
-            ``[-1, N)``).
+            ``[-1, N)``, a ``filter`` the op does not take).
     """
 
     support = resolve_support(shard, shard_offset, process_group)
@@ -111,7 +118,8 @@ def prediction_depth(
                       queries_arg="query_layers", reference=reference,
                       query_labels=query_labels, self_index=self_index,
                       example_index=example_index, k=k, num_classes=num_classes,
-                      network_pred=network_pred)
+                      network_pred=network_pred, filter=filter, op="prediction_depth",
+                      device=device)
     names, layers = _layer_pairs(support_layers, query_layers)
     bar = _progress_bar(progress, support_layers, query_layers)
     try:
@@ -181,7 +189,7 @@ def _layer_preds(args: DepthArgs, layers, names, *, device, self_match: str,
         lab, sidx = on_device[s.device]
         try:
             pred = args.support.knn_vote(q, s, lab, args.k, args.num_classes, self_index=sidx,
-                                         self_match=self_match)
+                                         self_match=self_match, filter=args.filter)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         del s, q

@@ -23,7 +23,8 @@ class ShardedSupport(Support):
     Pass it as ``shard=`` to :func:`pdepth.prediction_depth` or
     :func:`pdepth.stream_prediction_depth`. Every rank then calls with the same queries,
     ``num_classes`` (required), ``self_index`` (global indices) and ``k``, and gets the whole
-    result, equal to the single-process one.
+    result, equal to the single-process one. ``filter=`` may differ between ranks (it never
+    changes a result).
     """
 
     def __init__(self, offset: int, process_group=None):
@@ -61,10 +62,13 @@ class ShardedSupport(Support):
         pass  # the global size is known on the merge, which checks k
 
     def knn_vote(self, queries, support, labels, k: int, num_classes: int, *,
-                 self_index=None, self_match: str = "exclude") -> torch.Tensor:
+                 self_index=None, self_match: str = "exclude",
+                 filter: str = "auto") -> torch.Tensor:
+        # Each rank filters its own shard with its own filter= (the handshake does not
+        # compare it: the merged result is the same bits whatever each rank used).
         return knn_vote(queries, support, labels, k, num_classes, shard_offset=self.offset,
                         self_index=self_index, self_match=self_match,
-                        process_group=self.process_group).pred
+                        process_group=self.process_group, filter=filter).pred
 
     def finish(self, tops, labels: torch.Tensor, *, k: int, num_classes: int,
                self_index=None, row0: int = 0, dims=()) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..ops import empty_topk, knn
 from ..probes import ProbeRecorder, iter_batches, resolve_probes
-from .args import DepthArgs, _int_vector, depth_args
+from .args import DepthArgs, _int_vector, check_filter_arg, depth_args
 from .placement import resolve_support
 from .result import DepthResult, build_result
 from .support import _class_count
@@ -154,6 +154,7 @@ def stream_prediction_depth(
     device: torch.device | str | None = None,
     max_dim: int | None = None,
     dtype: torch.dtype = torch.float32,
+    filter: str = "auto",
     progress: bool = False,
     shard=None,
     shard_offset: int | None = None,
@@ -196,6 +197,11 @@ def stream_prediction_depth(
         device: where the model and the k-NN run (default: the model's device).
         max_dim: pool conv maps to at most this many features.
         dtype: embedding dtype.
+        filter: the GEMM format the k-NN op filters candidates with (:func:`pdepth.knn`):
+            ``"auto"`` (default), ``"fp32"``, ``"bf16"``, ``"bf16x3"`` or ``"tf32"`` (CUDA
+            only; float64 ``dtype`` takes only ``"auto"`` or ``"fp32"``). Only the speed
+            depends on it: the result is the same bits. Checked against ``dtype`` and
+            ``device`` before the model runs (``ValueError`` naming the valid values).
         progress: tqdm progress bars.
         shard: where the support set lives: None (here, all of it) or a
             :class:`pdepth.ShardedSupport` (``support`` and ``support_labels``
@@ -205,6 +211,7 @@ def stream_prediction_depth(
             collective: every rank passes the same ``queries`` (required), ``num_classes``
             (required), ``self_index`` (global indices), ``k``, ``batch_size`` and
             ``memory_budget`` (so the query chunks agree), and gets the whole result.
+            ``filter`` may differ between ranks.
         shard_offset, process_group: the older spelling of
             ``shard=ShardedSupport(shard_offset, process_group)`` (deprecated aliases).
         check_loader_labels: where ``support`` (or ``queries``) yields labels along with the
@@ -219,19 +226,22 @@ def stream_prediction_depth(
     Raises:
         ValueError: on bad input, naming the argument (the same checks as
             :func:`pdepth.prediction_depth`: integer labels, references and indices, class ids
-            in range, ``self_index`` in ``[-1, N)``, k no larger than the usable support).
+            in range, ``self_index`` in ``[-1, N)``, k no larger than the usable support, a
+            ``filter`` the op does not take for ``dtype`` on ``device``).
     """
     start = time.perf_counter()
     args = depth_args(support_labels, support=resolve_support(shard, shard_offset, process_group),
                       scoring_support=queries is None, queries_arg="queries",
                       reference=reference, query_labels=query_labels, self_index=self_index,
                       example_index=example_index, k=k, num_classes=num_classes,
-                      from_model=True)
+                      from_model=True, filter=filter, op="stream_prediction_depth",
+                      device=device)
     spec = resolve_probes(model, probes, max_dim=max_dim)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
+    check_filter_arg("stream_prediction_depth", filter, dtype=dtype, device=device)
     queries = _check_inputs(args, support, queries)
     stream = _Stream(model, args, support, device=device, dtype=dtype, batch_size=batch_size,
                      progress=progress, check_loader_labels=check_loader_labels)
@@ -393,7 +403,7 @@ class _Stream:
             self.peak = max(self.peak, resident + _nbytes(s_layers))
             for layer, (q, s) in enumerate(zip(q_layers, s_layers, strict=True)):
                 tops[layer] = knn(q, s, self.args.k, self_index=sidx, self_match="exclude",
-                                  prev=tops[layer], offset=offset)
+                                  prev=tops[layer], offset=offset, filter=self.args.filter)
             offset += xs.shape[0]
             del s_layers
         if offset - start_row != n:

@@ -47,10 +47,12 @@ class Support:
             )
 
     def knn_vote(self, queries, support, labels, k: int, num_classes: int, *,
-                 self_index=None, self_match: str = "exclude") -> torch.Tensor:
-        """``[M]`` k-NN predictions of ``queries`` (:func:`pdepth.knn_vote`)."""
+                 self_index=None, self_match: str = "exclude",
+                 filter: str = "auto") -> torch.Tensor:
+        """``[M]`` k-NN predictions of ``queries`` (:func:`pdepth.knn_vote`; ``filter``: the
+        op's filter format, which never changes the predictions)."""
         return knn_vote(queries, support, labels, k, num_classes, self_index=self_index,
-                        self_match=self_match).pred
+                        self_match=self_match, filter=filter).pred
 
     def finish(self, tops, labels: torch.Tensor, *, k: int, num_classes: int,
                self_index=None, row0: int = 0, dims=()) -> list[torch.Tensor]:

@@ -28,8 +28,9 @@ every rank which ranks failed, and every rank raises :class:`RuntimeError` namin
 failing rank chains its own exception). Inputs that disagree across ranks (different query
 counts or values, different ``self_index``, overlapping or missing shards, different
 ``num_classes``) raise :class:`ValueError` on every rank (the handshake carries exact
-checksums of the queries' bits and of ``self_index``). A rank that dies or never reaches the
-call can only be detected by the process group's timeout: pass
+checksums of the queries' bits and of ``self_index``). ``filter=`` (the op's filter format)
+is not compared: it never changes a rank's local top-k, so the ranks may differ in it. A rank
+that dies or never reaches the call can only be detected by the process group's timeout: pass
 ``timeout=datetime.timedelta(...)`` to ``torch.distributed.init_process_group`` (NCCL also
 needs ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default in recent torch, for the timeout to
 raise instead of hang).

@@ -22,7 +22,12 @@ from .collectives import _BITS, _all_gather, _checksum, _comm_device, _fail, _gr
 __all__ = ["knn", "knn_vote", "merge_shards", "shard_range"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Handshake fields, one int64 each per rank (q_rows, q_cols, si_sum: checksums).
+# Handshake fields, one int64 each per rank (q_rows, q_cols, si_sum: checksums). The k-NN
+# filter format (filter=) is deliberately not among them: it only decides which pairs get
+# their canonical key computed, never a distance, an index or their order, so each rank's
+# local top-k (and the merged list) is the same bits whatever filter each rank used. Ranks
+# may therefore differ in it (e.g. "tf32" on a CUDA rank, "bf16" on a CPU one); an invalid
+# value fails that rank's local step, which the handshake reports to every rank.
 _FIELDS = ("failed", "m", "kk", "d", "n", "offset", "dtype", "si_lo", "si_hi", "label_max",
            "num_classes", "q_rows", "q_cols", "si_sum")
 
@@ -91,7 +96,7 @@ def _check_table(op: str, table: torch.Tensor, world: int, k: int, skip: int,
 
 
 def _sharded(op, queries, support_shard, labels_shard, k, *, num_classes, shard_offset,
-             self_index, self_match, process_group):
+             self_index, self_match, process_group, filter="auto"):
     """The local step, the handshake, the gather and the merge. Returns ``(Neighbors,
     labels[M, k] or None, num_classes)``."""
     _group_info(process_group)  # before any work: needs an initialised process group
@@ -148,7 +153,8 @@ def _sharded(op, queries, support_shard, labels_shard, k, *, num_classes, shard_
         # slots pad the list) and self indices may lie on other ranks' shards.
         local = _local_knn(queries, support_shard, kk, self_index=sidx,
                            self_match="exclude" if self_match == "exclude" else "include",
-                           prev=empty_topk(m, kk, compute, device), offset=shard_offset)
+                           prev=empty_topk(m, kk, compute, device), offset=shard_offset,
+                           filter=filter)
         if lab is not None:
             lab_k = shard_neighbor_labels(lab, local.index, shard_offset)
     except Exception as exc:  # reported to every rank by the handshake below
@@ -257,6 +263,7 @@ def knn(
     self_index: torch.Tensor | None = None,
     self_match: str = "exclude",
     process_group=None,
+    filter: str = "auto",
 ) -> Neighbors:
     """:func:`pdepth.knn` over a support set sharded across the ranks of a process group.
 
@@ -275,6 +282,9 @@ def knn(
         self_match: ``"exclude"``, ``"include"`` or ``"drop_nearest"`` (k+1 neighbours over
             the whole support set, the nearest dropped: the single-process definition).
         process_group: a ``torch.distributed`` process group; None for the default group.
+        filter: the filter format of this rank's local search (:func:`pdepth.knn`); it never
+            changes the result, so it is not compared across ranks. An invalid value fails
+            this rank's local step (every rank then raises, as for any local failure).
 
     Returns:
         :class:`pdepth.Neighbors` ``(dist[M, k], index[M, k])`` with global indices, on every
@@ -286,7 +296,7 @@ def knn(
     """
     return _sharded("pdepth.distributed.knn()", queries, support_shard, None, k,
                     num_classes=None, shard_offset=shard_offset, self_index=self_index,
-                    self_match=self_match, process_group=process_group)[0]
+                    self_match=self_match, process_group=process_group, filter=filter)[0]
 
 
 def knn_vote(
@@ -300,12 +310,14 @@ def knn_vote(
     self_index: torch.Tensor | None = None,
     self_match: str = "exclude",
     process_group=None,
+    filter: str = "auto",
 ) -> Vote:
     """:func:`pdepth.knn_vote` over a sharded support set (see :func:`knn`).
 
     ``labels_shard[n_r]`` are the labels of this rank's rows. Each rank gathers its
     neighbours' labels along with their distances and indices, so no rank needs the other
-    shards' labels. ``num_classes`` defaults to the global ``max(label) + 1``.
+    shards' labels. ``num_classes`` defaults to the global ``max(label) + 1``. ``filter``: as
+    in :func:`knn`.
 
     Returns:
         :class:`pdepth.Vote` ``(pred[M], dist[M, k], index[M, k])`` on every rank, equal to
@@ -314,5 +326,5 @@ def knn_vote(
     nbrs, labels, num_classes = _sharded(
         "pdepth.distributed.knn_vote()", queries, support_shard, labels_shard, k,
         num_classes=num_classes, shard_offset=shard_offset, self_index=self_index,
-        self_match=self_match, process_group=process_group)
+        self_match=self_match, process_group=process_group, filter=filter)
     return Vote(vote(labels, max(num_classes, 1)), nbrs.dist, nbrs.index)

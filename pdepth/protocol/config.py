@@ -14,12 +14,17 @@ import torch
 from ..categories import CategoryThresholds
 from ..data import dataset_info
 from ..models import ARCHITECTURES
+from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
 
 __all__ = ["RUNTIME_KEYS", "RunConfig", "rank_settings", "resolve_device", "run_dependencies",
            "split_halves"]
 
-RUNTIME_KEYS = ("device", "root")  # may change on resume
+# Settings that never change a result: left out of the protocol key (so they may change on
+# resume, and the per-model files of a run stay valid) and of what the ranks of a distributed
+# run must agree on. knn_filter (--knn-filter) only decides how fast the k-NN op finds the
+# neighbours, never which (the op's output is the same bits whatever the filter).
+RUNTIME_KEYS = ("device", "root", "knn_filter")
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -29,6 +34,11 @@ class RunConfig:
 
     The defaults are the CPU demo: a small CNN on 8,000 random Fashion-MNIST training images,
     2 seeds x 2 halves = 4 models of 6 epochs each, k = 30.
+
+    ``knn_filter`` is the k-NN op's filter format (``filter=`` of
+    :func:`pdepth.stream_prediction_depth`, one of :data:`pdepth.FILTERS`): a speed setting
+    only, so like ``device`` and ``root`` it is not part of the protocol key
+    (:data:`RUNTIME_KEYS`) and a run may be resumed with another one.
     """
 
     dataset: str = "fashion-mnist"
@@ -48,6 +58,7 @@ class RunConfig:
     memory_budget: int = 2**30
     device: str = "cpu"
     thresholds: dict = field(default_factory=dict)
+    knn_filter: str = "auto"
 
     def __post_init__(self):
         self.seeds = [int(s) for s in self.seeds]
@@ -70,12 +81,16 @@ class RunConfig:
             raise ValueError(f"device (--device) must be cpu, cuda, cuda:N or auto, got "
                              f"{self.device!r}")
         CategoryThresholds.from_dict(self.thresholds)  # validates the names
+        if not isinstance(self.knn_filter, str) or self.knn_filter not in FILTERS:
+            raise ValueError(f"knn_filter (--knn-filter) must be one of "
+                             f"{', '.join(FILTERS)}, got {self.knn_filter!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def protocol_key(self) -> str:
-        """A hash of the settings that change results (not the device or the data root)."""
+        """A hash of the settings that change results (not the device, the data root or the
+        k-NN filter: :data:`RUNTIME_KEYS`)."""
         d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -113,6 +128,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def rank_settings(config: RunConfig, out: Path, overwrite: bool) -> dict:
-    """What every rank of a distributed run must agree on."""
+    """What every rank of a distributed run must agree on (not :data:`RUNTIME_KEYS`: each rank
+    scores its own models, and neither its device nor its k-NN filter changes them)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in RUNTIME_KEYS}
     return {**settings, "out": str(out), "overwrite": overwrite}

@@ -81,6 +81,7 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     res, order = _score(model, config, data, (train_idx, held_idx), progress)
     meta = {
         "protocol_key": config.protocol_key(), "seed": int(seed), "half": int(half),
+        "knn_filter": config.knn_filter,
         "train_seconds": t_train, "depth_seconds": res.seconds,
         "seconds": time.perf_counter() - t0,
         "final_train_accuracy": history["train_accuracy"][-1],
@@ -126,7 +127,7 @@ def _score(model, config: RunConfig, data: RunData, split, progress: bool):
         k=config.k, self_index=torch.as_tensor(self_index), query_labels=data.labels[query_t],
         num_classes=data.num_classes, example_index=query_t,
         batch_size=config.eval_batch_size, memory_budget=config.memory_budget,
-        device=data.device, progress=progress)
+        device=data.device, filter=config.knn_filter, progress=progress)
     order = np.argsort(query_idx)  # back to example order 0..n-1
     assert np.array_equal(query_idx[order], np.arange(data.n))
     return res, order

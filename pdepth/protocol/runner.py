@@ -18,6 +18,7 @@ from .. import _atomic
 from ..categories import CategoryThresholds
 from ..data import dataset_info, load_subset, normalize_images
 from ..models import build_model
+from ..ops import check_filter, knn_plan
 from ..probes import probe_dims, resolve_probes
 from .config import RunConfig, rank_settings, resolve_device, run_dependencies
 from .errors import require_modules
@@ -129,6 +130,11 @@ def load_run_data(config: RunConfig, progress: bool) -> RunData:
     """Checks the dependencies and settings and loads the data."""
     require_modules(run_dependencies(config, progress), "pdepth run")
     device = resolve_device(config.device)
+    try:  # the filter against the device (e.g. tf32 needs CUDA), before any training
+        check_filter("knn", config.knn_filter, torch.float32, device)
+    except ValueError as exc:
+        raise ValueError(f"--knn-filter {config.knn_filter}: "
+                         f"{str(exc).split('(): ', 1)[-1]}") from None
     thresholds = CategoryThresholds.from_dict(config.thresholds)
     probe_model = build_model(config.arch)
     spec = resolve_probes(probe_model, config.probes if config.probes is not None else
@@ -163,9 +169,23 @@ def _config_record(config: RunConfig, data: RunData) -> dict:
             "reference": "network",
             "self_match": "exclude",
             "support": "the model's training half, given labels",
+            "knn_filter": _filters(config, data),
         },
         "versions": versions(),
     }
+
+
+def _filters(config: RunConfig, data: RunData) -> list[str | None]:
+    """The filter format the k-NN op uses at each probe (``--knn-filter`` resolved for the
+    probe's width on this device, :func:`pdepth.knn_plan`; None where it cannot say)."""
+    resolved = []
+    for dim in data.dims:
+        try:
+            plan = knn_plan(dim, device=data.device, filter=config.knn_filter)
+        except Exception:  # pragma: no cover  (a record, never a reason to stop a run)
+            plan = {}
+        resolved.append(plan.get("filter"))
+    return resolved
 
 
 def _prepare(out: Path, config: RunConfig, overwrite: bool, cfg: dict, data: RunData) -> int:
