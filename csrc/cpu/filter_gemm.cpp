@@ -111,8 +111,12 @@ void filter_dot_impl(Filter f, const FilterRows& q, int64_t m0, int64_t mb,
   if (nblocks == 1) {
     return;
   }
-  // Later blocks are summed into the first one by one, in order: one rounding each.
-  std::vector<T> tmp(len);
+  // Later blocks are summed into the first one by one, in order: one rounding each. The
+  // buffer is the thread's own and kept (a fresh one per call costs page faults).
+  thread_local std::vector<T> tmp;
+  if (static_cast<int64_t>(tmp.size()) < len) {
+    tmp.resize(len);
+  }
   for (int64_t j = 1; j < nblocks; ++j) {
     block_gemm<T>(f, q, m0, mb, s, j, tmp.data());
     for (int64_t e = 0; e < len; ++e) {
@@ -185,41 +189,55 @@ double fallback_budget() {
   return b < 0 ? 0.125 : b;
 }
 
-FilterRows filter_rows(Filter f, const at::Tensor& centred, bool support_side) {
-  FilterRows out;
+namespace {
+
+// `t` as an uninitialised tensor of this shape and dtype, reusing its storage when it has
+// them already (a fresh buffer per tile costs page faults).
+void reuse(at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  if (!t.defined() || t.sizes() != shape || t.scalar_type() != dtype) {
+    t = at::empty(shape, at::TensorOptions().dtype(dtype));
+  }
+}
+
+} // namespace
+
+void filter_rows(Filter f, const at::Tensor& centred, bool support_side, FilterRows& out) {
   out.rows = centred;
   out.gemm = bf16_gemm();
   if (f == Filter::kFp32) {
-    return out;
+    return;
   }
-  const at::Tensor hi = centred.to(at::kBFloat16);  // round to nearest even
+  const int64_t r = centred.size(0);
+  const int64_t d = centred.size(1);
   if (f == Filter::kBf16) {
-    out.low = hi;
+    reuse(out.low, {r, d}, at::kBFloat16);
+    out.low.copy_(centred);  // round to nearest even
   } else {
-    // residual exact in float32 (the low bits of each value), then rounded to bfloat16
-    const at::Tensor lo = (centred - hi.to(centred.scalar_type())).to(at::kBFloat16);
-    const int64_t d = centred.size(1);
-    std::vector<at::Tensor> parts;
+    // hi = bf16(x); lo = bf16(x - hi), the residual exact in float32; per reduction block
+    // [hi|hi|lo] (queries) or [hi|lo|hi] (support)
+    reuse(out.hi, {r, d}, at::kBFloat16);
+    reuse(out.residual, {r, d}, centred.scalar_type());
+    out.hi.copy_(centred);
+    at::sub_out(out.residual, centred, out.hi.to(centred.scalar_type()));
+    reuse(out.low, {r, 3 * d}, at::kBFloat16);
     for (int64_t j = 0; j < block_count(d); ++j) {
       const int64_t off = j * kReduceBlock;
       const int64_t len = std::min(kReduceBlock, d - off);
-      const at::Tensor h = hi.narrow(1, off, len);
-      const at::Tensor l = lo.narrow(1, off, len);
-      parts.insert(parts.end(), {h, support_side ? l : h, support_side ? h : l});
+      const at::Tensor h = out.hi.narrow(1, off, len);
+      const at::Tensor l = out.residual.narrow(1, off, len);
+      out.low.narrow(1, 3 * off, len).copy_(h);
+      out.low.narrow(1, 3 * off + len, len).copy_(support_side ? l : h);
+      out.low.narrow(1, 3 * off + 2 * len, len).copy_(support_side ? h : l);
     }
-    out.low = at::cat(parts, 1).contiguous();
   }
   if (support_side && out.gemm == Bf16Gemm::kKernel) {
-    const int64_t d = centred.size(1);
     const int64_t ld = out.low.size(1);
     out.packed.resize(block_count(d));
     for (int64_t j = 0; j < block_count(d); ++j) {
       const Block b = block_cols(f, d, j);
-      pack_b(out.low.const_data_ptr<at::BFloat16>() + b.off, ld, out.low.size(0), b.len,
-          out.packed[j]);
+      pack_b(out.low.const_data_ptr<at::BFloat16>() + b.off, ld, r, b.len, out.packed[j]);
     }
   }
-  return out;
 }
 
 void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,

@@ -37,9 +37,11 @@ struct FilterRows {
   at::Tensor low;             // [r, D'] bfloat16 (undefined for fp32)
   std::vector<PackedB> packed;  // support side, kernel backend: one per reduction block
   Bf16Gemm gemm = Bf16Gemm::kSgemm;  // the bfloat16 backend chosen when the rows were made
+  at::Tensor hi, residual;      // bf16x3 scratch
 };
 
-FilterRows filter_rows(Filter f, const at::Tensor& centred, bool support_side);
+// Fills `out` for these rows, reusing its buffers where their shapes fit (tile after tile).
+void filter_rows(Filter f, const at::Tensor& centred, bool support_side, FilterRows& out);
 
 // out[i, j] = a_(m0 + i) . b_j for the [mb x nb] block (row stride nb), in format f, summed
 // over reduction blocks in order. Runs multithreaded when called outside a parallel region.

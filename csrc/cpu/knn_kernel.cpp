@@ -23,9 +23,17 @@ namespace {
 // float32 tile of cross terms is 512 KiB: it stays in L2 between the GEMM and the scan.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kSupportTile = 1024;
+// From this dimension on, a block's canonical keys are computed support row by support row
+// in pieces of kKeyPiece (batched_keys): a 1024-row tile no longer fits in the cache, and a
+// candidate-by-candidate scan would read a support row from memory for every candidate.
+constexpr int64_t kBatchKeysD = 2048;
+constexpr int64_t kKeyPiece = 512;
+constexpr int64_t kMaxBatchPairs = int64_t{1} << 18;  // 16 MiB of float32 running sums
 // The scan tests this many keys against the threshold at once (vectorised); only groups
 // holding a candidate take the scalar heap path.
 constexpr int64_t kScanWidth = 16;
+// The fallback decision counts the candidates of every kSampleStride-th row of a block.
+constexpr int64_t kSampleStride = 8;
 // From this dimension on, the GEMM is multithreaded over [kWideQueryBlock x kSupportTile]
 // (a 32 MiB float32 buffer at most) instead of per-thread [kQueryBlock x kSupportTile].
 constexpr int64_t kWideD = 256;
@@ -70,31 +78,6 @@ inline void offer(Entry<T>* h, int64_t k, T key, int64_t g) {
   }
 }
 
-// The canonical key (knn.h): sum_d (a_d - b_d)^2 as 16 running sums (sum t takes
-// d = t mod 16, in order) and a fixed pairwise reduction. One out-of-line function, so every
-// caller runs the same instructions and a pair's key depends on the two rows alone.
-template <typename T>
-__attribute__((always_inline)) inline T canonical_sqdist_impl(const T* a, const T* b, int64_t d) {
-  T acc[16] = {};
-  int64_t j = 0;
-  for (; j + 16 <= d; j += 16) {
-    for (int t = 0; t < 16; ++t) {
-      const T diff = a[j + t] - b[j + t];
-      acc[t] += diff * diff;
-    }
-  }
-  for (int t = 0; j < d; ++j, ++t) {
-    const T diff = a[j] - b[j];
-    acc[t] += diff * diff;
-  }
-  for (int w = 8; w >= 1; w /= 2) {
-    for (int t = 0; t < w; ++t) {
-      acc[t] += acc[t + w];
-    }
-  }
-  return acc[0];
-}
-
 // Compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks one clone per process
 // (ifunc), so a machine always runs the same instructions. Out of line on purpose: every
 // caller gets those same instructions, hence the same bits (knn.h).
@@ -104,11 +87,49 @@ __attribute__((always_inline)) inline T canonical_sqdist_impl(const T* a, const 
 #define PDEPTH_CLONES __attribute__((noinline))
 #endif
 
-PDEPTH_CLONES float canonical_sqdist(const float* a, const float* b, int64_t d) {
-  return canonical_sqdist_impl(a, b, d);
+// The canonical key (knn.h): sum_d (a_d - b_d)^2 as 16 running sums (sum t takes
+// d = t mod 16, in order) and a fixed pairwise reduction. canonical_add feeds the running
+// sums a piece [0, len) of the rows (len a multiple of 16 except for a row's last piece), so
+// a key computed piece by piece (batched_keys) has the bits of one computed at once. One
+// out-of-line function: every caller runs the same instructions (knn.h).
+template <typename T>
+__attribute__((always_inline)) inline void canonical_add_impl(
+    T* __restrict__ acc, const T* __restrict__ a, const T* __restrict__ b, int64_t len) {
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    for (int t = 0; t < 16; ++t) {
+      const T diff = a[j + t] - b[j + t];
+      acc[t] += diff * diff;
+    }
+  }
+  for (int t = 0; j < len; ++j, ++t) {
+    const T diff = a[j] - b[j];
+    acc[t] += diff * diff;
+  }
 }
-PDEPTH_CLONES double canonical_sqdist(const double* a, const double* b, int64_t d) {
-  return canonical_sqdist_impl(a, b, d);
+
+PDEPTH_CLONES void canonical_add(float* acc, const float* a, const float* b, int64_t len) {
+  canonical_add_impl(acc, a, b, len);
+}
+PDEPTH_CLONES void canonical_add(double* acc, const double* a, const double* b, int64_t len) {
+  canonical_add_impl(acc, a, b, len);
+}
+
+template <typename T>
+inline T canonical_finish(T* acc) {
+  for (int w = 8; w >= 1; w /= 2) {
+    for (int t = 0; t < w; ++t) {
+      acc[t] += acc[t + w];
+    }
+  }
+  return acc[0];
+}
+
+template <typename T>
+inline T canonical_sqdist(const T* a, const T* b, int64_t d) {
+  T acc[16] = {};
+  canonical_add(acc, a, b, d);
+  return canonical_finish(acc);
 }
 
 // The candidate rule of one filter format in the compute dtype (knn.h, docs/design.md 6).
@@ -231,11 +252,19 @@ at::Tensor row_sqnorms(const at::Tensor& x) {
       [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const T* row = p + r * d;
-          double acc = 0.0;
-          for (int64_t j = 0; j < d; ++j) {
-            acc += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+          // 8 running sums (vectorised); the order only moves the norm within its bound
+          double acc[8] = {};
+          int64_t j = 0;
+          for (; j + 8 <= d; j += 8) {
+            for (int t = 0; t < 8; ++t) {
+              acc[t] += static_cast<double>(row[j + t]) * static_cast<double>(row[j + t]);
+            }
           }
-          o[r] = static_cast<T>(acc);
+          for (int t = 0; j < d; ++j, ++t) {
+            acc[t] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+          }
+          o[r] = static_cast<T>(((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+              ((acc[4] + acc[5]) + (acc[6] + acc[7])));
         }
       });
   return out;
@@ -251,10 +280,15 @@ struct Tile {
   int64_t n0 = 0;
   int64_t nb = 0;
   cpu::FilterRows rows[kNumFilters];
-  std::once_flag made[kNumFilters];
+  bool made[kNumFilters] = {};
+  std::mutex lock;
 
   const cpu::FilterRows& in(Filter f) {
-    std::call_once(made[int(f)], [&] { rows[int(f)] = cpu::filter_rows(f, centred, true); });
+    const std::lock_guard<std::mutex> guard(lock);
+    if (!made[int(f)]) {
+      cpu::filter_rows(f, centred, true, rows[int(f)]);
+      made[int(f)] = true;
+    }
     return rows[int(f)];
   }
 };
@@ -278,7 +312,7 @@ struct Scan {
   std::atomic<int64_t> counts[kNumStats];
 
   const cpu::FilterRows& in(Filter f) {
-    std::call_once(made[int(f)], [&] { qrows[int(f)] = cpu::filter_rows(f, qc, false); });
+    std::call_once(made[int(f)], [&] { cpu::filter_rows(f, qc, false, qrows[int(f)]); });
     return qrows[int(f)];
   }
   // The first format of the chain that has not failed on most of the blocks so far: data
@@ -308,6 +342,89 @@ std::vector<Filter> fallback_chain(Filter f) {
   return {Filter::kFp32};
 }
 
+// The candidates of rows m0..m0+mb of a tile at the rows' thresholds when the block starts
+// (fixed for the block), their canonical keys computed support row by support row in pieces
+// of kKeyPiece (each support row read once per block, the queries' pieces staying in cache),
+// then offered to the heaps. Returns the number of keys. Same bits as select_row's keys.
+template <typename T>
+int64_t batched_keys(const Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb,
+                     const T* dot, const std::vector<T>& seeds, const Rule<T>& rule,
+                     Entry<T>* hp) {
+  const int64_t nb = tile.nb;
+  const int64_t d = sc.d;
+  const int64_t gbase = sc.offset + tile.n0;
+  const T* sn = tile.norms.template const_data_ptr<T>();
+  const T* srows = sc.sp + tile.n0 * d;
+  std::vector<std::vector<int32_t>> cand(mb);
+  at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = m0 + i;
+      const T thr = row_threshold(hp + r * sc.kk, rule, seeds[i]);
+      const int64_t self = sc.self != nullptr ? sc.self[r] : -1;
+      const T* drow = dot + i * nb;
+      for (int64_t j = 0; j < nb; ++j) {
+        if (filter_bound(sc.qn[r], sn[j], drow[j], rule.keep) <= thr && gbase + j != self) {
+          cand[i].push_back(static_cast<int32_t>(j));
+        }
+      }
+    }
+  });
+  int64_t keys = 0;
+  for (int64_t g0 = 0; g0 < mb;) {
+    // rows g0..g1 hold at most kMaxBatchPairs pairs (or one row)
+    std::vector<int64_t> row_off{0};
+    int64_t g1 = g0;
+    while (g1 < mb && (g1 == g0 || row_off.back() + int64_t(cand[g1].size()) <= kMaxBatchPairs)) {
+      row_off.push_back(row_off.back() + static_cast<int64_t>(cand[g1].size()));
+      ++g1;
+    }
+    const int64_t pairs = row_off.back();
+    // pairs grouped by support row: (row, pair) entries of column j at col_off[j]..
+    std::vector<int64_t> col_off(nb + 1, 0);
+    for (int64_t i = g0; i < g1; ++i) {
+      for (const int32_t j : cand[i]) {
+        ++col_off[j + 1];
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      col_off[j + 1] += col_off[j];
+    }
+    std::vector<int64_t> entry_row(pairs), entry_pair(pairs);
+    std::vector<int64_t> cursor(col_off.begin(), col_off.end() - 1);
+    for (int64_t i = g0; i < g1; ++i) {
+      for (size_t t = 0; t < cand[i].size(); ++t) {
+        const int64_t e = cursor[cand[i][t]]++;
+        entry_row[e] = i;
+        entry_pair[e] = row_off[i - g0] + static_cast<int64_t>(t);
+      }
+    }
+    std::vector<T> acc(pairs * 16, T(0));
+    at::parallel_for(0, nb, 8, [&](int64_t j0, int64_t j1) {
+      for (int64_t c0 = 0; c0 < d; c0 += kKeyPiece) {
+        const int64_t w = std::min(kKeyPiece, d - c0);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t e = col_off[j]; e < col_off[j + 1]; ++e) {
+            canonical_add(acc.data() + entry_pair[e] * 16,
+                sc.qp + (m0 + entry_row[e]) * d + c0, srows + j * d + c0, w);
+          }
+        }
+      }
+    });
+    at::parallel_for(g0, g1, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        Entry<T>* h = hp + (m0 + i) * sc.kk;
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          T* a = acc.data() + (row_off[i - g0] + static_cast<int64_t>(t)) * 16;
+          offer(h, sc.kk, canonical_finish(a), gbase + cand[i][t]);
+        }
+      }
+    });
+    keys += pairs;
+    g0 = g1;
+  }
+  return keys;
+}
+
 // Filters and ranks rows m0..m0+mb of one tile into the heaps `hp` (indexed by query), with
 // `dot` a buffer of mb * nb. A format that lets more than the budget of pairs through is
 // replaced by the next, more precise one for this block (candidate control, counted).
@@ -330,12 +447,14 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
       }
     });
   };
-  // Pairs whose lower bound passes the rows' thresholds before the scan.
+  // Pairs whose lower bound passes the rows' thresholds before the scan, estimated from every
+  // kSampleStride-th row (a decision about speed only).
+  const int64_t stride = mb >= 8 * kSampleStride ? kSampleStride : 1;
   const auto passing = [&](Filter f) {
     std::atomic<int64_t> total{0};
-    at::parallel_for(0, mb, 64, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, (mb + stride - 1) / stride, 16, [&](int64_t i0, int64_t i1) {
       int64_t c = 0;
-      for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t i = i0 * stride; i < std::min(mb, i1 * stride); i += stride) {
         const int64_t r = m0 + i;
         c += count_candidates(dot + i * nb, nb, sc.qn[r], sn, sc.rule[int(f)].keep,
             row_threshold(hp + r * sc.kk, sc.rule[int(f)], seeds[i]));
@@ -344,7 +463,8 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
     });
     return total.load();
   };
-  const double budget = cpu::fallback_budget() * static_cast<double>(mb * nb);
+  const double budget =
+      cpu::fallback_budget() * static_cast<double>(((mb + stride - 1) / stride) * nb);
   const size_t first = sc.start();
   Filter f = sc.chain[first];
   for (size_t l = first;; ++l) {
@@ -364,19 +484,23 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   }
   std::atomic<int64_t> keys{0};
   std::atomic<int64_t> seeded{0};
-  at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
-    int64_t c = 0;
-    int64_t s = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = m0 + i;
-      s += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
-      c += select_row(dot + i * nb, nb, sc.qp + r * sc.d, sc.sp + tile.n0 * sc.d, sc.d,
-          sc.qn[r], sn, gbase, sc.self != nullptr ? sc.self[r] : -1, hp + r * sc.kk, sc.kk,
-          sc.rule[int(f)], seeds[i]);
-    }
-    keys += c;
-    seeded += s;
-  });
+  for (int64_t i = 0; i < mb; ++i) {
+    seeded += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
+  }
+  if (sc.d >= kBatchKeysD) {
+    keys += batched_keys(sc, tile, m0, mb, dot, seeds, sc.rule[int(f)], hp);
+  } else {
+    at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
+      int64_t c = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = m0 + i;
+        c += select_row(dot + i * nb, nb, sc.qp + r * sc.d, sc.sp + tile.n0 * sc.d, sc.d,
+            sc.qn[r], sn, gbase, sc.self != nullptr ? sc.self[r] : -1, hp + r * sc.kk, sc.kk,
+            sc.rule[int(f)], seeds[i]);
+      }
+      keys += c;
+    });
+  }
   sc.counts[kStatCandidates] += keys.load();
   sc.counts[kStatSeeded] += seeded.load();
   sc.counts[kStatTiles] += 1;
@@ -453,12 +577,17 @@ void knn_cpu_impl(
   // A support tile shifted by the center and its squared norms (finite: the range rule of
   // check_distance_range bounds them).
   const auto make_tile = [&](Tile<T>& t, int64_t n0, int64_t nb) {
-    t.centred = s.narrow(0, n0, nb) - center;
+    if (!t.centred.defined() || t.centred.size(0) != nb) {
+      t.centred = at::empty({nb, d}, s.options());
+    }
+    at::sub_out(t.centred, s.narrow(0, n0, nb), center);
+    std::fill(std::begin(t.made), std::end(t.made), false);
     t.norms = row_sqnorms<T>(t.centred);
     t.n0 = n0;
     t.nb = nb;
   };
-  const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
+  const int64_t tile_rows = kSupportTile;
+  const int64_t ntiles = (n + tile_rows - 1) / tile_rows;
   const bool split_support = nblocks < threads && ntiles > 1;
   if (split_support) {
     // Too few queries to give every thread a block: split the support tiles over the
@@ -467,11 +596,11 @@ void knn_cpu_impl(
     std::mutex merge;
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<Entry<T>> local(m * kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
-      std::vector<T> dot(m * kSupportTile);
+      std::vector<T> dot(m * tile_rows);
+      Tile<T> tile;  // reused tile after tile
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * kSupportTile;
-        Tile<T> tile;
-        make_tile(tile, n0, std::min(kSupportTile, n - n0));
+        const int64_t n0 = t * tile_rows;
+        make_tile(tile, n0, std::min(tile_rows, n - n0));
         process_block(sc, tile, 0, m, dot.data(), local.data());
       }
       const std::lock_guard<std::mutex> lock(merge);
@@ -482,10 +611,10 @@ void knn_cpu_impl(
       }
     });
   } else {
-    std::vector<T> wide_dot(wide ? qblock * std::min(kSupportTile, n) : 0);
-    for (int64_t n0 = 0; n0 < n; n0 += kSupportTile) {
-      Tile<T> tile;
-      make_tile(tile, n0, std::min(kSupportTile, n - n0));
+    std::vector<T> wide_dot(wide ? qblock * std::min(tile_rows, n) : 0);
+    Tile<T> tile;  // reused tile after tile
+    for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
+      make_tile(tile, n0, std::min(tile_rows, n - n0));
       if (wide) {
         for (int64_t m0 = 0; m0 < m; m0 += qblock) {
           process_block(sc, tile, m0, std::min(qblock, m - m0), wide_dot.data(),
