@@ -339,3 +339,36 @@ def test_fake_kernel_checks_the_filter():
         assert d.shape == (7, 4)
         with pytest.raises(ValueError, match="filter must be one of"):
             torch.ops.pdepth.knn(q, s, 4, None, 0, None, None, 0, "nope")
+
+
+# ---- CUDA (runs on a card; compiled in CI) -------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("f", ["tf32", "bf16", "bf16x3", "auto"])
+def test_cuda_filters_match_fp32(f):
+    """Every CUDA format gives the bits of CUDA fp32, which equal the CPU's (design 9)."""
+    q, s = float_data(300, 5000, 515, key=("cuda-filter",))
+    q, si = with_self_matches(q, s, key=("cuda-filter",))
+    ref = pdepth.knn(q.cuda(), s.cuda(), 25, self_index=si.cuda(), filter="fp32")
+    out = pdepth.knn(q.cuda(), s.cuda(), 25, self_index=si.cuda(), filter=f)
+    assert_same(out, ref, f)
+    g = gen("cuda-off")
+    qo = _off_grid((64, 700), g)
+    so = torch.cat([qo, _off_grid((2000, 700), g)])
+    assert_same(pdepth.knn(qo.cuda(), so.cuda(), 9, filter=f),
+                pdepth.knn(qo.cuda(), so.cuda(), 9, filter="fp32"), f)
+
+
+@needs_cuda
+def test_cuda_filter_leaves_cublas_math_mode():
+    """The filter's cuBLAS settings do not leak into the user's own matmuls."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(512, 512, device="cuda")
+    before = a @ a
+    q, s = float_data(50, 3000, 300, key=("mode",))
+    for f in ("tf32", "bf16", "fp32"):
+        pdepth.knn(q.cuda(), s.cuda(), 5, filter=f)
+        assert torch.equal(a @ a, before), f

@@ -146,6 +146,9 @@ void gemm_cross(Filter f, const at::Tensor& a, int64_t m0, int64_t mb, const at:
     default:
       break;
   }
+  if (in_type != CUDA_R_32F && compute == CUBLAS_COMPUTE_32F_FAST_TF32) {
+    compute = CUBLAS_COMPUTE_32F;  // 16-bit inputs: their products are exact already
+  }
   const double one_d = 1.0, zero_d = 0.0;
   const float one_f = 1.0f, zero_f = 0.0f;
   const bool dbl = a.scalar_type() == at::kDouble;
@@ -386,8 +389,8 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
   const T keep = static_cast<T>(fm.keep);
   const T grow = static_cast<T>(fm.grow);
   const T slack = static_cast<T>(filter_slack(d, dbl, qmax, smax));
-  const at::Tensor qf = filter_rows(filter, q, false);
-  const at::Tensor sf = filter_rows(filter, s, true);
+  const at::Tensor q_gemm = filter_rows(filter, q, false);
+  const at::Tensor s_gemm = filter_rows(filter, s, true);
 
   const int64_t qb = std::min<int64_t>(m, int64_t{kQueryBlock});
   const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(n, int64_t{kTileElems} / qb));
@@ -405,7 +408,7 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
     const int64_t* sf = self != nullptr ? self + m0 : nullptr;
     for (int64_t n0 = 0; n0 < n; n0 += tile) {
       const int64_t nb = std::min(tile, n - n0);
-      gemm_cross(filter, qf, m0, mb, sf, n0, nb, dot);
+      gemm_cross(filter, q_gemm, m0, mb, s_gemm, n0, nb, dot);
       const bool vote = pred != nullptr && n0 + nb >= n;
       auto kernel = vote ? select_tile_kernel<scalar_t, T, true>
                          : select_tile_kernel<scalar_t, T, false>;
