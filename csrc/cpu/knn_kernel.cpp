@@ -240,34 +240,68 @@ T seed_threshold(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbas
   return std::max(scratch[kk - 1], T(0)) * rule.grow + rule.slack;
 }
 
-// Squared row norms, accumulated in double.
+// Squared norm of one row, accumulated in double in 8 running sums (vectorised; the order
+// only moves the norm within its bound, docs/design.md 6.2 step 4).
+template <typename T>
+inline T row_sqnorm(const T* row, int64_t d) {
+  double acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int t = 0; t < 8; ++t) {
+      acc[t] += static_cast<double>(row[j + t]) * static_cast<double>(row[j + t]);
+    }
+  }
+  for (int t = 0; j < d; ++j, ++t) {
+    acc[t] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+  }
+  return static_cast<T>(((acc[0] + acc[1]) + (acc[2] + acc[3])) +
+      ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+}
+
+template <typename T>
+int64_t rows_grain(int64_t d) {
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1));
+}
+
+// Squared row norms [rows] of x [rows, D].
 template <typename T>
 at::Tensor row_sqnorms(const at::Tensor& x) {
-  const int64_t rows = x.size(0);
   const int64_t d = x.size(1);
-  at::Tensor out = at::empty({rows}, x.options());
+  at::Tensor out = at::empty({x.size(0)}, x.options());
   const T* p = x.const_data_ptr<T>();
   T* o = out.mutable_data_ptr<T>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)),
-      [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* row = p + r * d;
-          // 8 running sums (vectorised); the order only moves the norm within its bound
-          double acc[8] = {};
-          int64_t j = 0;
-          for (; j + 8 <= d; j += 8) {
-            for (int t = 0; t < 8; ++t) {
-              acc[t] += static_cast<double>(row[j + t]) * static_cast<double>(row[j + t]);
-            }
-          }
-          for (int t = 0; j < d; ++j, ++t) {
-            acc[t] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
-          }
-          o[r] = static_cast<T>(((acc[0] + acc[1]) + (acc[2] + acc[3])) +
-              ((acc[4] + acc[5]) + (acc[6] + acc[7])));
-        }
-      });
+  at::parallel_for(0, x.size(0), rows_grain<T>(d), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      o[r] = row_sqnorm(p + r * d, d);
+    }
+  });
   return out;
+}
+
+// centred = x - center (rounded) and its squared row norms, in one pass over x.
+template <typename T>
+void centre_rows(const at::Tensor& x, const at::Tensor& center, at::Tensor& centred,
+                 at::Tensor& norms) {
+  const int64_t rows = x.size(0);
+  const int64_t d = x.size(1);
+  if (!centred.defined() || centred.size(0) != rows) {
+    centred = at::empty({rows, d}, x.options());
+  }
+  norms = at::empty({rows}, x.options());
+  const T* p = x.const_data_ptr<T>();
+  const T* c = center.const_data_ptr<T>();
+  T* o = centred.mutable_data_ptr<T>();
+  T* no = norms.mutable_data_ptr<T>();
+  at::parallel_for(0, rows, rows_grain<T>(d), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* dst = o + r * d;
+      const T* src = p + r * d;
+      for (int64_t j = 0; j < d; ++j) {
+        dst[j] = src[j] - c[j];
+      }
+      no[r] = row_sqnorm(dst, d);  // the row is still in cache
+    }
+  });
 }
 
 // One support tile: the centred rows, their squared norms, and the rows in each filter
@@ -527,9 +561,10 @@ void knn_cpu_impl(
   T* od = out_dist.mutable_data_ptr<T>();
   int64_t* oi = out_index.mutable_data_ptr<int64_t>();
 
-  const at::Tensor center = (q.sum(0, false, at::kDouble) / static_cast<double>(m)).to(q.scalar_type());
-  const at::Tensor qc = q - center;
-  const at::Tensor qcn = row_sqnorms<T>(qc);
+  const at::Tensor center =
+      (q.sum(0, false, at::kDouble) / static_cast<double>(m)).to(q.scalar_type()).contiguous();
+  at::Tensor qc, qcn;
+  centre_rows<T>(q, center, qc, qcn);
   Scan<T> sc;
   sc.chain = fallback_chain(filter);
   sc.qc = qc;
@@ -577,12 +612,8 @@ void knn_cpu_impl(
   // A support tile shifted by the center and its squared norms (finite: the range rule of
   // check_distance_range bounds them).
   const auto make_tile = [&](Tile<T>& t, int64_t n0, int64_t nb) {
-    if (!t.centred.defined() || t.centred.size(0) != nb) {
-      t.centred = at::empty({nb, d}, s.options());
-    }
-    at::sub_out(t.centred, s.narrow(0, n0, nb), center);
+    centre_rows<T>(s.narrow(0, n0, nb), center, t.centred, t.norms);
     std::fill(std::begin(t.made), std::end(t.made), false);
-    t.norms = row_sqnorms<T>(t.centred);
     t.n0 = n0;
     t.nb = nb;
   };
