@@ -28,12 +28,12 @@ constexpr int64_t kSupportTile = 1024;
 // candidate-by-candidate scan would read a support row from memory for every candidate.
 constexpr int64_t kBatchKeysD = 2048;
 constexpr int64_t kKeyPiece = 512;
-constexpr int64_t kMaxBatchPairs = int64_t{1} << 18;  // 16 MiB of float32 running sums
+constexpr int64_t kKeyRows = 64;
 // The scan tests this many keys against the threshold at once (vectorised); only groups
 // holding a candidate take the scalar heap path.
 constexpr int64_t kScanWidth = 16;
-// The fallback decision counts the candidates of every kSampleStride-th row of a block.
-constexpr int64_t kSampleStride = 8;
+// The fallback decision counts the candidates of a block's first kProbeRows rows.
+constexpr int64_t kProbeRows = 32;
 // From this dimension on, the GEMM is multithreaded over [kWideQueryBlock x kSupportTile]
 // (a 32 MiB float32 buffer at most) instead of per-thread [kQueryBlock x kSupportTile].
 constexpr int64_t kWideD = 256;
@@ -362,10 +362,10 @@ struct Scan {
 };
 
 // The formats a requested filter falls back through, most precise last: bf16 -> bf16x3
-// (where the bfloat16 GEMM is fast, three products still beat one float32 product) -> fp32.
+// where three bfloat16 products beat one float32 product (AMX: 5-8x the float32 rate) ->
+// fp32. With AVX512-BF16 alone (3-4x), bf16x3 only ties fp32, so bf16 falls back to fp32.
 std::vector<Filter> fallback_chain(Filter f) {
-  const bool fast = cpu::bf16_gemm() == cpu::Bf16Gemm::kKernel ||
-      (cpu::bf16_gemm() == cpu::Bf16Gemm::kMkl && cpu::has_amx_bf16());
+  const bool fast = cpu::bf16_gemm() == cpu::Bf16Gemm::kMkl && cpu::has_amx_bf16();
   if (f == Filter::kBf16) {
     return fast ? std::vector<Filter>{Filter::kBf16, Filter::kBf16x3, Filter::kFp32}
                 : std::vector<Filter>{Filter::kBf16, Filter::kFp32};
@@ -377,9 +377,10 @@ std::vector<Filter> fallback_chain(Filter f) {
 }
 
 // The candidates of rows m0..m0+mb of a tile at the rows' thresholds when the block starts
-// (fixed for the block), their canonical keys computed support row by support row in pieces
-// of kKeyPiece (each support row read once per block, the queries' pieces staying in cache),
-// then offered to the heaps. Returns the number of keys. Same bits as select_row's keys.
+// (fixed for the block), their canonical keys computed in pieces of kKeyPiece columns for
+// blocks of kKeyRows queries at a time (cache blocking: a canonical key reads 8 D bytes for
+// 3 D flops), then offered to the heaps. Returns the number of keys. canonical_add keeps
+// every running sum's order, so the keys have select_row's bits.
 template <typename T>
 int64_t batched_keys(const Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb,
                      const T* dot, const std::vector<T>& seeds, const Rule<T>& rule,
@@ -403,60 +404,59 @@ int64_t batched_keys(const Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t
       }
     }
   });
-  int64_t keys = 0;
-  for (int64_t g0 = 0; g0 < mb;) {
-    // rows g0..g1 hold at most kMaxBatchPairs pairs (or one row)
-    std::vector<int64_t> row_off{0};
-    int64_t g1 = g0;
-    while (g1 < mb && (g1 == g0 || row_off.back() + int64_t(cand[g1].size()) <= kMaxBatchPairs)) {
-      row_off.push_back(row_off.back() + static_cast<int64_t>(cand[g1].size()));
-      ++g1;
-    }
-    const int64_t pairs = row_off.back();
-    // pairs grouped by support row: (row, pair) entries of column j at col_off[j]..
-    std::vector<int64_t> col_off(nb + 1, 0);
-    for (int64_t i = g0; i < g1; ++i) {
-      for (const int32_t j : cand[i]) {
-        ++col_off[j + 1];
+  // Blocks of kKeyRows queries, each on one thread: per piece of kKeyPiece columns, the
+  // block's query pieces stay in L2 while each support row's piece is read once for all the
+  // block's pairs it takes part in.
+  std::atomic<int64_t> keys{0};
+  at::parallel_for(0, (mb + kKeyRows - 1) / kKeyRows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> row_off, col_off, entry_row, entry_pair;
+    std::vector<T> acc;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kKeyRows;
+      const int64_t i1 = std::min(mb, i0 + kKeyRows);
+      row_off.assign(1, 0);
+      col_off.assign(nb + 1, 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        row_off.push_back(row_off.back() + static_cast<int64_t>(cand[i].size()));
+        for (const int32_t j : cand[i]) {
+          ++col_off[j + 1];
+        }
       }
-    }
-    for (int64_t j = 0; j < nb; ++j) {
-      col_off[j + 1] += col_off[j];
-    }
-    std::vector<int64_t> entry_row(pairs), entry_pair(pairs);
-    std::vector<int64_t> cursor(col_off.begin(), col_off.end() - 1);
-    for (int64_t i = g0; i < g1; ++i) {
-      for (size_t t = 0; t < cand[i].size(); ++t) {
-        const int64_t e = cursor[cand[i][t]]++;
-        entry_row[e] = i;
-        entry_pair[e] = row_off[i - g0] + static_cast<int64_t>(t);
+      const int64_t pairs = row_off.back();
+      for (int64_t j = 0; j < nb; ++j) {
+        col_off[j + 1] += col_off[j];
       }
-    }
-    std::vector<T> acc(pairs * 16, T(0));
-    at::parallel_for(0, nb, 8, [&](int64_t j0, int64_t j1) {
+      entry_row.resize(pairs);
+      entry_pair.resize(pairs);
+      std::vector<int64_t> cursor(col_off.begin(), col_off.end() - 1);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          const int64_t e = cursor[cand[i][t]]++;
+          entry_row[e] = i;
+          entry_pair[e] = row_off[i - i0] + static_cast<int64_t>(t);
+        }
+      }
+      acc.assign(pairs * 16, T(0));
       for (int64_t c0 = 0; c0 < d; c0 += kKeyPiece) {
         const int64_t w = std::min(kKeyPiece, d - c0);
-        for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t j = 0; j < nb; ++j) {
           for (int64_t e = col_off[j]; e < col_off[j + 1]; ++e) {
             canonical_add(acc.data() + entry_pair[e] * 16,
                 sc.qp + (m0 + entry_row[e]) * d + c0, srows + j * d + c0, w);
           }
         }
       }
-    });
-    at::parallel_for(g0, g1, 16, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         Entry<T>* h = hp + (m0 + i) * sc.kk;
         for (size_t t = 0; t < cand[i].size(); ++t) {
-          T* a = acc.data() + (row_off[i - g0] + static_cast<int64_t>(t)) * 16;
+          T* a = acc.data() + (row_off[i - i0] + static_cast<int64_t>(t)) * 16;
           offer(h, sc.kk, canonical_finish(a), gbase + cand[i][t]);
         }
       }
-    });
-    keys += pairs;
-    g0 = g1;
-  }
-  return keys;
+      keys += pairs;
+    }
+  });
+  return keys.load();
 }
 
 // Filters and ranks rows m0..m0+mb of one tile into the heaps `hp` (indexed by query), with
@@ -469,9 +469,10 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   const int64_t gbase = sc.offset + tile.n0;
   const T* sn = tile.norms.template const_data_ptr<T>();
   std::vector<T> seeds(mb);
-  const auto filter_block = [&](Filter f) {
-    cpu::filter_dot(f, sc.in(f), m0, mb, tile.in(f), dot);
-    at::parallel_for(0, mb, 64, [&](int64_t i0, int64_t i1) {
+  // Cross terms and seeds of the block's first `rows` rows in format f.
+  const auto filter_block = [&](Filter f, int64_t rows) {
+    cpu::filter_dot(f, sc.in(f), m0, rows, tile.in(f), dot);
+    at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
       std::vector<T> scratch;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = m0 + i;
@@ -481,37 +482,40 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
       }
     });
   };
-  // Pairs whose lower bound passes the rows' thresholds before the scan, estimated from every
-  // kSampleStride-th row (a decision about speed only).
-  const int64_t stride = mb >= 8 * kSampleStride ? kSampleStride : 1;
-  const auto passing = [&](Filter f) {
+  // Whether more than the budget of the first `rows` rows' pairs pass their thresholds.
+  const auto too_loose = [&](Filter f, int64_t rows) {
     std::atomic<int64_t> total{0};
-    at::parallel_for(0, (mb + stride - 1) / stride, 16, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
       int64_t c = 0;
-      for (int64_t i = i0 * stride; i < std::min(mb, i1 * stride); i += stride) {
+      for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = m0 + i;
         c += count_candidates(dot + i * nb, nb, sc.qn[r], sn, sc.rule[int(f)].keep,
             row_threshold(hp + r * sc.kk, sc.rule[int(f)], seeds[i]));
       }
       total += c;
     });
-    return total.load();
+    return static_cast<double>(total.load()) >
+        cpu::fallback_budget() * static_cast<double>(rows * nb);
   };
-  const double budget =
-      cpu::fallback_budget() * static_cast<double>(((mb + stride - 1) / stride) * nb);
-  const size_t first = sc.start();
-  Filter f = sc.chain[first];
-  for (size_t l = first;; ++l) {
+  // A large block tries a format on its first kProbeRows rows before paying for all of them.
+  const int64_t probe = mb >= 4 * kProbeRows ? kProbeRows : mb;
+  Filter f = sc.chain[sc.start()];
+  for (size_t l = sc.start();; ++l) {
     f = sc.chain[l];
-    filter_block(f);
     if (l + 1 == sc.chain.size()) {
+      filter_block(f, mb);
       break;
     }
+    filter_block(f, probe);
     sc.tried[int(f)] += 1;
-    if (static_cast<double>(passing(f)) <= budget) {
-      break;
+    if (too_loose(f, probe)) {
+      sc.failed[int(f)] += 1;
+      continue;
     }
-    sc.failed[int(f)] += 1;
+    if (probe < mb) {
+      filter_block(f, mb);
+    }
+    break;
   }
   if (f != sc.chain[0]) {
     sc.counts[kStatFallbacks] += 1;
