@@ -65,6 +65,40 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU flags that decide the k-NN filter's GEMM (docs/design.md section 6).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_id() -> str:
+    """Vendor, family, model and stepping from ``/proc/cpuinfo`` (a virtual machine's model
+    name is often generic, e.g. "AMD EPYC"); empty where it is missing."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return ""
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    return ", ".join(f"{k} {fields[k]}" for k in keys if k in fields)
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of :data:`CPU_FLAGS` ``/proc/cpuinfo`` lists (empty where it is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return {flag: flag in have for flag in CPU_FLAGS}
+    except OSError:
+        pass
+    return {}
+
+
 def _versions() -> dict[str, str]:
     import numpy
 
@@ -88,6 +122,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
+        "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -126,10 +162,15 @@ def describe_machine(info: dict[str, Any]) -> str:
             f"CUDA {info['cuda']}"
         )
     lines += [
-        f"CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs"
+        f"CPU: {info['cpu']}"
+        + (f" ({info['cpu_id']})" if info.get("cpu_id") else "")
+        + f", {info['logical_cpus']} logical CPUs"
         + (f" ({info['physical_cores']} physical)" if info.get("physical_cores") else "")
         + f", {info['usable_cpus']} usable"
         + (f", {info['memory_gib']} GiB RAM" if "memory_gib" in info else ""),
+        "CPU flags: "
+        + (", ".join(f"{f} {'yes' if v else 'no'}" for f, v in info.get("cpu_flags", {}).items())
+           or "unknown"),
         f"threads: torch {info['torch_threads']}"
         + (f", faiss {info['faiss_threads']}" if "faiss_threads" in info else ""),
         f"load average at start (1/5/15 min): {info['load_average']}",

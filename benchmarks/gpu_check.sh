@@ -36,7 +36,7 @@ fi
 echo "built in $(( $(date +%s) - t0 ))s"
 "$PY" -c "import pdepth; print(pdepth.build_info())"
 
-echo "== tests (${TESTS:=tests/test_knn.py tests/test_knn_errors.py tests/test_knn_opcheck.py tests/test_build.py})"
+echo "== tests (${TESTS:=tests/test_knn.py tests/test_knn_errors.py tests/test_knn_opcheck.py tests/test_knn_filter.py tests/test_build.py})"
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}

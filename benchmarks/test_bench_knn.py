@@ -5,9 +5,11 @@ on the CPU at a moderate size (the ratio tables and targets are in ``bench_knn.p
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group --benchmark-sort=mean
 
 Not part of the test suite (``testpaths = ["tests"]``). Each D is its own benchmark group,
-so pytest-benchmark's table compares the methods side by side. Nothing here asserts on
-wall time; the only assertion is that every method predicts what pdepth predicts on at
-least 99% of the queries (``extra_info["agreement"]``).
+so pytest-benchmark's table compares the methods (and pdepth in every CPU filter mode) side
+by side. Nothing here asserts on wall time; the assertions are that every method predicts
+what pdepth predicts on at least 99% of the queries (``extra_info["agreement"]``), that
+every filter mode's output is bit-identical to ``filter="fp32"``'s, and that
+``bench_knn.py --quick`` runs and passes its own checks.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from _baselines import (
     torch_pipeline_vote,
     torch_vote,
 )
-from _data import KnnData, make_data
+from _data import KnnData, make_data, make_relu_data
 
 import pdepth
 
@@ -35,6 +37,7 @@ N, M, K, NUM_CLASSES = 10_000, 2_000, 30, 10
 DIMS = (64, 512, 2048)
 MATMUL_SIZE = 2048
 MIN_AGREEMENT = 0.99
+FILTERS = ("fp32", "bf16", "bf16x3", "auto")
 
 
 @functools.cache
@@ -48,8 +51,13 @@ def _pdepth_pred(d: int) -> torch.Tensor:
     return pdepth.knn_vote(data.queries, data.support, data.labels, K, NUM_CLASSES).pred
 
 
-def _pdepth(data):
-    return pdepth.knn_vote(data.queries, data.support, data.labels, K, NUM_CLASSES).pred
+def _pdepth(data, filter="auto"):
+    return pdepth.knn_vote(data.queries, data.support, data.labels, K, NUM_CLASSES,
+                           filter=filter).pred
+
+
+def _pdepth_mode(filter):
+    return functools.partial(_pdepth, filter=filter)
 
 
 def _faiss(data):
@@ -66,6 +74,7 @@ def _torch(data):
 
 METHODS = {
     "pdepth": _pdepth,
+    **{f"pdepth-{f}": _pdepth_mode(f) for f in FILTERS if f != "auto"},
     "faiss": pytest.param(
         _faiss, marks=pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
     ),
@@ -113,3 +122,29 @@ def test_torch_vote_matches_pdepth_vote():
     for k, classes in ((30, 10), (4, 3), (2, 100)):
         labels = torch.randint(0, classes, (5000, k), generator=gen)
         assert torch.equal(torch_vote(labels, classes), pdepth.vote(labels, classes))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+@pytest.mark.parametrize("d", DIMS)
+def test_filters_bit_identical(kind, d):
+    """Every CPU filter mode returns fp32's pred, dist and index, bit for bit."""
+    data = _data(d) if kind == "gaussian" else make_relu_data(N, M, d, NUM_CLASSES, seed=d)
+    args = (data.queries, data.support, data.labels, K, NUM_CLASSES)
+    want = pdepth.knn_vote(*args, filter="fp32")
+    for f in FILTERS:
+        got = pdepth.knn_vote(*args, filter=f)
+        assert torch.equal(got.pred, want.pred), f
+        assert torch.equal(got.index, want.index), f
+        assert torch.equal(got.dist.view(torch.int32), want.dist.view(torch.int32)), f
+
+
+def test_bench_knn_quick(tmp_path):
+    """``bench_knn.py --quick`` (main and paper suites, no memory runs) exits 0: every mode
+    bit-identical to fp32 and the baselines agree."""
+    import bench_knn
+
+    out = tmp_path / "quick.json"
+    argv = ["--quick", "--no-memory", "--suites", "main,paper", "--json", str(out)]
+    assert bench_knn.main(argv) == 0
+    assert out.exists()
+    assert bench_knn.main(["--from-json", str(out)]) == 0

@@ -456,6 +456,10 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_version"] = pybind11::none();
     info["cuda_archs"] = std::string();
 #endif
+    // What the "auto" filter rests on (docs/design.md 6.5; pdepth.knn_plan for a given D).
+    info["avx512_bf16"] = pdepth::cpu::has_avx512_bf16();
+    info["amx_bf16"] = pdepth::cpu::has_amx_bf16();
+    info["bf16_gemm"] = std::string(pdepth::cpu::bf16_gemm_name(pdepth::cpu::bf16_gemm()));
 #ifdef _OPENMP
     info["openmp"] = true;
 #else

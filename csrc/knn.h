@@ -51,7 +51,7 @@ const char* filter_name(Filter f);
 // GEMM's rounding then grows with kReduceBlock + D / kReduceBlock instead of with D.
 constexpr int64_t kReduceBlock = 1024;
 // "auto" picks a low-precision CPU filter from this D on (below it the scan dominates).
-constexpr int64_t kAutoBf16MinD = 256;
+constexpr int64_t kAutoBf16MinD = 32;
 
 // The candidate rule's constants for one (filter, D, compute dtype, backend).
 struct FilterMargin {

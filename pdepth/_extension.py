@@ -81,7 +81,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
 
 
 def build_info() -> dict:
-    """What the extension was built with: torch and CUDA versions, CUDA archs, OpenMP.
+    """What the extension was built with: torch and CUDA versions, CUDA archs, OpenMP, and
+    what the CPU offers the k-NN filter (``avx512_bf16``, ``amx_bf16``, the ``bf16_gemm``
+    backend; :func:`pdepth.knn_plan` says which filter ``"auto"`` picks for a width).
 
     Returns ``{"backend": "reference", "error": ...}`` when the extension is not loaded."""
     if _C is None:

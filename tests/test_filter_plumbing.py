@@ -28,7 +28,7 @@ from pdepth.cli import main
 from pdepth.pipeline import MARKER, RunConfig
 
 CPU_FILTERS = ("auto", "fp32", "bf16", "bf16x3")  # tf32 is CUDA-only
-D = 384  # >= 256: "auto" resolves to a bfloat16 filter on a CPU that has a bf16 GEMM
+D = 384  # >= 32: "auto" resolves to a bfloat16 filter on a CPU that has a bf16 GEMM
 VALID = "'auto', 'fp32', 'bf16', 'bf16x3', 'tf32'"
 
 needs_extension = pytest.mark.skipif(pdepth.backend() != "extension",

@@ -281,7 +281,7 @@ def test_plan_auto_rule():
     feats = _C._cpu_features()
     fast = feats["avx512_bf16"] or (feats["amx_bf16"] and feats["mkl_bf16"])
     assert pdepth.knn_plan(2048)["filter"] == ("bf16" if fast else "fp32")
-    assert pdepth.knn_plan(64)["filter"] == "fp32"
+    assert pdepth.knn_plan(16)["filter"] == "fp32"
     assert pdepth.knn_plan(2048, dtype=torch.float64)["filter"] == "fp32"
     assert pdepth.knn_plan(2048, device="cuda")["filter"] == "fp32"
     p = pdepth.knn_plan(50176, filter="fp32")
