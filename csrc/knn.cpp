@@ -47,8 +47,12 @@ const char* filter_name(Filter f) {
 // docs/design.md section 6.2. First-order sum of the GEMM key's error terms relative to
 // Q = |a|^2 + |b|^2, then 1.25x and 16 unit roundoffs for the second-order terms (valid while
 // every n u <= 0.01; beyond that the filter passes every pair).
-FilterMargin filter_margin(
-    Filter f, int64_t d, bool dbl, int64_t lanes, bool centred, int64_t block, bool truncating) {
+FilterMargin filter_margin(Filter f, int64_t d, bool dbl, at::DeviceType device) {
+  const bool cuda = device == at::kCUDA;
+  const int64_t lanes = cuda ? 32 : 16;
+  const bool centred = !cuda;
+  const int64_t block = cuda ? 0 : kReduceBlock;
+  const bool truncating = cuda && f != Filter::kFp32;
   const double u = dbl ? std::ldexp(1.0, -53) : std::ldexp(1.0, -24);
   const double u_acc = truncating ? 2 * u : u;
   // Input format: relative error of each product a_d b_d (exact products in float32).
@@ -150,7 +154,7 @@ Filter auto_filter(at::DeviceType device, at::ScalarType dtype, int64_t d, std::
     return Filter::kFp32;
   }
   say(std::string("bfloat16 GEMM through the ") + cpu::bf16_gemm_name(g) +
-      ", fp32 fallback per tile");
+      ", a more precise format per block where it lets too many pairs through");
   return Filter::kBf16;
 }
 
@@ -484,8 +488,7 @@ PYBIND11_MODULE(_C, m) {
     std::string why;
     const pdepth::Filter f = pdepth::resolve_filter("knn_plan", filter, dev, st, d, &why);
     const bool cuda = dev == at::kCUDA;
-    const pdepth::FilterMargin fm = pdepth::filter_margin(f, d, st == at::kDouble,
-        cuda ? 32 : 16, !cuda, cuda ? 0 : pdepth::kReduceBlock, cuda && f != pdepth::Filter::kFp32);
+    const pdepth::FilterMargin fm = pdepth::filter_margin(f, d, st == at::kDouble, dev);
     pybind11::dict out;
     out["filter"] = std::string(pdepth::filter_name(f));
     out["reason"] = why;
@@ -494,8 +497,9 @@ PYBIND11_MODULE(_C, m) {
     out["reduce_block"] = cuda ? d : pdepth::kReduceBlock;
     out["bf16_gemm"] = std::string(pdepth::cpu::bf16_gemm_name(pdepth::cpu::bf16_gemm()));
     out["fallback"] = f == pdepth::Filter::kFp32 ? std::string("none")
-        : std::string("fp32 per tile when more than ") +
-            std::to_string(pdepth::cpu::fallback_budget()) + " of its pairs pass";
+        : std::string("the next, more precise format per block when more than ") +
+            std::to_string(pdepth::cpu::fallback_budget()) +
+            " of the pairs of its first rows pass";
     return out;
   });
   m.def("_cpu_features", []() {

@@ -60,12 +60,11 @@ struct FilterMargin {
   double m;      // the GEMM-side margin, relative to |a|^2 + |b|^2
 };
 
-// `lanes`: the canonical key's running sums (16 on the CPU, 32 on CUDA); `centred`: the GEMM
-// saw rows shifted by a rounded centre (CPU); `block`: reduction block width (0: one GEMM
-// over all of D, any order); `truncating`: the filter format's conversion may truncate
-// (cuBLAS fast modes) rather than round to nearest. Derived in docs/design.md section 6.2.
-FilterMargin filter_margin(
-    Filter f, int64_t d, bool dbl, int64_t lanes, bool centred, int64_t block, bool truncating);
+// For the kernels of `device`: the CPU's (16-lane canonical key, rows centred, reduction in
+// blocks of kReduceBlock, round-to-nearest conversions) or CUDA's (32 lanes, no centring,
+// one cuBLAS GEMM over all of D, tensor-core formats assumed to truncate). Derived in
+// docs/design.md section 6.2.
+FilterMargin filter_margin(Filter f, int64_t d, bool dbl, at::DeviceType device);
 
 // Absolute slack for flushed denormals (docs/design.md 6.2, step 6); qmax / smax are the
 // largest squared norms of the raw rows.

@@ -1,8 +1,8 @@
-// CPU kernels of the pdepth ops: blocked GEMM through ATen (MKL/OpenBLAS) for the cross
-// terms, then a fused scan that filters them against each query's running k-th best and
-// ranks the few candidates by their canonical key (knn.h) in a max-heap whose root is the
-// k-th best. Parallel over query blocks; the output depends neither on the thread count nor
-// on how the support set is chunked.
+// CPU kernels of the pdepth ops: the cross terms from a GEMM in the filter's format
+// (filter_gemm.h), then a fused scan that filters them against each query's running k-th
+// best and ranks the few candidates by their canonical key (knn.h) in a max-heap whose root
+// is the k-th best. Parallel over query blocks; the output depends neither on the thread
+// count, on how the support set is chunked, nor on the filter format.
 #include "../knn.h"
 #include "filter_gemm.h"
 
@@ -144,7 +144,7 @@ struct Rule {
 template <typename T>
 Rule<T> make_rule(Filter f, int64_t d, double qmax, double smax) {
   const bool dbl = sizeof(T) == 8;
-  const FilterMargin fm = filter_margin(f, d, dbl, 16, true, kReduceBlock, false);
+  const FilterMargin fm = filter_margin(f, d, dbl, at::kCPU);
   return Rule<T>{static_cast<T>(fm.keep), static_cast<T>(1.0 + fm.m),
       static_cast<T>(fm.grow), static_cast<T>(filter_slack(d, dbl, qmax, smax))};
 }
@@ -469,10 +469,10 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   const int64_t gbase = sc.offset + tile.n0;
   const T* sn = tile.norms.template const_data_ptr<T>();
   std::vector<T> seeds(mb);
-  // Cross terms and seeds of the block's first `rows` rows in format f.
-  const auto filter_block = [&](Filter f, int64_t rows) {
-    cpu::filter_dot(f, sc.in(f), m0, rows, tile.in(f), dot);
-    at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
+  // Cross terms and seeds of the block's rows r0..r1 in format f.
+  const auto filter_block = [&](Filter f, int64_t r0, int64_t r1) {
+    cpu::filter_dot(f, sc.in(f), m0 + r0, r1 - r0, tile.in(f), dot + r0 * nb);
+    at::parallel_for(r0, r1, 64, [&](int64_t i0, int64_t i1) {
       std::vector<T> scratch;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = m0 + i;
@@ -499,34 +499,35 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   };
   // A large block tries a format on its first kProbeRows rows before paying for all of them.
   const int64_t probe = mb >= 4 * kProbeRows ? kProbeRows : mb;
-  Filter f = sc.chain[sc.start()];
-  for (size_t l = sc.start();; ++l) {
+  const size_t first = sc.start();
+  Filter f = sc.chain[first];
+  for (size_t l = first;; ++l) {
     f = sc.chain[l];
     if (l + 1 == sc.chain.size()) {
-      filter_block(f, mb);
+      filter_block(f, 0, mb);
       break;
     }
-    filter_block(f, probe);
+    filter_block(f, 0, probe);
     sc.tried[int(f)] += 1;
     if (too_loose(f, probe)) {
       sc.failed[int(f)] += 1;
       continue;
     }
     if (probe < mb) {
-      filter_block(f, mb);
+      filter_block(f, probe, mb);  // the rest of the block, in the format the probe accepted
     }
     break;
   }
   if (f != sc.chain[0]) {
     sc.counts[kStatFallbacks] += 1;
   }
-  std::atomic<int64_t> keys{0};
-  std::atomic<int64_t> seeded{0};
+  int64_t seeded = 0;
   for (int64_t i = 0; i < mb; ++i) {
     seeded += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
   }
+  std::atomic<int64_t> keys{0};
   if (sc.d >= kBatchKeysD) {
-    keys += batched_keys(sc, tile, m0, mb, dot, seeds, sc.rule[int(f)], hp);
+    keys = batched_keys(sc, tile, m0, mb, dot, seeds, sc.rule[int(f)], hp);
   } else {
     at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
       int64_t c = 0;
@@ -540,7 +541,7 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
     });
   }
   sc.counts[kStatCandidates] += keys.load();
-  sc.counts[kStatSeeded] += seeded.load();
+  sc.counts[kStatSeeded] += seeded;
   sc.counts[kStatTiles] += 1;
   sc.counts[pairs_stat(f)] += mb * nb;
   sc.counts[kStatPairs] += mb * nb;

@@ -384,8 +384,7 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
   check_finite_rows(op, "support", sn);
   const auto [qmax, smax] = check_distance_range(op, qn, sn);
   const bool dbl = std::is_same_v<T, double>;
-  // One cuBLAS GEMM over all of D in an unknown order; tensor cores may truncate.
-  const FilterMargin fm = filter_margin(filter, d, dbl, 32, false, 0, filter != Filter::kFp32);
+  const FilterMargin fm = filter_margin(filter, d, dbl, at::kCUDA);
   const T keep = static_cast<T>(fm.keep);
   const T grow = static_cast<T>(fm.grow);
   const T slack = static_cast<T>(filter_slack(d, dbl, qmax, smax));

@@ -226,9 +226,6 @@ if _SKLEARN_IMPORT_ERROR is None:
                 raise ValueError(
                     f"dtype must be 'float64', 'float32' or None, got {self.dtype!r}"
                 )
-            if not isinstance(self.filter, str) or self.filter not in FILTERS:
-                raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got "
-                                 f"{self.filter!r}")
 
         # -- input handling -----------------------------------------------------------------
 
