@@ -509,9 +509,13 @@ PYBIND11_MODULE(_C, m) {
     out["mkl_bf16"] = pdepth::cpu::mkl_bf16_available();
     return out;
   });
-  m.def("_knn_test_hooks", [](const std::string& bf16_gemm, double fallback_budget) {
+  m.def("_knn_test_hooks", [](const std::string& bf16_gemm, double fallback_budget,
+                              bool exhaustive, int64_t wide_chunk_rows) {
     pdepth::cpu::set_bf16_gemm_override(bf16_gemm);
     pdepth::cpu::set_fallback_budget(fallback_budget);
-  }, pybind11::arg("bf16_gemm") = "", pybind11::arg("fallback_budget") = -1.0);
+    pdepth::cpu::set_exhaustive(exhaustive);
+    pdepth::cpu::set_wide_chunk_rows(wide_chunk_rows);
+  }, pybind11::arg("bf16_gemm") = "", pybind11::arg("fallback_budget") = -1.0,
+     pybind11::arg("exhaustive") = false, pybind11::arg("wide_chunk_rows") = 0);
   m.def("_gemm_bf16", &pdepth::cpu::gemm_bf16_for_test);
 }

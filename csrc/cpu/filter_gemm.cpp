@@ -27,6 +27,8 @@ constexpr int kCblasTrans = 112;
 std::mutex hook_mutex;
 std::string bf16_override;                 // guarded by hook_mutex
 std::atomic<double> budget_fraction{-1.0};  // < 0: default
+std::atomic<bool> exhaustive_on{false};
+std::atomic<int64_t> chunk_rows{0};
 
 // Columns of reduction block j in the format's row layout (bf16x3 rows are 3x as wide).
 struct Block {
@@ -181,6 +183,22 @@ void set_fallback_budget(double pairs_fraction) {
   budget_fraction.store(pairs_fraction);
 }
 
+void set_exhaustive(bool on) {
+  exhaustive_on.store(on);
+}
+
+bool exhaustive() {
+  return exhaustive_on.load();
+}
+
+void set_wide_chunk_rows(int64_t rows) {
+  chunk_rows.store(rows);
+}
+
+int64_t wide_chunk_rows() {
+  return chunk_rows.load();
+}
+
 double fallback_budget() {
   const double b = budget_fraction.load();
   // Default: a tile falls back when more than 1/8 of its pairs are candidates; a canonical
@@ -237,6 +255,136 @@ void filter_rows(Filter f, const at::Tensor& centred, bool support_side, FilterR
       pack_b(out.low.const_data_ptr<at::BFloat16>() + b.off, ld, r, b.len, out.packed[j]);
     }
   }
+}
+
+namespace {
+
+// Rows [r, off, off + len) of x (row stride d) minus c (c null: no shift), rounded to T:
+// [r, len] in dst.
+template <typename T>
+void centre_block(const T* x, int64_t r, int64_t d, const T* c, int64_t off, int64_t len,
+                  T* dst) {
+  for (int64_t i = 0; i < r; ++i) {
+    const T* src = x + i * d + off;
+    T* o = dst + i * len;
+    if (c == nullptr) {
+      std::copy(src, src + len, o);
+      continue;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      o[j] = src[j] - c[off + j];
+    }
+  }
+}
+
+// The bfloat16 form of centred block rows x [r, len]: bf16 -> [r, len] rounded to nearest
+// even; bf16x3 -> [r, 3 len] per row [hi|hi|lo] (queries) or [hi|lo|hi] (support), as
+// filter_rows, with `res` [r, len] scratch for the residual. ATen's conversions (vectorised).
+void low_block(Filter f, const float* x, int64_t r, int64_t len, bool support_side,
+               at::BFloat16* dst, float* res) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  const at::Tensor in = at::from_blob(const_cast<float*>(x), {r, len}, f32);
+  if (f == Filter::kBf16) {
+    at::from_blob(dst, {r, len}, bf16).copy_(in);
+    return;
+  }
+  const at::Tensor out = at::from_blob(dst, {r, 3 * len}, bf16);
+  const at::Tensor hi = out.narrow(1, 0, len);
+  hi.copy_(in);
+  at::Tensor lo = at::from_blob(res, {r, len}, f32);
+  lo.copy_(hi);
+  at::sub_out(lo, in, lo);  // the residual x - hi, exact in float32
+  out.narrow(1, len, len).copy_(support_side ? lo : hi);
+  out.narrow(1, 2 * len, len).copy_(support_side ? hi : lo);
+}
+
+// prod [mq, ns] = the block's product in format f (overwritten).
+template <typename T>
+void block_product(Filter f, int64_t mq, int64_t ns, int64_t len, CentredScratch<T>& w) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor o = at::from_blob(w.prod.data(), {mq, ns}, opts);
+  if (std::is_same_v<T, double> || f == Filter::kFp32) {
+    at::mm_out(o, at::from_blob(w.qf.data(), {mq, len}, opts),
+        at::from_blob(w.sf.data(), {ns, len}, opts).t());
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t lw = f == Filter::kBf16x3 ? 3 * len : len;
+    w.ql.resize(mq * lw);
+    w.sl.resize(ns * lw);
+    w.res.resize(std::max(mq, ns) * len);
+    low_block(f, w.qf.data(), mq, len, false, w.ql.data(), w.res.data());
+    low_block(f, w.sf.data(), ns, len, true, w.sl.data(), w.res.data());
+    switch (bf16_gemm()) {
+      case Bf16Gemm::kKernel:
+        pack_b(w.sl.data(), lw, ns, lw, w.packed);
+        gemm_bf16_packed(w.ql.data(), lw, mq, w.packed, w.prod.data(), ns);
+        return;
+      case Bf16Gemm::kMkl:
+        cblas_gemm_bf16bf16f32(kCblasRowMajor, kCblasNoTrans, kCblasTrans,
+            static_cast<int>(mq), static_cast<int>(ns), static_cast<int>(lw), 1.0f,
+            reinterpret_cast<const uint16_t*>(w.ql.data()), static_cast<int>(lw),
+            reinterpret_cast<const uint16_t*>(w.sl.data()), static_cast<int>(lw), 0.0f,
+            w.prod.data(), static_cast<int>(ns));
+        return;
+      case Bf16Gemm::kSgemm: {
+        const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+        at::mm_out(o, at::from_blob(w.ql.data(), {mq, lw}, bf).to(at::kFloat),
+            at::from_blob(w.sl.data(), {ns, lw}, bf).to(at::kFloat).t());
+        return;
+      }
+    }
+  }
+}
+
+template <typename T>
+void centred_dot_impl(Filter f, const T* q, int64_t mq, const T* s, int64_t ns, const T* c,
+                      int64_t d, T* out, int64_t ldo, CentredScratch<T>& w) {
+  const int64_t len0 = std::min(kReduceBlock, d);
+  w.qf.resize(mq * len0);
+  w.sf.resize(ns * len0);
+  w.prod.resize(mq * ns);
+  for (int64_t j = 0; j < block_count(d); ++j) {
+    const int64_t off = j * kReduceBlock;
+    const int64_t len = std::min(kReduceBlock, d - off);
+    if (c == nullptr && (std::is_same_v<T, double> || f == Filter::kFp32)) {
+      // Unshifted rows in the compute dtype: the GEMM reads the inputs as they are.
+      const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+      at::Tensor o = at::from_blob(w.prod.data(), {mq, ns}, opts);
+      at::mm_out(o, at::from_blob(const_cast<T*>(q) + off, {mq, len}, {d, 1}, opts),
+          at::from_blob(const_cast<T*>(s) + off, {ns, len}, {d, 1}, opts).t());
+    } else {
+      centre_block(q, mq, d, c, off, len, w.qf.data());
+      centre_block(s, ns, d, c, off, len, w.sf.data());
+      block_product(f, mq, ns, len, w);
+    }
+    for (int64_t i = 0; i < mq; ++i) {
+      T* o = out + i * ldo;
+      const T* p = w.prod.data() + i * ns;
+      if (j == 0) {
+        std::copy(p, p + ns, o);
+      } else {
+        for (int64_t e = 0; e < ns; ++e) {
+          o[e] += p[e];  // later blocks summed into the first one by one, in order
+        }
+      }
+    }
+  }
+}
+
+} // namespace
+
+void centred_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t ns,
+                 const float* c, int64_t d, float* out, int64_t ldo,
+                 CentredScratch<float>& w) {
+  centred_dot_impl(f, q, mq, s, ns, c, d, out, ldo, w);
+}
+
+void centred_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t ns,
+                 const double* c, int64_t d, double* out, int64_t ldo,
+                 CentredScratch<double>& w) {
+  centred_dot_impl(f, q, mq, s, ns, c, d, out, ldo, w);
 }
 
 void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,

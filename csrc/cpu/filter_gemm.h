@@ -28,6 +28,12 @@ bool mkl_bf16_available();
 void set_bf16_gemm_override(const std::string& name);
 void set_fallback_budget(double pairs_fraction);
 double fallback_budget();
+// More test hooks: every pair a candidate (the canonical key of all pairs: an oracle of the
+// filter's thresholds), and the query rows per chunk of the wide path (<= 0: its rule).
+void set_exhaustive(bool on);
+bool exhaustive();
+void set_wide_chunk_rows(int64_t rows);
+int64_t wide_chunk_rows();
 
 // One side of the cross terms in the filter's format: the centred float32 (or float64) rows
 // and, for bf16 / bf16x3, their bfloat16 form (bf16x3: per reduction block, [hi|hi|lo] for
@@ -49,6 +55,29 @@ void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const Fil
                 float* out);
 void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,
                 double* out);
+
+// Scratch of centred_dot, one per thread: one reduction block of a query piece and of a
+// support piece, centred and in the filter's format, and the block's product.
+template <typename T>
+struct CentredScratch {
+  std::vector<T> qf, sf, prod;            // centred rows (compute dtype); the block GEMM
+  std::vector<float> res;                 // bf16x3 residuals
+  std::vector<at::BFloat16> ql, sl;      // bf16 / bf16x3 rows
+  PackedB packed;
+};
+
+// out[i * ldo + j] = (q_i - c) . (s_j - c) for i < mq, j < ns (q, s rows of D values; c the
+// center, or null for no shift) in format f, without a centred copy of the rows: each
+// reduction block of both pieces is centred (one rounding, as the row copies filter_rows
+// takes) and converted in the cache, multiplied, and the blocks summed in order. The same
+// arithmetic as filter_dot, so the same margin. Single-threaded (the wide path runs one
+// piece per thread).
+void centred_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t ns,
+                 const float* c, int64_t d, float* out, int64_t ldo,
+                 CentredScratch<float>& w);
+void centred_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t ns,
+                 const double* c, int64_t d, double* out, int64_t ldo,
+                 CentredScratch<double>& w);
 
 } // namespace cpu
 } // namespace pdepth

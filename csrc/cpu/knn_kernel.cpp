@@ -23,17 +23,31 @@ namespace {
 // float32 tile of cross terms is 512 KiB: it stays in L2 between the GEMM and the scan.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kSupportTile = 1024;
-// From this dimension on, a block's canonical keys are computed support row by support row
-// in pieces of kKeyPiece (batched_keys): a 1024-row tile no longer fits in the cache, and a
-// candidate-by-candidate scan would read a support row from memory for every candidate.
-constexpr int64_t kBatchKeysD = 2048;
+// From this dimension on the scan takes two passes per chunk of queries (wide_scan): the
+// cross terms against the whole support set first, each query's threshold from all of them,
+// then canonical keys computed support row by support row in pieces of kKeyPiece
+// (batched_keys): a 1024-row tile no longer fits in the cache, and a candidate-by-candidate
+// scan would read a support row from memory for every candidate.
+constexpr int64_t kTwoPassD = 2048;
 constexpr int64_t kKeyPiece = 512;
-constexpr int64_t kKeyRows = 64;
+constexpr int64_t kMinKeyRows = 64;
+// The wide path's cross terms of one query chunk against the whole support set: at most this
+// many bytes unless that leaves fewer than kMinChunk queries (then kMinChunk x N, which for
+// D >= kTwoPassD is at most 1/8 of the support's own size).
+constexpr int64_t kChunkBytes = int64_t(64) << 20;
+constexpr int64_t kMinChunk = 256;
+// Largest query piece of one centred_dot call (its scratch stays in L2 / L3).
+constexpr int64_t kPieceRows = 512;
 // The scan tests this many keys against the threshold at once (vectorised); only groups
 // holding a candidate take the scalar heap path.
 constexpr int64_t kScanWidth = 16;
-// The fallback decision counts the candidates of a block's first kProbeRows rows.
+// The fallback decision counts the candidates of a block's first kProbeRows rows (on wide
+// rows: against the first kProbeSupport support rows).
 constexpr int64_t kProbeRows = 32;
+constexpr int64_t kProbeSupport = 256;
+// The rows are shifted by the queries' mean when its squared norm exceeds 1/kShiftShare of
+// the queries' mean squared norm (the shift then tightens the margin by more than that share).
+constexpr double kShiftShare = 16.0;
 // From this dimension on, the GEMM is multithreaded over [kWideQueryBlock x kSupportTile]
 // (a 32 MiB float32 buffer at most) instead of per-thread [kQueryBlock x kSupportTile].
 constexpr int64_t kWideD = 256;
@@ -145,8 +159,11 @@ template <typename T>
 Rule<T> make_rule(Filter f, int64_t d, double qmax, double smax) {
   const bool dbl = sizeof(T) == 8;
   const FilterMargin fm = filter_margin(f, d, dbl, at::kCPU);
+  // The exhaustive test hook: an infinite slack makes every threshold infinite.
+  const double slack = cpu::exhaustive() ? std::numeric_limits<double>::infinity()
+                                         : filter_slack(d, dbl, qmax, smax);
   return Rule<T>{static_cast<T>(fm.keep), static_cast<T>(1.0 + fm.m),
-      static_cast<T>(fm.grow), static_cast<T>(filter_slack(d, dbl, qmax, smax))};
+      static_cast<T>(fm.grow), static_cast<T>(slack)};
 }
 
 template <typename T>
@@ -218,17 +235,14 @@ int64_t count_candidates(const T* dot, int64_t nb, T qnorm, const T* snorm, T ke
   return c;
 }
 
-// A row whose top-k is not full yet (root at inf) takes its threshold from this tile's GEMM
-// keys: the kk-th smallest upper bound of |q - s|^2 (self excluded), grown to bound the
-// canonical key, bounds the final k-th best; so the first tile does not compute a canonical
-// key for every pair. inf when the row is full or the tile has fewer than kk usable pairs.
+// The kk-th smallest upper bound of |q - s|^2 over these GEMM keys (self excluded), grown to
+// bound the canonical key: it bounds the final k-th best, so no pair whose lower bound
+// exceeds it can enter the top k. inf when there are fewer than kk usable pairs.
 template <typename T>
-T seed_threshold(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase,
-                 int64_t self, const Entry<T>* h, int64_t kk, const Rule<T>& rule,
-                 std::vector<T>& scratch) {
-  const T inf = std::numeric_limits<T>::infinity();
-  if (h[0].d != inf || nb - ((self >= gbase && self < gbase + nb) ? 1 : 0) < kk) {
-    return inf;
+T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, int64_t self,
+            int64_t kk, const Rule<T>& rule, std::vector<T>& scratch) {
+  if (nb - ((self >= gbase && self < gbase + nb) ? 1 : 0) < kk) {
+    return std::numeric_limits<T>::infinity();
   }
   scratch.clear();
   for (int64_t j = 0; j < nb; ++j) {
@@ -238,6 +252,18 @@ T seed_threshold(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbas
   }
   std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end());
   return std::max(scratch[kk - 1], T(0)) * rule.grow + rule.slack;
+}
+
+// A row whose top-k is not full yet (root at inf) takes its threshold from this tile's GEMM
+// keys (kth_upper), so the first tile does not compute a canonical key for every pair; inf
+// for a full row (its root bounds better once the scan has run a while).
+template <typename T>
+T seed_threshold(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase,
+                 int64_t self, const Entry<T>* h, int64_t kk, const Rule<T>& rule,
+                 std::vector<T>& scratch) {
+  return h[0].d != std::numeric_limits<T>::infinity()
+      ? std::numeric_limits<T>::infinity()
+      : kth_upper(dot, nb, qnorm, snorm, gbase, self, kk, rule, scratch);
 }
 
 // Squared norm of one row, accumulated in double in 8 running sums (vectorised; the order
@@ -302,6 +328,27 @@ void centre_rows(const at::Tensor& x, const at::Tensor& center, at::Tensor& cent
       no[r] = row_sqnorm(dst, d);  // the row is still in cache
     }
   });
+}
+
+// The squared norms [rows] of the centred rows x - center (rounded as centre_rows rounds
+// them, the same bits) without storing them: one read of x.
+template <typename T>
+at::Tensor centred_sqnorms(const at::Tensor& x, const at::Tensor& center) {
+  const int64_t d = x.size(1);
+  at::Tensor out = at::empty({x.size(0)}, x.options());
+  const T* p = x.const_data_ptr<T>();
+  const T* c = center.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  at::parallel_for(0, x.size(0), rows_grain<T>(d), [&](int64_t r0, int64_t r1) {
+    std::vector<T> row(d);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j = 0; j < d; ++j) {
+        row[j] = p[r * d + j] - c[j];
+      }
+      o[r] = row_sqnorm(row.data(), d);
+    }
+  });
+  return out;
 }
 
 // One support tile: the centred rows, their squared norms, and the rows in each filter
@@ -376,20 +423,19 @@ std::vector<Filter> fallback_chain(Filter f) {
   return {Filter::kFp32};
 }
 
-// The candidates of rows m0..m0+mb of a tile at the rows' thresholds when the block starts
-// (fixed for the block), their canonical keys computed in pieces of kKeyPiece columns for
-// blocks of kKeyRows queries at a time (cache blocking: a canonical key reads 8 D bytes for
-// 3 D flops), then offered to the heaps. Returns the number of keys. canonical_add keeps
-// every running sum's order, so the keys have select_row's bits.
+// The candidates of query rows m0..m0+mb against all nb support rows (`dot` [mb x nb], `sn`
+// their centred norms) at the rows' thresholds when the chunk starts, their canonical keys
+// computed in pieces of kKeyPiece columns for blocks of many queries at a time (cache
+// blocking: a canonical key reads 8 D bytes for 3 D flops), then offered to the heaps.
+// Returns the number of keys. canonical_add keeps every running sum's order, so the keys
+// have select_row's bits.
 template <typename T>
-int64_t batched_keys(const Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t mb,
+int64_t batched_keys(const Scan<T>& sc, int64_t nb, const T* sn, int64_t m0, int64_t mb,
                      const T* dot, const std::vector<T>& seeds, const Rule<T>& rule,
                      Entry<T>* hp) {
-  const int64_t nb = tile.nb;
   const int64_t d = sc.d;
-  const int64_t gbase = sc.offset + tile.n0;
-  const T* sn = tile.norms.template const_data_ptr<T>();
-  const T* srows = sc.sp + tile.n0 * d;
+  const int64_t gbase = sc.offset;
+  const T* srows = sc.sp;
   std::vector<std::vector<int32_t>> cand(mb);
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -404,16 +450,20 @@ int64_t batched_keys(const Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t
       }
     }
   });
-  // Blocks of kKeyRows queries, each on one thread: per piece of kKeyPiece columns, the
+  // One block of queries per thread (at least kMinKeyRows): per piece of kKeyPiece columns,
+  // the support row's piece is read from memory once per thread, not once per small block.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t key_rows = std::max(kMinKeyRows, (mb + threads - 1) / threads);
+  // Blocks of key_rows queries, each on one thread: per piece of kKeyPiece columns, the
   // block's query pieces stay in L2 while each support row's piece is read once for all the
   // block's pairs it takes part in.
   std::atomic<int64_t> keys{0};
-  at::parallel_for(0, (mb + kKeyRows - 1) / kKeyRows, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (mb + key_rows - 1) / key_rows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> row_off, col_off, entry_row, entry_pair;
     std::vector<T> acc;
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kKeyRows;
-      const int64_t i1 = std::min(mb, i0 + kKeyRows);
+      const int64_t i0 = blk * key_rows;
+      const int64_t i1 = std::min(mb, i0 + key_rows);
       row_off.assign(1, 0);
       col_off.assign(nb + 1, 0);
       for (int64_t i = i0; i < i1; ++i) {
@@ -459,9 +509,72 @@ int64_t batched_keys(const Scan<T>& sc, const Tile<T>& tile, int64_t m0, int64_t
   return keys.load();
 }
 
+// The counters of one block of mb queries x nb support rows (`tiles` support tiles).
+template <typename T>
+void count_block(Scan<T>& sc, Filter f, const std::vector<T>& seeds, int64_t keys,
+                 int64_t mb, int64_t nb, int64_t tiles) {
+  int64_t seeded = 0;
+  for (int64_t i = 0; i < mb; ++i) {
+    seeded += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
+  }
+  if (f != sc.chain[0]) {
+    sc.counts[kStatFallbacks] += tiles;
+  }
+  sc.counts[kStatCandidates] += keys;
+  sc.counts[kStatSeeded] += seeded;
+  sc.counts[kStatTiles] += tiles;
+  sc.counts[pairs_stat(f)] += mb * nb;
+  sc.counts[kStatPairs] += mb * nb;
+}
+
+// Whether more than the budget of pairs of rows m0..m0+rows pass their thresholds in format
+// f, with `dot` their cross terms (row stride nb) against support rows of norms `sn` and
+// `seeds` their seeds.
+template <typename T>
+bool too_loose(const Scan<T>& sc, Filter f, int64_t m0, int64_t rows, int64_t nb,
+               const T* dot, const T* sn, const T* seeds, const Entry<T>* hp) {
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
+    int64_t c = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = m0 + i;
+      c += count_candidates(dot + i * nb, nb, sc.qn[r], sn, sc.rule[int(f)].keep,
+          row_threshold(hp + r * sc.kk, sc.rule[int(f)], seeds[i]));
+    }
+    total += c;
+  });
+  return static_cast<double>(total.load()) >
+      cpu::fallback_budget() * static_cast<double>(rows * nb);
+}
+
+// The format a block of mb query rows is filtered in: the first of the chain (from the one
+// most blocks accepted so far) whose probe passes, a format that lets more than the budget of
+// pairs through being replaced by the next, more precise one (candidate control, counted).
+// `probe(f)` returns -1 when f is too loose, else the number of the block's first rows it
+// computed in f; `compute(f, r0, r1)` computes rows r0..r1 (cross terms and seeds).
+template <typename T, typename Probe, typename Compute>
+Filter pick_format(Scan<T>& sc, int64_t mb, const Probe& probe, const Compute& compute) {
+  for (size_t l = sc.start();; ++l) {
+    const Filter f = sc.chain[l];
+    if (l + 1 == sc.chain.size()) {
+      compute(f, 0, mb);
+      return f;
+    }
+    sc.tried[int(f)] += 1;
+    const int64_t done = probe(f);
+    if (done < 0) {
+      sc.failed[int(f)] += 1;
+      continue;
+    }
+    if (done < mb) {
+      compute(f, done, mb);  // the rest of the block, in the format the probe accepted
+    }
+    return f;
+  }
+}
+
 // Filters and ranks rows m0..m0+mb of one tile into the heaps `hp` (indexed by query), with
-// `dot` a buffer of mb * nb. A format that lets more than the budget of pairs through is
-// replaced by the next, more precise one for this block (candidate control, counted).
+// `dot` a buffer of mb * nb.
 template <typename T>
 void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
                    Entry<T>* hp) {
@@ -470,7 +583,7 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   const T* sn = tile.norms.template const_data_ptr<T>();
   std::vector<T> seeds(mb);
   // Cross terms and seeds of the block's rows r0..r1 in format f.
-  const auto filter_block = [&](Filter f, int64_t r0, int64_t r1) {
+  const auto compute = [&](Filter f, int64_t r0, int64_t r1) {
     cpu::filter_dot(f, sc.in(f), m0 + r0, r1 - r0, tile.in(f), dot + r0 * nb);
     at::parallel_for(r0, r1, 64, [&](int64_t i0, int64_t i1) {
       std::vector<T> scratch;
@@ -482,81 +595,186 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
       }
     });
   };
-  // Whether more than the budget of the first `rows` rows' pairs pass their thresholds.
-  const auto too_loose = [&](Filter f, int64_t rows) {
-    std::atomic<int64_t> total{0};
-    at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
-      int64_t c = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = m0 + i;
-        c += count_candidates(dot + i * nb, nb, sc.qn[r], sn, sc.rule[int(f)].keep,
-            row_threshold(hp + r * sc.kk, sc.rule[int(f)], seeds[i]));
-      }
-      total += c;
-    });
-    return static_cast<double>(total.load()) >
-        cpu::fallback_budget() * static_cast<double>(rows * nb);
-  };
   // A large block tries a format on its first kProbeRows rows before paying for all of them.
   const int64_t probe = mb >= 4 * kProbeRows ? kProbeRows : mb;
-  const size_t first = sc.start();
-  Filter f = sc.chain[first];
-  for (size_t l = first;; ++l) {
-    f = sc.chain[l];
-    if (l + 1 == sc.chain.size()) {
-      filter_block(f, 0, mb);
-      break;
-    }
-    filter_block(f, 0, probe);
-    sc.tried[int(f)] += 1;
-    if (too_loose(f, probe)) {
-      sc.failed[int(f)] += 1;
-      continue;
-    }
-    if (probe < mb) {
-      filter_block(f, probe, mb);  // the rest of the block, in the format the probe accepted
-    }
-    break;
-  }
-  if (f != sc.chain[0]) {
-    sc.counts[kStatFallbacks] += 1;
-  }
-  int64_t seeded = 0;
-  for (int64_t i = 0; i < mb; ++i) {
-    seeded += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
-  }
+  const Filter f = pick_format(sc, mb,
+      [&](Filter f) -> int64_t {
+        compute(f, 0, probe);
+        return too_loose(sc, f, m0, probe, nb, dot, sn, seeds.data(), hp) ? -1 : probe;
+      },
+      compute);
   std::atomic<int64_t> keys{0};
-  if (sc.d >= kBatchKeysD) {
-    keys = batched_keys(sc, tile, m0, mb, dot, seeds, sc.rule[int(f)], hp);
-  } else {
-    at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
-      int64_t c = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = m0 + i;
-        c += select_row(dot + i * nb, nb, sc.qp + r * sc.d, sc.sp + tile.n0 * sc.d, sc.d,
-            sc.qn[r], sn, gbase, sc.self != nullptr ? sc.self[r] : -1, hp + r * sc.kk, sc.kk,
-            sc.rule[int(f)], seeds[i]);
-      }
-      keys += c;
-    });
-  }
-  sc.counts[kStatCandidates] += keys.load();
-  sc.counts[kStatSeeded] += seeded;
-  sc.counts[kStatTiles] += 1;
-  sc.counts[pairs_stat(f)] += mb * nb;
-  sc.counts[kStatPairs] += mb * nb;
+  at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
+    int64_t c = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = m0 + i;
+      c += select_row(dot + i * nb, nb, sc.qp + r * sc.d, sc.sp + tile.n0 * sc.d, sc.d,
+          sc.qn[r], sn, gbase, sc.self != nullptr ? sc.self[r] : -1, hp + r * sc.kk, sc.kk,
+          sc.rule[int(f)], seeds[i]);
+    }
+    keys += c;
+  });
+  count_block(sc, f, seeds, keys.load(), mb, nb, 1);
 }
 
-// Support tiles in order; within a tile, query blocks in parallel. The GEMM sees rows shifted
-// by the queries' mean, so its error (and the filter margin) scales with the spread of the
-// data rather than its distance from the origin (ReLU features sit far from it). The center
-// depends on the queries only: every streamed chunk is shifted by the same vector.
+// Whether format f lets too many pairs through on wide rows, estimated cheaply: `rows` of
+// the chunk's queries against the first kProbeSupport support rows, each with the threshold
+// of the matching quantile (the ceil(kk S / n)-th of S rows stands for the kk-th of n). An
+// estimate for the choice of format only; the scan's thresholds stay rigorous.
+template <typename T>
+bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, int64_t rows,
+                     int64_t n, const T* sn, const Entry<T>* hp) {
+  const int64_t ns = std::min(kProbeSupport, n);
+  const int64_t kk = std::max<int64_t>(1, (sc.kk * ns + n - 1) / n);
+  std::vector<T> dot(rows * ns);
+  std::vector<T> seeds(rows);
+  std::vector<T> scratch;
+  thread_local cpu::CentredScratch<T> work;
+  cpu::centred_dot(f, sc.qp + m0 * sc.d, rows, sc.sp, ns, center, sc.d, dot.data(), ns, work);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = m0 + i;
+    seeds[i] = kth_upper(dot.data() + i * ns, ns, sc.qn[r], sn, sc.offset,
+        sc.self != nullptr ? sc.self[r] : -1, kk, sc.rule[int(f)], scratch);
+  }
+  return too_loose(sc, f, m0, rows, ns, dot.data(), sn, seeds.data(), hp);
+}
+
+// Wide rows (D >= kTwoPassD), query chunk by query chunk: (1) the cross terms of the chunk
+// against all n support rows, in pieces of <= kPieceRows queries x kSupportTile support rows,
+// one per thread, each centred and converted block by block in the cache (centred_dot)
+// rather than from centred copies of the inputs; (2) each query's threshold from the kk-th
+// smallest upper bound over all n (kth_upper), not over one tile; (3) canonical keys only for
+// the pairs under it (batched_keys). `sn` [n] are the centred support norms.
+template <typename T>
+void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
+               Entry<T>* hp) {
+  const int64_t chunk = cpu::wide_chunk_rows() > 0
+      ? std::min(m, cpu::wide_chunk_rows())
+      : std::min(m, std::max<int64_t>(
+            kMinChunk, kChunkBytes / (n * static_cast<int64_t>(sizeof(T)))));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
+  std::vector<T> dot(chunk * n);
+  std::vector<T> seeds(chunk);
+  for (int64_t m0 = 0; m0 < m; m0 += chunk) {
+    const int64_t mb = std::min(chunk, m - m0);
+    const Filter f = pick_format(sc, mb,
+        [&](Filter f) -> int64_t {
+          return probe_too_loose(sc, f, center, m0, std::min(kProbeRows, mb), n, sn, hp)
+              ? -1 : 0;
+        },
+        [&](Filter f, int64_t r0, int64_t r1) {
+          // Enough pieces for every thread: smaller query pieces when the support is short.
+          int64_t piece = std::min(kPieceRows, r1 - r0);
+          while (piece > 16 && ((r1 - r0 + piece - 1) / piece) * ntiles < threads) {
+            piece = (piece + 1) / 2;
+          }
+          const int64_t npieces = (r1 - r0 + piece - 1) / piece;
+          at::parallel_for(0, npieces * ntiles, 1, [&](int64_t w0, int64_t w1) {
+            thread_local cpu::CentredScratch<T> scratch;  // kept: no page faults per chunk
+            for (int64_t w = w0; w < w1; ++w) {
+              const int64_t i0 = r0 + (w / ntiles) * piece;
+              const int64_t j0 = (w % ntiles) * kSupportTile;
+              cpu::centred_dot(f, sc.qp + (m0 + i0) * sc.d, std::min(piece, r1 - i0),
+                  sc.sp + j0 * sc.d, std::min(kSupportTile, n - j0), center, sc.d,
+                  dot.data() + i0 * n + j0, n, scratch);
+            }
+          });
+          at::parallel_for(r0, r1, 16, [&](int64_t i0, int64_t i1) {
+            std::vector<T> scratch;
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t r = m0 + i;
+              seeds[i] = kth_upper(dot.data() + i * n, n, sc.qn[r], sn, sc.offset,
+                  sc.self != nullptr ? sc.self[r] : -1, sc.kk, sc.rule[int(f)], scratch);
+            }
+          });
+        });
+    const int64_t keys =
+        batched_keys(sc, n, sn, m0, mb, dot.data(), seeds, sc.rule[int(f)], hp);
+    count_block(sc, f, seeds, keys, mb, n, ntiles);
+  }
+}
+
+// Narrow rows (D < kTwoPassD), support tile by support tile: each tile centred once and
+// shared by the query blocks, each row's heap tightening as the tiles go by.
+template <typename T>
+void narrow_scan(Scan<T>& sc, const at::Tensor& s, const at::Tensor& center, int64_t m,
+                 int64_t n, Entry<T>* hp) {
+  // Small D: per-thread GEMMs of [qblock x tile] whose output stays in cache (blocks small
+  // enough to give every thread work). Large D: the GEMM dominates, so one multithreaded
+  // GEMM per (query super-block, tile) lets the BLAS pack each support tile once; the scan
+  // then runs in parallel over queries. The output depends on neither choice.
+  const int64_t kk = sc.kk;
+  const bool wide = sc.d >= kWideD;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t qblock = wide
+      ? std::min<int64_t>(m, kWideQueryBlock)
+      : std::clamp<int64_t>((m + threads - 1) / threads, 16, kQueryBlock);
+  const int64_t nblocks = (m + qblock - 1) / qblock;
+  // A support tile shifted by the center and its squared norms (finite: the range rule of
+  // check_distance_range bounds them).
+  const auto make_tile = [&](Tile<T>& t, int64_t n0, int64_t nb) {
+    centre_rows<T>(s.narrow(0, n0, nb), center, t.centred, t.norms);
+    std::fill(std::begin(t.made), std::end(t.made), false);
+    t.n0 = n0;
+    t.nb = nb;
+  };
+  const int64_t tile_rows = kSupportTile;
+  const int64_t ntiles = (n + tile_rows - 1) / tile_rows;
+  const bool split_support = nblocks < threads && ntiles > 1;
+  if (split_support) {
+    // Too few queries to give every thread a block: split the support tiles over the
+    // threads instead, each with its own heaps, then merge them. Exact (canonical keys,
+    // distinct indices), so the merge order does not matter.
+    std::mutex merge;
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<Entry<T>> local(m * kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+      std::vector<T> dot(m * tile_rows);
+      Tile<T> tile;  // reused tile after tile
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n0 = t * tile_rows;
+        make_tile(tile, n0, std::min(tile_rows, n - n0));
+        process_block(sc, tile, 0, m, dot.data(), local.data());
+      }
+      const std::lock_guard<std::mutex> lock(merge);
+      for (int64_t e = 0; e < m * kk; ++e) {
+        if (local[e].i >= 0) {
+          offer(hp + (e / kk) * kk, kk, local[e].d, local[e].i);
+        }
+      }
+    });
+  } else {
+    std::vector<T> wide_dot(wide ? qblock * std::min(tile_rows, n) : 0);
+    Tile<T> tile;  // reused tile after tile
+    for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
+      make_tile(tile, n0, std::min(tile_rows, n - n0));
+      if (wide) {
+        for (int64_t m0 = 0; m0 < m; m0 += qblock) {
+          process_block(sc, tile, m0, std::min(qblock, m - m0), wide_dot.data(), hp);
+        }
+        continue;
+      }
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<T> dot(qblock * tile.nb);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t m0 = b * qblock;
+          process_block(sc, tile, m0, std::min(qblock, m - m0), dot.data(), hp);
+        }
+      });
+    }
+  }
+}
+
+// The GEMM sees rows shifted by the queries' mean, so its error (and the filter margin)
+// scales with the spread of the data rather than its distance from the origin (ReLU features
+// sit far from it). The center depends on the queries only: every streamed chunk is shifted
+// by the same vector.
 template <typename T>
 void knn_cpu_impl(
     const at::Tensor& q, const at::Tensor& s, const at::Tensor& self_index,
     const at::Tensor& prev_dist, const at::Tensor& prev_index, int64_t kk, int64_t skip,
-    int64_t offset, Filter filter, double qmax, double smax, at::Tensor& out_dist,
-    at::Tensor& out_index) {
+    int64_t offset, Filter filter, const at::Tensor& qn, const at::Tensor& sn, double qmax,
+    double smax, at::Tensor& out_dist, at::Tensor& out_index) {
   const int64_t m = q.size(0);
   const int64_t n = s.size(0);
   const int64_t k = kk - skip;
@@ -566,10 +784,21 @@ void knn_cpu_impl(
   T* od = out_dist.mutable_data_ptr<T>();
   int64_t* oi = out_index.mutable_data_ptr<int64_t>();
 
-  const at::Tensor center =
-      (q.sum(0, false, at::kDouble) / static_cast<double>(m)).to(q.scalar_type()).contiguous();
+  // The shift pays only when the mean carries a fair share of the rows' norms (ReLU
+  // features); otherwise (e.g. data around the origin) the rows are used as they are, with
+  // the same (then conservative) margin: a zero center, and on wide rows no shift at all.
+  const at::Tensor mean = q.sum(0, false, at::kDouble) / static_cast<double>(m);
+  const bool shift = mean.dot(mean).item<double>() * kShiftShare >
+      qn.sum(0, false, at::kDouble).item<double>() / static_cast<double>(m);
+  const at::Tensor center = (shift ? mean : at::zeros_like(mean)).to(q.scalar_type());
+  // Wide rows are centred block by block inside the GEMM (wide_scan); only their norms here.
+  const bool two_pass = d >= kTwoPassD;
   at::Tensor qc, qcn;
-  centre_rows<T>(q, center, qc, qcn);
+  if (two_pass) {
+    qcn = shift ? centred_sqnorms<T>(q, center) : qn;
+  } else {
+    centre_rows<T>(q, center, qc, qcn);
+  }
   Scan<T> sc;
   sc.chain = fallback_chain(filter);
   sc.qc = qc;
@@ -604,68 +833,12 @@ void knn_cpu_impl(
     }
   });
 
-  // Small D: per-thread GEMMs of [qblock x tile] whose output stays in cache (blocks small
-  // enough to give every thread work). Large D: the GEMM dominates, so one multithreaded
-  // GEMM per (query super-block, tile) lets the BLAS pack each support tile once; the scan
-  // then runs in parallel over queries. The output depends on neither choice.
-  const bool wide = d >= kWideD;
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t qblock = wide
-      ? std::min<int64_t>(m, kWideQueryBlock)
-      : std::clamp<int64_t>((m + threads - 1) / threads, 16, kQueryBlock);
-  const int64_t nblocks = (m + qblock - 1) / qblock;
-  // A support tile shifted by the center and its squared norms (finite: the range rule of
-  // check_distance_range bounds them).
-  const auto make_tile = [&](Tile<T>& t, int64_t n0, int64_t nb) {
-    centre_rows<T>(s.narrow(0, n0, nb), center, t.centred, t.norms);
-    std::fill(std::begin(t.made), std::end(t.made), false);
-    t.n0 = n0;
-    t.nb = nb;
-  };
-  const int64_t tile_rows = kSupportTile;
-  const int64_t ntiles = (n + tile_rows - 1) / tile_rows;
-  const bool split_support = nblocks < threads && ntiles > 1;
-  if (split_support) {
-    // Too few queries to give every thread a block: split the support tiles over the
-    // threads instead, each with its own heaps, then merge them. Exact (canonical keys,
-    // distinct indices), so the merge order does not matter.
-    std::mutex merge;
-    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<Entry<T>> local(m * kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
-      std::vector<T> dot(m * tile_rows);
-      Tile<T> tile;  // reused tile after tile
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * tile_rows;
-        make_tile(tile, n0, std::min(tile_rows, n - n0));
-        process_block(sc, tile, 0, m, dot.data(), local.data());
-      }
-      const std::lock_guard<std::mutex> lock(merge);
-      for (int64_t e = 0; e < m * kk; ++e) {
-        if (local[e].i >= 0) {
-          offer(heaps.data() + (e / kk) * kk, kk, local[e].d, local[e].i);
-        }
-      }
-    });
+  if (two_pass) {
+    const at::Tensor scn = shift ? centred_sqnorms<T>(s, center) : sn;
+    wide_scan(sc, shift ? center.const_data_ptr<T>() : nullptr, m, n,
+        scn.const_data_ptr<T>(), heaps.data());
   } else {
-    std::vector<T> wide_dot(wide ? qblock * std::min(tile_rows, n) : 0);
-    Tile<T> tile;  // reused tile after tile
-    for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
-      make_tile(tile, n0, std::min(tile_rows, n - n0));
-      if (wide) {
-        for (int64_t m0 = 0; m0 < m; m0 += qblock) {
-          process_block(sc, tile, m0, std::min(qblock, m - m0), wide_dot.data(),
-              heaps.data());
-        }
-        continue;
-      }
-      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<T> dot(qblock * tile.nb);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t m0 = b * qblock;
-          process_block(sc, tile, m0, std::min(qblock, m - m0), dot.data(), heaps.data());
-        }
-      });
-    }
+    narrow_scan(sc, s, center, m, n, heaps.data());
   }
 
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
@@ -712,8 +885,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
     check_finite_rows(op, "queries", qn);
     check_finite_rows(op, "support", sn);
     const auto [qmax, smax] = check_distance_range(op, qn, sn);
-    knn_cpu_impl<scalar_t>(
-        q, s, si, pd, pi, kk, skip, offset, filter, qmax, smax, out_dist, out_index);
+    knn_cpu_impl<scalar_t>(q, s, si, pd, pi, kk, skip, offset, filter, qn, sn, qmax, smax,
+        out_dist, out_index);
   });
   return {out_dist, out_index};
 }

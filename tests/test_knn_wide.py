@@ -1,0 +1,129 @@
+"""The wide-row path of the CPU k-NN op (D >= 2048, docs/design.md 6.5): the cross terms of a
+query chunk against the whole support set first, thresholds from all of them, canonical keys
+for the pairs under them. Its oracle is the op with every pair a candidate (the exhaustive
+test hook: canonical keys for all pairs, no threshold involved), so a threshold that cut a
+true neighbour shows as a difference in the bits; chunks, streaming, self matches, skip,
+float64, shifted and unshifted rows and every filter format are covered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pdepth
+from tests.knn_helpers import float_data, gen, int_data, with_self_matches
+
+pytestmark = pytest.mark.skipif(
+    pdepth.backend() != "extension",
+    reason=f"the compiled extension is not loaded: {pdepth.build_info()}",
+)
+
+FILTERS = ("fp32", "bf16", "bf16x3", "auto")
+
+
+@pytest.fixture(autouse=True)
+def _reset_hooks():
+    yield
+    pdepth._C._knn_test_hooks()
+
+
+def exhaustive(fn):
+    """fn() with every pair a candidate."""
+    pdepth._C._knn_test_hooks(exhaustive=True)
+    try:
+        return fn()
+    finally:
+        pdepth._C._knn_test_hooks()
+
+
+def check(fn, *, chunk_rows=0):
+    """fn(filter) in every format, with `chunk_rows` per chunk, against the exhaustive run."""
+    want = exhaustive(lambda: fn("fp32"))
+    for f in FILTERS:
+        pdepth._C._knn_test_hooks(wide_chunk_rows=chunk_rows)
+        got = fn(f)
+        assert torch.equal(got[0], want[0]), f"filter={f}: distances differ"
+        assert torch.equal(got[1], want[1]), f"filter={f}: indices differ"
+
+
+def relu_like(m, n, d, key):
+    """Sparse non-negative rows far from the origin: the path that shifts by the mean."""
+    g = gen("relu", m, n, d, *key)
+    centers = torch.randn(8, d, generator=g)
+    rows = centers[torch.randint(0, 8, (m + n,), generator=g)]
+    x = torch.relu(rows + 0.3 * torch.randn(m + n, d, generator=g) + 0.5)
+    return x[:m], x[m:]
+
+
+@pytest.mark.parametrize("d", [2048, 2100, 4099])
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+def test_matches_exhaustive(d, kind):
+    if kind == "gaussian":
+        q, s = float_data(37, 900, d, key=("wide", d))
+    else:
+        q, s = relu_like(37, 900, d, ("wide",))
+    check(lambda f: pdepth.knn(q, s, 12, filter=f))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+def test_chunks_self_matches_and_ties(chunk_rows):
+    """Integer rows (exact ties everywhere), self matches excluded, small chunks."""
+    q, s = int_data(50, 700, 2050, lo=-1, hi=1, key=("wide-ties",))
+    q, si = with_self_matches(q, s, key=("wide-ties",))
+    check(lambda f: pdepth.knn(q, s, 15, self_index=si, filter=f), chunk_rows=chunk_rows)
+    check(lambda f: pdepth.knn(q, s, 15, self_index=si, self_match="include", filter=f),
+          chunk_rows=chunk_rows)
+
+
+def test_drop_nearest():
+    q, s = relu_like(30, 600, 2304, ("drop",))
+    check(lambda f: pdepth.knn(q, s, 9, self_match="drop_nearest", filter=f), chunk_rows=8)
+
+
+def test_streaming_with_prev_and_offset():
+    """Support chunks streamed with prev= and offset=: rows whose heap is full from earlier
+    chunks take their threshold from both the heap and this chunk's own GEMM keys."""
+    q, s = float_data(40, 1500, 2048, key=("wide-stream",))
+    q, si = with_self_matches(q, s, key=("wide-stream",))
+
+    def run(f):
+        top = pdepth.empty_topk(q.shape[0], 11, dtype=torch.float32)
+        for lo, hi in [(0, 500), (500, 520), (520, 1500)]:
+            top = pdepth.knn(q, s[lo:hi], 11, self_index=si, prev=top, offset=lo, filter=f)
+        return top
+
+    check(run, chunk_rows=16)
+    # and the same bits as one call
+    one = pdepth.knn(q, s, 11, self_index=si, filter="fp32")
+    streamed = run("auto")
+    assert torch.equal(one[0], streamed[0]) and torch.equal(one[1], streamed[1])
+
+
+def test_float64():
+    q, s = float_data(20, 500, 2048, dtype=torch.float64, key=("wide64",))
+    check(lambda f: pdepth.knn(q, s, 10, filter=f if f in ("fp32", "auto") else "fp32"),
+          chunk_rows=6)
+
+
+def test_fewer_support_rows_than_k():
+    q, s = float_data(9, 25, 2048, key=("wide-small",))
+    check(lambda f: pdepth.knn(q, s, 25, self_match="include", filter=f))
+
+
+def test_candidates_near_k():
+    """With thresholds from all N GEMM keys, the canonical step computes few more keys than k
+    per query (Gaussian rows: fp32 about k + a few)."""
+    q, s = float_data(64, 3000, 4096, key=("wide-cand",))
+    pdepth.knn_stats(reset=True)
+    pdepth.knn(q, s, 20, filter="fp32")
+    st = pdepth.knn_stats()
+    assert st["seeded_rows"] == 64
+    assert st["candidates"] <= 64 * 2 * 20, st
+
+
+def test_exhaustive_hook_computes_every_pair():
+    """The oracle above is only an oracle if the hook really computes every pair."""
+    q, s = float_data(10, 300, 2048, key=("wide-hook",))
+    pdepth.knn_stats(reset=True)
+    exhaustive(lambda: pdepth.knn(q, s, 5, filter="fp32"))
+    assert pdepth.knn_stats()["candidates"] == 10 * 300
