@@ -45,6 +45,7 @@ constexpr int64_t kScanWidth = 16;
 // rows: against the first kProbeSupport support rows).
 constexpr int64_t kProbeRows = 32;
 constexpr int64_t kProbeSupport = 256;
+constexpr double kWideBudgetShare = 0.5;
 // The rows are shifted by the queries' mean when its squared norm exceeds 1/kShiftShare of
 // the queries' mean squared norm (the shift then tightens the margin by more than that share).
 constexpr double kShiftShare = 16.0;
@@ -527,12 +528,13 @@ void count_block(Scan<T>& sc, Filter f, const std::vector<T>& seeds, int64_t key
   sc.counts[kStatPairs] += mb * nb;
 }
 
-// Whether more than the budget of pairs of rows m0..m0+rows pass their thresholds in format
-// f, with `dot` their cross terms (row stride nb) against support rows of norms `sn` and
-// `seeds` their seeds.
+// Whether more than `budget` of the pairs of rows m0..m0+rows pass their thresholds in
+// format f beyond the `expected` per row, with `dot` their cross terms (row stride nb)
+// against support rows of norms `sn` and `seeds` their seeds.
 template <typename T>
 bool too_loose(const Scan<T>& sc, Filter f, int64_t m0, int64_t rows, int64_t nb,
-               const T* dot, const T* sn, const T* seeds, const Entry<T>* hp) {
+               const T* dot, const T* sn, const T* seeds, const Entry<T>* hp,
+               int64_t expected, double budget) {
   std::atomic<int64_t> total{0};
   at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
     int64_t c = 0;
@@ -543,8 +545,8 @@ bool too_loose(const Scan<T>& sc, Filter f, int64_t m0, int64_t rows, int64_t nb
     }
     total += c;
   });
-  return static_cast<double>(total.load()) >
-      cpu::fallback_budget() * static_cast<double>(rows * nb);
+  return static_cast<double>(total.load() - rows * expected) >
+      budget * static_cast<double>(rows * nb);
 }
 
 // The format a block of mb query rows is filtered in: the first of the chain (from the one
@@ -600,7 +602,8 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   const Filter f = pick_format(sc, mb,
       [&](Filter f) -> int64_t {
         compute(f, 0, probe);
-        return too_loose(sc, f, m0, probe, nb, dot, sn, seeds.data(), hp) ? -1 : probe;
+        return too_loose(sc, f, m0, probe, nb, dot, sn, seeds.data(), hp, 0,
+                   cpu::fallback_budget()) ? -1 : probe;
       },
       compute);
   std::atomic<int64_t> keys{0};
@@ -619,7 +622,9 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
 
 // Whether format f lets too many pairs through on wide rows, estimated cheaply: `rows` of
 // the chunk's queries against the first kProbeSupport support rows, each with the threshold
-// of the matching quantile (the ceil(kk S / n)-th of S rows stands for the kk-th of n). An
+// of the matching quantile (the ceil(kk S / n)-th of S rows stands for the kk-th of n), the
+// pairs past that quantile against kWideBudgetShare of the budget (a wide row's canonical
+// key reads a support row from memory: it costs more GEMM pairs than a narrow one). An
 // estimate for the choice of format only; the scan's thresholds stay rigorous.
 template <typename T>
 bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, int64_t rows,
@@ -629,14 +634,27 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
   std::vector<T> dot(rows * ns);
   std::vector<T> seeds(rows);
   std::vector<T> scratch;
-  thread_local cpu::CentredScratch<T> work;
-  cpu::centred_dot(f, sc.qp + m0 * sc.d, rows, sc.sp, ns, center, sc.d, dot.data(), ns, work);
+  // Split over the support sample, one piece per thread.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t piece = (ns + threads - 1) / threads;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    thread_local cpu::CentredScratch<T> work;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = std::min(ns, t * piece);
+      const int64_t nj = std::min(ns, j0 + piece) - j0;
+      if (nj > 0) {
+        cpu::centred_dot(f, sc.qp + m0 * sc.d, rows, sc.sp + j0 * sc.d, nj, center, sc.d,
+            dot.data() + j0, ns, work);
+      }
+    }
+  });
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = m0 + i;
     seeds[i] = kth_upper(dot.data() + i * ns, ns, sc.qn[r], sn, sc.offset,
         sc.self != nullptr ? sc.self[r] : -1, kk, sc.rule[int(f)], scratch);
   }
-  return too_loose(sc, f, m0, rows, ns, dot.data(), sn, seeds.data(), hp);
+  return too_loose(sc, f, m0, rows, ns, dot.data(), sn, seeds.data(), hp, kk,
+      cpu::fallback_budget() * kWideBudgetShare);
 }
 
 // Wide rows (D >= kTwoPassD), query chunk by query chunk: (1) the cross terms of the chunk
