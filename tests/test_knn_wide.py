@@ -1,4 +1,4 @@
-"""The wide-row path of the CPU k-NN op (D >= 2048, docs/design.md 6.5): the cross terms of a
+"""The wide-row path of the CPU k-NN op (D >= 8192, docs/design.md 6.5): the cross terms of a
 query chunk against the whole support set first, thresholds from all of them, canonical keys
 for the pairs under them. Its oracle is the op with every pair a candidate (the exhaustive
 test hook: canonical keys for all pairs, no threshold involved), so a threshold that cut a
@@ -55,7 +55,7 @@ def relu_like(m, n, d, key):
     return x[:m], x[m:]
 
 
-@pytest.mark.parametrize("d", [2048, 2100, 4099])
+@pytest.mark.parametrize("d", [8192, 8200, 9001])
 @pytest.mark.parametrize("kind", ["gaussian", "relu"])
 def test_matches_exhaustive(d, kind):
     if kind == "gaussian":
@@ -68,7 +68,7 @@ def test_matches_exhaustive(d, kind):
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64])
 def test_chunks_self_matches_and_ties(chunk_rows):
     """Integer rows (exact ties everywhere), self matches excluded, small chunks."""
-    q, s = int_data(50, 700, 2050, lo=-1, hi=1, key=("wide-ties",))
+    q, s = int_data(50, 700, 8200, lo=-1, hi=1, key=("wide-ties",))
     q, si = with_self_matches(q, s, key=("wide-ties",))
     check(lambda f: pdepth.knn(q, s, 15, self_index=si, filter=f), chunk_rows=chunk_rows)
     check(lambda f: pdepth.knn(q, s, 15, self_index=si, self_match="include", filter=f),
@@ -76,14 +76,14 @@ def test_chunks_self_matches_and_ties(chunk_rows):
 
 
 def test_drop_nearest():
-    q, s = relu_like(30, 600, 2304, ("drop",))
+    q, s = relu_like(30, 600, 8192, ("drop",))
     check(lambda f: pdepth.knn(q, s, 9, self_match="drop_nearest", filter=f), chunk_rows=8)
 
 
 def test_streaming_with_prev_and_offset():
     """Support chunks streamed with prev= and offset=: rows whose heap is full from earlier
     chunks take their threshold from both the heap and this chunk's own GEMM keys."""
-    q, s = float_data(40, 1500, 2048, key=("wide-stream",))
+    q, s = float_data(40, 1500, 8192, key=("wide-stream",))
     q, si = with_self_matches(q, s, key=("wide-stream",))
 
     def run(f):
@@ -100,20 +100,20 @@ def test_streaming_with_prev_and_offset():
 
 
 def test_float64():
-    q, s = float_data(20, 500, 2048, dtype=torch.float64, key=("wide64",))
+    q, s = float_data(20, 500, 8192, dtype=torch.float64, key=("wide64",))
     check(lambda f: pdepth.knn(q, s, 10, filter=f if f in ("fp32", "auto") else "fp32"),
           chunk_rows=6)
 
 
 def test_fewer_support_rows_than_k():
-    q, s = float_data(9, 25, 2048, key=("wide-small",))
+    q, s = float_data(9, 25, 8192, key=("wide-small",))
     check(lambda f: pdepth.knn(q, s, 25, self_match="include", filter=f))
 
 
 def test_candidates_near_k():
     """With thresholds from all N GEMM keys, the canonical step computes few more keys than k
     per query (Gaussian rows: fp32 about k + a few)."""
-    q, s = float_data(64, 3000, 4096, key=("wide-cand",))
+    q, s = float_data(64, 3000, 8192, key=("wide-cand",))
     pdepth.knn_stats(reset=True)
     pdepth.knn(q, s, 20, filter="fp32")
     st = pdepth.knn_stats()
@@ -123,7 +123,7 @@ def test_candidates_near_k():
 
 def test_exhaustive_hook_computes_every_pair():
     """The oracle above is only an oracle if the hook really computes every pair."""
-    q, s = float_data(10, 300, 2048, key=("wide-hook",))
+    q, s = float_data(10, 300, 8192, key=("wide-hook",))
     pdepth.knn_stats(reset=True)
     exhaustive(lambda: pdepth.knn(q, s, 5, filter="fp32"))
     assert pdepth.knn_stats()["candidates"] == 10 * 300

@@ -23,17 +23,21 @@ namespace {
 // float32 tile of cross terms is 512 KiB: it stays in L2 between the GEMM and the scan.
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kSupportTile = 1024;
+// From this dimension on, canonical keys are computed support row by support row in pieces
+// of kKeyPiece (batched_keys): a candidate-by-candidate scan would read a support row from
+// memory for every candidate.
+constexpr int64_t kBatchKeysD = 2048;
 // From this dimension on the scan takes two passes per chunk of queries (wide_scan): the
 // cross terms against the whole support set first, each query's threshold from all of them,
-// then canonical keys computed support row by support row in pieces of kKeyPiece
-// (batched_keys): a 1024-row tile no longer fits in the cache, and a candidate-by-candidate
-// scan would read a support row from memory for every candidate.
-constexpr int64_t kTwoPassD = 2048;
+// then the canonical keys. A 1024-row support tile no longer fits in the caches there, so
+// the tile-by-tile scan loses its locality (measured on the 2-core EPYC, N = 20,000: the
+// tile path is faster at D = 4096, the two passes 1.9x faster at D = 8192).
+constexpr int64_t kTwoPassD = 8192;
 constexpr int64_t kKeyPiece = 512;
 constexpr int64_t kMinKeyRows = 64;
 // The wide path's cross terms of one query chunk against the whole support set: at most this
 // many bytes unless that leaves fewer than kMinChunk queries (then kMinChunk x N, which for
-// D >= kTwoPassD is at most 1/8 of the support's own size).
+// D >= kTwoPassD is at most 1/32 of the support's own size).
 constexpr int64_t kChunkBytes = int64_t(64) << 20;
 constexpr int64_t kMinChunk = 256;
 // Largest query piece of one centred_dot call (its scratch stays in L2 / L3).
@@ -236,19 +240,85 @@ int64_t count_candidates(const T* dot, int64_t nb, T qnorm, const T* snorm, T ke
   return c;
 }
 
+// Appends to `out` the j < nb whose filter_bound(qnorm, snorm[j], dot[j], coef) <= thr: a
+// group of kScanWidth bounds is tested at once (vectorised), only groups holding one take
+// the scalar path.
+template <typename T>
+__attribute__((always_inline)) inline void list_below_impl(
+    const T* dot, int64_t nb, T qnorm, const T* snorm, T coef, T thr,
+    std::vector<int32_t>& out) {
+  T b[kScanWidth];
+  int64_t j0 = 0;
+  for (; j0 + kScanWidth <= nb; j0 += kScanWidth) {
+    int hits = 0;
+    for (int64_t t = 0; t < kScanWidth; ++t) {
+      b[t] = filter_bound(qnorm, snorm[j0 + t], dot[j0 + t], coef);
+      hits += b[t] <= thr ? 1 : 0;
+    }
+    if (hits != 0) {
+      for (int64_t t = 0; t < kScanWidth; ++t) {
+        if (b[t] <= thr) {
+          out.push_back(static_cast<int32_t>(j0 + t));
+        }
+      }
+    }
+  }
+  for (; j0 < nb; ++j0) {
+    if (filter_bound(qnorm, snorm[j0], dot[j0], coef) <= thr) {
+      out.push_back(static_cast<int32_t>(j0));
+    }
+  }
+}
+
+PDEPTH_CLONES void list_below(const float* dot, int64_t nb, float qnorm, const float* snorm,
+                              float coef, float thr, std::vector<int32_t>& out) {
+  list_below_impl(dot, nb, qnorm, snorm, coef, thr, out);
+}
+PDEPTH_CLONES void list_below(const double* dot, int64_t nb, double qnorm,
+                              const double* snorm, double coef, double thr,
+                              std::vector<int32_t>& out) {
+  list_below_impl(dot, nb, qnorm, snorm, coef, thr, out);
+}
+
 // The kk-th smallest upper bound of |q - s|^2 over these GEMM keys (self excluded), grown to
 // bound the canonical key: it bounds the final k-th best, so no pair whose lower bound
-// exceeds it can enter the top k. inf when there are fewer than kk usable pairs.
+// exceeds it can enter the top k. inf when there are fewer than kk usable pairs. The upper
+// bounds are (qnorm + snorm) * up - 2 dot, i.e. filter_bound with coef `up`: the first pass
+// lists those at most the kk-th of the first kk usable ones (a vectorised scan), then the
+// kk-th smallest of that short list is the kk-th of all.
 template <typename T>
 T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, int64_t self,
             int64_t kk, const Rule<T>& rule, std::vector<T>& scratch) {
-  if (nb - ((self >= gbase && self < gbase + nb) ? 1 : 0) < kk) {
+  const bool has_self = self >= gbase && self < gbase + nb;
+  if (nb - (has_self ? 1 : 0) < kk) {
     return std::numeric_limits<T>::infinity();
   }
-  scratch.clear();
-  for (int64_t j = 0; j < nb; ++j) {
+  const auto upper = [&](int64_t j) { return filter_bound(qnorm, snorm[j], dot[j], rule.up); };
+  // A first threshold: the largest of the first kk usable bounds is >= the kk-th overall.
+  T first = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0, taken = 0; taken < kk; ++j) {
     if (gbase + j != self) {
-      scratch.push_back((qnorm + snorm[j]) * rule.up - T(2) * dot[j]);
+      first = std::max(first, upper(j));
+      ++taken;
+    }
+  }
+  thread_local std::vector<int32_t> below;
+  below.clear();
+  list_below(dot, nb, qnorm, snorm, rule.up, first, below);
+  scratch.clear();
+  for (const int32_t j : below) {
+    if (gbase + j != self) {
+      scratch.push_back(upper(j));
+    }
+  }
+  if (static_cast<int64_t>(scratch.size()) < kk) {
+    // The listing's vectorised arithmetic may round a bound at `first` the other way (FMA
+    // contraction): take every bound, any kk of which give a valid seed.
+    scratch.clear();
+    for (int64_t j = 0; j < nb; ++j) {
+      if (gbase + j != self) {
+        scratch.push_back(upper(j));
+      }
     }
   }
   std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end());
@@ -424,29 +494,30 @@ std::vector<Filter> fallback_chain(Filter f) {
   return {Filter::kFp32};
 }
 
-// The candidates of query rows m0..m0+mb against all nb support rows (`dot` [mb x nb], `sn`
-// their centred norms) at the rows' thresholds when the chunk starts, their canonical keys
+// The candidates of query rows m0..m0+mb against support rows n0..n0+nb (`dot` [mb x nb],
+// `sn` their centred norms) at the rows' thresholds when the chunk starts, their canonical keys
 // computed in pieces of kKeyPiece columns for blocks of many queries at a time (cache
 // blocking: a canonical key reads 8 D bytes for 3 D flops), then offered to the heaps.
 // Returns the number of keys. canonical_add keeps every running sum's order, so the keys
 // have select_row's bits.
 template <typename T>
-int64_t batched_keys(const Scan<T>& sc, int64_t nb, const T* sn, int64_t m0, int64_t mb,
-                     const T* dot, const std::vector<T>& seeds, const Rule<T>& rule,
-                     Entry<T>* hp) {
+int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int64_t m0,
+                     int64_t mb, const T* dot, const std::vector<T>& seeds,
+                     const Rule<T>& rule, Entry<T>* hp) {
   const int64_t d = sc.d;
-  const int64_t gbase = sc.offset;
-  const T* srows = sc.sp;
+  const int64_t gbase = sc.offset + n0;
+  const T* srows = sc.sp + n0 * d;
   std::vector<std::vector<int32_t>> cand(mb);
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = m0 + i;
       const T thr = row_threshold(hp + r * sc.kk, rule, seeds[i]);
       const int64_t self = sc.self != nullptr ? sc.self[r] : -1;
-      const T* drow = dot + i * nb;
-      for (int64_t j = 0; j < nb; ++j) {
-        if (filter_bound(sc.qn[r], sn[j], drow[j], rule.keep) <= thr && gbase + j != self) {
-          cand[i].push_back(static_cast<int32_t>(j));
+      list_below(dot + i * nb, nb, sc.qn[r], sn, rule.keep, thr, cand[i]);
+      if (self >= gbase && self < gbase + nb) {
+        const auto it = std::find(cand[i].begin(), cand[i].end(), int32_t(self - gbase));
+        if (it != cand[i].end()) {
+          cand[i].erase(it);
         }
       }
     }
@@ -606,6 +677,12 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
                    cpu::fallback_budget()) ? -1 : probe;
       },
       compute);
+  if (sc.d >= kBatchKeysD) {
+    const int64_t keys =
+        batched_keys(sc, tile.n0, nb, sn, m0, mb, dot, seeds, sc.rule[int(f)], hp);
+    count_block(sc, f, seeds, keys, mb, nb, 1);
+    return;
+  }
   std::atomic<int64_t> keys{0};
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     int64_t c = 0;
@@ -708,7 +785,7 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
           });
         });
     const int64_t keys =
-        batched_keys(sc, n, sn, m0, mb, dot.data(), seeds, sc.rule[int(f)], hp);
+        batched_keys(sc, 0, n, sn, m0, mb, dot.data(), seeds, sc.rule[int(f)], hp);
     count_block(sc, f, seeds, keys, mb, n, ntiles);
   }
 }
