@@ -1,4 +1,5 @@
-"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.protocol`) and ``pdepth report DIR``.
+"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.protocol`), ``pdepth report DIR``
+and ``pdepth improve DIR`` (:mod:`pdepth.improve`).
 
 Exit status: 0 on success; 2 on an error the user can fix (bad arguments, a missing dataset or
 optional dependency, an output directory that cannot be used, a damaged run file), reported
@@ -85,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the GEMM format the k-NN filters candidates with (tf32: CUDA only); "
                         "speed only: the results are identical, and a run may be resumed "
                         "with another one (default: %(default)s, the fastest exact one)")
+    r.add_argument("--label-noise", type=float, default=d.label_noise, metavar="P",
+                   help="flip a fraction P (0 <= P < 1) of the labels to another class before "
+                        "the halves are drawn (seeded; results.parquet keeps original_label "
+                        "and label_flipped; default: %(default)s)")
     r.add_argument("--out", default="runs/pdepth", help="output directory (default: "
                                                         "%(default)s)")
     r.add_argument("--overwrite", action="store_true",
@@ -94,6 +99,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     rep = sub.add_parser("report", help="redraw the figures and report.html of a run directory")
     rep.add_argument("dir", help="a directory written by `pdepth run`")
+    imp = sub.add_parser(
+        "improve", help="retrain without / with fixed flagged labels; test accuracy",
+        description="Retrain the run's architecture on the run's examples: all labels as "
+                    "given (baseline), the label_error examples removed, relabelled to "
+                    "suggested_label, and cleanlab's flags removed; evaluate each on the "
+                    "dataset's test split and write DIR/improve.json.")
+    imp.add_argument("dir", help="a finished directory written by `pdepth run`")
+    imp.add_argument("--epochs", type=int, default=None,
+                     help="training epochs of every variant (default: the run's)")
+    imp.add_argument("--device", default="cpu",
+                     help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    imp.add_argument("--seeds", type=_seeds, default=[0],
+                     help="training seeds: a count (3 = seeds 0,1,2) or a comma-separated "
+                          "list; every variant trains once per seed, test_accuracy is the "
+                          "mean (default: 1 = seed 0)")
+    imp.add_argument("--no-cleanlab", action="store_true",
+                     help="skip the cleanlab_remove variant")
+    imp.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
 
 
@@ -107,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from .protocol import MissingDependencyError, OutputExistsError
 
     try:
+        if args.command == "improve":
+            return _improve(args, argv)
         return _report(args.dir) if args.command == "report" else _run(args)
     except (OutputExistsError, MissingDependencyError, ValueError, OSError) as exc:
         _err(exc)  # errors the user can fix, caught before anything is half-written
@@ -127,7 +152,7 @@ def _run(args) -> int:
         seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
         batch_size=args.batch_size, max_dim=args.max_dim or None,
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
-        knn_filter=args.knn_filter)
+        knn_filter=args.knn_filter, label_noise=args.label_noise)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))
@@ -190,6 +215,24 @@ def _report(path: str) -> int:
             f" run `pdepth run --out {out}` first")
     require_modules(REPORT_DEPENDENCIES, "pdepth report")
     print(write_report(out))
+    return 0
+
+
+def _improve(args, argv) -> int:
+    """``pdepth improve DIR``: :func:`pdepth.improve.improve`, then the path of improve.json
+    (with --quiet: only that)."""
+    import shlex
+
+    from .improve import IMPROVE_FILE, improve
+
+    words = sys.argv[1:] if argv is None else list(argv)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    improve(args.dir, epochs=args.epochs, device=args.device, progress=not args.quiet,
+            cleanlab=not args.no_cleanlab, seeds=args.seeds, log=log,
+            command=shlex.join(["pdepth", *words]))
+    from pathlib import Path
+
+    print(Path(args.dir) / IMPROVE_FILE)
     return 0
 
 

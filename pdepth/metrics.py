@@ -97,34 +97,46 @@ def summarize(
     labels: np.ndarray,
     *,
     early_fraction: float = 0.5,
+    original_labels: np.ndarray | None = None,
 ):
     """One row per example (a pandas DataFrame, index = position in the dataset subset).
+
+    ``labels [n]`` are the *given* labels: those the models trained on and the k-NN support
+    sets carry. ``original_labels [n]`` (default: ``labels``) are the dataset's labels where
+    the given ones carry label noise (``pdepth run --label-noise``). Each column says which it
+    uses: the given label where the question is "does the network / the probe reproduce the
+    training label", the original label where it is "is the network right".
 
     Columns (``held-out`` means over the models that did not train on the example; ``train``
     over those that did):
 
-    * ``label``;
+    * ``label`` (given), ``original_label``, ``label_flipped`` (they differ);
     * ``train_depth`` / ``held_out_depth`` -- mean prediction depth per split, with
       ``*_depth_std`` and ``train_count`` / ``held_out_count`` (number of models), and the
-      per-model depths ``depth_m<r>`` with ``in_train_m<r>``;
-    * ``held_out_accuracy`` -- fraction of held-out models predicting the label (the C-score
-      estimate); ``train_accuracy`` likewise;
+      per-model depths ``depth_m<r>`` with ``in_train_m<r>``; depth needs no label (its
+      reference is the network's own prediction);
+    * ``held_out_accuracy`` -- fraction of held-out models predicting the *given* label (the
+      C-score estimate, Jiang et al.'s consistency score); ``train_accuracy`` likewise over
+      the training-split models (how well they fit the label they trained on);
+    * ``held_out_accuracy_original`` -- fraction of held-out models predicting the *original*
+      label ("is the network right"; equals ``held_out_accuracy`` without label noise);
     * ``held_out_mode`` -- the held-out models' most frequent prediction (ties: lowest class)
       and ``consistency`` -- the fraction of held-out models predicting it (label-free
-      agreement);
-    * ``confidence`` -- mean held-out softmax probability of the predicted class;
-      ``margin`` -- mean held-out true-class probability minus the largest other;
+      agreement; not Jiang et al.'s consistency score, which is ``held_out_accuracy``);
+    * ``confidence`` -- mean held-out softmax probability of the predicted class (label-free);
+      ``margin`` -- mean held-out probability of the *given* label minus the largest other;
       ``train_confidence`` / ``train_margin`` likewise for the training split;
     * ``ensemble_pred`` / ``ensemble_entropy`` -- argmax and entropy (nats) of the mean
-      held-out softmax (ensemble uncertainty);
+      held-out softmax (ensemble uncertainty; label-free);
     * ``iteration_learned`` -- mean over the training-split models of the first epoch after
-      which the prediction equals the final one at every later epoch (0 = initialisation);
-      ``held_out_iteration_learned`` likewise over the held-out models;
+      which the prediction equals the final one at every later epoch (0 = initialisation;
+      label-free); ``held_out_iteration_learned`` likewise over the held-out models;
     * ``early_mode`` / ``early_mode_share`` / ``early_label_share`` -- over the first
       ``ceil(early_fraction * L)`` probes of every model: the most frequent k-NN vote, its
-      share, and the share of votes for the label;
+      share, and the share of votes for the *given* label;
     * ``knn_train_<l>`` / ``knn_held_out_<l>`` -- fraction of models whose probe l k-NN
-      prediction equals the label, per split.
+      prediction equals the *given* label, per split ("does the probe reproduce the training
+      label").
     """
     import pandas as pd
 
@@ -133,11 +145,18 @@ def summarize(
     probs = np.asarray(probs, np.float64)
     layer_pred = np.asarray(layer_pred)
     labels = np.asarray(labels).astype(np.int64)
+    original = labels if original_labels is None else np.asarray(original_labels, np.int64)
+    if original.shape != labels.shape:
+        raise ValueError(f"summarize(): original_labels has shape {original.shape}, labels "
+                         f"{labels.shape}")
     scored = depth >= 0
     held_out, train = ~in_train & scored, in_train & scored
-    cols: dict[str, np.ndarray] = {"label": labels}
+    cols: dict[str, np.ndarray] = {"label": labels, "original_label": original,
+                                   "label_flipped": labels != original}
     cols.update(_depth_columns(depth, in_train, held_out))
     cols.update(_prediction_columns(probs, labels, train, held_out))
+    right = (probs.argmax(2) == original[None]).astype(np.float64)
+    cols["held_out_accuracy_original"] = _masked_mean(right, held_out)
     learned = np.stack([iteration_learned(e) for e in np.asarray(epoch_pred)]).astype(np.float64)
     cols["iteration_learned"] = _masked_mean(learned, train)
     cols["held_out_iteration_learned"] = _masked_mean(learned, held_out)

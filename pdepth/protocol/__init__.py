@@ -1,6 +1,7 @@
 """The end-to-end protocol of Baldock et al. (2021), on one dataset and architecture.
 
-For every seed s the dataset (or a random ``subset`` of it) is split 50/50 at random; model
+For every seed s the dataset (or a random ``subset`` of it, with a fraction ``label_noise``
+of its labels flipped to another class) is split 50/50 at random; model
 ``(s, h)`` trains on half h and holds out the other half. Every model:
 
 1. trains for ``epochs`` epochs (Adam, cosine learning rate), recording every example's
@@ -22,7 +23,7 @@ directory: marker, overwrite, resume, per-model files), :mod:`.train` (one model
 :mod:`.model_run` (one model's work), :mod:`.results` (aggregation), :mod:`.run` (``run()``).
 """
 
-from .config import RunConfig, run_dependencies, split_halves
+from .config import RunConfig, flip_labels, run_dependencies, split_halves
 from .errors import (
     INSTALL_HINT,
     MissingDependencyError,
@@ -44,6 +45,7 @@ __all__ = [
     "OutputExistsError",
     "RunConfig",
     "TrainOptions",
+    "flip_labels",
     "load_results",
     "prepare_output",
     "require_modules",

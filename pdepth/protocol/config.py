@@ -17,8 +17,8 @@ from ..models import ARCHITECTURES
 from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
 
-__all__ = ["RUNTIME_KEYS", "RunConfig", "rank_settings", "resolve_device", "run_dependencies",
-           "split_halves"]
+__all__ = ["RUNTIME_KEYS", "RunConfig", "flip_labels", "rank_settings", "resolve_device",
+           "run_dependencies", "split_halves"]
 
 # Settings that never change a result: left out of the protocol key (so they may change on
 # resume, and the per-model files of a run stay valid) and of what the ranks of a distributed
@@ -39,6 +39,13 @@ class RunConfig:
     :func:`pdepth.stream_prediction_depth`, one of :data:`pdepth.FILTERS`): a speed setting
     only, so like ``device`` and ``root`` it is not part of the protocol key
     (:data:`RUNTIME_KEYS`) and a run may be resumed with another one.
+
+    ``label_noise`` (``--label-noise P``, ``0 <= P < 1``) flips ``round(P * n)`` of the n
+    labels of the run's examples to another class before the halves are drawn
+    (:func:`flip_labels`); everything downstream uses the flipped ("given") labels.
+    ``label_noise_seed`` seeds the flips; None (the default) means ``subset_seed``, so a
+    rerun draws the same flips and every model of the run sees the same ones. It is resolved
+    here, so ``config.json`` records the seed used.
     """
 
     dataset: str = "fashion-mnist"
@@ -59,6 +66,8 @@ class RunConfig:
     device: str = "cpu"
     thresholds: dict = field(default_factory=dict)
     knn_filter: str = "auto"
+    label_noise: float = 0.0
+    label_noise_seed: int | None = None
 
     def __post_init__(self):
         self.seeds = [int(s) for s in self.seeds]
@@ -84,14 +93,27 @@ class RunConfig:
         if not isinstance(self.knn_filter, str) or self.knn_filter not in FILTERS:
             raise ValueError(f"knn_filter (--knn-filter) must be one of "
                              f"{', '.join(FILTERS)}, got {self.knn_filter!r}")
+        try:
+            noise = float(self.label_noise)
+        except (TypeError, ValueError):
+            noise = float("nan")
+        if not 0.0 <= noise < 1.0:  # also refuses NaN
+            raise ValueError(f"label_noise (--label-noise) must be a fraction with 0 <= P < 1, "
+                             f"got {self.label_noise!r}")
+        self.label_noise = noise
+        self.label_noise_seed = int(self.subset_seed if self.label_noise_seed is None
+                                    else self.label_noise_seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def protocol_key(self) -> str:
         """A hash of the settings that change results (not the device, the data root or the
-        k-NN filter: :data:`RUNTIME_KEYS`)."""
+        k-NN filter: :data:`RUNTIME_KEYS`). Without label noise the label-noise settings are
+        left out, so the runs of earlier versions keep their key."""
         d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+        if d["label_noise"] == 0.0:
+            del d["label_noise"], d["label_noise_seed"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def jobs(self) -> list[tuple[int, int]]:
@@ -104,6 +126,31 @@ def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     ``n // 2``)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
     return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int,
+                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label noise: ``labels [n]`` (int64) with exactly ``round(fraction * n)`` of them moved
+    to another class, uniformly among the other ``num_classes - 1``.
+
+    One ``torch.Generator`` seeded with ``seed`` draws a permutation of the n examples (the
+    first ``round(fraction * n)`` are flipped) and then one offset in ``1..C-1`` per example
+    (the new class is ``(label + offset) % C``). Both draws take the same numbers of values
+    whatever the fraction, so with one seed a smaller fraction flips a subset of the examples a
+    larger one flips, each to the same class. Returns ``(given [n] int64, flipped [n]
+    bool)``; ``given`` equals ``labels`` where ``flipped`` is False."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    n = int(labels.shape[0])
+    if num_classes < 2:
+        raise ValueError(f"flip_labels(): num_classes must be >= 2 to flip a label, got "
+                         f"{num_classes}")
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen)
+    offsets = torch.randint(1, num_classes, (n,), generator=gen)
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[perm[:round(fraction * n)]] = True
+    given = torch.where(flipped, (labels + offsets) % num_classes, labels)
+    return given, flipped
 
 
 def run_dependencies(config: RunConfig, progress: bool) -> list[str]:

@@ -30,10 +30,20 @@ class RunData:
     spec: ProbeSpec
     dataset: DatasetInfo
     images: torch.Tensor  # uint8, as loaded
-    labels: torch.Tensor
+    labels: torch.Tensor  # [n] int64, the given labels (after --label-noise): what trains
     dataset_index: torch.Tensor
     x: torch.Tensor  # normalised images, the models' input
     dims: list[int]  # embedding width per probe
+    original_labels: torch.Tensor | None = None  # [n] int64, the dataset's (None: = labels)
+
+    def __post_init__(self):
+        if self.original_labels is None:
+            self.original_labels = self.labels
+
+    @property
+    def label_flipped(self) -> torch.Tensor:
+        """``[n]`` bool: the given label differs from the dataset's (label noise)."""
+        return self.labels != self.original_labels
 
     @property
     def n(self) -> int:
@@ -74,9 +84,12 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     options = TrainOptions(epochs=config.epochs, lr=config.lr,
                            weight_decay=config.weight_decay, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
+    # trains on the given labels; the held-out accuracy per epoch asks "is the network
+    # right", so it is measured against the dataset's (original) labels
     epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
                                       device=data.device, progress=progress,
-                                      desc=f"train seed {seed} half {half}")
+                                      desc=f"train seed {seed} half {half}",
+                                      held_out_labels=data.original_labels)
     t_train = time.perf_counter() - t0
     res, order = _score(model, config, data, (train_idx, held_idx), progress)
     meta = {

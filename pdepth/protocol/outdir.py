@@ -19,8 +19,8 @@ from .errors import ModelFileError, OutputExistsError
 __all__ = ["MARKER", "MODEL_ARRAYS", "RESULT_DIRS", "RESULT_FILES", "load_model_file",
            "load_results", "model_path", "prepare_output"]
 
-RESULT_FILES = ("results.parquet", "per_model.npz", "data.npz", "config.json", "report.html",
-                "COMPLETE")
+RESULT_FILES = ("results.parquet", "per_model.npz", "data.npz", "config.json", "summary.json",
+                "improve.json", "report.html", "COMPLETE")
 RESULT_DIRS = ("models", "figures")
 MARKER = ".pdepth-run.json"  # written first into every run directory: {"protocol_key": ...}
 MODEL_NAME = re.compile(r"seed-?\d+-half[01]\.npz")

@@ -1,5 +1,7 @@
-"""Aggregating the per-model results of a run into ``results.parquet`` (one row per example),
-``per_model.npz`` (every model's arrays, stacked) and the summary in ``config.json``."""
+"""Aggregating the per-model results of a run into ``results.parquet`` (one row per example,
+with the label-error evidence of :mod:`pdepth.label_errors`), ``per_model.npz`` (every model's
+arrays, stacked), ``summary.json`` (the paper's claims, :mod:`pdepth.summary`) and the summary
+in ``config.json``."""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ import numpy as np
 
 from .. import _atomic
 from ..categories import CATEGORIES, categorize
+from ..label_errors import label_error_evidence
 from ..metrics import layer_accuracy, summarize
+from ..summary import claims_summary
 from .model_run import RunData
 
 __all__ = ["write_results"]
 
 
 def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
-    """Writes ``results.parquet`` and ``per_model.npz`` from the models' arrays (in seed,
-    half order) and returns the run's summary for ``config.json``."""
+    """Writes ``results.parquet``, ``per_model.npz`` and ``summary.json`` from the models'
+    arrays (in seed, half order) and returns the run's summary for ``config.json``."""
     stacked = {name: np.stack([m[name] for m in per_model])
                for name in ("depth", "in_train", "probs", "layer_pred", "epoch_pred", "loss",
                             "train_accuracy", "held_out_accuracy")}
@@ -25,20 +29,23 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         stacked[name] = stacked[name].astype(np.int64)
     y = data.labels.numpy()
     df = _results_table(stacked, data)
-    _atomic.write_parquet(out / "results.parquet", df)
-    _atomic.savez(
-        out / "per_model.npz",
+    arrays = dict(
         depth=stacked["depth"], in_train=stacked["in_train"],
         probs=stacked["probs"].astype(np.float32),
         layer_pred=stacked["layer_pred"].astype(np.int16),
         epoch_pred=stacked["epoch_pred"].astype(np.int16),
         seeds=np.array([m["seed"] for m in per_model]),
         halves=np.array([m["half"] for m in per_model]),
-        labels=y, dataset_index=data.dataset_index.numpy(),
+        labels=y, original_labels=data.original_labels.numpy(),
+        dataset_index=data.dataset_index.numpy(),
         layer_names=np.array(data.spec.names),
         loss=stacked["loss"], train_accuracy=stacked["train_accuracy"],
         held_out_accuracy=stacked["held_out_accuracy"],
     )
+    _atomic.write_parquet(out / "results.parquet", df)
+    _atomic.savez(out / "per_model.npz", **arrays)
+    _atomic.write_json(out / "summary.json", claims_summary(
+        df, arrays, early_fraction=data.thresholds.early_fraction))
     layer_pred, in_train = stacked["layer_pred"], stacked["in_train"]
     return {
         "layer_knn_accuracy_train": layer_accuracy(layer_pred, y, in_train).tolist(),
@@ -48,18 +55,28 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         "held_out_accuracy": float(np.nanmean(df["held_out_accuracy"])),
         "train_accuracy": float(np.nanmean(df["train_accuracy"])),
         "categories": {c: int((df["category"] == c).sum()) for c in CATEGORIES},
+        "label_flipped": int(df["label_flipped"].sum()),
+        "label_error": int(df["label_error"].sum()),
     }
 
 
 def _results_table(stacked: dict, data: RunData):
     """The per-example table: :func:`pdepth.metrics.summarize` with the category, the
-    dataset index and the label's name in front."""
+    dataset index and the label's name in front and the label-error evidence
+    (:func:`pdepth.label_errors.label_error_evidence`) after the label columns."""
     y = data.labels.numpy()
     df = summarize(stacked["depth"], stacked["in_train"], stacked["probs"],
                    stacked["layer_pred"], stacked["epoch_pred"], y,
-                   early_fraction=data.thresholds.early_fraction)
+                   early_fraction=data.thresholds.early_fraction,
+                   original_labels=data.original_labels.numpy())
     df["category"] = categorize(df, data.spec.num_probes, data.thresholds,
                                 num_classes=data.num_classes)
+    evidence = label_error_evidence(stacked["probs"], stacked["in_train"],
+                                    stacked["layer_pred"], y, stacked["probs"].shape[2],
+                                    early_fraction=data.thresholds.early_fraction)
+    at = df.columns.get_loc("label_flipped") + 1
+    for i, name in enumerate(("label_error", "label_error_score", "suggested_label")):
+        df.insert(at + i, name, evidence[name])
     df.insert(0, "dataset_index", data.dataset_index.numpy())
     df.insert(2, "label_name", [data.dataset.classes[i] for i in y])
     cat = df.pop("category")

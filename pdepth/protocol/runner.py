@@ -20,7 +20,7 @@ from ..data import dataset_info, load_subset, normalize_images
 from ..models import build_model
 from ..ops import check_filter, knn_plan
 from ..probes import probe_dims, resolve_probes
-from .config import RunConfig, rank_settings, resolve_device, run_dependencies
+from .config import RunConfig, flip_labels, rank_settings, resolve_device, run_dependencies
 from .errors import require_modules
 from .model_run import RunData, check_support, run_model
 from .outdir import load_model_file, model_path, prepare_output
@@ -140,12 +140,16 @@ def load_run_data(config: RunConfig, progress: bool) -> RunData:
     spec = resolve_probes(probe_model, config.probes if config.probes is not None else
                           config.arch, max_dim=config.max_dim)
     info = dataset_info(config.dataset)
-    images, labels, dataset_index = load_subset(config.dataset, config.root, config.subset,
-                                                config.subset_seed)
+    images, original, dataset_index = load_subset(config.dataset, config.root, config.subset,
+                                                  config.subset_seed)
+    # label noise: after the subset is drawn, before the halves (the same flips for every model)
+    labels, _ = flip_labels(original, config.label_noise, len(info.classes),
+                            config.label_noise_seed)
     x = normalize_images(images, info.mean, info.std)
     dims = probe_dims(probe_model, spec, x[:1])
     check_support(config.k, int(labels.shape[0]) // 2)  # the smaller half
-    return RunData(device, thresholds, spec, info, images, labels, dataset_index, x, dims)
+    return RunData(device, thresholds, spec, info, images, labels, dataset_index, x, dims,
+                   original_labels=original)
 
 
 def _config_record(config: RunConfig, data: RunData) -> dict:
@@ -169,6 +173,10 @@ def _config_record(config: RunConfig, data: RunData) -> dict:
             "reference": "network",
             "self_match": "exclude",
             "support": "the model's training half, given labels",
+            "label_noise": {"fraction": config.label_noise, "seed": config.label_noise_seed,
+                            "flipped": int(data.label_flipped.sum()),
+                            "rule": "round(fraction * n) examples moved uniformly to another "
+                                    "class (pdepth.protocol.flip_labels)"},
             "knn_filter": _filters(config, data),
         },
         "versions": versions(),
@@ -194,6 +202,7 @@ def _prepare(out: Path, config: RunConfig, overwrite: bool, cfg: dict, data: Run
     kept = prepare_output(out, config, overwrite)
     _atomic.write_json(out / "config.json", cfg)
     _atomic.savez(out / "data.npz", images=data.images.numpy(), labels=data.labels.numpy(),
+                  original_labels=data.original_labels.numpy(),
                   dataset_index=data.dataset_index.numpy())
     return kept
 

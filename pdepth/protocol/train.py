@@ -34,7 +34,7 @@ def predict(model, x, batch_size, device) -> torch.Tensor:
 
 
 def train_model(model, x, y, train_index, options: TrainOptions | None = None, *,
-                device="cpu", progress=False, desc="train", **settings):
+                device="cpu", progress=False, desc="train", held_out_labels=None, **settings):
     """Trains ``model`` on ``x[train_index]`` and records the prediction on every row of ``x``
     at initialisation and after each epoch.
 
@@ -42,7 +42,9 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     required then, as in ``train_model(model, x, y, idx, epochs=6, lr=2e-3)``).
 
     Returns ``(epoch_pred [epochs + 1, n] int64, history)`` with ``history`` holding per-epoch
-    ``loss``, ``train_accuracy`` (on the training half, eval mode) and ``held_out_accuracy``.
+    ``loss``, ``train_accuracy`` (on the training half against ``y``, the labels it trains
+    on; eval mode) and ``held_out_accuracy`` (on the other rows, against ``held_out_labels
+    [n]``, default ``y``: e.g. the dataset's labels where ``y`` carries label noise).
     """
     if options is None:
         options = TrainOptions(**settings)
@@ -54,6 +56,7 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     train_index = torch.as_tensor(train_index)
     held = torch.ones(x.shape[0], dtype=torch.bool)
     held[train_index] = False
+    y_held = y if held_out_labels is None else torch.as_tensor(held_out_labels)
     xt, yt = x[train_index].to(device), y[train_index].to(device)
     steps_per_epoch = max(1, -(-xt.shape[0] // options.batch_size))
     opt = torch.optim.Adam(model.parameters(), lr=options.lr,
@@ -73,11 +76,10 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
         loss = _epoch(model, (xt, yt), perm, (opt, sched), options.batch_size)
         pred = predict(model, x, options.eval_batch_size, device)
         preds.append(pred)
-        correct = pred == y
         history["loss"].append(loss)
-        history["train_accuracy"].append(float(correct[~held].float().mean()))
+        history["train_accuracy"].append(float((pred == y)[~held].float().mean()))
         history["held_out_accuracy"].append(
-            float(correct[held].float().mean()) if held.any() else float("nan"))
+            float((pred == y_held)[held].float().mean()) if held.any() else float("nan"))
         if progress:
             epochs_iter.set_postfix(loss=f"{history['loss'][-1]:.3f}",
                                     train=f"{history['train_accuracy'][-1]:.3f}",

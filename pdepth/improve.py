@@ -1,0 +1,371 @@
+"""``pdepth improve RUN_DIR``: what finding label errors buys. The run's architecture is
+retrained on the run's own examples (both halves) under four variants and each is evaluated on
+the untouched test split of the dataset (Fashion-MNIST: the 10,000 ``t10k`` images):
+
+- ``baseline``: every example, labels as given;
+- ``pdepth_remove``: the examples flagged ``label_error`` in ``results.parquet`` removed;
+- ``pdepth_relabel``: every example, the flagged ones relabelled to ``suggested_label``;
+- ``cleanlab_remove``: the examples cleanlab's confident learning flags
+  (``cleanlab.filter.find_label_issues(labels=given, pred_probs=held-out probabilities)``,
+  the held-out probabilities being, per example, the mean softmax of the run's models that
+  did not train on it) removed. cleanlab is optional (``pip install "pdepth[label-errors]"``);
+  without it, or with ``cleanlab=False``, the variant is recorded as skipped with the reason.
+
+Every variant trains the same way (the run's architecture, epochs, optimiser settings and
+batch size, :func:`pdepth.protocol.train_model`, the same training seeds for all) so the only
+difference is the training set. The flags come from the run's files alone; the test split is
+read only after every training set is fixed, and only to evaluate. Where the run knows which
+labels were flipped (``label_flipped``, ``pdepth run --label-noise``), each flagging variant
+also gets the precision, recall and F1 of its flags against the flips.
+
+The result is ``RUN_DIR/improve.json`` (written atomically), see :func:`improve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _atomic
+
+__all__ = ["IMPROVE_FILE", "REQUIRED_FILES", "VARIANTS", "Variant", "flag_metrics",
+           "heldout_probs", "improve", "load_run", "plan_variants"]
+
+IMPROVE_FILE = "improve.json"
+REQUIRED_FILES = ("results.parquet", "per_model.npz", "config.json")
+VARIANTS = ("baseline", "pdepth_remove", "pdepth_relabel", "cleanlab_remove")
+CLEANLAB_HINT = 'pip install "pdepth[label-errors]"'
+
+
+@dataclass
+class Variant:
+    """One training set: ``index`` (rows of the run's examples, ascending) with ``labels``
+    (one per row of ``index``); ``flags`` (bool per run example) for a flagging variant."""
+
+    index: np.ndarray
+    labels: np.ndarray
+    flags: np.ndarray | None = None
+
+
+@dataclass
+class RunFiles:
+    """What :func:`improve` reads from a run directory."""
+
+    out: Path
+    config: dict
+    labels: np.ndarray  # given (possibly noisy) labels, one per example
+    dataset_index: np.ndarray  # index into the dataset's training split
+    label_error: np.ndarray  # bool
+    suggested_label: np.ndarray
+    label_flipped: np.ndarray | None  # bool; None where the run has no noise information
+    probs: np.ndarray  # [models, N, C]
+    in_train: np.ndarray  # [models, N] bool
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def load_run(run_dir: str | os.PathLike) -> RunFiles:
+    """Reads a finished run directory; FileNotFoundError (one line, naming what is missing)
+    for a directory that is not one, ValueError for a run without the label-error columns."""
+    out = Path(run_dir)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a directory; run `pdepth run --out {out}` first")
+    missing = [f for f in REQUIRED_FILES if not (out / f).exists()]
+    if missing or not (out / "COMPLETE").exists():
+        raise FileNotFoundError(
+            f"{out} holds no finished pdepth run (missing: {', '.join(missing) or 'COMPLETE'});"
+            f" run `pdepth run --out {out}` first")
+    from .protocol import require_modules
+
+    require_modules(["pandas", "pyarrow"], "pdepth improve")
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(out / "results.parquet")
+        with np.load(out / "per_model.npz") as z:
+            pm = {k: z[k] for k in ("probs", "in_train", "labels", "dataset_index")
+                  if k in z.files}
+        config = json.loads((out / "config.json").read_text())
+    except Exception as exc:
+        raise ValueError(f"{out}: cannot read the run's files ({type(exc).__name__}: {exc}); "
+                         f"rerun `pdepth run --out {out} --overwrite`") from None
+    need = ["label", "label_error", "suggested_label"]
+    absent = [c for c in need if c not in df.columns]
+    absent += [f"per_model.npz:{k}" for k in ("probs", "in_train") if k not in pm]
+    if absent:
+        raise ValueError(f"{out}: the run has no {', '.join(absent)} (written by `pdepth run` "
+                         f"from pdepth 0.2 on); rerun `pdepth run --out {out} --overwrite`")
+    labels = df["label"].to_numpy().astype(np.int64)
+    n = labels.shape[0]
+    dataset_index = (df["dataset_index"].to_numpy() if "dataset_index" in df.columns
+                     else pm.get("dataset_index"))
+    probs, in_train = pm["probs"], pm["in_train"].astype(bool)
+    if (probs.ndim != 3 or probs.shape[1] != n or in_train.shape != probs.shape[:2]
+            or dataset_index is None or len(dataset_index) != n
+            or ("labels" in pm and not np.array_equal(pm["labels"], labels))):
+        raise ValueError(f"{out}: results.parquet and per_model.npz do not belong together "
+                         f"(labels, dataset_index, probs or in_train disagree); rerun "
+                         f"`pdepth run --out {out} --overwrite`")
+    flipped = (df["label_flipped"].to_numpy().astype(bool) if "label_flipped" in df.columns
+               else None)
+    return RunFiles(out, config, labels, np.array(dataset_index, np.int64),
+                    df["label_error"].to_numpy().astype(bool),
+                    df["suggested_label"].to_numpy().astype(np.int64), flipped,
+                    probs.astype(np.float64), in_train)
+
+
+def heldout_probs(probs: np.ndarray, in_train: np.ndarray) -> np.ndarray:
+    """Per example, the mean of ``probs [models, N, C]`` over the models where ``in_train``
+    ``[models, N]`` is False, renormalised to sum to 1 (float64 ``[N, C]``). ValueError if
+    an example was held out by no model."""
+    held = ~np.asarray(in_train, bool)
+    count = held.sum(0)
+    if (count == 0).any():
+        raise ValueError(f"{int((count == 0).sum())} example(s) were held out by no model; "
+                         "held-out probabilities need every example held out at least once")
+    p = (np.asarray(probs, np.float64) * held[:, :, None]).sum(0) / count[:, None]
+    return p / p.sum(1, keepdims=True)
+
+
+def flag_metrics(flags: np.ndarray, flipped: np.ndarray | None) -> dict:
+    """``flagged`` (count) and, where ``flipped`` is known, ``precision`` (share of flags that
+    are flips), ``recall`` (share of flips flagged) and their harmonic mean ``f1``; None for
+    a ratio whose denominator is 0."""
+    flags = np.asarray(flags, bool)
+    out = {"flagged": int(flags.sum())}
+    if flipped is None:
+        return out
+    flipped = np.asarray(flipped, bool)
+    hit = int((flags & flipped).sum())
+    precision = hit / int(flags.sum()) if flags.any() else None
+    recall = hit / int(flipped.sum()) if flipped.any() else None
+    if precision is None or recall is None:
+        f1 = None
+    else:
+        f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    out.update(flipped=int(flipped.sum()), true_flags=hit, precision=precision, recall=recall,
+               f1=f1)
+    return out
+
+
+def cleanlab_flags(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """cleanlab's confident learning flags (bool per example); ImportError without
+    cleanlab."""
+    from cleanlab.filter import find_label_issues
+
+    return np.asarray(find_label_issues(labels=labels, pred_probs=pred_probs, n_jobs=1), bool)
+
+
+def plan_variants(run: RunFiles, *, cleanlab: bool = True) -> tuple[dict, dict]:
+    """The training sets, from the run's files alone (nothing of the test split).
+
+    Returns ``(variants, skipped)``: name -> :class:`Variant` for each variant that will be
+    trained, and name -> reason for each skipped one (``cleanlab_remove`` when disabled or
+    cleanlab is missing)."""
+    y, flags, n = run.labels, run.label_error, run.n
+    everything = np.arange(n)
+    variants = {
+        "baseline": Variant(everything, y.copy()),
+        "pdepth_remove": Variant(everything[~flags], y[~flags], flags),
+        "pdepth_relabel": Variant(everything, np.where(flags, run.suggested_label, y), flags),
+    }
+    skipped = {}
+    if not cleanlab:
+        skipped["cleanlab_remove"] = "disabled (--no-cleanlab / cleanlab=False)"
+    else:
+        try:
+            cl = cleanlab_flags(y, heldout_probs(run.probs, run.in_train))
+        except ImportError:
+            skipped["cleanlab_remove"] = f"cleanlab is not installed ({CLEANLAB_HINT})"
+        except Exception as exc:  # e.g. too few examples of a class: reported, not fatal
+            skipped["cleanlab_remove"] = (f"cleanlab.filter.find_label_issues failed: "
+                                          f"{type(exc).__name__}: {exc}")
+        else:
+            variants["cleanlab_remove"] = Variant(everything[~cl], y[~cl], cl)
+    return variants, skipped
+
+
+def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: str = "cpu",
+            progress: bool = True, cleanlab: bool = True, seeds=(0,), log=print,
+            command: str | None = None) -> dict:
+    """Retrains the run's architecture under each variant (module docstring), evaluates it on
+    the test split and writes ``RUN_DIR/improve.json``; returns what it wrote.
+
+    ``epochs`` (default: the run's), ``device`` (cpu, cuda, cuda:N, auto), ``seeds`` (the
+    training seeds, an int or a list: every variant trains once per seed, from the seed's
+    initial weights and batch order, so the variants of one seed are a paired comparison;
+    test accuracy on a few thousand noisy examples varies by several points between seeds),
+    ``cleanlab=False`` skips ``cleanlab_remove``. ``log`` (default print; None for silence)
+    gets one line when cleanlab is missing and one per variant.
+
+    ``improve.json``: one entry per name of :data:`VARIANTS` with ``test_accuracy`` (the mean
+    over the seeds), ``test_accuracy_per_seed``, ``test_accuracy_std`` (sample standard
+    deviation; 0 for one seed), ``train_examples``, ``train_seconds`` and, for the flagging
+    variants, ``flagged`` and (where the run has ``label_flipped``) ``flipped``,
+    ``true_flags``, ``precision``, ``recall``, ``f1``; a skipped variant is ``{"skipped":
+    true, "reason": ...}``. Then ``settings`` (epochs, seeds, device, command and the training
+    settings), ``test_split`` (what was evaluated on) and ``noise_known``.
+    """
+    from .data import dataset_info, normalize_images
+    from .models import build_model
+    from .protocol.config import DEVICE, resolve_device
+    from .protocol.errors import require_modules
+    from .protocol.train import TrainOptions, predict, train_model
+
+    t0 = time.perf_counter()
+    seeds = [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(x) for x in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds (--seeds) must name distinct training seeds, got {seeds}")
+    if not DEVICE.fullmatch(str(device)):
+        raise ValueError(f"device (--device) must be cpu, cuda, cuda:N or auto, got {device!r}")
+    user_log = log
+    warn = log or (lambda msg: print(msg, file=sys.stderr, flush=True))  # even when quiet
+    log = log or (lambda msg: None)
+    run = load_run(run_dir)
+    cfg = run.config.get("config", {})
+    epochs = int(cfg.get("epochs", 6) if epochs is None else epochs)
+    if epochs < 1:
+        raise ValueError(f"epochs (--epochs) must be >= 1, got {epochs}")
+    dev = resolve_device(device)
+    if progress:
+        require_modules(["tqdm"], "pdepth improve")
+    arch = cfg.get("arch", "cnn")
+    info = dataset_info(cfg.get("dataset", "fashion-mnist"))
+    root = cfg.get("root") or run.config.get("resolved", {}).get("root") or info.root
+    train_images, train_labels = info.load(root, "train")
+
+    # The run's examples: images of the training split, by dataset_index (checked against
+    # the run's own copy in data.npz where there is one).
+    if run.dataset_index.min() < 0 or run.dataset_index.max() >= train_images.shape[0]:
+        raise ValueError(f"{run.out}: dataset_index outside the {info.name} training split")
+    images = train_images[torch.as_tensor(run.dataset_index)]
+    _check_run_images(run, images)
+    num_classes = int(run.config.get("resolved", {}).get("num_classes", info.num_classes))
+
+    variants, skipped = plan_variants(run, cleanlab=cleanlab)
+    for name, reason in skipped.items():
+        if cleanlab:  # not asked to skip it: say why it is missing
+            warn(f"pdepth improve: {name} skipped: {reason}")
+    # Every training set is fixed now, from the run's files alone. No leak of the test split:
+    # each variant trains on rows of the run's examples, all from the training split.
+    for v in variants.values():
+        assert v.index.ndim == 1 and ((v.index >= 0) & (v.index < run.n)).all()
+        assert len(v.labels) == len(v.index)
+    flags_before = {k: v.flags.copy() for k, v in variants.items() if v.flags is not None}
+
+    test_images, test_labels = info.load(root, "test")  # only to evaluate, from here on
+    x_test = normalize_images(test_images, info.mean, info.std)
+    x_all = normalize_images(images, info.mean, info.std)
+    del train_images, train_labels
+
+    options = TrainOptions(epochs=epochs, lr=float(cfg.get("lr", 2e-3)),
+                           weight_decay=float(cfg.get("weight_decay", 0.0)),
+                           batch_size=int(cfg.get("batch_size", 128)),
+                           eval_batch_size=int(cfg.get("eval_batch_size", 1000)))
+    result: dict = {}
+    names = [v for v in VARIANTS if v in variants]
+    bar, say = names, log
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(names, desc="pdepth improve", unit="variant")
+        if user_log is not None:  # above the bar, not through it
+            say = lambda msg: bar.write(msg, file=sys.stderr)  # noqa: E731
+    for name in bar:
+        v = variants[name]
+        t = time.perf_counter()
+        idx = torch.as_tensor(v.index)
+        accuracy, train_accuracy = [], []
+        for seed in seeds:
+            torch.manual_seed(seed)  # one seed: the same initial weights for every variant
+            model = build_model(arch, num_classes=num_classes).to(dev)
+            _, history = train_model(model, x_all[idx], torch.as_tensor(v.labels),
+                                     torch.arange(len(v.index)),
+                                     dataclasses.replace(options, seed=seed), device=dev,
+                                     progress=progress, desc=f"train {name} seed {seed}")
+            pred = predict(model, x_test, options.eval_batch_size, dev)
+            accuracy.append(float((pred == test_labels).float().mean()))
+            train_accuracy.append(float(history["train_accuracy"][-1]))
+        entry = {"test_accuracy": float(np.mean(accuracy)),
+                 "test_accuracy_per_seed": accuracy,
+                 "test_accuracy_std": float(np.std(accuracy, ddof=1)) if len(seeds) > 1
+                 else 0.0,
+                 "train_examples": int(len(v.index)),
+                 "final_train_accuracy": float(np.mean(train_accuracy)),
+                 "train_seconds": time.perf_counter() - t}
+        if v.flags is not None:
+            entry.update(flag_metrics(v.flags, run.label_flipped))
+        if name == "pdepth_relabel":
+            entry["relabelled"] = int((v.labels != run.labels).sum())
+        result[name] = entry
+        if progress:
+            bar.set_postfix(last=f"{name} {entry['test_accuracy']:.4f}")
+        say(f"pdepth improve: {name}: test accuracy {entry['test_accuracy']:.4f} "
+            f"({entry['train_examples']} training examples"
+            + (f", {entry['flagged']} flagged" if "flagged" in entry else "") + ")")
+    for name, reason in skipped.items():
+        result[name] = {"skipped": True, "reason": reason}
+    for k, f in flags_before.items():  # the flags were not touched by evaluation
+        assert np.array_equal(variants[k].flags, f)
+
+    if command is None:
+        command = shlex.join(["pdepth", "improve", str(run.out)]
+                             + (["--epochs", str(epochs)] if epochs != cfg.get("epochs") else [])
+                             + ["--device", str(device)]
+                             + (["--seeds", ",".join(map(str, seeds)) + ","]
+                                if seeds != [0] else [])
+                             + ([] if cleanlab else ["--no-cleanlab"]))
+    result = {name: result[name] for name in VARIANTS if name in result}
+    result["noise_known"] = run.label_flipped is not None
+    result["settings"] = {
+        "epochs": epochs, "seeds": seeds, "seed": seeds[0], "device": str(dev),
+        "command": command,
+        "arch": arch, "lr": options.lr, "weight_decay": options.weight_decay,
+        "batch_size": options.batch_size, "run_examples": run.n,
+        "run_epochs": cfg.get("epochs"), "run_seeds": cfg.get("seeds"),
+        "run_label_noise": cfg.get("label_noise"),
+        "training": "every variant: the run's architecture trained from the same initial "
+                    "weights (torch.manual_seed(seed)) with Adam and a cosine schedule "
+                    "(pdepth.protocol.train_model), batch order seeded with seed, once per "
+                    "seed of seeds; test_accuracy is the mean over the seeds",
+        "cleanlab": _cleanlab_version(),
+        "seconds": time.perf_counter() - t0,
+    }
+    result["test_split"] = {"dataset": info.name, "split": "test", "root": str(root),
+                            "examples": int(test_labels.shape[0]),
+                            "used_for": "evaluation only: every training set and every flag "
+                                        "comes from the run's examples (training split)"}
+    _atomic.write_json(run.out / IMPROVE_FILE, result)
+    return result
+
+
+def _check_run_images(run: RunFiles, images: torch.Tensor) -> None:
+    """The run's own copy of its images (data.npz), where there is one, must be the training
+    split's images at ``dataset_index``: the retraining uses exactly the run's examples."""
+    path = run.out / "data.npz"
+    if not path.exists():
+        return
+    with np.load(path) as z:
+        own = z["images"] if "images" in z.files else None
+    if own is not None and not np.array_equal(own, images.numpy()):
+        raise ValueError(f"{run.out}: the images in data.npz are not the training split's "
+                         "images at dataset_index (another dataset root?)")
+
+
+def _cleanlab_version() -> str | None:
+    try:
+        import cleanlab
+    except ImportError:
+        return None
+    return getattr(cleanlab, "__version__", "unknown")

@@ -1,0 +1,187 @@
+"""``summary.json``: the paper's claims, each as one number computed on the run's own results.
+
+:func:`claims_summary` reads only the per-example table (``results.parquet``) and the stacked
+per-model arrays (``per_model.npz``), so anyone can recompute it from a finished run. Every
+entry of ``claims`` holds:
+
+* ``claim`` -- what Baldock et al. (2021) report, in a sentence;
+* ``statistic`` / ``value`` -- what is measured and its value (a Spearman rank correlation
+  for the "depth relates to X" claims; a difference of accuracies for the layer claims);
+* ``computed_on`` -- which split, columns and labels it uses;
+* ``n_examples`` / ``n_models`` -- what it rests on;
+* ``paper_direction`` -- ``"positive"`` or ``"negative"``: the sign the paper reports;
+* ``holds`` -- the value has that sign (``None`` where it cannot be computed, e.g. the
+  flipped-label entry of a run without label noise); some entries add per-probe lists.
+
+``label_errors`` compares the ``label_error`` flags (:mod:`pdepth.label_errors`) with the
+flips of ``--label-noise`` where there are flips: counts, precision, recall and F1.
+Rules: docs/design.md section 11.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .metrics import early_probes
+
+__all__ = ["claims_summary", "spearman"]
+
+
+def spearman(x, y) -> tuple[float, int]:
+    """Spearman rank correlation of ``x [n]`` and ``y [n]`` over the pairs where both are
+    finite (average ranks for ties), and the number of those pairs. NaN when fewer than 3
+    pairs or either side is constant."""
+    import pandas as pd
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    n = int(ok.sum())
+    rx, ry = pd.Series(x[ok]).rank().to_numpy(), pd.Series(y[ok]).rank().to_numpy()
+    if n < 3 or rx.std() == 0 or ry.std() == 0:
+        return float("nan"), n
+    return float(np.corrcoef(rx, ry)[0, 1]), n
+
+
+# (id, claim, x column, y column, paper direction, what it is computed on)
+_CORRELATIONS = (
+    ("depth_vs_accuracy", "Examples of higher prediction depth are classified less accurately "
+     "when held out.", "held_out_depth", "held_out_accuracy_original", "negative",
+     "held-out split: mean depth vs the fraction of held-out models predicting the original "
+     "label (is the network right)"),
+    ("depth_vs_confidence", "Higher depth, lower confidence.", "held_out_depth", "confidence",
+     "negative", "held-out split: mean depth vs mean softmax probability of the predicted "
+                 "class"),
+    ("depth_vs_margin", "Higher depth, smaller margin.", "held_out_depth", "margin",
+     "negative", "held-out split: mean depth vs mean (probability of the given label minus "
+                 "the largest other)"),
+    ("depth_vs_uncertainty", "Higher depth, more uncertain ensemble predictions.",
+     "held_out_depth", "ensemble_entropy", "positive",
+     "held-out split: mean depth vs entropy of the held-out models' mean softmax"),
+    ("depth_vs_agreement", "Higher depth, less agreement between held-out networks.",
+     "held_out_depth", "consistency", "negative",
+     "held-out split: mean depth vs the share of held-out models on their most frequent "
+     "prediction (label-free)"),
+    ("depth_vs_speed_of_learning", "Examples of higher depth are learned later in training.",
+     "train_depth", "iteration_learned", "positive",
+     "training split: mean depth vs mean epoch after which the prediction no longer changes"),
+    ("learns_easy_data_first", "Networks learn easy (shallow) data first.", "held_out_depth",
+     "iteration_learned", "positive",
+     "held-out depth (difficulty without training on the example) vs the training split's "
+     "iteration learned"),
+)
+
+
+def claims_summary(table, per_model: dict, *, early_fraction: float = 0.5) -> dict:
+    """The content of ``summary.json`` (see the module docstring).
+
+    Args:
+        table: the per-example DataFrame of ``results.parquet``.
+        per_model: the arrays of ``per_model.npz``; uses ``in_train [R, n]``,
+            ``layer_pred [R, L, n]``, ``labels [n]`` (given) and ``original_labels [n]``
+            (default: ``labels``).
+        early_fraction: the early probes of the flipped-label entry are the first
+            ``ceil(early_fraction * L)``.
+    """
+    in_train = np.asarray(per_model["in_train"], bool)
+    r_models = in_train.shape[0]
+    claims = {}
+    for key, claim, x, y, direction, on in _CORRELATIONS:
+        value, n = spearman(table[x], table[y])
+        claims[key] = _entry(claim, f"Spearman({x}, {y})", value, on, n, r_models, direction)
+    claims["early_layers_generalise"] = _layer_gap(per_model)
+    claims["flipped_labels_memorised_late"] = _flipped_layers(per_model, early_fraction)
+    return {"n_examples": int(len(table)), "n_models": r_models,
+            "num_layers": int(np.asarray(per_model["layer_pred"]).shape[1]),
+            "claims": claims, "label_errors": _label_errors(table)}
+
+
+def _entry(claim, statistic, value, computed_on, n_examples, n_models, direction,
+           **extra) -> dict:
+    """One claim's entry; ``holds`` is whether ``value`` has the paper's sign."""
+    ok = value is not None and math.isfinite(value)
+    sign = 1.0 if direction == "positive" else -1.0
+    return {"claim": claim, "statistic": statistic, "value": float(value) if ok else None,
+            "computed_on": computed_on, "n_examples": int(n_examples),
+            "n_models": int(n_models), "paper_direction": direction,
+            "holds": bool(sign * value > 0) if ok else None, **extra}
+
+
+def _probe_accuracy(layer_pred, labels, mask) -> np.ndarray:
+    """``[L]``: share of (model, example) pairs in ``mask [R, n]`` whose probe vote is
+    ``labels [n]`` (NaN where none)."""
+    hit = (np.asarray(layer_pred) == np.asarray(labels)[None, None, :]) & mask[:, None, :]
+    count = mask.sum()
+    return hit.sum((0, 2)) / count if count else np.full(layer_pred.shape[1], np.nan)
+
+
+def _layer_gap(per_model: dict) -> dict:
+    """Early layers generalise, later layers memorise: train minus held-out k-NN accuracy
+    (against the given labels) per probe; the statistic is its growth from the first probe to
+    the last."""
+    lp, in_train = np.asarray(per_model["layer_pred"]), np.asarray(per_model["in_train"], bool)
+    y = np.asarray(per_model["labels"])
+    train, held = _probe_accuracy(lp, y, in_train), _probe_accuracy(lp, y, ~in_train)
+    gap = train - held
+    return _entry(
+        "Early layers generalise (their k-NN is as accurate on held-out examples as on the "
+        "training split), later layers memorise (the training split becomes more accurate).",
+        "gap[last probe] - gap[first probe], gap = train - held-out k-NN accuracy",
+        float(gap[-1] - gap[0]),
+        "every (model, example) pair: per probe, k-NN vote == given label, training split vs "
+        "held out", in_train.shape[1], in_train.shape[0], "positive",
+        knn_accuracy_train=train.tolist(), knn_accuracy_held_out=held.tolist())
+
+
+def _flipped_layers(per_model: dict, early_fraction: float) -> dict:
+    """The label-noise experiment: on examples whose label was flipped, per probe, the share
+    of k-NN votes for the flipped (given) and for the original label, training split and held
+    out. Holds when the training split's votes for the flipped label grow from the early probes
+    to the last, and the early probes vote the original label more often than the flipped one."""
+    lp, in_train = np.asarray(per_model["layer_pred"]), np.asarray(per_model["in_train"], bool)
+    y = np.asarray(per_model["labels"])
+    orig = np.asarray(per_model.get("original_labels", y))
+    flipped = y != orig
+    claim = ("Later layers memorise: on the training split, the early probes vote the original "
+             "class of a flipped example, the last probes its flipped label.")
+    stat = "train share voting the flipped label: last probe - mean of the early probes"
+    on = ("examples whose label was flipped (--label-noise), every (model, example) pair; "
+          "per probe, k-NN vote == flipped label / == original label")
+    if not flipped.any():
+        return _entry(claim, stat, None, on + "; this run flipped no label", 0,
+                      in_train.shape[0], "positive")
+    mask = lambda m: m & flipped[None, :]  # noqa: E731
+    acc = {f"{split}_{which}": _probe_accuracy(lp, labels, mask(m)).tolist()
+           for split, m in (("train", in_train), ("held_out", ~in_train))
+           for which, labels in (("given", y), ("original", orig))}
+    n_early = early_probes(lp.shape[1], early_fraction)
+    tg, to = np.array(acc["train_given"]), np.array(acc["train_original"])
+    value = float(tg[-1] - tg[:n_early].mean())
+    entry = _entry(claim, stat, value, on, int(flipped.sum()), in_train.shape[0], "positive",
+                   knn_accuracy_flipped=acc, early_probes=n_early)
+    entry["holds"] = bool(value > 0 and to[:n_early].mean() > tg[:n_early].mean())
+    return entry
+
+
+def _label_errors(table) -> dict:
+    """The ``label_error`` flags against the ``label_flipped`` column: counts, and precision,
+    recall and F1 where labels were flipped (None otherwise)."""
+    flag = np.asarray(table["label_error"], bool)
+    flipped = np.asarray(table["label_flipped"], bool)
+    tp = int((flag & flipped).sum())
+    out = {"flagged": int(flag.sum()), "flipped": int(flipped.sum()), "true_positives": tp,
+           "relabel_correct": None, "precision": None, "recall": None, "f1": None}
+    if flipped.any():
+        precision = tp / flag.sum() if flag.any() else float("nan")
+        recall = tp / flipped.sum()
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        hit = flag & flipped
+        out.update(precision=_finite(precision), recall=float(recall), f1=float(f1),
+                   relabel_correct=int((np.asarray(table["suggested_label"])[hit]
+                                        == np.asarray(table["original_label"])[hit]).sum()))
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None

@@ -1,0 +1,368 @@
+"""`pdepth improve RUN_DIR` (pdepth.improve): the training sets of the variants equal the run's
+flags, every variant trains the same way, the test split is only evaluated on, improve.json's
+fields, precision / recall of the flags, the cleanlab variant (run, disabled, missing) and the
+CLI's one-line errors. The label-error columns themselves (their rule) are tested with the
+protocol (tests/test_protocol*.py); the CLI's other subcommands in tests/test_cli.py.
+
+The runs here are built by :func:`write_noisy_run` (real Fashion-MNIST training images, known
+flips, hand-set flags, synthetic model probabilities; no k-NN): improve() trains for real, on a
+few hundred examples with the MLP for one epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from run_helpers import copy_run, needs_fmnist, one_error_line
+
+import pdepth.improve as improve_mod
+import pdepth.protocol.train as train_mod
+from pdepth.cli import main
+from pdepth.data import (
+    DATASETS,
+    FASHION_MNIST_ROOT,
+    dataset_info,
+    load_fashion_mnist,
+    normalize_images,
+)
+from pdepth.improve import flag_metrics, heldout_probs, improve, load_run, plan_variants
+
+N = 300
+
+
+def write_noisy_run(out: Path, n: int = N, *, noise_info: bool = True) -> Path:
+    """A finished run directory over ``n`` random Fashion-MNIST training images: every 5th
+    label flipped (``(original + 3) % 10``); flags on the first half of the flips and on every
+    11th unflipped example; held-out models put 0.6 on the original label, training models 0.9
+    on the given one. Arch mlp, 1 epoch, 2 seeds x 2 halves. ``noise_info=False`` leaves out
+    ``original_label`` / ``label_flipped`` (a run without label noise information)."""
+    from pdepth.protocol import split_halves
+
+    images, labels = load_fashion_mnist(FASHION_MNIST_ROOT, "train")
+    index = np.sort(np.random.default_rng(0).choice(labels.shape[0], n, replace=False))
+    original = labels.numpy()[index]
+    rows = np.arange(n)
+    flipped = rows % 5 == 0
+    given = np.where(flipped, (original + 3) % 10, original)
+    flip_rows = rows[flipped]
+    flags = np.zeros(n, bool)
+    flags[flip_rows[: len(flip_rows) // 2]] = True
+    flags[(rows % 11 == 0) & ~flipped] = True
+    suggested = np.where(flags, np.where(flipped, original, (given + 1) % 10), given)
+    in_train = np.zeros((4, n), bool)
+    for s in (0, 1):
+        halves = split_halves(n, s)
+        in_train[2 * s, halves[0]] = in_train[2 * s + 1, halves[1]] = True
+    probs = np.full((4, n, 10), 0.0)
+    for m in range(4):
+        tr = in_train[m]
+        probs[m, tr, :] = 0.1 / 9
+        probs[m, tr, given[tr]] = 0.9
+        probs[m, ~tr, :] = 0.4 / 9
+        probs[m, ~tr, original[~tr]] = 0.6
+    import pandas as pd
+
+    df = pd.DataFrame({"dataset_index": index, "label": given})
+    if noise_info:
+        df["original_label"] = original
+        df["label_flipped"] = flipped
+    df["label_error"] = flags
+    df["label_error_score"] = flags.astype(float)
+    df["suggested_label"] = suggested
+    out.mkdir(parents=True)
+    df.to_parquet(out / "results.parquet")
+    np.savez_compressed(out / "per_model.npz", probs=probs.astype(np.float32),
+                        in_train=in_train, labels=given, original_labels=original,
+                        dataset_index=index)
+    np.savez_compressed(out / "data.npz", images=images.numpy()[index], labels=given,
+                        dataset_index=index)
+    cfg = {"status": "complete",
+           "config": {"dataset": "fashion-mnist", "root": None, "arch": "mlp", "epochs": 1,
+                      "seeds": [0, 1], "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0,
+                      "eval_batch_size": 1000, "subset": n,
+                      "label_noise": 0.2 if noise_info else 0.0},
+           "resolved": {"num_classes": 10, "num_examples": n}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    (out / "COMPLETE").write_text("synthetic\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def noisy_run(tmp_path_factory):
+    return write_noisy_run(tmp_path_factory.mktemp("improve") / "run")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Every call of the protocol's train_model during the test: the model's initial weights,
+    its inputs, labels and training rows (the real function then runs)."""
+    calls = []
+    real = train_mod.train_model
+
+    def spy(model, x, y, train_index, *args, **kwargs):
+        calls.append({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                      "x": x[torch.as_tensor(train_index)].clone(),
+                      "y": torch.as_tensor(y)[torch.as_tensor(train_index)].clone()})
+        return real(model, x, y, train_index, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_model", spy)
+    return calls
+
+
+# --- the pieces, without training -----------------------------------------------------------
+
+def test_flag_metrics_hand_built():
+    flags = np.array([1, 1, 0, 0, 1, 0], bool)
+    flipped = np.array([1, 0, 1, 0, 1, 0], bool)
+    m = flag_metrics(flags, flipped)
+    assert m == {"flagged": 3, "flipped": 3, "true_flags": 2, "precision": pytest.approx(2 / 3),
+                 "recall": pytest.approx(2 / 3), "f1": pytest.approx(2 / 3)}
+    m = flag_metrics(np.array([1, 0, 0, 0], bool), np.array([1, 1, 1, 1], bool))
+    assert (m["precision"], m["recall"]) == (1.0, 0.25)
+    assert m["f1"] == pytest.approx(2 * 0.25 / 1.25)
+    assert flag_metrics(np.zeros(4, bool), np.ones(4, bool))["precision"] is None
+    assert flag_metrics(np.ones(4, bool), np.zeros(4, bool))["recall"] is None
+    assert flag_metrics(np.array([1, 0], bool), np.array([0, 1], bool))["f1"] == 0.0
+    assert flag_metrics(np.ones(3, bool), None) == {"flagged": 3}  # no noise info
+
+
+def test_heldout_probs_mean_over_models_that_held_it_out():
+    probs = np.zeros((3, 2, 2))
+    probs[:, 0] = [[1, 0], [0, 1], [0.5, 0.5]]
+    probs[:, 1] = [[0.2, 0.8], [0.4, 0.6], [1, 0]]
+    in_train = np.array([[0, 1], [1, 0], [0, 0]], bool)
+    p = heldout_probs(probs, in_train)
+    np.testing.assert_allclose(p, [[0.75, 0.25], [0.7, 0.3]])  # models 0, 2 | 1, 2
+    with pytest.raises(ValueError, match="held out by no model"):
+        heldout_probs(probs, np.array([[1, 0], [1, 0], [1, 0]], bool))
+
+
+@needs_fmnist
+def test_variants_equal_the_flags(noisy_run):
+    run = load_run(noisy_run)
+    variants, skipped = plan_variants(run, cleanlab=False)
+    y, flags = run.labels, run.label_error
+    assert flags.any() and (~flags).any()
+    base = variants["baseline"]
+    assert np.array_equal(base.index, np.arange(run.n)) and np.array_equal(base.labels, y)
+    assert base.flags is None
+    rem = variants["pdepth_remove"]  # the rows with label_error removed, nothing else
+    assert np.array_equal(rem.index, np.flatnonzero(~flags))
+    assert np.array_equal(rem.labels, y[~flags]) and np.array_equal(rem.flags, flags)
+    rel = variants["pdepth_relabel"]  # every row; the flagged ones take suggested_label
+    assert np.array_equal(rel.index, np.arange(run.n))
+    assert np.array_equal(rel.labels[flags], run.suggested_label[flags])
+    assert np.array_equal(rel.labels[~flags], y[~flags])
+    assert set(skipped) == {"cleanlab_remove"} and "disabled" in skipped["cleanlab_remove"]
+    assert "cleanlab_remove" not in variants
+
+
+@needs_fmnist
+def test_cleanlab_variant_is_find_label_issues_on_heldout_probs(noisy_run):
+    cleanlab_filter = pytest.importorskip("cleanlab.filter")
+    run = load_run(noisy_run)
+    variants, skipped = plan_variants(run)
+    assert not skipped
+    expected = cleanlab_filter.find_label_issues(
+        labels=run.labels, pred_probs=heldout_probs(run.probs, run.in_train), n_jobs=1)
+    v = variants["cleanlab_remove"]
+    assert np.array_equal(v.flags, expected)
+    assert np.array_equal(v.index, np.flatnonzero(~expected))
+    assert np.array_equal(v.labels, run.labels[~expected])
+
+
+@needs_fmnist
+def test_cleanlab_missing_is_skipped_with_reason(noisy_run, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab -> ImportError
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    variants, skipped = plan_variants(load_run(noisy_run))
+    assert "cleanlab_remove" not in variants
+    assert "not installed" in skipped["cleanlab_remove"]
+    assert "pdepth[label-errors]" in skipped["cleanlab_remove"]
+
+
+# --- improve(): training for real -----------------------------------------------------------
+
+@needs_fmnist
+def test_improve_trains_on_the_flags_and_writes_improve_json(noisy_run, tmp_path, captured,
+                                                             monkeypatch):
+    run_dir = copy_run(noisy_run, tmp_path)
+    events = []
+    info = dataset_info("fashion-mnist")
+    real_load, real_plan = info.load, improve_mod.plan_variants
+
+    def load(root, split):
+        events.append(f"load {split}")
+        return real_load(root, split)
+
+    def plan(*args, **kwargs):
+        events.append("plan")
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setitem(DATASETS, "fashion-mnist", dataclasses.replace(info, load=load))
+    monkeypatch.setattr(improve_mod, "plan_variants", plan)
+    lines = []
+    res = improve(run_dir, progress=False, cleanlab=False, log=lines.append)
+
+    # The test split is read once, after every training set is fixed, and only evaluated on.
+    assert events == ["load train", "plan", "load test"]
+    run = load_run(run_dir)
+    x_all = normalize_images(torch.from_numpy(np.load(run_dir / "data.npz")["images"]))
+    flags, y = run.label_error, torch.as_tensor(run.labels)
+    expected = {  # name -> (rows of the run's examples, labels)
+        "baseline": (np.arange(run.n), y),
+        "pdepth_remove": (np.flatnonzero(~flags), y[~flags]),
+        "pdepth_relabel": (np.arange(run.n),
+                           torch.where(torch.as_tensor(flags),
+                                       torch.as_tensor(run.suggested_label), y)),
+    }
+    assert len(captured) == 3
+    for call, (name, (rows, labels)) in zip(captured, expected.items(), strict=True):
+        assert torch.equal(call["x"], x_all[rows]), name  # exactly the run's examples
+        assert torch.equal(call["y"], labels), name
+        assert res[name]["train_examples"] == len(rows)
+    for call in captured[1:]:  # one seed: the same initial weights for every variant
+        assert all(torch.equal(call["state"][k], v) for k, v in captured[0]["state"].items())
+
+    on_disk = json.loads((run_dir / "improve.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert list(on_disk)[:4] == ["baseline", "pdepth_remove", "pdepth_relabel",
+                                 "cleanlab_remove"]
+    for name in expected:
+        assert 0.0 <= on_disk[name]["test_accuracy"] <= 1.0
+    assert on_disk["cleanlab_remove"] == {"skipped": True,
+                                          "reason": "disabled (--no-cleanlab / cleanlab=False)"}
+    want = flag_metrics(flags, run.label_flipped)
+    for name in ("pdepth_remove", "pdepth_relabel"):
+        for key in ("flagged", "precision", "recall", "f1"):
+            assert on_disk[name][key] == pytest.approx(want[key]), (name, key)
+    # the hand-set flags: half of the 60 flips and the 22 unflipped multiples of 11
+    assert want["flagged"] == 30 + 22 and want["recall"] == 0.5
+    assert want["precision"] == pytest.approx(30 / 52)
+    assert on_disk["pdepth_relabel"]["relabelled"] == int(flags.sum())
+    assert "flagged" not in on_disk["baseline"]
+    s = on_disk["settings"]
+    assert (s["epochs"], s["seed"], s["device"], s["arch"]) == (1, 0, "cpu", "mlp")
+    assert s["command"].startswith("pdepth improve ")
+    assert on_disk["test_split"]["examples"] == 10_000 and on_disk["noise_known"] is True
+    assert len(lines) == 3 and not list(run_dir.glob(".*tmp*"))
+
+
+@needs_fmnist
+def test_improve_cli_with_cleanlab(noisy_run, tmp_path, capsys):
+    pytest.importorskip("cleanlab")
+    run_dir = copy_run(noisy_run, tmp_path)
+    assert main(["improve", str(run_dir), "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / "improve.json")
+    res = json.loads((run_dir / "improve.json").read_text())
+    cl = res["cleanlab_remove"]
+    assert "skipped" not in cl and 0.0 <= cl["test_accuracy"] <= 1.0
+    assert cl["train_examples"] == N - cl["flagged"]
+    run = load_run(run_dir)
+    variants, _ = plan_variants(run)
+    assert cl == {**cl, **flag_metrics(variants["cleanlab_remove"].flags, run.label_flipped)}
+    assert res["settings"]["command"] == f"pdepth improve {run_dir} --quiet"
+    assert res["settings"]["cleanlab"]
+
+
+@needs_fmnist
+def test_improve_without_noise_info_or_cleanlab(tmp_path, monkeypatch, capsys):
+    """A run without original_label / label_flipped: counts, no precision / recall; cleanlab
+    missing: skipped with the reason, and a message even with --quiet. Two training seeds:
+    the accuracy is their mean."""
+    run_dir = write_noisy_run(tmp_path / "run", n=120, noise_info=False)
+    monkeypatch.setitem(sys.modules, "cleanlab", None)
+    monkeypatch.setitem(sys.modules, "cleanlab.filter", None)
+    assert main(["improve", str(run_dir), "--seeds", "0,3", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "cleanlab_remove skipped" in err and "not installed" in err
+    res = json.loads((run_dir / "improve.json").read_text())
+    assert res["noise_known"] is False
+    assert res["cleanlab_remove"]["skipped"] is True
+    assert "not installed" in res["cleanlab_remove"]["reason"]
+    assert set(res["pdepth_remove"]) >= {"flagged", "test_accuracy", "train_examples"}
+    assert "precision" not in res["pdepth_remove"] and "recall" not in res["pdepth_relabel"]
+    assert res["settings"]["seeds"] == [0, 3]
+    for name in ("baseline", "pdepth_remove", "pdepth_relabel"):
+        per_seed = res[name]["test_accuracy_per_seed"]
+        assert len(per_seed) == 2
+        assert res[name]["test_accuracy"] == pytest.approx(np.mean(per_seed))
+        assert res[name]["test_accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
+
+
+# --- bad run directories --------------------------------------------------------------------
+
+def test_cli_improve_missing_dir(tmp_path, capsys):
+    assert main(["improve", str(tmp_path / "nowhere")]) == 2
+    assert "not a directory" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("drop", ["results.parquet", "per_model.npz", "config.json",
+                                  "COMPLETE"])
+def test_cli_improve_incomplete_run(drop, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("results.parquet", "per_model.npz", "config.json", "COMPLETE"):
+        if name != drop:
+            (run_dir / name).write_text("x")
+    assert main(["improve", str(run_dir), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "no finished pdepth run" in err and drop in err
+    assert not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+def test_cli_improve_run_without_label_error_columns(noisy_run, tmp_path, capsys):
+    import pandas as pd
+
+    run_dir = copy_run(noisy_run, tmp_path)
+    df = pd.read_parquet(run_dir / "results.parquet")
+    df.drop(columns=["label_error", "suggested_label"]).to_parquet(run_dir / "results.parquet")
+    assert main(["improve", str(run_dir), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "label_error" in err and "suggested_label" in err
+    assert not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+def test_improve_refuses_images_not_from_the_training_split(noisy_run, tmp_path):
+    run_dir = copy_run(noisy_run, tmp_path)
+    with np.load(run_dir / "data.npz") as z:
+        arrays = dict(z)
+    arrays["images"] = 255 - arrays["images"]
+    np.savez_compressed(run_dir / "data.npz", **arrays)
+    with pytest.raises(ValueError, match="not the training split's images"):
+        improve(run_dir, progress=False, cleanlab=False, log=None)
+    assert not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("option", [["--epochs", "0"], ["--device", "bogus"]])
+def test_cli_improve_bad_option(option, noisy_run, capsys):
+    assert main(["improve", str(noisy_run), *option, "--quiet"]) == 2
+    assert option[0] in one_error_line(capsys)
+    assert not (noisy_run / "improve.json").exists()  # refused before anything is written
+
+
+def test_improve_on_a_real_run(tiny_run, tmp_path):
+    """End to end on a real `pdepth run` (conftest's tiny run): skipped until `pdepth run`
+    writes the label-error columns."""
+    import pandas as pd
+
+    if not {"label_error", "suggested_label"} <= set(
+            pd.read_parquet(tiny_run / "results.parquet").columns):
+        pytest.skip("this `pdepth run` writes no label_error / suggested_label columns")
+    run_dir = copy_run(tiny_run, tmp_path)
+    assert main(["improve", str(run_dir), "--no-cleanlab", "--quiet"]) == 0
+    res = json.loads((run_dir / "improve.json").read_text())
+    run = load_run(run_dir)
+    assert res["baseline"]["train_examples"] == run.n
+    assert res["pdepth_remove"]["train_examples"] == run.n - int(run.label_error.sum())
+    assert res["pdepth_remove"]["flagged"] == int(run.label_error.sum())
+    assert res["cleanlab_remove"]["skipped"] is True

@@ -1,0 +1,143 @@
+"""summary.json (pdepth.summary): every entry of a real run equals a direct computation from
+its results.parquet and per_model.npz; the flipped-label and label-error entries on a
+synthetic ensemble with one known flip. Label noise itself: tests/test_label_noise.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from run_helpers import TINY, ensemble, needs_fmnist
+from scipy.stats import spearmanr
+
+from pdepth.cli import main
+from pdepth.label_errors import label_error_evidence
+from pdepth.metrics import summarize
+from pdepth.summary import claims_summary, spearman
+
+CORRELATIONS = {  # entry -> (x column, y column, paper direction)
+    "depth_vs_accuracy": ("held_out_depth", "held_out_accuracy_original", "negative"),
+    "depth_vs_confidence": ("held_out_depth", "confidence", "negative"),
+    "depth_vs_margin": ("held_out_depth", "margin", "negative"),
+    "depth_vs_uncertainty": ("held_out_depth", "ensemble_entropy", "positive"),
+    "depth_vs_agreement": ("held_out_depth", "consistency", "negative"),
+    "depth_vs_speed_of_learning": ("train_depth", "iteration_learned", "positive"),
+    "learns_easy_data_first": ("held_out_depth", "iteration_learned", "positive"),
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from run_helpers import FMNIST_MISSING, HAVE_FMNIST
+
+    if not HAVE_FMNIST:
+        pytest.skip(FMNIST_MISSING)
+    out = tmp_path_factory.mktemp("summary") / "run"
+    assert main(["run", *TINY, "--label-noise", "0.25", "--out", str(out)]) == 0
+    return out
+
+
+def _load(out):
+    import pandas as pd
+
+    with np.load(out / "per_model.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return (pd.read_parquet(out / "results.parquet"), arrays,
+            json.loads((out / "summary.json").read_text()))
+
+
+@needs_fmnist
+def test_summary_matches_direct_computation(run):
+    df, z, summary = _load(run)
+    assert summary == json.loads(json.dumps(claims_summary(df, z)))  # reproducible from files
+    claims = summary["claims"]
+    r_models, num_layers, n = z["layer_pred"].shape
+    assert summary["n_examples"] == n == 200 and summary["n_models"] == r_models == 4
+    for name, (x, y, direction) in CORRELATIONS.items():
+        entry = claims[name]
+        ok = df[x].notna() & df[y].notna()
+        expected = spearmanr(df.loc[ok, x], df.loc[ok, y]).statistic
+        assert entry["value"] == pytest.approx(expected, abs=1e-9), name
+        assert entry["n_examples"] == ok.sum() and entry["n_models"] == r_models
+        assert entry["paper_direction"] == direction
+        sign = 1 if direction == "positive" else -1
+        assert entry["holds"] == bool(sign * expected > 0), name
+
+    # per-probe k-NN accuracy (given labels), train vs held out, over (model, example) pairs
+    lp, it, y, orig = z["layer_pred"], z["in_train"], z["labels"], z["original_labels"]
+    gap = claims["early_layers_generalise"]
+    for split, mask in (("train", it), ("held_out", ~it)):
+        direct = [(lp[:, layer][mask] == np.broadcast_to(y, it.shape)[mask]).mean()
+                  for layer in range(num_layers)]
+        np.testing.assert_allclose(gap[f"knn_accuracy_{split}"], direct)
+    g = np.array(gap["knn_accuracy_train"]) - np.array(gap["knn_accuracy_held_out"])
+    assert gap["value"] == pytest.approx(g[-1] - g[0]) and gap["holds"] == (g[-1] > g[0])
+
+    flip = claims["flipped_labels_memorised_late"]
+    flipped = y != orig
+    assert flip["n_examples"] == flipped.sum() == 50
+    mask = it & flipped[None]
+    train_given = [(lp[:, layer][mask] == np.broadcast_to(y, it.shape)[mask]).mean()
+                   for layer in range(num_layers)]
+    np.testing.assert_allclose(flip["knn_accuracy_flipped"]["train_given"], train_given)
+    early = flip["early_probes"]
+    assert flip["value"] == pytest.approx(train_given[-1] - np.mean(train_given[:early]))
+
+    errors = summary["label_errors"]
+    tp = int((df["label_error"] & df["label_flipped"]).sum())
+    assert errors["flipped"] == 50 and errors["flagged"] == df["label_error"].sum()
+    assert errors["true_positives"] == tp and errors["recall"] == pytest.approx(tp / 50)
+    if errors["flagged"]:
+        assert errors["precision"] == pytest.approx(tp / errors["flagged"])
+
+
+def _synthetic(original_class=5, flip=True):
+    depth, in_train, probs, layer_pred, epoch_pred, labels = ensemble(40)
+    original = labels.copy()
+    if flip:
+        original[0] = original_class
+    df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels,
+                   original_labels=original)
+    for name, value in label_error_evidence(probs, in_train, layer_pred, labels, 10).items():
+        df[name] = value
+    arrays = {"in_train": in_train, "layer_pred": layer_pred, "labels": labels,
+              "original_labels": original}
+    return df, arrays
+
+
+def test_flipped_label_entry_and_label_errors_on_a_known_flip():
+    df, arrays = _synthetic()
+    summary = claims_summary(df, arrays)
+    flip = summary["claims"]["flipped_labels_memorised_late"]
+    # trained on: probes 0-3 vote the original class 5, probes 4-5 the given label 3
+    assert flip["knn_accuracy_flipped"]["train_given"] == [0, 0, 0, 0, 1, 1]
+    assert flip["knn_accuracy_flipped"]["train_original"] == [1, 1, 1, 1, 0, 0]
+    assert flip["knn_accuracy_flipped"]["held_out_original"] == [1] * 6
+    assert flip["value"] == 1.0 and flip["holds"] is True and flip["n_examples"] == 1
+    assert summary["label_errors"] == {"flagged": 1, "flipped": 1, "true_positives": 1,
+                                       "relabel_correct": 1, "precision": 1.0, "recall": 1.0,
+                                       "f1": 1.0}
+    json.dumps(summary)  # plain JSON types only
+
+
+def test_without_flips_the_noise_entries_are_empty():
+    df, arrays = _synthetic(flip=False)
+    summary = claims_summary(df, arrays)
+    flip = summary["claims"]["flipped_labels_memorised_late"]
+    assert flip["value"] is None and flip["holds"] is None and flip["n_examples"] == 0
+    errors = summary["label_errors"]
+    assert errors["flipped"] == 0 and errors["flagged"] == 1
+    assert errors["precision"] is None and errors["recall"] is None
+    # early layers generalise: every probe is right on both splits here, so the gap is 0
+    gap = summary["claims"]["early_layers_generalise"]
+    assert gap["value"] == pytest.approx(0.0, abs=0.1)
+
+
+def test_spearman_helper():
+    x = np.array([1.0, 2, 3, 4, np.nan, 6])
+    y = np.array([2.0, 2, 5, 9, 1, np.inf])
+    rho, n = spearman(x, y)
+    assert n == 4 and rho == pytest.approx(spearmanr(x[:4], y[:4]).statistic)
+    assert np.isnan(spearman([1, 2, 3], [5, 5, 5])[0])
+    assert np.isnan(spearman([1, 2], [3, 4])[0])
