@@ -65,6 +65,13 @@ def test_matches_exhaustive(d, kind):
     check(lambda f: pdepth.knn(q, s, 12, filter=f))
 
 
+def test_small_support_two_passes():
+    """D = 2048 with a support set that fits in the cache takes the two passes too."""
+    q, s = relu_like(40, 700, 2048, ("cached",))
+    q, si = with_self_matches(q, s, key=("cached",))
+    check(lambda f: pdepth.knn(q, s, 10, self_index=si, filter=f), chunk_rows=9)
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64])
 def test_chunks_self_matches_and_ties(chunk_rows):
     """Integer rows (exact ties everywhere), self matches excluded, small chunks."""
