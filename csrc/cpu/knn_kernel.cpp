@@ -38,7 +38,9 @@ constexpr int64_t kTwoPassD = 8192;
 // two passes 0.76x the torch pipeline's time, the tile path 1.06x).
 constexpr int64_t kCachedSupportBytes = int64_t(16) << 20;
 constexpr int64_t kKeyPiece = 512;
-constexpr int64_t kMinKeyRows = 64;
+// Queries per key block on the tile path (their pieces and accumulators stay in L2 while the
+// tile's rows come from L3); the two passes take one block per thread (rows from memory).
+constexpr int64_t kKeyRows = 64;
 // The wide path's cross terms of one query chunk against the whole support set: at most this
 // many bytes unless that leaves fewer than kMinChunk queries (then kMinChunk x N, which for
 // D >= kTwoPassD is at most 1/32 of the support's own size).
@@ -500,14 +502,14 @@ std::vector<Filter> fallback_chain(Filter f) {
 
 // The candidates of query rows m0..m0+mb against support rows n0..n0+nb (`dot` [mb x nb],
 // `sn` their centred norms) at the rows' thresholds when the chunk starts, their canonical keys
-// computed in pieces of kKeyPiece columns for blocks of many queries at a time (cache
+// computed in pieces of kKeyPiece columns for blocks of key_rows queries at a time (cache
 // blocking: a canonical key reads 8 D bytes for 3 D flops), then offered to the heaps.
 // Returns the number of keys. canonical_add keeps every running sum's order, so the keys
 // have select_row's bits.
 template <typename T>
 int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int64_t m0,
                      int64_t mb, const T* dot, const std::vector<T>& seeds,
-                     const Rule<T>& rule, Entry<T>* hp) {
+                     const Rule<T>& rule, Entry<T>* hp, int64_t key_rows) {
   const int64_t d = sc.d;
   const int64_t gbase = sc.offset + n0;
   const T* srows = sc.sp + n0 * d;
@@ -526,10 +528,6 @@ int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int
       }
     }
   });
-  // One block of queries per thread (at least kMinKeyRows): per piece of kKeyPiece columns,
-  // the support row's piece is read from memory once per thread, not once per small block.
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t key_rows = std::max(kMinKeyRows, (mb + threads - 1) / threads);
   // Blocks of key_rows queries, each on one thread: per piece of kKeyPiece columns, the
   // block's query pieces stay in L2 while each support row's piece is read once for all the
   // block's pairs it takes part in.
@@ -683,7 +681,7 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
       compute);
   if (sc.d >= kBatchKeysD) {
     const int64_t keys =
-        batched_keys(sc, tile.n0, nb, sn, m0, mb, dot, seeds, sc.rule[int(f)], hp);
+        batched_keys(sc, tile.n0, nb, sn, m0, mb, dot, seeds, sc.rule[int(f)], hp, kKeyRows);
     count_block(sc, f, seeds, keys, mb, nb, 1);
     return;
   }
@@ -788,8 +786,9 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
             }
           });
         });
-    const int64_t keys =
-        batched_keys(sc, 0, n, sn, m0, mb, dot.data(), seeds, sc.rule[int(f)], hp);
+    // One key block per thread: each support row is read from memory once per thread.
+    const int64_t keys = batched_keys(sc, 0, n, sn, m0, mb, dot.data(), seeds,
+        sc.rule[int(f)], hp, std::max(kKeyRows, (mb + threads - 1) / threads));
     count_block(sc, f, seeds, keys, mb, n, ntiles);
   }
 }
