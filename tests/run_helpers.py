@@ -34,6 +34,18 @@ TINY = ["--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "2", "--quiet
 NUM_PROBES = 6  # probes of the synthetic ensemble
 
 
+def tiny_noisy_run(tmp_path_factory, name: str, noise: float) -> Path:
+    """A tiny real run (:data:`TINY`) with ``--label-noise noise`` in a fresh temporary
+    directory; skips the test where Fashion-MNIST is not installed."""
+    from pdepth.cli import main
+
+    if not HAVE_FMNIST:
+        pytest.skip(FMNIST_MISSING)
+    out = tmp_path_factory.mktemp(name) / "run"
+    assert main(["run", *TINY, "--label-noise", str(noise), "--out", str(out)]) == 0
+    return out
+
+
 def copy_run(run: Path, tmp_path: Path) -> Path:
     """A copy of the run directory ``run`` (tests change copies, never a shared run)."""
     out = tmp_path / "copy"

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from run_helpers import TINY, ensemble, needs_fmnist, one_error_line
+from run_helpers import ensemble, needs_fmnist, one_error_line, tiny_noisy_run
 
 from pdepth.cli import main
 from pdepth.label_errors import label_error_evidence
@@ -76,13 +76,7 @@ def test_cli_bad_label_noise(value, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def noisy_run(tmp_path_factory):
-    from run_helpers import FMNIST_MISSING, HAVE_FMNIST
-
-    if not HAVE_FMNIST:
-        pytest.skip(FMNIST_MISSING)
-    out = tmp_path_factory.mktemp("noisy") / "run"
-    assert main(["run", *TINY, "--label-noise", "0.2", "--out", str(out)]) == 0
-    return out
+    return tiny_noisy_run(tmp_path_factory, "noisy", 0.2)
 
 
 @needs_fmnist

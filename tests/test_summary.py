@@ -8,10 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from run_helpers import TINY, ensemble, needs_fmnist
+from run_helpers import ensemble, needs_fmnist, tiny_noisy_run
 from scipy.stats import spearmanr
 
-from pdepth.cli import main
 from pdepth.label_errors import label_error_evidence
 from pdepth.metrics import summarize
 from pdepth.summary import claims_summary, spearman
@@ -29,13 +28,7 @@ CORRELATIONS = {  # entry -> (x column, y column, paper direction)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from run_helpers import FMNIST_MISSING, HAVE_FMNIST
-
-    if not HAVE_FMNIST:
-        pytest.skip(FMNIST_MISSING)
-    out = tmp_path_factory.mktemp("summary") / "run"
-    assert main(["run", *TINY, "--label-noise", "0.25", "--out", str(out)]) == 0
-    return out
+    return tiny_noisy_run(tmp_path_factory, "summary", 0.25)
 
 
 def _load(out):
