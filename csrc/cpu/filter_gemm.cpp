@@ -218,6 +218,29 @@ void reuse(at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
 
 } // namespace
 
+// The bfloat16 form of one reduction block of centred rows `in` [r, len] (float32, any
+// strides) into `out`: bf16 -> [r, len] rounded to nearest even; bf16x3 -> [r, 3 len], per
+// row [hi|hi|lo] (queries) or [hi|lo|hi] (support), hi = bf16(x), lo = bf16(x - hi), with
+// `res` [r, len] float32 scratch for the residual. ATen's conversions (vectorised).
+namespace {
+
+void low_block(Filter f, const at::Tensor& in, bool support_side, const at::Tensor& out,
+               at::Tensor res) {
+  if (f == Filter::kBf16) {
+    out.copy_(in);
+    return;
+  }
+  const int64_t len = in.size(1);
+  const at::Tensor hi = out.narrow(1, 0, len);
+  hi.copy_(in);
+  res.copy_(hi);
+  at::sub_out(res, in, res);  // the residual x - hi, exact in float32
+  out.narrow(1, len, len).copy_(support_side ? res : hi);
+  out.narrow(1, 2 * len, len).copy_(support_side ? hi : res);
+}
+
+} // namespace
+
 void filter_rows(Filter f, const at::Tensor& centred, bool support_side, FilterRows& out) {
   out.rows = centred;
   out.gemm = bf16_gemm();
@@ -226,26 +249,16 @@ void filter_rows(Filter f, const at::Tensor& centred, bool support_side, FilterR
   }
   const int64_t r = centred.size(0);
   const int64_t d = centred.size(1);
-  if (f == Filter::kBf16) {
-    reuse(out.low, {r, d}, at::kBFloat16);
-    out.low.copy_(centred);  // round to nearest even
-  } else {
-    // hi = bf16(x); lo = bf16(x - hi), the residual exact in float32; per reduction block
-    // [hi|hi|lo] (queries) or [hi|lo|hi] (support)
-    reuse(out.hi, {r, d}, at::kBFloat16);
-    reuse(out.residual, {r, d}, centred.scalar_type());
-    out.hi.copy_(centred);
-    at::sub_out(out.residual, centred, out.hi.to(centred.scalar_type()));
-    reuse(out.low, {r, 3 * d}, at::kBFloat16);
-    for (int64_t j = 0; j < block_count(d); ++j) {
-      const int64_t off = j * kReduceBlock;
-      const int64_t len = std::min(kReduceBlock, d - off);
-      const at::Tensor h = out.hi.narrow(1, off, len);
-      const at::Tensor l = out.residual.narrow(1, off, len);
-      out.low.narrow(1, 3 * off, len).copy_(h);
-      out.low.narrow(1, 3 * off + len, len).copy_(support_side ? l : h);
-      out.low.narrow(1, 3 * off + 2 * len, len).copy_(support_side ? h : l);
-    }
+  reuse(out.low, {r, f == Filter::kBf16x3 ? 3 * d : d}, at::kBFloat16);
+  if (f == Filter::kBf16x3) {
+    reuse(out.residual, {r, std::min(kReduceBlock, d)}, centred.scalar_type());
+  }
+  for (int64_t j = 0; j < block_count(d); ++j) {
+    const int64_t off = j * kReduceBlock;
+    const int64_t len = std::min(kReduceBlock, d - off);
+    const Block b = block_cols(f, d, j);
+    low_block(f, centred.narrow(1, off, len), support_side, out.low.narrow(1, b.off, b.len),
+        f == Filter::kBf16x3 ? out.residual.narrow(1, 0, len) : at::Tensor());
   }
   if (support_side && out.gemm == Bf16Gemm::kKernel) {
     const int64_t ld = out.low.size(1);
@@ -277,28 +290,6 @@ void centre_block(const T* x, int64_t r, int64_t d, const T* c, int64_t off, int
   }
 }
 
-// The bfloat16 form of centred block rows x [r, len]: bf16 -> [r, len] rounded to nearest
-// even; bf16x3 -> [r, 3 len] per row [hi|hi|lo] (queries) or [hi|lo|hi] (support), as
-// filter_rows, with `res` [r, len] scratch for the residual. ATen's conversions (vectorised).
-void low_block(Filter f, const float* x, int64_t r, int64_t len, bool support_side,
-               at::BFloat16* dst, float* res) {
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
-  const at::Tensor in = at::from_blob(const_cast<float*>(x), {r, len}, f32);
-  if (f == Filter::kBf16) {
-    at::from_blob(dst, {r, len}, bf16).copy_(in);
-    return;
-  }
-  const at::Tensor out = at::from_blob(dst, {r, 3 * len}, bf16);
-  const at::Tensor hi = out.narrow(1, 0, len);
-  hi.copy_(in);
-  at::Tensor lo = at::from_blob(res, {r, len}, f32);
-  lo.copy_(hi);
-  at::sub_out(lo, in, lo);  // the residual x - hi, exact in float32
-  out.narrow(1, len, len).copy_(support_side ? lo : hi);
-  out.narrow(1, 2 * len, len).copy_(support_side ? hi : lo);
-}
-
 // prod [mq, ns] = the block's product in format f (overwritten).
 template <typename T>
 void block_product(Filter f, int64_t mq, int64_t ns, int64_t len, CentredScratch<T>& w) {
@@ -314,8 +305,12 @@ void block_product(Filter f, int64_t mq, int64_t ns, int64_t len, CentredScratch
     w.ql.resize(mq * lw);
     w.sl.resize(ns * lw);
     w.res.resize(std::max(mq, ns) * len);
-    low_block(f, w.qf.data(), mq, len, false, w.ql.data(), w.res.data());
-    low_block(f, w.sf.data(), ns, len, true, w.sl.data(), w.res.data());
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+    low_block(f, at::from_blob(w.qf.data(), {mq, len}, f32), false,
+        at::from_blob(w.ql.data(), {mq, lw}, bf16), at::from_blob(w.res.data(), {mq, len}, f32));
+    low_block(f, at::from_blob(w.sf.data(), {ns, len}, f32), true,
+        at::from_blob(w.sl.data(), {ns, lw}, bf16), at::from_blob(w.res.data(), {ns, len}, f32));
     switch (bf16_gemm()) {
       case Bf16Gemm::kKernel:
         pack_b(w.sl.data(), lw, ns, lw, w.packed);

@@ -43,7 +43,7 @@ struct FilterRows {
   at::Tensor low;             // [r, D'] bfloat16 (undefined for fp32)
   std::vector<PackedB> packed;  // support side, kernel backend: one per reduction block
   Bf16Gemm gemm = Bf16Gemm::kSgemm;  // the bfloat16 backend chosen when the rows were made
-  at::Tensor hi, residual;      // bf16x3 scratch
+  at::Tensor residual;          // bf16x3 scratch: one reduction block's residuals
 };
 
 // Fills `out` for these rows, reusing its buffers where their shapes fit (tile after tile).
