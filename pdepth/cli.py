@@ -78,8 +78,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="pool conv maps to at most this many features (0: no pooling; "
                         "default: %(default)s)")
     r.add_argument("--memory-budget", type=float, default=d.memory_budget / 2**20,
-                   help="MiB for resident query embeddings during the k-NN (default: "
-                        "%(default).0f)")
+                   help="MiB of embeddings a model's scoring may hold in RAM; beyond it they "
+                        "go to a disk cache in OUT/cache, read one probe at a time in blocks "
+                        "of this size (default: %(default).0f)")
+    r.add_argument("--keep-cache", action="store_true",
+                   help="keep the disk cache of embeddings (OUT/cache/*.emb*.npy, one "
+                        "float32 .npy file per probe and model, rows: training half then "
+                        "held-out half) instead of deleting it after each model")
     r.add_argument("--device", default=d.device,
                    help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     r.add_argument("--knn-filter", default=d.knn_filter, choices=list(FILTERS),
@@ -152,7 +157,7 @@ def _run(args) -> int:
         seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
         batch_size=args.batch_size, max_dim=args.max_dim or None,
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
-        knn_filter=args.knn_filter, label_noise=args.label_noise)
+        knn_filter=args.knn_filter, label_noise=args.label_noise, keep_cache=args.keep_cache)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))

@@ -256,6 +256,10 @@ def _first_tensor(out):
     raise TypeError(f"probe output of type {type(out).__name__} holds no tensor")
 
 
+class _Truncated(Exception):
+    """Raised by the last probe's hook to stop a truncated forward pass."""
+
+
 class ProbeRecorder:
     """Forward hooks that record every probe of ``spec`` in one forward pass.
 
@@ -265,16 +269,20 @@ class ProbeRecorder:
             layers, logits = rec.run(x)   # layers: list of [B, D_l] tensors, spec order
 
     Recorded tensors are detached copies in ``dtype`` (default float32) on ``storage``
-    (default: the model's device).
+    (default: the model's device). With ``truncate=True`` and no softmax probe, the forward
+    pass stops once every probed module has run (nothing after it is computed) and
+    :meth:`run` returns None for the logits.
     """
 
     def __init__(self, model: nn.Module, spec: ProbeSpec, *, dtype=torch.float32,
-                 storage: torch.device | str | None = None):
+                 storage: torch.device | str | None = None, truncate: bool = False):
         self.model = model
         self.spec = spec
         self.dtype = dtype
         self.storage = None if storage is None else torch.device(storage)
         self._modules = spec.validate(model)
+        self._truncate = truncate and not spec.softmax
+        self._skip_forward = truncate and not spec.softmax and not spec.modules
         self._handles: list = []
         self._buffer: dict[str, torch.Tensor] = {}
 
@@ -292,6 +300,8 @@ class ProbeRecorder:
                     "module such as a ResNet block's ReLU); probe a module that runs once"
                 )
             self._buffer[name] = self._store(_first_tensor(output))
+            if self._truncate and len(self._buffer) == len(self._modules):
+                raise _Truncated  # every probe has run: the rest of the network is not needed
         return hook
 
     def __enter__(self) -> ProbeRecorder:
@@ -309,7 +319,12 @@ class ProbeRecorder:
     def run(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One forward pass: (probe embeddings in spec order, logits as float32)."""
         self._buffer.clear()
-        logits = model_output(self.model(x)).detach().float()
+        logits = None
+        if not self._skip_forward:
+            try:
+                logits = model_output(self.model(x)).detach().float()
+            except _Truncated:
+                pass
         missing = [m for m in self.spec.modules if m not in self._buffer]
         if missing:
             raise RuntimeError(f"probe module(s) {missing} did not run in the forward pass")
@@ -320,6 +335,8 @@ class ProbeRecorder:
         if self.spec.softmax:
             layers.append(self._store(torch.softmax(logits, dim=1)))
         self._buffer.clear()
+        if logits is None:
+            return layers, None
         dev = self.storage if self.storage is not None else logits.device
         return layers, logits.to(dev)
 

@@ -24,7 +24,7 @@ __all__ = ["RUNTIME_KEYS", "RunConfig", "flip_labels", "rank_settings", "resolve
 # resume, and the per-model files of a run stay valid) and of what the ranks of a distributed
 # run must agree on. knn_filter (--knn-filter) only decides how fast the k-NN op finds the
 # neighbours, never which (the op's output is the same bits whatever the filter).
-RUNTIME_KEYS = ("device", "root", "knn_filter")
+RUNTIME_KEYS = ("device", "root", "knn_filter", "keep_cache")
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -39,6 +39,11 @@ class RunConfig:
     :func:`pdepth.stream_prediction_depth`, one of :data:`pdepth.FILTERS`): a speed setting
     only, so like ``device`` and ``root`` it is not part of the protocol key
     (:data:`RUNTIME_KEYS`) and a run may be resumed with another one.
+
+    ``memory_budget`` (``--memory-budget``, bytes) bounds the embeddings a model's scoring
+    holds in RAM; where every probe's embeddings of the run's examples exceed it they go to
+    the disk cache ``OUT/cache/``, removed after each model unless ``keep_cache``
+    (``--keep-cache``, a runtime setting like ``device``; docs/design.md section 12).
 
     ``label_noise`` (``--label-noise P``, ``0 <= P < 1``) flips ``round(P * n)`` of the n
     labels of the run's examples to another class before the halves are drawn
@@ -68,6 +73,7 @@ class RunConfig:
     knn_filter: str = "auto"
     label_noise: float = 0.0
     label_noise_seed: int | None = None
+    keep_cache: bool = False
 
     def __post_init__(self):
         self.seeds = [int(s) for s in self.seeds]

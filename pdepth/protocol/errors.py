@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["INSTALL_HINT", "MissingDependencyError", "ModelFileError", "OutputExistsError",
+__all__ = ["INSTALL_HINT", "DiskSpaceError", "MissingDependencyError", "ModelFileError", "OutputExistsError",
            "require_modules"]
 
 INSTALL_HINT = 'pip install "pdepth[run]"'
@@ -19,6 +19,11 @@ class OutputExistsError(RuntimeError):
 class ModelFileError(OutputExistsError):
     """A per-model file of an unfinished run is unreadable or is not the model its name
     says."""
+
+
+class DiskSpaceError(OSError):
+    """The embedding cache of a run would not fit the free disk space (checked before any
+    training)."""
 
 
 class MissingDependencyError(ImportError):

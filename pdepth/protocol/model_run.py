@@ -1,5 +1,5 @@
 """One model's work: train it on its half, score both halves (prediction depth with the
-training half as the k-NN support set) and save its per-model file."""
+training half as the k-NN support set, :mod:`.scoring`) and save its per-model file."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from ..models import build_model
 from ..probes import ProbeSpec
 from .config import RunConfig, split_halves
 from .outdir import save_model_file
+from .scoring import CACHE_DIR, ModelCache, score_model, uses_disk
+from .stages import stage
 from .train import TrainOptions, train_model
 
 __all__ = ["RunData", "check_support", "run_model"]
@@ -75,32 +77,29 @@ def check_support(k: int, num_support: int) -> None:
 def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: Path,
               progress: bool = False, log=None) -> dict:
     """Trains and scores model ``(seed, half)``, saves it to ``path`` and returns its arrays
-    with ``"meta"`` (what :func:`pdepth.protocol.outdir.load_model_file` returns)."""
+    with ``"meta"`` (what :func:`pdepth.protocol.outdir.load_model_file` returns). Where the
+    embeddings go to disk (:mod:`pdepth.protocol.scoring`), an interrupted model resumes from
+    its trained weights and its last scored probe."""
     t0 = time.perf_counter()
     halves = split_halves(data.n, seed)
     train_idx, held_idx = halves[half], halves[1 - half]
-    torch.manual_seed(1000 * seed + half)
-    model = build_model(config.arch, num_classes=data.num_classes).to(data.device)
-    options = TrainOptions(epochs=config.epochs, lr=config.lr,
-                           weight_decay=config.weight_decay, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
-    # trains on the given labels; the held-out accuracy per epoch asks "is the network
-    # right", so it is measured against the dataset's (original) labels
-    epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
-                                      device=data.device, progress=progress,
-                                      desc=f"train seed {seed} half {half}",
-                                      held_out_labels=data.original_labels)
-    t_train = time.perf_counter() - t0
-    res, order = _score(model, config, data, (train_idx, held_idx), progress)
+    folder = (path.parent.parent / CACHE_DIR
+              if uses_disk(data.n, data.dims, config.memory_budget) else None)
+    cache = ModelCache(folder, path.stem)
+    model, epoch_pred, history, trained = _trained(config, data, (seed, half), train_idx,
+                                                   cache, progress)
+    res = score_model(model, cache, data, config, (train_idx, held_idx), progress=progress)
+    order = np.argsort(np.concatenate([train_idx, held_idx]))  # back to example order
     meta = {
         "protocol_key": config.protocol_key(), "seed": int(seed), "half": int(half),
         "knn_filter": config.knn_filter,
-        "train_seconds": t_train, "depth_seconds": res.seconds,
+        "train_seconds": trained["seconds"], "depth_seconds": res.seconds,
         "seconds": time.perf_counter() - t0,
         "final_train_accuracy": history["train_accuracy"][-1],
         "final_held_out_accuracy": history["held_out_accuracy"][-1],
         "layer_accuracy": res.depth.layer_accuracy.tolist(),
         "memory": res.stats(),
+        "stages": {"train": trained, **res.stages},
     }
     in_train = np.zeros(data.n, bool)
     in_train[train_idx] = True
@@ -111,37 +110,47 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "depth": res.depth.depth.numpy()[order].astype(np.int16),
         "layer_pred": res.depth.layer_pred.numpy()[:, order].astype(np.int16),
         "probs": res.probs.numpy()[order].astype(np.float32),
-        "epoch_pred": epoch_pred.numpy().astype(np.int16),
+        "epoch_pred": np.asarray(epoch_pred).astype(np.int16),
         "loss": np.array(history["loss"]),
         "train_accuracy": np.array(history["train_accuracy"]),
         "held_out_accuracy": np.array(history["held_out_accuracy"]),
     }
     save_model_file(path, arrays, meta)
+    if not config.keep_cache:
+        cache.remove()
     if log:
-        log(f"  seed {seed} half {half}: train {t_train:.1f} s (train acc "
+        log(f"  seed {seed} half {half}: train {trained['seconds']:.1f} s (train acc "
             f"{meta['final_train_accuracy']:.3f}, held-out acc "
-            f"{meta['final_held_out_accuracy']:.3f}), depth {res.seconds:.1f} s, peak "
-            f"{res.peak_bytes / 2**20:.0f} MiB ({res.num_chunks} chunk(s))")
+            f"{meta['final_held_out_accuracy']:.3f}), depth {res.seconds:.1f} s, "
+            f"embeddings {'on disk' if res.on_disk else 'in memory'}, "
+            f"{res.peak_bytes / 2**20:.0f} MiB resident")
     return {**arrays, "meta": meta}
 
 
-def _score(model, config: RunConfig, data: RunData, split, progress: bool):
-    """Prediction depth of every example against the training half (self match excluded for
-    the training half's own examples). Returns the StreamResult and the permutation that puts
-    its queries back in example order."""
-    from ..stream import stream_prediction_depth
+def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx, cache,
+             progress: bool):
+    """The model of ``job = (seed, half)`` trained on its half: ``(model, epoch_pred,
+    history, stage record)``; read back from the cache where an interrupted run left it."""
+    seed, half = job
+    torch.manual_seed(1000 * seed + half)
+    model = build_model(config.arch, num_classes=data.num_classes).to(data.device)
+    key = config.protocol_key()
+    saved = cache.load_train(key)
+    if saved is not None:
+        model.load_state_dict(saved["state"])
+        return model, saved["epoch_pred"], saved["history"], saved["stage"]
+    options = TrainOptions(epochs=config.epochs, lr=config.lr,
+                           weight_decay=config.weight_decay, batch_size=config.batch_size,
+                           eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
+    with stage({}) as trained:
+        # trains on the given labels; the held-out accuracy per epoch asks "is the network
+        # right", so it is measured against the dataset's (original) labels
+        epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
+                                          device=data.device, progress=progress,
+                                          desc=f"train seed {seed} half {half}",
+                                          held_out_labels=data.original_labels)
+    cache.save_train({"protocol_key": key, "state": model.state_dict(),
+                      "epoch_pred": epoch_pred, "history": history, "stage": trained})
+    return model, epoch_pred, history, trained
 
-    train_idx, held_idx = split
-    query_idx = np.concatenate([train_idx, held_idx])
-    self_index = np.concatenate([np.arange(len(train_idx)), np.full(len(held_idx), -1)])
-    train_t, query_t = torch.as_tensor(train_idx), torch.as_tensor(query_idx)
-    res = stream_prediction_depth(
-        model, data.x[train_t], data.labels[train_t], data.x[query_t], probes=data.spec,
-        k=config.k, self_index=torch.as_tensor(self_index), query_labels=data.labels[query_t],
-        num_classes=data.num_classes, example_index=query_t,
-        batch_size=config.eval_batch_size, memory_budget=config.memory_budget,
-        device=data.device, filter=config.knn_filter, progress=progress)
-    order = np.argsort(query_idx)  # back to example order 0..n-1
-    assert np.array_equal(query_idx[order], np.arange(data.n))
-    return res, order
 

@@ -15,13 +15,14 @@ from .. import _atomic
 from ..report import FIGURES
 from .config import RunConfig, split_halves
 from .errors import ModelFileError, OutputExistsError
+from .scoring import CACHE_NAME
 
 __all__ = ["MARKER", "MODEL_ARRAYS", "RESULT_DIRS", "RESULT_FILES", "load_model_file",
            "load_results", "model_path", "prepare_output"]
 
 RESULT_FILES = ("results.parquet", "per_model.npz", "data.npz", "config.json", "summary.json",
                 "improve.json", "report.html", "COMPLETE")
-RESULT_DIRS = ("models", "figures")
+RESULT_DIRS = ("models", "figures", "cache")
 MARKER = ".pdepth-run.json"  # written first into every run directory: {"protocol_key": ...}
 MODEL_NAME = re.compile(r"seed-?\d+-half[01]\.npz")
 MODEL_ARRAYS = ("seed", "half", "train_index", "held_out_index", "in_train", "depth",
@@ -37,6 +38,8 @@ def is_pdepth_name(folder: str, name: str) -> bool:
         return MODEL_NAME.fullmatch(name) is not None
     if folder == "figures":
         return name in FIGURES
+    if folder == "cache":
+        return CACHE_NAME.fullmatch(name) is not None
     return folder == "" and (name in RESULT_FILES or name == MARKER)
 
 

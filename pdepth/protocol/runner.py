@@ -24,6 +24,8 @@ from .config import RunConfig, flip_labels, rank_settings, resolve_device, run_d
 from .errors import require_modules
 from .model_run import RunData, check_support, run_model
 from .outdir import load_model_file, model_path, prepare_output
+from .scoring import check_cache_space
+from .stages import peak_rss_bytes, stage_peaks
 from .results import write_results
 
 __all__ = ["load_run_data", "run", "versions"]
@@ -59,6 +61,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     data = ranks.together(lambda: load_run_data(config, progress),
                           "pdepth.run(): checking the settings")
     ranks.check_same(rank_settings(config, out, overwrite), "pdepth.run()")
+    ranks.together(lambda: check_cache_space(out, data.n, data.dims, config.memory_budget),
+                   "pdepth.run(): checking the disk space of the embedding cache")
     cfg = _config_record(config, data)
     kept = ranks.together(lambda: _prepare(out, config, overwrite, cfg, data),
                           "pdepth.run(): preparing the output directory (rank 0)",
@@ -229,14 +233,13 @@ def _score_models(config: RunConfig, data: RunData, out: Path, ranks: _Ranks, *,
 def _finish(out: Path, cfg: dict, t_start: float) -> None:
     """Draws the report, then marks the run complete (``config.json`` status, ``COMPLETE``)."""
     from ..report import write_report
-    from ..stream import peak_rss_bytes
 
     t_report = time.perf_counter()
     write_report(out)
     cfg["status"] = "complete"
     cfg["timing"]["report_seconds"] = time.perf_counter() - t_report
     cfg["timing"]["total_seconds"] = time.perf_counter() - t_start
-    cfg["peak_rss_bytes"] = peak_rss_bytes()
+    cfg["peak_rss_bytes"] = max([peak_rss_bytes()] + stage_peaks(cfg.get("models", [])))
     _atomic.write_json(out / "config.json", cfg)
     _atomic.write_bytes(out / "COMPLETE", f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
 

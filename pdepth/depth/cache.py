@@ -1,0 +1,296 @@
+"""Prediction depth over an embedding store (docs/design.md section 12): every example goes
+through the network once per pass, each probe's embeddings are kept as one ``[n, D]``
+float32 array -- in RAM, or in a ``.npy`` file when they exceed the memory budget -- and the
+k-NN runs one probe at a time over that store, in blocks that fit the budget.
+
+Rows of a store are in *query order*: the support set first (rows ``0..N-1``), then the
+other queries, so a probe's support set is its first N rows and nothing is stored twice.
+
+- :class:`LayerStore`: the arrays (RAM or files), written once and read in row blocks.
+- :func:`plan_passes`: which probes each forward pass records (as many as fit).
+- :func:`extract_to_store`: one pass, the forward truncated after its last probe.
+- :func:`layer_knn`: one probe's k-NN predictions over the store (the op's streaming merge,
+  so a probe split into blocks gives the same bits as one call).
+
+The file reads and writes are plain ``read``/``write`` calls, not memory maps: pages of a
+mapped file count in the process's resident set, so a mapped 12 GB probe would break the
+budget that the blocks keep.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._atomic import temp_path
+from ..ops import knn
+from ..probes import ProbeRecorder, ProbeSpec
+from ..topk import empty_topk
+from .support import LocalSupport
+
+__all__ = ["LayerStore", "block_bytes", "block_rows", "extract_to_store", "layer_knn",
+           "plan_passes", "sub_spec"]
+
+_DTYPE = np.dtype("<f4")
+
+
+class LayerStore:
+    """The embeddings ``[n, D_l]`` (float32) of each probe ``l``: in RAM (``folder`` None) or
+    one ``.npy`` file per probe, ``folder/{prefix}.emb{l:02d}.npy`` (written under a
+    temporary name and renamed when complete, so a file with the final name is whole).
+
+    Args:
+        n: rows (examples, in query order).
+        dims: ``[L]`` width of each probe.
+        folder: where the files go; None keeps the arrays in RAM.
+        prefix: file name prefix (e.g. the model's name).
+    """
+
+    def __init__(self, n: int, dims, folder: str | os.PathLike | None = None,
+                 prefix: str = "store"):
+        self.n, self.dims = int(n), [int(d) for d in dims]
+        self.folder = None if folder is None else Path(folder)
+        self.prefix = prefix
+        self._ram: dict[int, np.ndarray] = {}
+        self._writing: dict[int, tuple] = {}
+
+    @property
+    def on_disk(self) -> bool:
+        return self.folder is not None
+
+    def nbytes(self, layer: int) -> int:
+        return self.n * self.dims[layer] * _DTYPE.itemsize
+
+    def path(self, layer: int) -> Path:
+        return self.folder / f"{self.prefix}.emb{layer:02d}.npy"
+
+    def has(self, layer: int) -> bool:
+        """Whether probe ``layer`` is stored whole."""
+        return self.path(layer).exists() if self.on_disk else layer in self._ram
+
+    def open(self, layer: int) -> None:
+        """Starts writing probe ``layer`` (rows arrive in order through :meth:`write`). On
+        disk the file's space is reserved first, so a full disk fails here, cleanly."""
+        if not self.on_disk:
+            self._writing[layer] = (np.empty((self.n, self.dims[layer]), _DTYPE), 0)
+            return
+        tmp = temp_path(self.path(layer), keep_suffix=True)
+        f = open(tmp, "wb")
+        try:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": _DTYPE.str, "fortran_order": False,
+                    "shape": (self.n, self.dims[layer])})
+            f.flush()
+            os.posix_fallocate(f.fileno(), 0, f.tell() + self.nbytes(layer))
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        self._writing[layer] = (f, tmp)
+
+    def write(self, layer: int, rows: torch.Tensor) -> None:
+        """Appends ``rows [B, D_l]`` to probe ``layer``."""
+        a = np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=_DTYPE)
+        target, pos = self._writing[layer]
+        if self.on_disk:
+            target.write(a.data)
+        else:
+            target[pos:pos + a.shape[0]] = a
+            self._writing[layer] = (target, pos + a.shape[0])
+
+    def commit(self, layer: int) -> None:
+        """Ends writing probe ``layer``: the file gets its final name (after ``fsync``)."""
+        target, tmp = self._writing.pop(layer)
+        if not self.on_disk:
+            self._ram[layer] = target
+            return
+        written = target.tell()
+        target.flush()
+        os.fsync(target.fileno())
+        target.close()
+        header = written - self.nbytes(layer)
+        if header <= 0 or header % 16:  # .npy headers are padded to a multiple of 16
+            Path(tmp).unlink(missing_ok=True)
+            raise RuntimeError(f"{self.path(layer)}: {written} bytes written, expected a "
+                               f"header and {self.nbytes(layer)} bytes of embeddings")
+        os.replace(tmp, self.path(layer))
+
+    def abort(self) -> None:
+        """Drops every probe being written (their temporary files too)."""
+        for target, tmp in self._writing.values():
+            if self.on_disk:
+                target.close()
+                Path(tmp).unlink(missing_ok=True)
+        self._writing.clear()
+
+    def rows(self, layer: int, start: int, stop: int, out: np.ndarray | None = None
+             ) -> torch.Tensor:
+        """Rows ``start:stop`` of probe ``layer`` as a float32 tensor: a view of the RAM
+        array, or read from the file (into ``out`` when given, a buffer of at least that
+        many rows, so that blocks reuse one allocation)."""
+        if not self.on_disk:
+            return torch.from_numpy(self._ram[layer][start:stop])
+        d = self.dims[layer]
+        buf = np.empty((stop - start, d), _DTYPE) if out is None else out[:stop - start]
+        with open(self.path(layer), "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+            if shape != (self.n, d) or fortran or dtype != _DTYPE:
+                raise ValueError(f"{self.path(layer)} holds {dtype} {shape}, expected float32 "
+                                 f"({self.n}, {d}); delete it to extract it again")
+            f.seek(start * d * _DTYPE.itemsize, os.SEEK_CUR)
+            got = f.readinto(memoryview(buf).cast("B"))
+        if got != buf.nbytes:
+            raise ValueError(f"{self.path(layer)} is truncated; delete it to extract it again")
+        return torch.from_numpy(buf)
+
+    def drop(self, layer: int) -> None:
+        """Frees probe ``layer`` (removes its file)."""
+        if self.on_disk:
+            self.path(layer).unlink(missing_ok=True)
+        else:
+            self._ram.pop(layer, None)
+
+
+def plan_passes(layers, dims, n: int, budget: int) -> list[list[int]]:
+    """Splits ``layers`` (probe indices, ascending) into passes whose embeddings
+    (``n * D * 4`` bytes each) fit ``budget`` together: as few passes as the budget allows,
+    each a run of consecutive probes of ``layers``. ValueError when one probe alone does
+    not fit."""
+    passes: list[list[int]] = []
+    size = budget + 1
+    for layer in layers:
+        need = n * int(dims[layer]) * _DTYPE.itemsize
+        if need > budget:
+            raise ValueError(f"probe {layer} needs {need / 2**30:.2f} GiB of embeddings "
+                             f"({n} x {dims[layer]} float32), more than the "
+                             f"{budget / 2**30:.2f} GiB available")
+        if size + need > budget:
+            passes.append([])
+            size = 0
+        passes[-1].append(layer)
+        size += need
+    return passes
+
+
+def sub_spec(spec: ProbeSpec, layers) -> ProbeSpec:
+    """The probes ``layers`` (indices into ``spec.names``, ascending) of ``spec``."""
+    names, chosen = spec.names, set(layers)
+    first = 1 if spec.input else 0
+    modules = [m for i, m in enumerate(spec.modules) if first + i in chosen]
+    return ProbeSpec(modules=modules, input=spec.input and 0 in chosen,
+                     softmax=spec.softmax and len(names) - 1 in chosen,
+                     max_dim=spec.max_dim, preset=spec.preset)
+
+
+@torch.no_grad()
+def extract_to_store(model, x: torch.Tensor, rows, spec: ProbeSpec, layers, store: LayerStore,
+                     *, logits: bool, batch_size: int, device, progress: bool = False,
+                     desc: str = "extract") -> torch.Tensor | None:
+    """One forward pass over ``x[rows]`` (``rows``: ``[n]`` example indices in query order)
+    that records the probes ``layers`` of ``spec`` into ``store``. Unless ``logits`` is
+    asked for, the forward stops after the last probe recorded.
+
+    Returns the ``[n, C]`` float32 logits (with ``logits=True``), else None."""
+    layers = sorted(layers)
+    part = sub_spec(spec, layers)
+    rows = torch.as_tensor(np.asarray(rows))
+    pin = torch.device(device).type == "cuda"
+    out: list[torch.Tensor] = []
+    batches = range(0, rows.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for layer in layers:
+            store.open(layer)
+        with ProbeRecorder(model, part, storage="cpu", truncate=not logits) as rec:
+            for b0 in batches:
+                xb = x[rows[b0:b0 + batch_size]]
+                if pin:
+                    xb = xb.pin_memory()
+                recorded, lg = rec.run(xb.to(device, non_blocking=pin))
+                for layer, t in zip(layers, recorded, strict=True):
+                    store.write(layer, t)
+                if logits:
+                    out.append(lg)
+        for layer in layers:
+            store.commit(layer)
+    except BaseException:
+        store.abort()
+        raise
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if logits else None
+
+
+def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
+              num_classes: int, self_index: torch.Tensor | None, memory_budget: int | None,
+              filter: str = "auto", device=None) -> torch.Tensor:
+    """The ``[n]`` k-NN predictions of every row of probe ``layer`` against its first
+    ``N = len(labels)`` rows (the support set, labels ``[N]`` int64), excluding
+    ``self_index`` (``[n]``, -1 for none).
+
+    A RAM store is used as it is (one block). A file is read in blocks: queries up to half
+    of ``memory_budget``, support rows up to the other half; each query block's running
+    top-k is merged over the support blocks with the op's streaming mode, which is exact
+    (docs/design.md section 8), so the blocks never change the result."""
+    n, d = store.n, store.dims[layer]
+    n_support = int(labels.shape[0])
+    q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
+    q_buf = s_buf = None
+    if store.on_disk:  # one allocation per block kind, reused
+        q_buf = np.empty((q_rows, d), _DTYPE)
+        if q_rows < n:
+            s_buf = np.empty((s_rows, d), _DTYPE)
+    preds = []
+    for q0 in range(0, n, q_rows):
+        q1 = min(n, q0 + q_rows)
+        q = _on(store.rows(layer, q0, q1, q_buf), device)
+        sidx = None if self_index is None else self_index[q0:q1].to(q.device)
+        top = empty_topk(q1 - q0, k, torch.float32, q.device)
+        for s0 in range(0, n_support, s_rows):
+            s1 = min(n_support, s0 + s_rows)
+            if s0 == 0 and s1 <= q1 and q0 == 0:
+                s = q[:s1]  # the support rows are the first query rows: no second read
+            else:
+                s = _on(store.rows(layer, s0, s1, s_buf), device)
+            top = knn(q, s, k, self_index=sidx, self_match="exclude", prev=top, offset=s0,
+                      filter=filter)
+        preds += LocalSupport().finish([top], labels.to(q.device), k=k,
+                                       num_classes=num_classes, self_index=sidx, row0=q0)
+    return torch.cat(preds)
+
+
+def block_rows(store: LayerStore, layer: int, n_support: int, k: int,
+               memory_budget: int | None) -> tuple[int, int]:
+    """``(query rows, support rows)`` per block of :func:`layer_knn`: everything for a RAM
+    store, else half of ``memory_budget`` each (a query row also holds its running top-k,
+    ``k`` distances and indices)."""
+    n, row = store.n, store.dims[layer] * _DTYPE.itemsize
+    if not store.on_disk or memory_budget is None:
+        return n, n_support
+    half = int(memory_budget) // 2
+    return max(1, min(n, half // (row + k * 16))), max(1, min(n_support, half // row))
+
+
+def block_bytes(store: LayerStore, layer: int, n_support: int, k: int,
+                memory_budget: int | None) -> int:
+    """The bytes of embeddings :func:`layer_knn` holds at once for probe ``layer``."""
+    q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
+    if not store.on_disk:
+        return store.nbytes(layer)
+    return (q_rows + (s_rows if q_rows < store.n else 0)) * store.dims[layer] * _DTYPE.itemsize
+
+
+def _on(t: torch.Tensor, device) -> torch.Tensor:
+    return t if device is None else t.to(device)
+

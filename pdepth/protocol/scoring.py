@@ -1,0 +1,192 @@
+"""Scoring one trained model: prediction depth of every example against the model's training
+half, over an embedding store (:mod:`pdepth.depth.cache`, docs/design.md section 12).
+
+Where the embeddings of every probe fit ``memory_budget`` they stay in RAM and one forward
+pass records them all. Otherwise they go to ``OUT/cache/`` as ``.npy`` files, in as few
+passes as the free disk space allows (each pass truncated after its last probe), and the run
+is resumable per probe: each probe's predictions, the logits and the trained weights are
+saved there as they are computed and read back by a rerun. The model's cache files are
+removed once its per-model file is written, unless ``--keep-cache``."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import _atomic
+from ..depth.cache import LayerStore, block_bytes, extract_to_store, layer_knn, plan_passes
+from ..depth.result import DepthResult, build_result
+from .errors import DiskSpaceError
+from .stages import stage
+
+__all__ = ["CACHE_DIR", "CACHE_NAME", "ModelCache", "Scored", "check_cache_space",
+           "score_model"]
+
+CACHE_DIR = "cache"
+CACHE_NAME = re.compile(r"seed-?\d+-half[01]\.(train\.pt|logits\.npy|(emb|pred)\d{2}\.npy)")
+_RESERVE = 2**30  # free space left untouched on the cache's filesystem
+
+
+def cache_bytes(n: int, dims) -> int:
+    """Bytes of the embeddings of ``n`` examples at probes of widths ``dims`` (float32)."""
+    return 4 * int(n) * sum(int(d) for d in dims)
+
+
+def uses_disk(n: int, dims, memory_budget: int) -> bool:
+    """Whether a model's embeddings go to disk: they do not fit ``memory_budget`` in RAM."""
+    return cache_bytes(n, dims) > int(memory_budget)
+
+
+def disk_budget(folder: Path) -> int:
+    """Bytes the cache may use on ``folder``'s filesystem (free space less 1 GiB)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free - _RESERVE
+
+
+def check_cache_space(out: Path, n: int, dims, memory_budget: int) -> None:
+    """Before any training: raises :class:`DiskSpaceError` when the run's embeddings need the
+    disk cache and its widest probe does not fit the free space (each pass holds at least
+    one probe)."""
+    if not uses_disk(n, dims, memory_budget):
+        return
+    folder = Path(out) / CACHE_DIR
+    need, free = cache_bytes(n, [max(dims)]), disk_budget(folder)
+    if need > free:
+        raise DiskSpaceError(
+            f"the embeddings of {n} examples ({cache_bytes(n, dims) / 2**30:.1f} GiB over "
+            f"{len(dims)} probes) exceed --memory-budget, so they go to {folder}; its widest "
+            f"probe alone needs {need / 2**30:.1f} GiB but the disk has "
+            f"{max(free, 0) / 2**30:.1f} GiB to spare (free space less 1 GiB). Free space, "
+            "lower --max-dim or --subset, or raise --memory-budget")
+
+
+@dataclass
+class ModelCache:
+    """The cache files of one model: ``folder/{prefix}.*`` (folder None: nothing on disk)."""
+
+    folder: Path | None
+    prefix: str
+
+    def path(self, what: str) -> Path:
+        return self.folder / f"{self.prefix}.{what}"
+
+    def load_array(self, what: str) -> np.ndarray | None:
+        if self.folder is None or not self.path(what).exists():
+            return None
+        return np.load(self.path(what), allow_pickle=False)
+
+    def save_array(self, what: str, a: np.ndarray) -> None:
+        if self.folder is not None:
+            _atomic.write_with(self.path(what), lambda f: np.save(f, a, allow_pickle=False))
+
+    def load_train(self, key: str) -> dict | None:
+        """The trained state saved by :meth:`save_train` for this run, or None."""
+        if self.folder is None or not self.path("train.pt").exists():
+            return None
+        state = torch.load(self.path("train.pt"), map_location="cpu", weights_only=True)
+        return state if state.get("protocol_key") == key else None
+
+    def save_train(self, state: dict) -> None:
+        if self.folder is not None:
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _atomic.write_bytes(self.path("train.pt"), buf.getvalue())
+
+    def remove(self) -> None:
+        """Deletes this model's cache files (and the folder once empty)."""
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for entry in self.folder.iterdir():
+            if entry.name.startswith(self.prefix + ".") and CACHE_NAME.fullmatch(entry.name):
+                entry.unlink()
+        if not any(self.folder.iterdir()):
+            self.folder.rmdir()
+
+
+@dataclass(eq=False)
+class Scored:
+    """One model's prediction depth, in query order (training half first), its logits, and
+    the time and peak memory of each stage."""
+
+    depth: DepthResult
+    logits: torch.Tensor
+    stages: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    on_disk: bool = False
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return torch.softmax(self.logits, dim=1)
+
+    def stats(self) -> dict:
+        return {"peak_bytes": self.peak_bytes, "seconds": self.seconds,
+                "cache": "disk" if self.on_disk else "memory"}
+
+
+def score_model(model, cache: ModelCache, data, config, split, *, progress: bool = False
+                ) -> Scored:
+    """Prediction depth of every example (training half first, then the held-out half)
+    against the training half ``split = (train_idx, held_idx)``, self matches excluded.
+    Probes already scored by an interrupted run (their predictions in the cache) are read
+    back, not computed again; with ``config.keep_cache`` the embeddings stay on disk."""
+    t0 = time.perf_counter()
+    train_idx, held_idx = split
+    rows = np.concatenate([train_idx, held_idx])
+    n_train, L = len(train_idx), len(data.dims)
+    store = LayerStore(len(rows), data.dims, cache.folder, cache.prefix)
+    labels = data.labels[torch.as_tensor(train_idx)]
+    self_index = torch.cat([torch.arange(n_train), torch.full((len(held_idx),), -1)])
+    preds = {layer: torch.from_numpy(p) for layer in range(L)
+             if (p := cache.load_array(f"pred{layer:02d}.npy")) is not None}
+    logits = cache.load_array("logits.npy")
+    logits = None if logits is None else torch.from_numpy(logits)
+    stages: dict = {"extract": [], "knn": []}
+    todo = [layer for layer in range(L) if layer not in preds]
+    budget = disk_budget(cache.folder) if store.on_disk else config.memory_budget
+    passes = plan_passes([layer for layer in todo if not store.has(layer)], data.dims,
+                         len(rows), budget)
+    if logits is None and not passes:
+        passes = [[]]  # a pass that records no probe, for the logits alone
+    ready = [layer for layer in todo if store.has(layer)]  # left by an interrupted run
+    peak = cache_bytes(len(rows), data.dims) if not store.on_disk else 0
+    for i, layers in enumerate([[]] + passes):
+        if i > 0:
+            want_logits = logits is None and i == len(passes)
+            with stage({"probes": [data.spec.names[x] for x in layers]}) as rec:
+                lg = extract_to_store(model, data.x, rows, data.spec, layers, store,
+                                      logits=want_logits, batch_size=config.eval_batch_size,
+                                      device=data.device, progress=progress,
+                                      desc=f"extract pass {i}/{len(passes)}")
+            stages["extract"].append(rec)
+            if want_logits:
+                logits = lg
+                cache.save_array("logits.npy", lg.numpy())
+        for layer in sorted(ready + layers):
+            with stage({"probe": data.spec.names[layer], "dim": data.dims[layer]}) as rec:
+                preds[layer] = layer_knn(store, layer, labels, k=config.k,
+                                         num_classes=data.num_classes, self_index=self_index,
+                                         memory_budget=config.memory_budget,
+                                         filter=config.knn_filter, device=data.device).cpu()
+            stages["knn"].append(rec)
+            cache.save_array(f"pred{layer:02d}.npy", preds[layer].numpy())
+            peak = max(peak, block_bytes(store, layer, n_train, config.k,
+                                         config.memory_budget))
+            if not (config.keep_cache and store.on_disk):
+                store.drop(layer)
+        ready = []
+    layer_pred = torch.stack([preds[layer] for layer in range(L)])
+    result = build_result(layer_pred, logits.argmax(1), query_labels=data.labels[rows],
+                          example_index=torch.as_tensor(rows), k=config.k,
+                          self_match="exclude", reference_mode="network",
+                          num_classes=data.num_classes, layer_names=data.spec.names)
+    return Scored(result, logits, stages, time.perf_counter() - t0, int(peak), store.on_disk)
