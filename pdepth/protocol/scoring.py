@@ -71,10 +71,15 @@ def check_cache_space(out: Path, n: int, dims, memory_budget: int) -> None:
 
 @dataclass
 class ModelCache:
-    """The cache files of one model: ``folder/{prefix}.*`` (folder None: nothing on disk)."""
+    """The cache files of one model: ``folder/{prefix}.*`` (folder None: nothing on disk;
+    else the folder is created)."""
 
     folder: Path | None
     prefix: str
+
+    def __post_init__(self):
+        if self.folder is not None:
+            self.folder.mkdir(exist_ok=True)
 
     def path(self, what: str) -> Path:
         return self.folder / f"{self.prefix}.{what}"

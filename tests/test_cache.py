@@ -1,0 +1,252 @@
+"""The embedding store and the run's disk cache (pdepth.depth.cache, pdepth.protocol.scoring;
+docs/design.md section 12): the same results in RAM, on disk, in blocks and in several
+passes; a truncated forward pass; resuming per probe; the disk check; the clean-up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from run_helpers import FMNIST_MISSING, HAVE_FMNIST, needs_fmnist
+from torch import nn
+
+import pdepth
+from pdepth.cli import main
+from pdepth.depth.cache import LayerStore, extract_to_store, layer_knn, plan_passes, sub_spec
+from pdepth.depth.result import build_result
+from pdepth.models import build_model
+from pdepth.probes import ProbeRecorder, ProbeSpec, extract, resolve_probes
+from pdepth.protocol import scoring
+
+# --------------------------------------------------------------------------------------------
+# the store
+# --------------------------------------------------------------------------------------------
+
+
+def _model_and_data(n=160, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("cnn").eval()
+    x = torch.randn(n, 1, 28, 28)
+    rows = np.random.default_rng(seed).permutation(n)  # query order: support rows first
+    return model, x, rows
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_store_holds_what_one_extraction_pass_gives(tmp_path, on_disk):
+    model, x, rows = _model_and_data()
+    spec = resolve_probes(model, "cnn")
+    dims = [t.shape[1] for t in extract(model, x[:1], spec).layers.values()]
+    store = LayerStore(len(rows), dims, tmp_path if on_disk else None, "m")
+    # two passes, the first truncated after block2, the second with the logits (the same
+    # batches as extract(): a conv's float bits may depend on the batch it runs in)
+    assert extract_to_store(model, x, rows, spec, [0, 1, 2], store, logits=False,
+                            batch_size=64, device="cpu") is None
+    logits = extract_to_store(model, x, rows, spec, [3, 4, 5], store, logits=True,
+                              batch_size=64, device="cpu")
+    want = extract(model, x[torch.as_tensor(rows)], spec, batch_size=64)
+    assert torch.equal(logits, want.logits)
+    for layer, t in enumerate(want.layers.values()):
+        assert store.has(layer)
+        assert torch.equal(store.rows(layer, 0, len(rows)), t)
+        assert torch.equal(store.rows(layer, 7, 93), t[7:93])
+    if on_disk:  # real .npy files, readable without pdepth
+        a = np.load(tmp_path / "m.emb03.npy")
+        assert a.dtype == np.float32 and np.array_equal(a, want.layers["block3"].numpy())
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"m.emb{i:02d}.npy"
+                                                               for i in range(6)]
+
+
+@pytest.mark.parametrize("budget", [None, 10**9, 200_000, 20_000])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_layer_knn_blocks_give_the_one_call_result(tmp_path, on_disk, budget):
+    """A disk store is read in query x support blocks of half the budget each (20,000 bytes:
+    blocks of a few rows); the op's streaming merge makes them exact."""
+    g = torch.Generator().manual_seed(1)
+    n, n_support, d, k = 150, 90, 40, 7
+    emb = torch.randint(-3, 4, (n, d), generator=g).float()  # integers: many tied distances
+    labels = torch.randint(0, 4, (n_support,), generator=g)
+    self_index = torch.cat([torch.arange(n_support), torch.full((n - n_support,), -1)])
+    store = LayerStore(n, [d], tmp_path if on_disk else None, "m")
+    store.open(0)
+    store.write(0, emb[:61])
+    store.write(0, emb[61:])
+    store.commit(0)
+    want = pdepth.knn_vote(emb, emb[:n_support], labels, k, 4, self_index=self_index).pred
+    got = layer_knn(store, 0, labels, k=k, num_classes=4, self_index=self_index,
+                    memory_budget=budget)
+    assert torch.equal(got, want)
+
+
+def test_store_engine_equals_stream_prediction_depth():
+    """The store's path (extract, k-NN per probe, build_result) and the streaming driver give
+    the same DepthResult (the support set is a whole number of batches, so that both compute
+    every embedding in the same batch)."""
+    model, x, rows = _model_and_data(n=140, seed=2)
+    spec = resolve_probes(model, "cnn")
+    n_s = 64
+    labels = torch.randint(0, 10, (140,), generator=torch.Generator().manual_seed(3))
+    support_labels = labels[torch.as_tensor(rows[:n_s])]
+    self_index = torch.cat([torch.arange(n_s), torch.full((140 - n_s,), -1)])
+    rt = torch.as_tensor(rows)
+    want = pdepth.stream_prediction_depth(
+        model, x[rt[:n_s]], support_labels, x[rt], probes=spec, k=5, self_index=self_index,
+        query_labels=labels[rt], num_classes=10, example_index=rt, batch_size=32,
+        memory_budget=None).depth
+    dims = [t.shape[1] for t in extract(model, x[:1], spec).layers.values()]
+    store = LayerStore(140, dims)
+    logits = extract_to_store(model, x, rows, spec, range(6), store, logits=True,
+                              batch_size=32, device="cpu")
+    layer_pred = torch.stack([layer_knn(store, layer, support_labels, k=5, num_classes=10,
+                                        self_index=self_index, memory_budget=None)
+                              for layer in range(6)])
+    got = build_result(layer_pred, logits.argmax(1), query_labels=labels[rt], example_index=rt,
+                       k=5, self_match="exclude", reference_mode="network", num_classes=10,
+                       layer_names=spec.names)
+    assert got.equals(want)
+
+
+def test_plan_passes_fills_each_pass_and_refuses_a_probe_too_wide():
+    # bytes per probe (n = 1): 40, 80, 120, 20; budget 160
+    assert plan_passes([0, 1, 2, 3], [10, 20, 30, 5], 1, 160) == [[0, 1], [2, 3]]
+    assert plan_passes([1, 3], [10, 20, 30, 5], 1, 160) == [[1, 3]]
+    assert plan_passes([], [10], 1, 160) == []
+    with pytest.raises(ValueError, match=r"probe 2 needs .* more than the"):
+        plan_passes([0, 1, 2], [10, 20, 50], 1, 160)
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise AssertionError("the forward pass went past the last probe")
+
+
+def test_truncated_forward_stops_after_the_last_probe(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), _Boom())
+    spec = ProbeSpec(modules=["1", "2", "3"])
+    part = sub_spec(spec, [0, 1])  # input and the Linear: no softmax, no logits
+    assert part.names == ["input", "1"]
+    with ProbeRecorder(model, part, truncate=True) as rec:
+        layers, logits = rec.run(torch.randn(5, 12))
+    assert logits is None and [t.shape for t in layers] == [(5, 12), (5, 6)]
+    with ProbeRecorder(model, sub_spec(spec, [0]), truncate=True) as rec:  # no forward at all
+        assert rec.run(torch.randn(5, 12))[1] is None
+    with ProbeRecorder(model, part) as rec, pytest.raises(AssertionError, match="went past"):
+        rec.run(torch.randn(5, 12))
+
+
+# --------------------------------------------------------------------------------------------
+# the run's disk cache
+# --------------------------------------------------------------------------------------------
+
+ONE_SEED = ["--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "1", "--quiet"]
+DISK = ["--memory-budget", "1"]  # 1 MiB: the 200 images' 6 probes (4.7 MiB) go to disk
+
+
+@pytest.fixture(scope="module")
+def ram_run(tmp_path_factory):
+    if not HAVE_FMNIST:
+        pytest.skip(FMNIST_MISSING)
+    out = tmp_path_factory.mktemp("ram") / "run"
+    assert main(["run", *ONE_SEED, "--out", str(out)]) == 0
+    return out
+
+
+def _per_model(out):
+    with np.load(out / "per_model.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _same_results(a, b):
+    pa, pb = _per_model(a), _per_model(b)
+    assert sorted(pa) == sorted(pb)
+    for key in pa:
+        assert np.array_equal(pa[key], pb[key]), key
+
+
+@needs_fmnist
+def test_disk_cache_in_several_passes_equals_the_in_memory_run(ram_run, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setattr(scoring, "disk_budget", lambda folder: 200 * 3136 * 4 + 1)
+    out = tmp_path / "run"
+    assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 0
+    _same_results(ram_run, out)
+    assert not (out / "cache").exists()  # removed after use
+    cfg = json.loads((out / "config.json").read_text())
+    for meta in cfg["models"]:
+        stages = meta["stages"]
+        assert meta["memory"]["cache"] == "disk"
+        assert len(stages["extract"]) >= 3  # block1 alone fills a pass
+        assert [r["probe"] for r in stages["knn"]] == cfg["resolved"]["probes"]
+        assert all(r["seconds"] >= 0 and r["peak_rss_bytes"] > 0 for r in stages["knn"])
+        assert stages["train"]["seconds"] > 0
+    ram = json.loads((ram_run / "config.json").read_text())["models"][0]
+    assert ram["memory"]["cache"] == "memory" and len(ram["stages"]["extract"]) == 1
+
+
+@needs_fmnist
+def test_interrupted_run_resumes_per_probe(ram_run, tmp_path, monkeypatch):
+    from pdepth.protocol import model_run
+
+    calls, trained = [], []
+    real_knn, real_train = scoring.layer_knn, model_run.train_model
+
+    def knn_then_stop(store, layer, *args, **kwargs):
+        if len(calls) == 3 and not resumed:
+            raise KeyboardInterrupt
+        calls.append((store.prefix, layer))
+        return real_knn(store, layer, *args, **kwargs)
+
+    def counting_train(*args, **kwargs):
+        trained.append(kwargs["desc"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "layer_knn", knn_then_stop)
+    monkeypatch.setattr(model_run, "train_model", counting_train)
+    out = tmp_path / "run"
+    resumed = False
+    assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 130
+    cache = sorted(p.name for p in (out / "cache").iterdir())
+    assert cache == ["seed0-half0.emb03.npy", "seed0-half0.emb04.npy", "seed0-half0.emb05.npy",
+                     "seed0-half0.logits.npy", "seed0-half0.pred00.npy",
+                     "seed0-half0.pred01.npy", "seed0-half0.pred02.npy",
+                     "seed0-half0.train.pt"]
+    resumed, calls[:], trained[:] = True, [], []
+    assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 0
+    # the first model: not trained again, only its last three probes scored
+    assert trained == ["train seed 0 half 1"]
+    assert calls == [("seed0-half0", 3), ("seed0-half0", 4), ("seed0-half0", 5)] + [
+        ("seed0-half1", layer) for layer in range(6)]
+    _same_results(ram_run, out)
+    assert not (out / "cache").exists()
+
+
+@needs_fmnist
+def test_run_refused_before_training_when_the_cache_cannot_fit(tmp_path, monkeypatch,
+                                                                capsys):
+    from pdepth.protocol import model_run
+
+    monkeypatch.setattr(scoring, "disk_budget", lambda folder: 200 * 3136 * 4 - 1)
+    monkeypatch.setattr(model_run, "train_model", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "run"
+    assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "widest probe alone needs" in err and "--memory-budget" in err, err
+    assert not out.exists()  # refused before the output directory was touched
+
+
+@needs_fmnist
+def test_keep_cache_leaves_readable_embeddings_in_query_order(tmp_path):
+    from pdepth.data import load_subset, normalize_images
+    from pdepth.protocol.config import split_halves
+
+    out = tmp_path / "run"
+    assert main(["run", *ONE_SEED, *DISK, "--keep-cache", "--out", str(out)]) == 0
+    emb = np.load(out / "cache" / "seed0-half1.emb00.npy")  # the input probe
+    images, _, _ = load_subset(subset=200, seed=0)
+    x = normalize_images(images).reshape(200, -1).numpy()
+    train, held = split_halves(200, 0)[1], split_halves(200, 0)[0]
+    assert np.array_equal(emb, x[np.concatenate([train, held])])
+    # a rerun with --overwrite deletes the cache with the rest of pdepth's files
+    assert main(["run", *ONE_SEED, "--overwrite", "--out", str(out)]) == 0
+    assert not (out / "cache").exists()
