@@ -24,9 +24,9 @@ from .config import RunConfig, flip_labels, rank_settings, resolve_device, run_d
 from .errors import require_modules
 from .model_run import RunData, check_support, run_model
 from .outdir import load_model_file, model_path, prepare_output
+from .results import write_results
 from .scoring import check_cache_space
 from .stages import peak_rss_bytes, stage_peaks
-from .results import write_results
 
 __all__ = ["load_run_data", "run", "versions"]
 
