@@ -303,6 +303,42 @@ class _Drawing:
         self.save(fig, "training.png")
 
 
+def _stages_html(cfg) -> str:
+    """One row per model and stage: seconds and peak resident set (docs/design.md section
+    12); the k-NN row sums the probes and gives the largest peak (the slowest probe
+    named)."""
+    e = html.escape
+    rows = []
+    for m in cfg.get("models", []):
+        stages = m.get("stages")
+        if not stages:
+            continue
+        model = f"seed {m.get('seed')} half {m.get('half')}"
+        parts = [("training", [stages.get("train", {})], ""),
+                 ("extraction", stages.get("extract", []),
+                  f"{len(stages.get('extract', []))} pass(es)"),
+                 ("k-NN", stages.get("knn", []), "")]
+        for name, recs, note in parts:
+            recs = [r for r in recs if r]
+            if not recs:
+                continue
+            if name == "k-NN":
+                slow = max(recs, key=lambda r: r.get("seconds", 0))
+                note = f"{len(recs)} probes; slowest {slow.get('probe')} ({slow['seconds']:.1f} s)"
+            secs = sum(r.get("seconds", 0) for r in recs)
+            peak = max(r.get("peak_rss_bytes", 0) for r in recs) / 2**20
+            rows.append(f"<tr><td>{e(model)}</td><td>{name}</td><td>{secs:.1f}</td>"
+                        f"<td>{peak:.0f}</td><td>{e(note)}</td></tr>")
+    if not rows:
+        return "<p>Not recorded by the pdepth version that made this run.</p>"
+    cache = {m.get("memory", {}).get("cache") for m in cfg.get("models", [])}
+    where = ("on disk (OUT/cache, one probe at a time)" if "disk" in cache else "in memory")
+    return (f"<p>Embeddings {where}; --memory-budget "
+            f"{cfg['config'].get('memory_budget', 0) / 2**20:.0f} MiB.</p>"
+            "<table><tr><th>model</th><th>stage</th><th>seconds</th><th>peak RSS (MiB)</th>"
+            f"<th></th></tr>{''.join(rows)}</table>")
+
+
 def _html(df, cfg, acc_tr, acc_ho, names) -> str:
     c = cfg["config"]
     res = cfg["resolved"]
@@ -335,6 +371,9 @@ def _html(df, cfg, acc_tr, acc_ho, names) -> str:
     mem = [m.get("memory", {}).get("peak_bytes", 0) for m in cfg.get("models", [])]
     if mem:
         stats.append(("k-NN peak resident embeddings (MiB)", f"{max(mem) / 2**20:.1f}"))
+    if cfg.get("peak_rss_bytes"):
+        stats.append(("peak resident set of the run (MiB)",
+                      f"{cfg['peak_rss_bytes'] / 2**20:.0f}"))
     stat_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in stats)
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pdepth report: {e(c['arch'])} on {e(c['dataset'])}</title>
@@ -352,6 +391,7 @@ k-NN support (given labels), measured against the network's own prediction.</p>
 {e(json.dumps(res.get('thresholds')))}</p>
 <h2>Probes</h2><table><tr><th>#</th><th>probe</th><th>dim</th><th>k-NN acc. train</th>
 <th>k-NN acc. held out</th></tr>{layer_rows}</table>
+<h2>Time and memory per stage</h2>{_stages_html(cfg)}
 <h2>Figures</h2>{figs}
 <h2>Settings</h2><table>{rows}</table>
 <p>Versions: {e(json.dumps(cfg.get('versions', {}).get('pdepth')))} (pdepth),

@@ -1,0 +1,127 @@
+"""The paper's protocol at its scale: ResNet-18, every probe unpooled, the embedding store
+(docs/design.md section 12).
+
+Two measurements, one table each, after the machine (CPU model and flags):
+
+1. **Passes**: the cost of a forward pass truncated after each probe, relative to a full
+   forward pass (what several passes over the data cost when the disk cannot hold every
+   probe at once).
+2. **A run**: ``pdepth run`` with the given settings (or a finished run's ``config.json``
+   with ``--from-run``): per model, the time and peak resident set of training, of each
+   extraction pass and of each probe's k-NN with its rate (``2 n N D`` flop over the time),
+   and the whole run's wall time and peak. ``--full-estimate`` adds what the same stages
+   would take on the full training set (60,000 examples, halves of 30,000), scaled from the
+   measured ones (training and extraction linearly in n, the k-NN in n N): an
+   extrapolation, labelled so.
+
+    python benchmarks/bench_paper_scale.py --subset 6000                # ~20 min on 2 cores
+    python benchmarks/bench_paper_scale.py --subset all --memory-budget 12288   # the target
+    python benchmarks/bench_paper_scale.py --from-run runs/paper --full-estimate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
+import torch
+from _machine import cpu_flags, cpu_model
+
+FULL_N = 60_000
+
+
+def forward_costs(arch: str, batch: int = 500, repeat: int = 2) -> list[tuple[str, float]]:
+    """``(probe, seconds of a forward truncated after it / a full forward)`` per probe."""
+    from pdepth.depth.cache import sub_spec
+    from pdepth.models import build_model
+    from pdepth.probes import ProbeRecorder, resolve_probes
+
+    model = build_model(arch).eval()
+    spec = resolve_probes(model, arch, max_dim=None)
+    x = torch.randn(batch, 1, 28, 28)
+
+    def timed(part, truncate):
+        with ProbeRecorder(model, part, truncate=truncate) as rec:
+            rec.run(x[:8])  # warm-up
+            best = float("inf")
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                rec.run(x)
+                best = min(best, time.perf_counter() - t0)
+        return best
+
+    full = timed(sub_spec(spec, []), False)
+    return [(name, timed(sub_spec(spec, [i]), True) / full)
+            for i, name in enumerate(spec.names)]
+
+
+def stage_table(cfg: dict, full_estimate: bool) -> list[str]:
+    """Rows of the per-stage table of a finished run's ``config.json``."""
+    n = cfg["resolved"]["num_examples"]
+    dims = dict(zip(cfg["resolved"]["probes"], cfg["resolved"]["probe_dims"], strict=True))
+    scale_n, scale_nn = FULL_N / n, (FULL_N / n) ** 2
+    lines = [f"{'model':<8} {'stage':<22} {'seconds':>9} {'peak RSS GiB':>12} "
+             f"{'GFLOP/s':>8}" + (f" {'full-set s (extrapolated)':>26}" if full_estimate else "")]
+    totals = {"measured": 0.0, "full": 0.0}
+    for m in cfg["models"]:
+        st, name = m["stages"], f"s{m['seed']}h{m['half']}"
+        recs = [("train", st["train"], None, scale_n)]
+        recs += [(f"extract pass {i + 1}", r, None, scale_n)
+                 for i, r in enumerate(st["extract"])]
+        recs += [(f"k-NN {r['probe']}", r, 2 * n * (n // 2) * dims[r["probe"]], scale_nn)
+                 for r in st["knn"]]
+        for stage, r, flop, scale in recs:
+            rate = f"{flop / r['seconds'] / 1e9:8.1f}" if flop else " " * 8
+            est = f" {r['seconds'] * scale:26.0f}" if full_estimate else ""
+            lines.append(f"{name:<8} {stage:<22} {r['seconds']:9.1f} "
+                         f"{r['peak_rss_bytes'] / 2**30:12.2f} {rate}{est}")
+            totals["measured"] += r["seconds"]
+            totals["full"] += r["seconds"] * scale
+    lines.append(f"run wall time {cfg['timing']['total_seconds']:.0f} s, stages "
+                 f"{totals['measured']:.0f} s, peak RSS {cfg['peak_rss_bytes'] / 2**30:.2f} GiB"
+                 + (f"; full set (extrapolated) {totals['full'] / 3600:.2f} h"
+                    if full_estimate else ""))
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--subset", default="6000", help="examples, or 'all'")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--memory-budget", type=float, default=1024, help="MiB")
+    p.add_argument("--out", default="runs/bench-paper-scale")
+    p.add_argument("--from-run", default=None, help="a finished run's directory")
+    p.add_argument("--full-estimate", action="store_true")
+    p.add_argument("--no-passes", action="store_true", help="skip the forward-cost table")
+    a = p.parse_args()
+    flags = ", ".join(f for f, on in cpu_flags().items() if on)
+    print(f"machine: {cpu_model()} ({flags}), {torch.get_num_threads()} threads")
+    if not a.no_passes:
+        print("\nforward pass truncated after each probe, relative to a full forward pass:")
+        for name, ratio in forward_costs(a.arch):
+            print(f"  {name:<10} {ratio:5.2f}")
+    out = Path(a.from_run or a.out)
+    if a.from_run is None:
+        from pdepth.cli import main as cli
+
+        argv = ["run", "--arch", a.arch, "--max-dim", "0", "--subset", a.subset, "--epochs",
+                str(a.epochs), "--seeds", "1", "--memory-budget", str(a.memory_budget),
+                "--out", str(out), "--overwrite"]
+        print(f"\npdepth {' '.join(argv)}")
+        if cli(argv) != 0:
+            raise SystemExit("the run failed")
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"\n{cfg['resolved']['num_examples']} examples, {cfg['resolved']['num_layers']} "
+          f"probes, dims {cfg['resolved']['probe_dims']}, k-NN filter "
+          f"{cfg['config']['knn_filter']}, --memory-budget "
+          f"{cfg['config']['memory_budget'] / 2**20:.0f} MiB, embeddings "
+          f"{cfg['models'][0]['memory'].get('cache', '?')}")
+    print("\n".join(stage_table(cfg, a.full_estimate)))
+
+
+if __name__ == "__main__":
+    main()
