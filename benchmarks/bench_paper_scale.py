@@ -33,7 +33,7 @@ from _machine import cpu_flags, cpu_model
 FULL_N = 60_000
 
 
-def forward_costs(arch: str, batch: int = 500, repeat: int = 2) -> list[tuple[str, float]]:
+def forward_costs(arch: str, batch: int = 200, repeat: int = 2) -> list[tuple[str, float]]:
     """``(probe, seconds of a forward truncated after it / a full forward)`` per probe."""
     from pdepth.depth.cache import sub_spec
     from pdepth.models import build_model

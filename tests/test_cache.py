@@ -182,6 +182,8 @@ def test_disk_cache_in_several_passes_equals_the_in_memory_run(ram_run, tmp_path
         assert stages["train"]["seconds"] > 0
     ram = json.loads((ram_run / "config.json").read_text())["models"][0]
     assert ram["memory"]["cache"] == "memory" and len(ram["stages"]["extract"]) == 1
+    page = (out / "report.html").read_text()
+    assert "Time and memory per stage" in page and "3 pass(es)" in page and "on disk" in page
 
 
 @needs_fmnist
