@@ -33,8 +33,8 @@ import torch
 
 __all__ = [
     "DATASETS", "DatasetInfo", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_ROOT",
-    "FASHION_MNIST_STD", "IMAGE_FOLDER_SIZE", "channel_stats", "dataset_info",
-    "load_fashion_mnist", "load_subset", "normalize_images",
+    "FASHION_MNIST_STD", "IMAGE_FOLDER_SIZE", "channel_stats", "dataset_info", "decode_dataset",
+    "load_fashion_mnist", "load_subset", "normalize_images", "subset_index",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -323,13 +323,83 @@ def load_subset(
     info = dataset_info(dataset)
     if info.name == "imagefolder" and root is None:
         raise ValueError("dataset imagefolder needs root (--root DIR: one folder per class)")
-    images, labels = info.load(root or info.root, split, **options)
-    total = labels.shape[0]
-    if subset is None or subset >= total:
-        index = torch.arange(total)
-    else:
-        if subset < 2:
-            raise ValueError(f"subset must be at least 2, got {subset}")
-        gen = torch.Generator().manual_seed(int(seed))
-        index = torch.randperm(total, generator=gen)[:subset].sort().values
+    # only the options that are set: a loader may take (root, split) alone
+    images, labels = info.load(root or info.root, split,
+                               **{k: v for k, v in options.items() if v})
+    index = subset_index(labels.shape[0], subset, seed)
     return images[index], labels[index], index
+
+
+def subset_index(total: int, subset: int | None, seed: int) -> torch.Tensor:
+    """``int64 [n]``: a seeded random subset of ``range(total)`` without replacement, sorted
+    ascending; every index when ``subset`` is None or >= ``total``."""
+    if subset is None or subset >= total:
+        return torch.arange(total)
+    if subset < 2:
+        raise ValueError(f"subset must be at least 2, got {subset}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(total, generator=gen)[:subset].sort().values
+
+
+def _as_image(item) -> torch.Tensor:
+    """One image of a user Dataset as a tensor ``[C, H, W]`` (uint8 or float)."""
+    if hasattr(item, "convert") and hasattr(item, "mode"):  # a PIL image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        return pil_to_tensor(item if item.mode in ("L", "RGB") else item.convert("RGB"))
+    t = torch.as_tensor(np.asarray(item) if not isinstance(item, torch.Tensor) else item)
+    return t.unsqueeze(0) if t.dim() == 2 else t
+
+
+def _collate(batch):
+    """``(images [B, C, H, W], labels [B])`` of a batch of ``(image, label, ...)`` items."""
+    bad = [type(item).__name__ for item in batch if not isinstance(item, (tuple, list))
+           or len(item) < 2]
+    if bad:
+        raise ValueError(f"dataset items must be (image, label) pairs, got a {bad[0]}")
+    images = [_as_image(item[0]) for item in batch]
+    shapes = {tuple(t.shape) for t in images}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise ValueError(f"dataset images must share one shape [C, H, W] (or be PIL images of "
+                         f"one size), got shapes {sorted(shapes)[:3]}")
+    return torch.stack(images), torch.as_tensor([int(item[1]) for item in batch])
+
+
+def decode_dataset(dataset, workers: int = 0):
+    """Reads every ``(image, label)`` of a map-style ``torch.utils.data.Dataset`` through a
+    DataLoader with ``workers`` processes.
+
+    Images: PIL images (grey or RGB; others converted to RGB) or tensors / arrays
+    ``[C, H, W]`` (or ``[H, W]``), all of one square size. ``uint8`` images are normalised
+    like imagefolder's (per-channel statistics of the run's examples); float images are the
+    models' input as they are (the report shows them min-max scaled).
+
+    Returns ``(images uint8 [n, H, W] or [n, H, W, C], labels int64 [n], x float32
+    [n, C, H, W] or None for uint8 images, classes)``: the class names are the dataset's
+    ``classes`` attribute where it names every label, else ``"0"``, ``"1"``, ...
+    """
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ValueError(f"dataset must be a map-style torch.utils.data.Dataset (with "
+                         f"__len__ and __getitem__), got {type(dataset).__name__}")
+    if len(dataset) < 4:
+        raise ValueError(f"dataset holds {len(dataset)} examples; a run needs at least 4")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=int(workers),
+                                         collate_fn=_collate)
+    batches = list(loader)
+    x = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches]).to(torch.int64)
+    if x.shape[2] != x.shape[3]:
+        raise ValueError(f"dataset images must be square (the models take image_size x "
+                         f"image_size), got {x.shape[2]}x{x.shape[3]}")
+    if x.dtype == torch.uint8:
+        images, x = x, None
+    else:
+        x = x.to(torch.float32)
+        lo, hi = float(x.min()), float(x.max())
+        images = ((x - lo) * (255.0 / max(hi - lo, 1e-12))).round_().to(torch.uint8)
+    images = images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1).contiguous()
+    names = getattr(dataset, "classes", None)
+    count = int(labels.max()) + 1 if labels.numel() else 0
+    classes = (tuple(str(c) for c in names) if names is not None and len(names) >= count
+               else tuple(str(i) for i in range(count)))
+    return images, labels, x, classes

@@ -11,12 +11,14 @@ import numpy as np
 import torch
 
 from ..categories import CategoryThresholds
+from torch import nn
+
 from ..data import DatasetInfo
-from ..models import build_model
-from ..probes import ProbeSpec
-from .config import RunConfig, split_halves
+from ..models import make_model
+from ..probes import ProbeSpec, pinned
+from .config import RunConfig
 from .outdir import save_model_file
-from .train import TrainOptions, train_model
+from .train import TrainOptions, predict, train_model
 
 __all__ = ["RunData", "check_support", "run_model"]
 
@@ -35,6 +37,8 @@ class RunData:
     x: torch.Tensor  # normalised images, the models' input
     dims: list[int]  # embedding width per probe
     original_labels: torch.Tensor | None = None  # [n] int64, the dataset's (None: = labels)
+    config: RunConfig | None = None  # the run's settings as resolved (data_sha256)
+    checkpoint_model: nn.Module | None = None  # --checkpoint: the loaded network (CPU)
 
     def __post_init__(self):
         if self.original_labels is None:
@@ -51,7 +55,9 @@ class RunData:
 
     @property
     def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        """The dataset's classes (its table entry; a user Dataset's ``classes`` or one more
+        than its largest label)."""
+        return self.dataset.num_classes
 
 
 def check_support(k: int, num_support: int) -> None:
@@ -77,28 +83,33 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     """Trains and scores model ``(seed, half)``, saves it to ``path`` and returns its arrays
     with ``"meta"`` (what :func:`pdepth.protocol.outdir.load_model_file` returns)."""
     t0 = time.perf_counter()
-    halves = split_halves(data.n, seed)
-    train_idx, held_idx = halves[half], halves[1 - half]
-    torch.manual_seed(1000 * seed + half)
-    model = build_model(config.arch, num_classes=data.num_classes).to(data.device)
-    options = TrainOptions(epochs=config.epochs, lr=config.lr,
-                           weight_decay=config.weight_decay, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
-    # trains on the given labels; the held-out accuracy per epoch asks "is the network
-    # right", so it is measured against the dataset's (original) labels
-    epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
-                                      device=data.device, progress=progress,
-                                      desc=f"train seed {seed} half {half}",
-                                      held_out_labels=data.original_labels)
+    train_idx, held_idx = config.split(data.n, seed, half)
+    if data.checkpoint_model is not None:
+        model = data.checkpoint_model.to(data.device)
+        epoch_pred, history, final = _untrained(model, config, data, train_idx)
+    else:
+        torch.manual_seed(1000 * seed + half)
+        model = make_model(config.arch, config.model, num_classes=data.num_classes,
+                           in_channels=data.dataset.channels,
+                           image_size=data.dataset.image_size).to(data.device)
+        options = TrainOptions(epochs=config.epochs, lr=config.lr,
+                               weight_decay=config.weight_decay, batch_size=config.batch_size,
+                               eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
+        # trains on the given labels; the held-out accuracy per epoch asks "is the network
+        # right", so it is measured against the dataset's (original) labels
+        epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
+                                          device=data.device, progress=progress,
+                                          desc=f"train seed {seed} half {half}",
+                                          held_out_labels=data.original_labels)
+        final = history["train_accuracy"][-1], history["held_out_accuracy"][-1]
     t_train = time.perf_counter() - t0
     res, order = _score(model, config, data, (train_idx, held_idx), progress)
     meta = {
         "protocol_key": config.protocol_key(), "seed": int(seed), "half": int(half),
-        "knn_filter": config.knn_filter,
+        "knn_filter": config.knn_filter, "trained": data.checkpoint_model is None,
         "train_seconds": t_train, "depth_seconds": res.seconds,
         "seconds": time.perf_counter() - t0,
-        "final_train_accuracy": history["train_accuracy"][-1],
-        "final_held_out_accuracy": history["held_out_accuracy"][-1],
+        "final_train_accuracy": final[0], "final_held_out_accuracy": final[1],
         "layer_accuracy": res.depth.layer_accuracy.tolist(),
         "memory": res.stats(),
     }
@@ -118,11 +129,26 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     }
     save_model_file(path, arrays, meta)
     if log:
-        log(f"  seed {seed} half {half}: train {t_train:.1f} s (train acc "
-            f"{meta['final_train_accuracy']:.3f}, held-out acc "
-            f"{meta['final_held_out_accuracy']:.3f}), depth {res.seconds:.1f} s, peak "
-            f"{res.peak_bytes / 2**20:.0f} MiB ({res.num_chunks} chunk(s))")
+        held = meta["final_held_out_accuracy"]
+        log(f"  seed {seed} half {half}: "
+            + (f"train {t_train:.1f} s" if meta["trained"] else "checkpoint, not trained")
+            + f" (train acc {meta['final_train_accuracy']:.3f}, held-out acc "
+            + ("none" if held is None else f"{held:.3f}")
+            + f"), depth {res.seconds:.1f} s, peak {res.peak_bytes / 2**20:.0f} MiB "
+              f"({res.num_chunks} chunk(s))")
     return {**arrays, "meta": meta}
+
+
+def _untrained(model: nn.Module, config: RunConfig, data: RunData, train_idx: np.ndarray):
+    """A checkpoint's ``(epoch_pred, history, (final train accuracy, final held-out
+    accuracy))``: no epochs, so ``epoch_pred`` is ``[0, n]`` and the per-epoch histories are
+    empty (the learning-speed columns become NaN); the train accuracy is the checkpoint's on
+    its training split; there is no held-out split (None)."""
+    pred = predict(model, data.x, config.eval_batch_size, data.device)
+    index = torch.as_tensor(train_idx)
+    history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
+    final = float((pred[index] == data.labels[index]).float().mean()), None
+    return torch.zeros(0, data.n, dtype=torch.int64), history, final
 
 
 def _score(model, config: RunConfig, data: RunData, split, progress: bool):
@@ -136,7 +162,8 @@ def _score(model, config: RunConfig, data: RunData, split, progress: bool):
     self_index = np.concatenate([np.arange(len(train_idx)), np.full(len(held_idx), -1)])
     train_t, query_t = torch.as_tensor(train_idx), torch.as_tensor(query_idx)
     res = stream_prediction_depth(
-        model, data.x[train_t], data.labels[train_t], data.x[query_t], probes=data.spec,
+        model, pinned(data.x[train_t], data.device), data.labels[train_t],
+        pinned(data.x[query_t], data.device), probes=data.spec,
         k=config.k, self_index=torch.as_tensor(self_index), query_labels=data.labels[query_t],
         num_classes=data.num_classes, example_index=query_t,
         batch_size=config.eval_batch_size, memory_budget=config.memory_budget,
