@@ -28,6 +28,7 @@ __all__ = [
     "class_counts",
     "early_probes",
     "iteration_learned",
+    "json_floats",
     "layer_accuracy",
     "mean_or_none",
     "summarize",
@@ -50,6 +51,12 @@ def mean_or_none(values) -> float | None:
     columns of a ``--checkpoint`` run, which holds nothing out)."""
     values = np.asarray(values, np.float64)
     return float(np.nanmean(values)) if (~np.isnan(values)).any() else None
+
+
+def json_floats(values) -> list[float | None]:
+    """A float array as a JSON-ready list, NaN (nothing to average, e.g. no held-out example)
+    as None (null)."""
+    return [None if math.isnan(v) else float(v) for v in np.asarray(values, np.float64)]
 
 
 def class_counts(values: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:

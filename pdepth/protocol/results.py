@@ -12,7 +12,7 @@ import numpy as np
 from .. import _atomic
 from ..categories import CATEGORIES, categorize
 from ..label_errors import label_error_evidence
-from ..metrics import layer_accuracy, mean_or_none, summarize
+from ..metrics import json_floats, layer_accuracy, mean_or_none, summarize
 from ..summary import claims_summary
 from .model_run import RunData
 
@@ -48,8 +48,8 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         df, arrays, early_fraction=data.thresholds.early_fraction))
     layer_pred, in_train = stacked["layer_pred"], stacked["in_train"]
     return {
-        "layer_knn_accuracy_train": _json_floats(layer_accuracy(layer_pred, y, in_train)),
-        "layer_knn_accuracy_held_out": _json_floats(layer_accuracy(layer_pred, y, ~in_train)),
+        "layer_knn_accuracy_train": json_floats(layer_accuracy(layer_pred, y, in_train)),
+        "layer_knn_accuracy_held_out": json_floats(layer_accuracy(layer_pred, y, ~in_train)),
         "mean_train_depth": mean_or_none(df["train_depth"]),
         "mean_held_out_depth": mean_or_none(df["held_out_depth"]),
         "held_out_accuracy": mean_or_none(df["held_out_accuracy"]),
@@ -58,11 +58,6 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         "label_flipped": int(df["label_flipped"].sum()),
         "label_error": int(df["label_error"].sum()),
     }
-
-
-def _json_floats(values: np.ndarray) -> list[float | None]:
-    """A float array as a JSON list, NaN (no example in that split) as null."""
-    return [None if np.isnan(v) else float(v) for v in values]
 
 
 def _results_table(stacked: dict, data: RunData):
