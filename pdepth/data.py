@@ -50,6 +50,7 @@ SPLITS = ("train", "test")
 # IDX type codes (third byte of the magic number) -> numpy dtype (big endian).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IMAGE_FOLDER_SIZE = 32  # the default --image-size of imagefolder: the paper's CIFAR size
+IMAGE_FOLDER_ROOT = "dataset imagefolder needs root (--root DIR: one folder of images per class)"
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -154,6 +155,11 @@ def _image_folder_dir(root: str, split: str) -> str:
     return root
 
 
+def _rgb(image):
+    """A PIL image in RGB (a module-level function: DataLoader workers pickle it)."""
+    return image.convert("RGB")
+
+
 def load_image_folder(root: str, split: str = "train", *, image_size: int | None = None,
                       workers: int = 0, **_) -> tuple[torch.Tensor, torch.Tensor]:
     """An image folder's split (``root/<class>/<image>``, or ``root/train/<class>/...`` and
@@ -167,8 +173,8 @@ def load_image_folder(root: str, split: str = "train", *, image_size: int | None
     from torchvision.datasets import ImageFolder
 
     size = int(image_size or IMAGE_FOLDER_SIZE)
-    tf = transforms.Compose([transforms.Lambda(lambda im: im.convert("RGB")),
-                             transforms.Resize((size, size)), transforms.PILToTensor()])
+    tf = transforms.Compose([transforms.Lambda(_rgb), transforms.Resize((size, size)),
+                             transforms.PILToTensor()])
     ds = ImageFolder(_image_folder_dir(root, split), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=int(workers))
     images, labels = zip(*loader)
@@ -259,8 +265,8 @@ def dataset_info(dataset: str, root: str | None = None,
                  image_size: int | None = None) -> DatasetInfo:
     """The table entry of ``dataset``; ValueError naming the valid ones for another name.
 
-    For ``imagefolder`` the entry is resolved against ``root`` (required: its class folders
-    give the class names) and ``image_size`` (default :data:`IMAGE_FOLDER_SIZE`); the other
+    For ``imagefolder`` the entry is resolved against ``root`` (its class folders give the
+    class names; without a root they are unknown, ``()``) and ``image_size`` (default :data:`IMAGE_FOLDER_SIZE`); the other
     datasets have a fixed size, so ``image_size`` must be None or theirs."""
     try:
         info = DATASETS[dataset]
@@ -273,10 +279,10 @@ def dataset_info(dataset: str, root: str | None = None,
                          + ("must be at least 8" if int(image_size) < 8 else
                             f"{info.name} images are {info.image_size}x{info.image_size}; "
                             "only imagefolder is resized"))
-    if info.name != "imagefolder" or (root is None and image_size is None):
+    if info.name != "imagefolder":
         return info
-    if root is None:
-        raise ValueError("dataset imagefolder needs root (--root DIR: one folder per class)")
+    if root is None:  # the class names come with the folder
+        return dataclasses.replace(info, image_size=int(image_size or info.image_size))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"imagefolder: --root {root} is not a folder")
     return dataclasses.replace(info, root=root, classes=image_folder_classes(root),

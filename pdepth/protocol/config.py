@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..categories import CategoryThresholds
-from ..data import dataset_info
+from ..data import IMAGE_FOLDER_ROOT, dataset_info
 from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
 from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
@@ -100,6 +100,8 @@ class RunConfig:
         self._resolve_training()
         if self.data_sha256 is None:  # a user Dataset has no table entry
             dataset_info(self.dataset, image_size=self.image_size)  # ValueError: valid names
+            if self.dataset == "imagefolder" and self.root is None:
+                raise ValueError(IMAGE_FOLDER_ROOT)
         if int(self.workers) < 0:
             raise ValueError(f"workers (--workers) must be >= 0, got {self.workers!r}")
         if self.k < 1:
