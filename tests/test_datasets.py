@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from data_helpers import write_cifar, write_image_folder, write_mnist, write_svhn
-from run_helpers import needs_fmnist
+from run_helpers import needs_fmnist, one_error_line
 
 from pdepth import data
 from pdepth.cli import main
-from pdepth.protocol import RunConfig
 
 pytest.importorskip("torchvision")
 
@@ -127,8 +126,9 @@ def test_bad_dataset_settings_name_the_flag_and_value(tmp_path, capsys):
         data.dataset_info("imagenet")
     with pytest.raises(ValueError, match=r"--image-size\) 64: cifar10 images are 32x32"):
         data.dataset_info("cifar10", image_size=64)
-    with pytest.raises(ValueError, match="needs root"):
-        RunConfig(dataset="imagefolder")
+    assert main(["run", "--dataset", "imagefolder", "--out", str(tmp_path / "x")]) == 2
+    assert "needs root (--root DIR" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         main(["run", "--dataset", "cifar11", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err

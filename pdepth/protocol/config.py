@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..categories import CategoryThresholds
-from ..data import IMAGE_FOLDER_ROOT, dataset_info
+from ..data import DATASETS
 from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
 from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
@@ -57,7 +57,9 @@ class RunConfig:
     Data: ``dataset`` names an entry of :data:`pdepth.data.DATASETS` (``root`` its folder;
     ``download`` lets torchvision fetch it; ``workers`` DataLoader processes decode an image
     folder; ``image_size`` is imagefolder's resize, default 32). ``data_sha256`` identifies
-    the data of a user ``Dataset`` passed to :func:`pdepth.run` (set there).
+    the data of a user ``Dataset`` passed to :func:`pdepth.run` (set there; ``dataset`` is
+    then only its name). The dataset settings are checked when :func:`pdepth.run` loads the
+    data, before it writes anything (a user ``Dataset`` has no table entry to check here).
 
     The network: ``arch`` (:data:`pdepth.models.ARCHITECTURES`), or ``model``
     (``"module:factory"``, :func:`pdepth.models.make_model`; ``arch`` is then None). With
@@ -98,10 +100,6 @@ class RunConfig:
     def __post_init__(self):
         self._check_network()
         self._resolve_training()
-        if self.data_sha256 is None:  # a user Dataset has no table entry
-            dataset_info(self.dataset, image_size=self.image_size)  # ValueError: valid names
-            if self.dataset == "imagefolder" and self.root is None:
-                raise ValueError(IMAGE_FOLDER_ROOT)
         if int(self.workers) < 0:
             raise ValueError(f"workers (--workers) must be >= 0, got {self.workers!r}")
         if self.k < 1:
@@ -133,8 +131,6 @@ class RunConfig:
             if self.arch is not None:
                 raise ValueError(f"arch (--arch {self.arch}) and model (--model {self.model}) "
                                  "exclude each other: give one")
-            if ":" not in str(self.model):
-                raise ValueError(f"model (--model) takes module:factory, got {self.model!r}")
         elif self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; valid architectures: "
                              f"{', '.join(ARCHITECTURES)}")
@@ -231,9 +227,13 @@ def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int,
 
 def run_dependencies(config: RunConfig, progress: bool) -> list[str]:
     """The optional modules a run with these settings imports."""
-    torchvision = config.arch == "resnet18" or config.dataset not in ("fashion-mnist", None)
+    # the table's datasets but the Debian Fashion-MNIST are read (or fetched) by torchvision;
+    # SVHN's .mat files by scipy
+    torchvision = (config.arch == "resnet18" or config.download
+                   or config.dataset in set(DATASETS) - {"fashion-mnist"})
     return (list(REPORT_DEPENDENCIES) + (["tqdm"] if progress else [])
-            + (["torchvision"] if torchvision else []))
+            + (["torchvision"] if torchvision else [])
+            + (["scipy"] if config.dataset == "svhn" else []))
 
 
 def resolve_device(device: str) -> torch.device:
