@@ -86,7 +86,8 @@ def load_fashion_mnist(
         root: folder holding ``train-images-idx3-ubyte.gz`` etc.
         split: ``"train"`` (60,000 images) or ``"test"`` (10,000 images).
         download: where the files are missing, let torchvision fetch them into ``root``
-            (``root/FashionMNIST/raw``) instead of raising.
+            (``root/FashionMNIST/raw``, which later calls read without ``download``) instead
+            of raising.
 
     Returns:
         ``(images, labels)``: ``uint8 [n, 28, 28]`` and ``int64 [n]`` tensors.
@@ -97,8 +98,8 @@ def load_fashion_mnist(
     _check_split(split)
     paths = [os.path.join(root, name) for name in _FILES[split]]
     missing = [p for p in paths if not os.path.exists(p)]
-    if missing and download:
-        return _torchvision("FashionMNIST", root, split, download=True)
+    if missing and (download or os.path.isdir(os.path.join(root, "FashionMNIST", "raw"))):
+        return _torchvision("FashionMNIST", root, split, download=download)
     if missing:
         raise FileNotFoundError(
             f"Fashion-MNIST files not found: {', '.join(missing)}. Install them with "

@@ -152,3 +152,23 @@ def test_fashion_mnist_torchvision_reader_gives_the_debian_tensors(tmp_path):
         tv = FashionMNIST(str(tmp_path), train=split == "train")
         images, labels = data.load_fashion_mnist(split=split)
         assert torch.equal(tv.data, images) and torch.equal(tv.targets, labels)
+
+
+def test_fashion_mnist_in_torchvisions_layout_is_read_without_download(tmp_path):
+    """Where ``--download`` once put Fashion-MNIST (``root/FashionMNIST/raw``), a later run
+    reads it without downloading; a root with neither layout names the Debian package."""
+    from data_helpers import write_idx
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    written = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = np.full((3, 28, 28), 7 if split == "train" else 9, np.uint8)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.array([1, 2, 3]))
+        written[split] = images
+    for split, images in written.items():
+        got, labels = data.load_fashion_mnist(str(tmp_path), split)
+        assert np.array_equal(got.numpy(), images) and labels.tolist() == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        data.load_fashion_mnist(str(tmp_path / "nothing"))
