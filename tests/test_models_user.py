@@ -180,13 +180,13 @@ def test_a_checkpoint_run_takes_no_epochs(net, mnist, tmp_path, capsys):
 
 
 class _Squares(torch.utils.data.Dataset):
-    """A map-style Dataset of float images [1, 10, 10] whose class is where the bright square
-    sits."""
+    """A map-style Dataset of images 10x10 whose class is where the bright square sits:
+    float tensors [1, 10, 10], or grey PIL images (``pil``)."""
 
     classes = ("left", "right")
 
-    def __init__(self, n: int = 20):
-        self.n = n
+    def __init__(self, n: int = 20, pil: bool = False):
+        self.n, self.pil = n, pil
 
     def __len__(self):
         return self.n
@@ -195,18 +195,29 @@ class _Squares(torch.utils.data.Dataset):
         x = torch.zeros(1, 10, 10)
         y = i % 2
         x[0, 3:7, (1 if y == 0 else 6):(4 if y == 0 else 9)] = 1.0 + 0.01 * i
+        if self.pil:
+            from PIL import Image
+
+            return Image.fromarray((x[0] * 200).to(torch.uint8).numpy(), mode="L"), y
         return x, y
 
 
-def test_a_user_dataset_runs_through_the_python_api(tmp_path):
+@pytest.mark.parametrize("pil", [False, True])
+def test_a_user_dataset_runs_through_the_python_api(tmp_path, pil):
     config = pdepth.RunConfig(dataset="squares", arch="mlp", subset=None, epochs=1, k=3,
                               seeds=[0])
-    out = pdepth.run(config, tmp_path / "run", progress=False, dataset=_Squares())
+    data = _Squares(pil=pil)
+    out = pdepth.run(config, tmp_path / "run", progress=False, dataset=data)
     cfg = _strict_json(out / "config.json")
     assert cfg["resolved"]["class_names"] == ["left", "right"]
     assert cfg["resolved"]["image_shape"] == [1, 10, 10] and len(cfg["config"]["data_sha256"]) == 64
+    # uint8 images are normalised with their statistics; float ones are the input as given
+    assert (cfg["resolved"]["normalization"]["mean"] is None) == (not pil)
     with np.load(out / "data.npz") as z:
         assert z["images"].shape == (20, 10, 10) and z["labels"].tolist() == [0, 1] * 10
-    # other data, another protocol key: the run is not resumed on it
-    with pytest.raises(pdepth.protocol.OutputExistsError):
-        pdepth.run(config, tmp_path / "run", progress=False, dataset=_Squares(22))
+        if pil:
+            assert np.array_equal(z["images"][3], np.asarray(data[3][0]))
+    # other data, another protocol key: an unfinished run is not resumed on it
+    (out / "COMPLETE").unlink()
+    with pytest.raises(pdepth.protocol.OutputExistsError, match="different settings"):
+        pdepth.run(config, out, progress=False, dataset=_Squares(22, pil))

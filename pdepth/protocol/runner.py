@@ -181,23 +181,31 @@ def _load_data(config: RunConfig, dataset):
         info = info.with_stats(images)  # imagefolder: from the run's examples
         x = normalize_images(images, info.mean, info.std)
     else:
-        images, labels, x, classes = decode_dataset(dataset, config.workers)
-        index = subset_index(labels.shape[0], config.subset, config.subset_seed)
-        images, labels = images[index], labels[index]
-        x = None if x is None else x[index]
-        info = DatasetInfo(config.dataset, None, classes, None, None, None,
-                           1 if images.dim() == 3 else images.shape[3], images.shape[1])
-        if x is None:  # uint8 images: normalised like imagefolder's
-            info = info.with_stats(images)
-            x = normalize_images(images, info.mean, info.std)
-        digest = hashlib.sha256(x.numpy().tobytes())
-        digest.update(labels.numpy().tobytes())
-        config = dataclasses.replace(config, data_sha256=digest.hexdigest())
+        config, info, images, labels, index, x = _user_data(config, dataset)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
         raise ValueError(f"dataset {config.dataset}: labels must lie in 0..{info.num_classes - 1}"
                          f" (its {info.num_classes} classes), got {int(labels.min())}.."
                          f"{int(labels.max())}")
     return config, info, images, labels, index, x
+
+
+def _user_data(config: RunConfig, dataset):
+    """:func:`_load_data` for a user ``Dataset``: decoded once, subset, normalised (uint8
+    images; float ones are the input as they are), hashed into ``config.data_sha256``."""
+    images, labels, x, classes = decode_dataset(dataset, config.workers)
+    index = subset_index(labels.shape[0], config.subset, config.subset_seed)
+    images, labels = images[index], labels[index]
+    info = DatasetInfo(config.dataset, None, classes, None, None, None,
+                       1 if images.dim() == 3 else images.shape[3], images.shape[1])
+    if x is None:  # uint8 images: normalised like imagefolder's
+        info = info.with_stats(images)
+        x = normalize_images(images, info.mean, info.std)
+    else:
+        x = x[index]
+    digest = hashlib.sha256(x.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return (dataclasses.replace(config, data_sha256=digest.hexdigest()), info, images, labels,
+            index, x)
 
 
 def _config_record(config: RunConfig, data: RunData) -> dict:
