@@ -176,11 +176,9 @@ def load_image_folder(root: str, split: str = "train", *, image_size: int | None
     size = int(image_size or IMAGE_FOLDER_SIZE)
     tf = transforms.Compose([transforms.Lambda(_rgb), transforms.Resize((size, size)),
                              transforms.PILToTensor()])
-    ds = ImageFolder(_image_folder_dir(root, split), transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=int(workers))
-    images, labels = zip(*loader)
-    return (torch.cat(images).permute(0, 2, 3, 1).contiguous(),
-            torch.cat(labels).to(torch.int64))
+    images, labels = _read_all(ImageFolder(_image_folder_dir(root, split), transform=tf),
+                               workers)
+    return images.permute(0, 2, 3, 1).contiguous(), labels
 
 
 def image_folder_classes(root: str) -> tuple[str, ...]:
@@ -267,8 +265,9 @@ def dataset_info(dataset: str, root: str | None = None,
     """The table entry of ``dataset``; ValueError naming the valid ones for another name.
 
     For ``imagefolder`` the entry is resolved against ``root`` (its class folders give the
-    class names; without a root they are unknown, ``()``) and ``image_size`` (default :data:`IMAGE_FOLDER_SIZE`); the other
-    datasets have a fixed size, so ``image_size`` must be None or theirs."""
+    class names; without a root they are unknown, ``()``) and ``image_size`` (default
+    :data:`IMAGE_FOLDER_SIZE`); the other datasets have a fixed size, so ``image_size`` must
+    be None or theirs."""
     try:
         info = DATASETS[dataset]
     except KeyError:
@@ -372,6 +371,16 @@ def _collate(batch):
     return torch.stack(images), torch.as_tensor([int(item[1]) for item in batch])
 
 
+def _read_all(dataset, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ``(image, label)`` of a map-style Dataset, in order, through a DataLoader with
+    ``workers`` processes: ``(images [n, C, H, W] as they come, labels int64 [n])``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=int(workers),
+                                         collate_fn=_collate)
+    batches = list(loader)
+    return (torch.cat([b[0] for b in batches]),
+            torch.cat([b[1] for b in batches]).to(torch.int64))
+
+
 def decode_dataset(dataset, workers: int = 0):
     """Reads every ``(image, label)`` of a map-style ``torch.utils.data.Dataset`` through a
     DataLoader with ``workers`` processes.
@@ -390,11 +399,7 @@ def decode_dataset(dataset, workers: int = 0):
                          f"__len__ and __getitem__), got {type(dataset).__name__}")
     if len(dataset) < 4:
         raise ValueError(f"dataset holds {len(dataset)} examples; a run needs at least 4")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=int(workers),
-                                         collate_fn=_collate)
-    batches = list(loader)
-    x = torch.cat([b[0] for b in batches])
-    labels = torch.cat([b[1] for b in batches]).to(torch.int64)
+    x, labels = _read_all(dataset, workers)
     if x.shape[2] != x.shape[3]:
         raise ValueError(f"dataset images must be square (the models take image_size x "
                          f"image_size), got {x.shape[2]}x{x.shape[3]}")

@@ -105,8 +105,9 @@ class VGG(nn.Module):
     and a ``classifier`` of two hidden dense layers and the output layer.
 
     The default configuration is VGG-16 ("D", 13 convs) without its last max-pool, so a 28x28
-    input gives a 1x1 map and a 32x32 one a 2x2 map before the global average pool. Probes (preset ``"vgg16"``): input, each conv's output after its
-    BN and ReLU (13), softmax: 15 probes.
+    input gives a 1x1 map and a 32x32 one a 2x2 map before the global average pool. Probes
+    (preset ``"vgg16"``): input, each conv's output after its BN and ReLU (13), softmax: 15
+    probes.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, cfg=_VGG16_CFG,

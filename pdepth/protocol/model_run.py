@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ..categories import CategoryThresholds
 from torch import nn
 
+from ..categories import CategoryThresholds
 from ..data import DatasetInfo
 from ..models import make_model
 from ..probes import ProbeSpec, pinned

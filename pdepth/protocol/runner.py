@@ -18,8 +18,14 @@ import torch
 
 from .. import _atomic
 from ..categories import CategoryThresholds
-from ..data import (DatasetInfo, dataset_info, decode_dataset, load_subset, normalize_images,
-                    subset_index)
+from ..data import (
+    DatasetInfo,
+    dataset_info,
+    decode_dataset,
+    load_subset,
+    normalize_images,
+    subset_index,
+)
 from ..models import load_checkpoint, make_model
 from ..ops import check_filter, knn_plan
 from ..probes import pinned, probe_dims, resolve_probes
