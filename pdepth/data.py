@@ -168,17 +168,24 @@ def load_image_folder(root: str, split: str = "train", *, image_size: int | None
 
     Returns ``(uint8 [n, S, S, 3], int64 [n])`` with S = ``image_size`` (default
     :data:`IMAGE_FOLDER_SIZE`): every image converted to RGB and resized to S x S (bilinear,
-    antialiased; the aspect ratio is not kept). Labels are the class folders' indices in
-    sorted order (torchvision's rule)."""
+    antialiased; the aspect ratio is not kept). Labels are the indices of the *training*
+    split's class folders in sorted order (torchvision's rule; a test split lacking a class
+    keeps the others' indices)."""
     from torchvision import transforms
     from torchvision.datasets import ImageFolder
 
     size = int(image_size or IMAGE_FOLDER_SIZE)
     tf = transforms.Compose([transforms.Lambda(_rgb), transforms.Resize((size, size)),
                              transforms.PILToTensor()])
-    images, labels = _read_all(ImageFolder(_image_folder_dir(root, split), transform=tf),
-                               workers)
-    return images.permute(0, 2, 3, 1).contiguous(), labels
+    ds = ImageFolder(_image_folder_dir(root, split), transform=tf)
+    classes = image_folder_classes(root)
+    unknown = sorted(set(ds.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"imagefolder: the {split} split has classes {unknown} that the "
+                         f"training split lacks (training classes: {', '.join(classes)})")
+    images, labels = _read_all(ds, workers)
+    to_train = torch.tensor([classes.index(c) for c in ds.classes], dtype=torch.int64)
+    return images.permute(0, 2, 3, 1).contiguous(), to_train[labels]
 
 
 def image_folder_classes(root: str) -> tuple[str, ...]:

@@ -172,3 +172,14 @@ def test_fashion_mnist_in_torchvisions_layout_is_read_without_download(tmp_path)
         assert np.array_equal(got.numpy(), images) and labels.tolist() == [1, 2, 3]
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         data.load_fashion_mnist(str(tmp_path / "nothing"))
+
+
+def test_image_folder_test_split_keeps_the_training_class_indices(tmp_path):
+    write_image_folder(tmp_path, CLASSES)
+    shutil.rmtree(tmp_path / "test" / "cat")  # the test split lacks the first class
+    _, labels, _ = data.load_subset("imagefolder", str(tmp_path), split="test", image_size=20)
+    assert 0 not in labels.tolist() and set(labels.tolist()) == {1, 2}
+    (tmp_path / "test" / "yak").mkdir()
+    shutil.copy(next((tmp_path / "test" / "dog").iterdir()), tmp_path / "test" / "yak")
+    with pytest.raises(ValueError, match=r"classes \['yak'\] that the training split lacks"):
+        data.load_subset("imagefolder", str(tmp_path), split="test", image_size=20)
