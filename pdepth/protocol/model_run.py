@@ -17,7 +17,7 @@ from ..models import make_model
 from ..probes import ProbeSpec, pinned
 from .config import RunConfig
 from .outdir import save_model_file
-from .train import TrainOptions, predict, train_model
+from .train import TrainOptions, train_model
 
 __all__ = ["RunData", "check_support", "run_model"]
 
@@ -83,26 +83,13 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     with ``"meta"`` (what :func:`pdepth.protocol.outdir.load_model_file` returns)."""
     t0 = time.perf_counter()
     train_idx, held_idx = config.split(data.n, seed, half)
-    if data.checkpoint_model is not None:
-        model = data.checkpoint_model.to(data.device)
-        epoch_pred, history, final = _untrained(model, config, data, train_idx)
-    else:
-        torch.manual_seed(1000 * seed + half)
-        model = make_model(config.arch, config.model, num_classes=data.num_classes,
-                           in_channels=data.dataset.channels,
-                           image_size=data.dataset.image_size).to(data.device)
-        options = TrainOptions(epochs=config.epochs, lr=config.lr,
-                               weight_decay=config.weight_decay, batch_size=config.batch_size,
-                               eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
-        # trains on the given labels; the held-out accuracy per epoch asks "is the network
-        # right", so it is measured against the dataset's (original) labels
-        epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
-                                          device=data.device, progress=progress,
-                                          desc=f"train seed {seed} half {half}",
-                                          held_out_labels=data.original_labels)
-        final = history["train_accuracy"][-1], history["held_out_accuracy"][-1]
+    model, epoch_pred, history = _trained(config, data, (seed, half), train_idx, progress)
     t_train = time.perf_counter() - t0
     res, order = _score(model, config, data, (train_idx, held_idx), progress)
+    probs = res.probs.numpy()[order].astype(np.float32)
+    final = ((history["train_accuracy"][-1], history["held_out_accuracy"][-1]) if history["loss"]
+             else (float((probs[train_idx].argmax(1) == data.labels.numpy()[train_idx]).mean()),
+                   None))  # a checkpoint's accuracy on its training split, from its scores
     meta = {
         "protocol_key": config.protocol_key(), "seed": int(seed), "half": int(half),
         "knn_filter": config.knn_filter, "trained": data.checkpoint_model is None,
@@ -120,7 +107,7 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "in_train": in_train,
         "depth": res.depth.depth.numpy()[order].astype(np.int16),
         "layer_pred": res.depth.layer_pred.numpy()[:, order].astype(np.int16),
-        "probs": res.probs.numpy()[order].astype(np.float32),
+        "probs": probs,
         "epoch_pred": epoch_pred.numpy().astype(np.int16),
         "loss": np.array(history["loss"]),
         "train_accuracy": np.array(history["train_accuracy"]),
@@ -138,16 +125,30 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     return {**arrays, "meta": meta}
 
 
-def _untrained(model: nn.Module, config: RunConfig, data: RunData, train_idx: np.ndarray):
-    """A checkpoint's ``(epoch_pred, history, (final train accuracy, final held-out
-    accuracy))``: no epochs, so ``epoch_pred`` is ``[0, n]`` and the per-epoch histories are
-    empty (the learning-speed columns become NaN); the train accuracy is the checkpoint's on
-    its training split; there is no held-out split (None)."""
-    pred = predict(model, data.x, config.eval_batch_size, data.device)
-    index = torch.as_tensor(train_idx)
-    history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
-    final = float((pred[index] == data.labels[index]).float().mean()), None
-    return torch.zeros(0, data.n, dtype=torch.int64), history, final
+def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: np.ndarray,
+             progress: bool):
+    """Model ``job = (seed, half)`` trained on ``train_idx``: ``(model, epoch_pred [E+1, n],
+    history)`` (:func:`train_model`); for a checkpoint the loaded network, no epochs
+    (``epoch_pred [0, n]``, empty histories: the learning-speed columns become NaN)."""
+    if data.checkpoint_model is not None:
+        history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
+        return (data.checkpoint_model.to(data.device),
+                torch.zeros(0, data.n, dtype=torch.int64), history)
+    seed, half = job
+    torch.manual_seed(1000 * seed + half)
+    model = make_model(config.arch, config.model, num_classes=data.num_classes,
+                       in_channels=data.dataset.channels,
+                       image_size=data.dataset.image_size).to(data.device)
+    options = TrainOptions(epochs=config.epochs, lr=config.lr,
+                           weight_decay=config.weight_decay, batch_size=config.batch_size,
+                           eval_batch_size=config.eval_batch_size, seed=1000 * seed + half)
+    # trains on the given labels; the held-out accuracy per epoch asks "is the network
+    # right", so it is measured against the dataset's (original) labels
+    epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
+                                      device=data.device, progress=progress,
+                                      desc=f"train seed {seed} half {half}",
+                                      held_out_labels=data.original_labels)
+    return model, epoch_pred, history
 
 
 def _score(model, config: RunConfig, data: RunData, split, progress: bool):
