@@ -76,3 +76,5 @@ def test_the_protocol_key_changes_only_for_the_changed_architecture():
                      root="/elsewhere").protocol_key() == base
     assert RunConfig(dataset="imagefolder", root="x", image_size=48).protocol_key() != \
         RunConfig(dataset="imagefolder", root="x").protocol_key()
+    assert RunConfig(dataset="imagefolder", root="x", image_size=32).protocol_key() == \
+        RunConfig(dataset="imagefolder", root="x").protocol_key()  # 32: the default

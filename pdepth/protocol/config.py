@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..categories import CategoryThresholds
-from ..data import DATASETS
+from ..data import DATASETS, IMAGE_FOLDER_SIZE
 from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
 from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
@@ -100,6 +100,8 @@ class RunConfig:
     def __post_init__(self):
         self._check_network()
         self._resolve_training()
+        if self.dataset == "imagefolder" and self.image_size is None:
+            self.image_size = IMAGE_FOLDER_SIZE  # resolved: one key for one size
         if int(self.workers) < 0:
             raise ValueError(f"workers (--workers) must be >= 0, got {self.workers!r}")
         if self.k < 1:
