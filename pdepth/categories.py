@@ -28,8 +28,9 @@ train-split / held-out depth, the rules are applied in this order, first match w
    other and no other class wins the early probes: typically correct only when trained on,
    or consistently wrong without early-layer support for the wrong class).
 
-Examples with no held-out model (``held_out_count == 0``) are judged on the train-split depth
-alone for rule 1 and fall through to ``atypical`` otherwise.
+Examples with no held-out model (``held_out_count == 0``: every example of a ``--checkpoint``
+run, which holds nothing out) get no category (a missing value): the categories rest on the
+held-out view, which such an example lacks.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
         num_classes: C, for the entropy rule (default ``label.max() + 1``, at least 2).
 
     Returns:
-        ``pandas.Categorical`` of length n. Rules and thresholds: module docstring and
+        ``pandas.Categorical`` of length n (missing where no model held the example out).
+        Rules and thresholds: module docstring and
         docs/protocol.md.
     """
     import pandas as pd
@@ -123,8 +125,8 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
     cons = col["consistency"].astype(np.float64)
     has_ho = ~np.isnan(d_ho)
 
-    easy = (np.nan_to_num(d_tr, nan=0.0) <= cut) & (~has_ho | (d_ho <= cut)) & (
-        ~has_ho | (acc >= t.easy_accuracy))
+    easy = has_ho & (np.nan_to_num(d_tr, nan=0.0) <= cut) & (d_ho <= cut) & (
+        acc >= t.easy_accuracy)
     agree = has_ho & (cons >= t.consistency)
     looks_like = (agree & (acc <= t.wrong_accuracy) & (col["held_out_mode"] != label)
                   & (col["early_mode"] == col["held_out_mode"])
@@ -138,4 +140,5 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
     out[ambiguous] = "ambiguous"
     out[looks_like] = "looks_like_other_class"
     out[easy] = "easy"
+    out[~has_ho] = None  # no held-out view: no category
     return pd.Categorical(out, categories=list(CATEGORIES))

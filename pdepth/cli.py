@@ -54,18 +54,40 @@ def _parser() -> argparse.ArgumentParser:
                     "results.parquet, per-model arrays, config.json and report.html.")
     r.add_argument("--dataset", default=d.dataset, choices=list(DATASETS),
                    help="dataset (default: %(default)s, from the Debian package "
-                        "dataset-fashion-mnist)")
+                        "dataset-fashion-mnist; imagefolder: --root DIR with one folder of "
+                        "images per class)")
     r.add_argument("--root", default=None,
-                   help=f"dataset folder (default: {DATASETS[d.dataset].root})")
-    r.add_argument("--arch", default=d.arch, choices=list(ARCHITECTURES),
-                   help="architecture (default: %(default)s)")
+                   help=f"dataset folder (default: {DATASETS[d.dataset].root} for "
+                        f"fashion-mnist, {DATASETS['cifar10'].root} for the torchvision "
+                        "datasets; required for imagefolder)")
+    r.add_argument("--download", action="store_true",
+                   help="let torchvision download the dataset into --root where it is missing "
+                        "(needs the internet)")
+    r.add_argument("--workers", type=int, default=d.workers,
+                   help="DataLoader processes decoding the images of imagefolder / a Dataset "
+                        "(default: %(default)s, in the main process)")
+    r.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="imagefolder: resize every image to S x S (default: 32)")
+    r.add_argument("--arch", default=None, choices=list(ARCHITECTURES),
+                   help=f"architecture (default: {d.arch})")
+    r.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                   help="your own network: a callable in an importable module returning an "
+                        "nn.Module, called with the keywords it takes among num_classes, "
+                        "in_channels, image_size (instead of --arch)")
+    r.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="already-trained weights (a state dict, loaded with "
+                        "torch.load(weights_only=True)) for --arch / --model: depth is "
+                        "computed without training, one model, every example in its training "
+                        "split")
     r.add_argument("--probes", default=None,
                    help="a probe preset (auto, cnn, mlp, resnet, resnet18, vgg, vgg16) or "
-                        "comma-separated module names (default: the architecture's preset)")
-    r.add_argument("--seeds", type=_seeds, default=d.seeds,
+                        "comma-separated module names (default: the architecture's preset; "
+                        "auto for --model)")
+    r.add_argument("--seeds", type=_seeds, default=None,
                    help="number of seeds, or a comma-separated list (default: 2 = seeds 0,1; "
-                        "each seed trains 2 models)")
-    r.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+                        "each seed trains 2 models; one seed with --checkpoint)")
+    r.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs (default: {d.epochs}; none with --checkpoint)")
     r.add_argument("--subset", type=_subset, default=d.subset,
                    help="random subset of the training set ('all' for every example; "
                         "default: %(default)s)")
@@ -152,12 +174,15 @@ def _run(args) -> int:
     probes = args.probes
     if probes is not None and "," in probes:
         probes = [s.strip() for s in probes.split(",") if s.strip()]
+    arch = args.arch if args.arch is not None or args.model is not None else RunConfig.arch
     config = RunConfig(
-        dataset=args.dataset, root=args.root, arch=args.arch, probes=probes,
+        dataset=args.dataset, root=args.root, arch=arch, probes=probes,
         seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
         batch_size=args.batch_size, max_dim=args.max_dim or None,
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
-        knn_filter=args.knn_filter, label_noise=args.label_noise, keep_cache=args.keep_cache)
+        knn_filter=args.knn_filter, label_noise=args.label_noise,
+        image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
+        download=args.download, workers=args.workers, keep_cache=args.keep_cache)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))

@@ -218,7 +218,7 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
     settings), ``test_split`` (what was evaluated on) and ``noise_known``.
     """
     from .data import dataset_info, normalize_images
-    from .models import build_model
+    from .models import make_model
     from .protocol.config import DEVICE, resolve_device
     from .protocol.errors import require_modules
     from .protocol.train import TrainOptions, predict, train_model
@@ -236,14 +236,22 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
     cfg = run.config.get("config", {})
     epochs = int(cfg.get("epochs", 6) if epochs is None else epochs)
     if epochs < 1:
-        raise ValueError(f"epochs (--epochs) must be >= 1, got {epochs}")
+        raise ValueError(f"epochs (--epochs) must be >= 1, got {epochs}"
+                         + (" (the run scored a checkpoint: pass --epochs to retrain)"
+                            if cfg.get("checkpoint") else ""))
     dev = resolve_device(device)
     if progress:
         require_modules(["tqdm"], "pdepth improve")
-    arch = cfg.get("arch", "cnn")
-    info = dataset_info(cfg.get("dataset", "fashion-mnist"))
-    root = cfg.get("root") or run.config.get("resolved", {}).get("root") or info.root
-    train_images, train_labels = info.load(root, "train")
+    arch, user_model = cfg.get("arch", "cnn"), cfg.get("model")
+    if cfg.get("data_sha256"):
+        raise ValueError(f"{run.out}: the run's data came from a Python Dataset; pdepth improve "
+                         "needs a dataset of the table (its test split)")
+    root = cfg.get("root") or run.config.get("resolved", {}).get("root")
+    info = dataset_info(cfg.get("dataset", "fashion-mnist"), root, cfg.get("image_size"))
+    root = root or info.root
+    # only the options the run set: a loader may take (root, split) alone
+    options = {k: cfg[k] for k in ("image_size", "workers") if cfg.get(k)}
+    train_images, train_labels = info.load(root, "train", **options)
 
     # The run's examples: images of the training split, by dataset_index (checked against
     # the run's own copy in data.npz where there is one).
@@ -264,7 +272,8 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
         assert len(v.labels) == len(v.index)
     flags_before = {k: v.flags.copy() for k, v in variants.items() if v.flags is not None}
 
-    test_images, test_labels = info.load(root, "test")  # only to evaluate, from here on
+    test_images, test_labels = info.load(root, "test", **options)  # only to evaluate from here
+    info = info.with_stats(images)  # imagefolder: the run's statistics, from its examples
     x_test = normalize_images(test_images, info.mean, info.std)
     x_all = normalize_images(images, info.mean, info.std)
     del train_images, train_labels
@@ -289,7 +298,9 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
         accuracy, train_accuracy = [], []
         for seed in seeds:
             torch.manual_seed(seed)  # one seed: the same initial weights for every variant
-            model = build_model(arch, num_classes=num_classes).to(dev)
+            model = make_model(arch, user_model, num_classes=num_classes,
+                               in_channels=info.channels,
+                               image_size=info.image_size).to(dev)
             _, history = train_model(model, x_all[idx], torch.as_tensor(v.labels),
                                      torch.arange(len(v.index)),
                                      dataclasses.replace(options, seed=seed), device=dev,

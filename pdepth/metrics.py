@@ -28,7 +28,9 @@ __all__ = [
     "class_counts",
     "early_probes",
     "iteration_learned",
+    "json_floats",
     "layer_accuracy",
+    "mean_or_none",
     "summarize",
 ]
 
@@ -36,9 +38,25 @@ __all__ = [
 def iteration_learned(epoch_pred: np.ndarray) -> np.ndarray:
     """``[E+1, n] -> [n]``: the first epoch e (0 = initialisation) after which the prediction
     equals the final prediction at every later epoch -- the depth rule applied along
-    training time with the final prediction as reference."""
+    training time with the final prediction as reference. A model without a training
+    history (``[0, n]``: a checkpoint, never trained here) gives NaN: it has no such epoch."""
     epoch_pred = np.asarray(epoch_pred)
+    if epoch_pred.shape[0] == 0:
+        return np.full(epoch_pred.shape[1], np.nan)
     return depth_from_predictions(epoch_pred, epoch_pred[-1])
+
+
+def mean_or_none(values) -> float | None:
+    """The mean of the values that are not NaN; None when there are none (e.g. the held-out
+    columns of a ``--checkpoint`` run, which holds nothing out)."""
+    values = np.asarray(values, np.float64)
+    return float(np.nanmean(values)) if (~np.isnan(values)).any() else None
+
+
+def json_floats(values) -> list[float | None]:
+    """A float array as a JSON-ready list, NaN (nothing to average, e.g. no held-out example)
+    as None (null)."""
+    return [None if math.isnan(v) else float(v) for v in np.asarray(values, np.float64)]
 
 
 def class_counts(values: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:

@@ -1,34 +1,47 @@
-"""Models for 28x28 single-channel images (Fashion-MNIST) and their probe presets.
+"""Models for square images of any size (28x28 grey, 32x32 colour, ...) and the user's own.
+
+Every builder takes ``(num_classes, in_channels, image_size)``:
 
 * :func:`cnn` -- a small, fast CNN (three conv blocks and one hidden dense layer); the CPU
-  default of ``pdepth run``.
-* :func:`resnet18` -- torchvision's ResNet-18 with a 3x3 stride-1 stem, no stem max-pool and a
-  one-channel input (the CIFAR-style adaptation used for small images).
-* :func:`vgg16` -- VGG-16 (configuration "D", batch norm) with the last max-pool dropped so
-  that 28x28 inputs keep a 1x1 map, and a 512-512-C classifier.
+  default of ``pdepth run``. Needs ``image_size >= 8``.
+* :func:`resnet18` -- ResNet-18 in the paper's form: torchvision's ResNet-18 with GroupNorm
+  (32 groups) in place of BatchNorm and a stem chosen by the input size (see there).
+* :func:`vgg16` -- VGG-16 (configuration "D", batch norm) with the last max-pool dropped,
+  a global average pool and a 512-512-C classifier. Needs ``image_size >= 16``.
 * :func:`mlp` -- a ReLU multilayer perceptron on the flattened image.
 
 :data:`ARCHITECTURES` maps the names used by the CLI (``--arch``) to the builders and
 :func:`build_model` builds one by name. Each architecture's probe preset (which modules are
-probed, see :mod:`pdepth.extract`) has the architecture's name.
+probed, :mod:`pdepth.probes`) has the architecture's name. :data:`ARCH_VERSIONS` counts the
+changes of an architecture that change its results (part of the protocol key).
+
+The user's own model (``--model module:factory``): :func:`load_factory` imports the factory,
+:func:`make_model` calls it (the calling convention is there); :func:`load_checkpoint` loads
+a state dict into a model (``--checkpoint``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import pickle
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "SmallCNN", "MLP", "VGG", "build_model", "cnn", "mlp", "resnet18",
+__all__ = ["ARCHITECTURES", "ARCH_VERSIONS", "MLP", "SmallCNN", "VGG", "build_model", "cnn",
+           "file_sha256", "load_checkpoint", "load_factory", "make_model", "mlp", "resnet18",
            "vgg16"]
 
 
 class SmallCNN(nn.Module):
     """Three conv blocks (conv 3x3, batch norm, ReLU, 2x2 max-pool) and a hidden dense layer.
 
-    Probes (preset ``"cnn"``): input, ``block1`` (16x14x14), ``block2`` (32x7x7), ``block3``
-    (64x3x3), ``fc`` (128, after its ReLU), softmax: 6 probes.
+    Probes (preset ``"cnn"``): input, ``block1`` (16 x S/2 x S/2), ``block2`` (32 x S/4 x
+    S/4), ``block3`` (64 x S/8 x S/8), ``fc`` (128, after its ReLU), softmax: 6 probes, for
+    any image size S >= 8 (28x28: 16x14x14, 32x7x7, 64x3x3).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1,
@@ -36,6 +49,9 @@ class SmallCNN(nn.Module):
         super().__init__()
         if len(widths) != 3:
             raise ValueError(f"SmallCNN takes three widths, got {tuple(widths)}")
+        if image_size < 8:
+            raise ValueError(f"SmallCNN needs image_size >= 8 (three 2x2 max-pools), got "
+                             f"{image_size}")
         blocks = []
         c_in, size = in_channels, image_size
         for w in widths:
@@ -89,8 +105,9 @@ class VGG(nn.Module):
     and a ``classifier`` of two hidden dense layers and the output layer.
 
     The default configuration is VGG-16 ("D", 13 convs) without its last max-pool, so a 28x28
-    input gives a 1x1 map. Probes (preset ``"vgg16"``): input, each conv's output after its
-    BN and ReLU (13), softmax: 15 probes.
+    input gives a 1x1 map and a 32x32 one a 2x2 map before the global average pool. Probes
+    (preset ``"vgg16"``): input, each conv's output after its BN and ReLU (13), softmax: 15
+    probes.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, cfg=_VGG16_CFG,
@@ -117,9 +134,9 @@ class VGG(nn.Module):
         return self.classifier(self.avgpool(self.features(x)))
 
 
-def cnn(num_classes: int = 10, in_channels: int = 1) -> SmallCNN:
+def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> SmallCNN:
     """The small fast CNN (the CPU default)."""
-    return SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    return SmallCNN(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
 
 
 def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> MLP:
@@ -127,13 +144,27 @@ def mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> ML
     return MLP(num_classes=num_classes, in_features=in_channels * image_size * image_size)
 
 
-def vgg16(num_classes: int = 10, in_channels: int = 1) -> VGG:
-    """VGG-16 with batch norm, adapted to 28x28 inputs (last max-pool dropped)."""
+def vgg16(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> VGG:
+    """VGG-16 with batch norm, last max-pool dropped (four 2x2 pools: image_size >= 16)."""
+    if image_size < 16:
+        raise ValueError(f"vgg16 needs image_size >= 16 (four 2x2 max-pools), got {image_size}")
     return VGG(num_classes=num_classes, in_channels=in_channels)
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """torchvision's ResNet-18 with a 3x3 stride-1 stem conv and no stem max-pool.
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
+    """ResNet-18 in the paper's form: torchvision's ResNet-18 with ``GroupNorm(32, C)`` in
+    place of every BatchNorm, and a stem chosen by the input size.
+
+    * Small images (``image_size <= 32``: 28x28 and 32x32): a 3x3 stride-1 conv (padding 1,
+      64 channels, no bias), GroupNorm, ReLU and no max-pool (the CIFAR stem), so the four
+      stages see 32/16/8/4 (32x32) or 28/14/7/4 (28x28) maps; the two stems differ only in
+      ``in_channels`` (3 for colour, 1 for grey).
+    * Larger images: torchvision's ImageNet stem (7x7 stride-2 conv, GroupNorm, ReLU, 3x3
+      stride-2 max-pool).
 
     Probes (preset ``"resnet18"``): input, ``bn1`` (the stem's normalisation), the output of
     each of the 8 residual blocks (``layer1.0`` ... ``layer4.1``: the residual sum after the
@@ -141,9 +172,12 @@ def resnet18(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
     """
     from torchvision.models import resnet18 as tv_resnet18
 
-    model = tv_resnet18(weights=None, num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    model = tv_resnet18(weights=None, num_classes=num_classes, norm_layer=_group_norm)
+    if image_size <= 32:
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    else:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     return model
 
 
@@ -155,8 +189,15 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(arch: str, num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """Builds an architecture of :data:`ARCHITECTURES` by name.
+# Changes of an architecture that change its results: part of the protocol key (version 1,
+# the first, is left out so that earlier runs keep their key). resnet18 2: GroupNorm.
+ARCH_VERSIONS = {"resnet18": 2}
+
+
+def build_model(arch: str, num_classes: int = 10, in_channels: int = 1,
+                image_size: int = 28) -> nn.Module:
+    """Builds an architecture of :data:`ARCHITECTURES` by name for ``in_channels`` x
+    ``image_size`` x ``image_size`` inputs.
 
     Raises:
         ValueError: for an unknown name, listing the valid ones.
@@ -165,4 +206,104 @@ def build_model(arch: str, num_classes: int = 10, in_channels: int = 1) -> nn.Mo
         raise ValueError(
             f"unknown architecture {arch!r}; valid architectures: {', '.join(ARCHITECTURES)}"
         )
-    return ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels)
+    return ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels,
+                               image_size=image_size)
+
+
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """The callable ``factory`` of ``module:factory`` (``--model``; ``factory`` may be a
+    dotted attribute path, e.g. ``nets:Zoo.small``); ValueError naming the flag otherwise."""
+    module, sep, attr = str(spec).partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"--model takes module:factory (e.g. mynets:build), got {spec!r}")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"--model {spec}: cannot import {module!r} ({exc}); is its folder on "
+                         "PYTHONPATH?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model {spec}: {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"--model {spec}: {attr!r} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def make_model(arch: str | None, model: str | None = None, *, num_classes: int,
+               in_channels: int, image_size: int) -> nn.Module:
+    """The run's network: ``build_model(arch, ...)``, or with ``model`` (``module:factory``)
+    the user's factory called with the keywords among ``num_classes``, ``in_channels`` and
+    ``image_size`` that its signature names (all three where it takes ``**kwargs``), nothing
+    else; it must return an ``nn.Module`` mapping ``[B, in_channels, image_size,
+    image_size]`` float32 inputs to ``[B, num_classes]`` logits."""
+    if model is None:
+        return build_model(arch, num_classes, in_channels, image_size)
+    factory = load_factory(model)
+    given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: call it bare
+        params = {}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        given = {k: v for k, v in given.items() if k in params}
+    net = factory(**given)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"--model {model}: the factory returned a {type(net).__name__}, not "
+                         "a torch.nn.Module")
+    return net
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file (a checkpoint's identity in the protocol key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Loads the state dict saved at ``path`` into ``model`` (``--checkpoint``), with
+    ``torch.load(path, weights_only=True)``: tensors and plain containers only, never
+    arbitrary pickled objects. The file holds ``model.state_dict()``, or a dict with it under
+    ``"state_dict"`` or ``"model"``.
+
+    Raises:
+        ValueError: the file needs pickle (refused, saying so), holds no state dict, or does
+            not fit ``model`` (naming the missing / unexpected keys or the mismatched shapes).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+        first = lines[0].split(". Please")[0] if lines else type(exc).__name__
+        raise ValueError(
+            f"--checkpoint {path} is refused: loading it needs pickle to build Python objects, "
+            f"and pdepth loads checkpoints with torch.load(weights_only=True) only, since "
+            f"unpickling can run arbitrary code ({first}); save model.state_dict() instead"
+        ) from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise ValueError(f"--checkpoint {path} holds a {type(state).__name__}, not a state "
+                         "dict (save model.state_dict())")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        raise ValueError(f"--checkpoint {path} does not fit {type(model).__name__}: "
+                         f"{' '.join(str(exc).split())}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"--checkpoint {path} does not fit {type(model).__name__} (another architecture?): "
+            f"missing keys {_few(missing)}; unexpected keys {_few(unexpected)}")
+    return model
+
+
+def _few(names: Sequence[str], most: int = 8) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return (", ".join(names[:most]) + more) if names else "none"

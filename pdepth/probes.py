@@ -49,6 +49,7 @@ __all__ = [
     "extract",
     "iter_batches",
     "model_output",
+    "pinned",
     "pool_embedding",
     "probe_dims",
     "resolve_probes",
@@ -372,6 +373,15 @@ class Embeddings:
         return sum(t.numel() * t.element_size() for t in self.layers.values())
 
 
+def pinned(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``x`` in pinned (page-locked) host memory when it goes to a CUDA ``device``, so that
+    the batches sliced from it copy with ``non_blocking=True`` while the GPU computes; else
+    ``x`` itself."""
+    if torch.device(device).type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+        return x.pin_memory()
+    return x
+
+
 def iter_batches(data, batch_size: int = 256) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
     """``(x, y or None)`` batches from a tensor ``[N, ...]``, a ``(x, y)`` pair of tensors, a
     ``Dataset`` yielding ``x`` or ``(x, y, ...)``, or an iterable of batches (a DataLoader)."""
@@ -445,7 +455,7 @@ def extract(
     try:
         with ProbeRecorder(model, spec, dtype=dtype, storage=storage) as rec:
             for x, y in batches:
-                layers, out = rec.run(x.to(device))
+                layers, out = rec.run(x.to(device, non_blocking=True))
                 for store, t in zip(chunks, layers, strict=True):
                     store.append(t)
                 logits.append(out)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._atomic import PendingFiles
 from .categories import CATEGORIES
-from .metrics import layer_accuracy
+from .metrics import layer_accuracy, mean_or_none
 
 __all__ = ["FIGURES", "REPORT_DEPENDENCIES", "RunFilesError", "write_report"]
 
@@ -221,9 +221,13 @@ class _Drawing:
         tr = df.loc[ok, "train_depth"].to_numpy(float)
         ho = df.loc[ok, "held_out_depth"].to_numpy(float)
         edges = np.arange(-0.25, num_layers + 0.5, 0.5)
-        h, _, _, im = a1.hist2d(tr, ho, bins=[edges, edges], cmap="viridis",
-                                norm=self.matplotlib.colors.LogNorm())
-        fig.colorbar(im, ax=a1, label="examples")
+        if ok.any():
+            h, _, _, im = a1.hist2d(tr, ho, bins=[edges, edges], cmap="viridis",
+                                    norm=self.matplotlib.colors.LogNorm())
+            fig.colorbar(im, ax=a1, label="examples")
+        else:  # a checkpoint run holds nothing out
+            for ax in (a1, a2):
+                ax.text(0.5, 0.5, "no held-out split", ha="center", transform=ax.transAxes)
         a1.set_title("Train-split vs held-out depth (counts)")
         cats = df.loc[ok, "category"].astype(str).to_numpy()
         jit = lambda v: v + self.rng.uniform(-0.2, 0.2, v.shape)  # noqa: E731
@@ -243,14 +247,16 @@ class _Drawing:
         self.save(fig, "depth_2d.png")
 
     def examples_by_depth(self) -> None:
-        ho_round = np.rint(self.df["held_out_depth"].to_numpy(float))
+        split = "held_out" if self.df["held_out_depth"].notna().any() else "train"
+        ho_round = np.rint(self.df[f"{split}_depth"].to_numpy(float))
         rows = []
         for d in range(self.num_layers + 1):
             idx = np.flatnonzero(ho_round == d)
             idx = self.rng.permutation(idx)[:self.per_row]
             rows.append((f"depth {d}\n({int((ho_round == d).sum())})", idx,
                          [_short(self.class_names[self.labels[i]]) for i in idx]))
-        self.grid(rows, "examples_by_depth.png", "Examples by held-out prediction depth")
+        self.grid(rows, "examples_by_depth.png",
+                  f"Examples by {split.replace('_', '-')} prediction depth")
 
     def examples_by_category(self) -> None:
         names, labels = self.class_names, self.labels
@@ -293,6 +299,9 @@ class _Drawing:
             a1.plot(ep, arr["loss"][r], label=lab)
             a2.plot(ep, arr["train_accuracy"][r], "-", color=f"C{r}")
             a2.plot(ep, arr["held_out_accuracy"][r], "--", color=f"C{r}")
+        if arr["loss"].shape[1] == 0:  # a checkpoint: not trained here
+            a1.text(0.5, 0.5, "not trained here (--checkpoint)", ha="center",
+                    transform=a1.transAxes)
         a1.set_title("training loss")
         a2.set_title("accuracy (solid: train half, dashed: held out)")
         for ax in (a1, a2):
@@ -339,8 +348,25 @@ def _stages_html(cfg) -> str:
             f"<th></th></tr>{''.join(rows)}</table>")
 
 
+def _fmt(value) -> str:
+    """A number with 3 decimals; "none" for a missing one (None or NaN)."""
+    return "none" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
+_PROTOCOL = {
+    True: "Each seed splits the data 50/50; a model trains on each half; depth is computed "
+          "for its training half (self excluded) and its held-out half with its training half "
+          "as the k-NN support (given labels), measured against the network's own prediction.",
+    False: "The network was not trained here: its checkpoint is scored with every example in "
+           "its training split (the k-NN support, self excluded, given labels), against its "
+           "own prediction. Nothing is held out, so the held-out columns and the categories "
+           "are missing, and there are no per-epoch (learning-speed) values.",
+}
+
+
 def _html(df, cfg, acc_tr, acc_ho, names) -> str:
     c = cfg["config"]
+    network = c.get("model") or c["arch"]
     res = cfg["resolved"]
     summary = cfg.get("summary", {})
     e = html.escape
@@ -351,7 +377,7 @@ def _html(df, cfg, acc_tr, acc_ho, names) -> str:
         f"<tr><td>{e(k)}</td><td>{int(counts.get(k, 0))}</td>"
         f"<td>{100 * counts.get(k, 0) / len(df):.1f}%</td></tr>" for k in CATEGORIES)
     layer_rows = "".join(
-        f"<tr><td>{i}</td><td>{e(n)}</td><td>{d}</td><td>{a:.3f}</td><td>{b:.3f}</td></tr>"
+        f"<tr><td>{i}</td><td>{e(n)}</td><td>{d}</td><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>"
         for i, (n, d, a, b) in enumerate(zip(names, res.get("probe_dims", [""] * len(names)),
                                              acc_tr, acc_ho, strict=True)))
     timing = cfg.get("timing", {})
@@ -362,10 +388,9 @@ def _html(df, cfg, acc_tr, acc_ho, names) -> str:
         ("examples", len(df)),
         ("models", res.get("num_models")),
         ("probes", res.get("num_layers")),
-        ("mean train-split depth", f"{np.nanmean(df['train_depth']):.3f}"),
-        ("mean held-out depth", f"{np.nanmean(df['held_out_depth']):.3f}"),
-        ("held-out accuracy", f"{np.nanmean(df['held_out_accuracy']):.3f}"),
-        ("train accuracy", f"{np.nanmean(df['train_accuracy']):.3f}"),
+        *((name, _fmt(mean_or_none(df[col]))) for name, col in (
+            ("mean train-split depth", "train_depth"), ("mean held-out depth", "held_out_depth"),
+            ("held-out accuracy", "held_out_accuracy"), ("train accuracy", "train_accuracy"))),
         ("time for the models (s)", f"{timing.get('models_seconds', float('nan')):.1f}"),
     ]
     mem = [m.get("memory", {}).get("peak_bytes", 0) for m in cfg.get("models", [])]
@@ -376,15 +401,13 @@ def _html(df, cfg, acc_tr, acc_ho, names) -> str:
                       f"{cfg['peak_rss_bytes'] / 2**20:.0f}"))
     stat_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in stats)
     doc = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>pdepth report: {e(c['arch'])} on {e(c['dataset'])}</title>
+<html><head><meta charset="utf-8"><title>pdepth report: {e(network)} on {e(c['dataset'])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;}}
 table{{border-collapse:collapse;margin:1em 0;}}td,th{{border:1px solid #ccc;padding:2px 8px;
 font-size:90%;}}</style></head><body>
-<h1>Prediction depth: {e(c['arch'])} on {e(c['dataset'])}</h1>
+<h1>Prediction depth: {e(network)} on {e(c['dataset'])}</h1>
 <p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
-NeurIPS 2021. Each seed splits the data 50/50; a model trains on each half; depth is computed
-for its training half (self excluded) and its held-out half with its training half as the
-k-NN support (given labels), measured against the network's own prediction.</p>
+NeurIPS 2021. {_PROTOCOL[res.get("trained", True)]}</p>
 <h2>Summary</h2><table>{stat_rows}</table>
 <h2>Categories</h2><table><tr><th>category</th><th>examples</th><th>share</th></tr>{cat_rows}
 </table><p>Rules and thresholds: docs/protocol.md; thresholds used:

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .metrics import early_probes
+from .metrics import early_probes, json_floats
 
 __all__ = ["claims_summary", "spearman"]
 
@@ -131,7 +131,7 @@ def _layer_gap(per_model: dict) -> dict:
         float(gap[-1] - gap[0]),
         "every (model, example) pair: per probe, k-NN vote == given label, training split vs "
         "held out", in_train.shape[1], in_train.shape[0], "positive",
-        knn_accuracy_train=train.tolist(), knn_accuracy_held_out=held.tolist())
+        knn_accuracy_train=json_floats(train), knn_accuracy_held_out=json_floats(held))
 
 
 def _flipped_layers(per_model: dict, early_fraction: float) -> dict:
@@ -152,14 +152,15 @@ def _flipped_layers(per_model: dict, early_fraction: float) -> dict:
         return _entry(claim, stat, None, on + "; this run flipped no label", 0,
                       in_train.shape[0], "positive")
     mask = lambda m: m & flipped[None, :]  # noqa: E731
-    acc = {f"{split}_{which}": _probe_accuracy(lp, labels, mask(m)).tolist()
+    acc = {f"{split}_{which}": _probe_accuracy(lp, labels, mask(m))
            for split, m in (("train", in_train), ("held_out", ~in_train))
            for which, labels in (("given", y), ("original", orig))}
     n_early = early_probes(lp.shape[1], early_fraction)
-    tg, to = np.array(acc["train_given"]), np.array(acc["train_original"])
+    tg, to = acc["train_given"], acc["train_original"]
     value = float(tg[-1] - tg[:n_early].mean())
     entry = _entry(claim, stat, value, on, int(flipped.sum()), in_train.shape[0], "positive",
-                   knn_accuracy_flipped=acc, early_probes=n_early)
+                   knn_accuracy_flipped={k: json_floats(v) for k, v in acc.items()},
+                   early_probes=n_early)
     entry["holds"] = bool(value > 0 and to[:n_early].mean() > tg[:n_early].mean())
     return entry
 

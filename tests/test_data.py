@@ -9,19 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from data_helpers import write_idx as _write_idx
 
 from pdepth import data
 
 HAVE_FMNIST = os.path.exists(os.path.join(data.FASHION_MNIST_ROOT, "train-labels-idx1-ubyte.gz"))
-
-
-def _write_idx(path, array: np.ndarray, code: int = 0x08) -> None:
-    header = bytes([0, 0, code, array.ndim]) + b"".join(
-        int(s).to_bytes(4, "big") for s in array.shape
-    )
-    payload = header + array.astype(np.dtype(data._IDX_DTYPES[code])).tobytes()
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
-        f.write(payload)
 
 
 @pytest.fixture

@@ -336,9 +336,11 @@ def test_run_config_filter_is_not_in_the_protocol_key():
             for f in pdepth.FILTERS}
     assert set(keys.values()) == {base.protocol_key()}
     # the key of every existing run directory stays what it was: the hash of the settings
-    # without device and root (the filter and the label noise did not exist then)
+    # without device and root (the filter, the label noise and issue 14's settings did not
+    # exist then)
     new_keys = ("device", "root", "knn_filter", "label_noise", "label_noise_seed",
-                "keep_cache")
+                "image_size", "model", "checkpoint", "checkpoint_sha256", "download",
+                "workers", "data_sha256", "keep_cache")
     old = {k: v for k, v in base.to_dict().items() if k not in new_keys}
     old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert base.protocol_key() == old_key

@@ -185,3 +185,12 @@ def test_probe_spec_from_preset_records_the_preset():
     spec = ProbeSpec.from_preset("mlp", models.mlp(), max_dim=64)
     assert spec.preset == "mlp" and spec.max_dim == 64 and spec.num_probes == 6
     assert ProbeSpec(("a",)).preset is None
+
+
+def test_pinned_only_pins_for_cuda():
+    from pdepth.probes import pinned
+
+    x = torch.zeros(3, 2)
+    assert pinned(x, "cpu") is x and pinned(x, torch.device("cpu")) is x
+    if torch.cuda.is_available():  # the batches sliced from it copy asynchronously
+        assert pinned(x, "cuda").is_pinned() and torch.equal(pinned(x, "cuda"), x)

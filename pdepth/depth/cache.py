@@ -27,7 +27,7 @@ import torch
 
 from .._atomic import temp_path
 from ..ops import knn
-from ..probes import ProbeRecorder, ProbeSpec
+from ..probes import ProbeRecorder, ProbeSpec, pinned
 from ..topk import empty_topk
 from .support import LocalSupport
 
@@ -214,9 +214,7 @@ def extract_to_store(model, x: torch.Tensor, rows, spec: ProbeSpec, layers, stor
             store.open(layer)
         with ProbeRecorder(model, part, storage="cpu", truncate=not logits) as rec:
             for b0 in batches:
-                xb = x[rows[b0:b0 + batch_size]]
-                if pin:
-                    xb = xb.pin_memory()
+                xb = pinned(x[rows[b0:b0 + batch_size]], device)
                 recorded, lg = rec.run(xb.to(device, non_blocking=pin))
                 for layer, t in zip(layers, recorded, strict=True):
                     store.write(layer, t)

@@ -330,7 +330,7 @@ class _Stream:
         for xq, yq in batches:
             self._query_labels(yq, q_row, xq.shape[0])
             q_row += xq.shape[0]
-            q_layers, q_logits = self.rec.run(xq.to(self.device))
+            q_layers, q_logits = self.rec.run(xq.to(self.device, non_blocking=True))
             self.logits_seen.append(q_logits.cpu())
             if self.chunk_rows is None:
                 self.chunk_rows = self._chunk_rows(q_layers, xq.shape[0], m, memory_budget)
@@ -399,7 +399,7 @@ class _Stream:
                 row = offset - start_row
                 _check_loader_labels(ys, self.labels[row:row + xs.shape[0]], row, "support",
                                      "support_labels")
-            s_layers, _ = self.rec.run(xs.to(self.device))
+            s_layers, _ = self.rec.run(xs.to(self.device, non_blocking=True))
             self.peak = max(self.peak, resident + _nbytes(s_layers))
             for layer, (q, s) in enumerate(zip(q_layers, s_layers, strict=True)):
                 tops[layer] = knn(q, s, self.args.k, self_index=sidx, self_match="exclude",

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..categories import CategoryThresholds
-from ..data import dataset_info
-from ..models import ARCHITECTURES
+from ..data import DATASETS, IMAGE_FOLDER_SIZE
+from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
 from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
 
@@ -23,8 +23,16 @@ __all__ = ["RUNTIME_KEYS", "RunConfig", "flip_labels", "rank_settings", "resolve
 # Settings that never change a result: left out of the protocol key (so they may change on
 # resume, and the per-model files of a run stay valid) and of what the ranks of a distributed
 # run must agree on. knn_filter (--knn-filter) only decides how fast the k-NN op finds the
-# neighbours, never which (the op's output is the same bits whatever the filter).
-RUNTIME_KEYS = ("device", "root", "knn_filter", "keep_cache")
+# neighbours, never which (the op's output is the same bits whatever the filter). download
+# and workers only decide how the files arrive; a checkpoint enters the key by its content
+# (checkpoint_sha256), not by its path. keep_cache only keeps the disk cache's files.
+RUNTIME_KEYS = ("device", "root", "knn_filter", "download", "workers", "checkpoint",
+                "keep_cache")
+# Settings added after the first runs: left out of the key at these values, so that the runs
+# of earlier versions keep their key.
+_KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
+                 "data_sha256": None}
+_EPOCHS, _SEEDS = 6, (0, 1)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -51,14 +59,28 @@ class RunConfig:
     ``label_noise_seed`` seeds the flips; None (the default) means ``subset_seed``, so a
     rerun draws the same flips and every model of the run sees the same ones. It is resolved
     here, so ``config.json`` records the seed used.
+
+    Data: ``dataset`` names an entry of :data:`pdepth.data.DATASETS` (``root`` its folder;
+    ``download`` lets torchvision fetch it; ``workers`` DataLoader processes decode an image
+    folder; ``image_size`` is imagefolder's resize, default 32). ``data_sha256`` identifies
+    the data of a user ``Dataset`` passed to :func:`pdepth.run` (set there; ``dataset`` is
+    then only its name). The dataset settings are checked when :func:`pdepth.run` loads the
+    data, before it writes anything (a user ``Dataset`` has no table entry to check here).
+
+    The network: ``arch`` (:data:`pdepth.models.ARCHITECTURES`), or ``model``
+    (``"module:factory"``, :func:`pdepth.models.make_model`; ``arch`` is then None). With
+    ``checkpoint`` (a state dict file) the network is not trained: one model (seed
+    ``seeds[0]``, default 0) is scored with every example of the run in its training split
+    (``epochs`` resolves to 0; ``checkpoint_sha256``, the file's hash, enters the protocol
+    key). ``epochs`` / ``seeds`` None mean 6 / ``[0, 1]`` (0 / ``[0]`` with a checkpoint).
     """
 
     dataset: str = "fashion-mnist"
     root: str | None = None
-    arch: str = "cnn"
+    arch: str | None = "cnn"
     probes: str | list[str] | None = None
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    epochs: int = 6
+    seeds: list[int] | None = None
+    epochs: int | None = None
     subset: int | None = 8000
     subset_seed: int = 0
     k: int = 30
@@ -73,20 +95,22 @@ class RunConfig:
     knn_filter: str = "auto"
     label_noise: float = 0.0
     label_noise_seed: int | None = None
+    image_size: int | None = None
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    download: bool = False
+    workers: int = 0
+    data_sha256: str | None = None
     keep_cache: bool = False
 
     def __post_init__(self):
-        self.seeds = [int(s) for s in self.seeds]
-        if not self.seeds:
-            raise ValueError("seeds must name at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {self.seeds}")
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {self.arch!r}; valid architectures: "
-                             f"{', '.join(ARCHITECTURES)}")
-        dataset_info(self.dataset)  # ValueError naming the valid datasets
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        self._check_network()
+        self._resolve_training()
+        if self.dataset == "imagefolder" and self.image_size is None:
+            self.image_size = IMAGE_FOLDER_SIZE  # resolved: one key for one size
+        if int(self.workers) < 0:
+            raise ValueError(f"workers (--workers) must be >= 0, got {self.workers!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.subset is not None and self.subset < 4:
@@ -110,21 +134,72 @@ class RunConfig:
         self.label_noise_seed = int(self.subset_seed if self.label_noise_seed is None
                                     else self.label_noise_seed)
 
+    def _check_network(self) -> None:
+        """``arch`` xor ``model``; the checkpoint file exists (its hash is taken here)."""
+        if self.model is not None:
+            if self.arch is not None:
+                raise ValueError(f"arch (--arch {self.arch}) and model (--model {self.model}) "
+                                 "exclude each other: give one")
+        elif self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; valid architectures: "
+                             f"{', '.join(ARCHITECTURES)}")
+        if self.checkpoint is not None:
+            self.checkpoint = str(self.checkpoint)
+            try:
+                self.checkpoint_sha256 = file_sha256(self.checkpoint)
+            except OSError as exc:
+                raise ValueError(f"checkpoint (--checkpoint) {self.checkpoint!r} cannot be "
+                                 f"read ({exc.strerror or exc})") from None
+
+    def _resolve_training(self) -> None:
+        """Seeds and epochs: the defaults, or one model and no training with a checkpoint."""
+        trained = self.checkpoint is None
+        self.seeds = [int(s) for s in (self.seeds if self.seeds is not None
+                                       else (_SEEDS if trained else _SEEDS[:1]))]
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        self.epochs = int((_EPOCHS if trained else 0) if self.epochs is None else self.epochs)
+        if trained and self.epochs < 1:
+            raise ValueError(f"epochs (--epochs) must be >= 1, got {self.epochs}")
+        if not trained and (self.epochs != 0 or len(self.seeds) != 1):
+            raise ValueError(f"a checkpoint (--checkpoint) is scored, not trained: one model, "
+                             f"no epochs; got epochs {self.epochs} (--epochs), seeds "
+                             f"{self.seeds} (--seeds)")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     def protocol_key(self) -> str:
-        """A hash of the settings that change results (not the device, the data root or the
-        k-NN filter: :data:`RUNTIME_KEYS`). Without label noise the label-noise settings are
-        left out, so the runs of earlier versions keep their key."""
-        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
+        """A hash of the settings that change results (not the device, the data root, the
+        k-NN filter, downloading or the workers: :data:`RUNTIME_KEYS`). Without label noise
+        the label-noise settings are left out, and the settings of :data:`_KEY_DEFAULTS` at
+        their defaults, so the runs of earlier versions keep their key; an architecture with
+        a version (:data:`pdepth.models.ARCH_VERSIONS`) adds it."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS
+             and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         if d["label_noise"] == 0.0:
             del d["label_noise"], d["label_noise_seed"]
+        if self.arch in ARCH_VERSIONS:
+            d["arch_version"] = ARCH_VERSIONS[self.arch]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def jobs(self) -> list[tuple[int, int]]:
-        """The models of the run, ``(seed, half)`` in seed, half order."""
+        """The models of the run, ``(seed, half)`` in seed, half order (with a checkpoint:
+        the one model ``(seeds[0], 0)``)."""
+        if self.checkpoint is not None:
+            return [(self.seeds[0], 0)]
         return [(s, h) for s in self.seeds for h in (0, 1)]
+
+    def split(self, n: int, seed: int, half: int) -> tuple[np.ndarray, np.ndarray]:
+        """Model ``(seed, half)``'s ``(training split, held-out split)`` of ``range(n)``:
+        :func:`split_halves`, or with a checkpoint every example in the training split (the
+        checkpoint is taken to have trained on them) and none held out."""
+        if self.checkpoint is not None:
+            return np.arange(n), np.arange(0)
+        halves = split_halves(n, seed)
+        return halves[half], halves[1 - half]
 
 
 def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,8 +236,13 @@ def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int,
 
 def run_dependencies(config: RunConfig, progress: bool) -> list[str]:
     """The optional modules a run with these settings imports."""
+    # the table's datasets but the Debian Fashion-MNIST are read (or fetched) by torchvision;
+    # SVHN's .mat files by scipy
+    torchvision = (config.arch == "resnet18" or config.download
+                   or config.dataset in set(DATASETS) - {"fashion-mnist"})
     return (list(REPORT_DEPENDENCIES) + (["tqdm"] if progress else [])
-            + (["torchvision"] if config.arch == "resnet18" else []))
+            + (["torchvision"] if torchvision else [])
+            + (["scipy"] if config.dataset == "svhn" else []))
 
 
 def resolve_device(device: str) -> torch.device:

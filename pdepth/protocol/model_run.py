@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..categories import CategoryThresholds
 from ..data import DatasetInfo
-from ..models import build_model
+from ..models import make_model
 from ..probes import ProbeSpec
-from .config import RunConfig, split_halves
+from .config import RunConfig
 from .outdir import save_model_file
 from .scoring import CACHE_DIR, ModelCache, score_model, uses_disk
 from .stages import stage
@@ -37,6 +38,8 @@ class RunData:
     x: torch.Tensor  # normalised images, the models' input
     dims: list[int]  # embedding width per probe
     original_labels: torch.Tensor | None = None  # [n] int64, the dataset's (None: = labels)
+    config: RunConfig | None = None  # the run's settings as resolved (data_sha256)
+    checkpoint_model: nn.Module | None = None  # --checkpoint: the loaded network (CPU)
 
     def __post_init__(self):
         if self.original_labels is None:
@@ -53,7 +56,9 @@ class RunData:
 
     @property
     def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        """The dataset's classes (its table entry; a user Dataset's ``classes`` or one more
+        than its largest label)."""
+        return self.dataset.num_classes
 
 
 def check_support(k: int, num_support: int) -> None:
@@ -81,8 +86,7 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     embeddings go to disk (:mod:`pdepth.protocol.scoring`), an interrupted model resumes from
     its trained weights and its last scored probe."""
     t0 = time.perf_counter()
-    halves = split_halves(data.n, seed)
-    train_idx, held_idx = halves[half], halves[1 - half]
+    train_idx, held_idx = config.split(data.n, seed, half)
     folder = (path.parent.parent / CACHE_DIR
               if uses_disk(data.n, data.dims, config.memory_budget) else None)
     cache = ModelCache(folder, path.stem)
@@ -90,13 +94,16 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
                                                    cache, progress)
     res = score_model(model, cache, data, config, (train_idx, held_idx), progress=progress)
     order = np.argsort(np.concatenate([train_idx, held_idx]))  # back to example order
+    probs = res.probs.numpy()[order].astype(np.float32)
+    final = ((history["train_accuracy"][-1], history["held_out_accuracy"][-1]) if history["loss"]
+             else (float((probs[train_idx].argmax(1) == data.labels.numpy()[train_idx]).mean()),
+                   None))  # a checkpoint's accuracy on its training split, from its scores
     meta = {
         "protocol_key": config.protocol_key(), "seed": int(seed), "half": int(half),
-        "knn_filter": config.knn_filter,
+        "knn_filter": config.knn_filter, "trained": data.checkpoint_model is None,
         "train_seconds": trained["seconds"], "depth_seconds": res.seconds,
         "seconds": time.perf_counter() - t0,
-        "final_train_accuracy": history["train_accuracy"][-1],
-        "final_held_out_accuracy": history["held_out_accuracy"][-1],
+        "final_train_accuracy": final[0], "final_held_out_accuracy": final[1],
         "layer_accuracy": res.depth.layer_accuracy.tolist(),
         "memory": res.stats(),
         "stages": {"train": trained, **res.stages},
@@ -109,7 +116,7 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "in_train": in_train,
         "depth": res.depth.depth.numpy()[order].astype(np.int16),
         "layer_pred": res.depth.layer_pred.numpy()[:, order].astype(np.int16),
-        "probs": res.probs.numpy()[order].astype(np.float32),
+        "probs": probs,
         "epoch_pred": np.asarray(epoch_pred).astype(np.int16),
         "loss": np.array(history["loss"]),
         "train_accuracy": np.array(history["train_accuracy"]),
@@ -119,21 +126,34 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     if not config.keep_cache:
         cache.remove()
     if log:
-        log(f"  seed {seed} half {half}: train {trained['seconds']:.1f} s (train acc "
-            f"{meta['final_train_accuracy']:.3f}, held-out acc "
-            f"{meta['final_held_out_accuracy']:.3f}), depth {res.seconds:.1f} s, "
-            f"embeddings {'on disk' if res.on_disk else 'in memory'}, "
-            f"{res.peak_bytes / 2**20:.0f} MiB resident")
+        held = meta["final_held_out_accuracy"]
+        log(f"  seed {seed} half {half}: "
+            + (f"train {trained['seconds']:.1f} s" if meta["trained"]
+               else "checkpoint, not trained")
+            + f" (train acc {meta['final_train_accuracy']:.3f}, held-out acc "
+            + ("none" if held is None else f"{held:.3f}")
+            + f"), depth {res.seconds:.1f} s, embeddings "
+              f"{'on disk' if res.on_disk else 'in memory'}, "
+              f"{res.peak_bytes / 2**20:.0f} MiB resident")
     return {**arrays, "meta": meta}
 
 
-def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx, cache,
-             progress: bool):
-    """The model of ``job = (seed, half)`` trained on its half: ``(model, epoch_pred,
-    history, stage record)``; read back from the cache where an interrupted run left it."""
+def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: np.ndarray,
+             cache: ModelCache, progress: bool):
+    """Model ``job = (seed, half)`` trained on ``train_idx``: ``(model, epoch_pred [E+1, n],
+    history, stage record)`` (:func:`train_model`); read back from the cache where an
+    interrupted run left it. For a checkpoint the loaded network, no epochs (``epoch_pred
+    [0, n]``, empty histories: the learning-speed columns become NaN)."""
+    if data.checkpoint_model is not None:
+        history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
+        return (data.checkpoint_model.to(data.device),
+                torch.zeros(0, data.n, dtype=torch.int64), history,
+                {"seconds": 0.0, "peak_rss_bytes": 0, "peak_is_stage": False})
     seed, half = job
     torch.manual_seed(1000 * seed + half)
-    model = build_model(config.arch, num_classes=data.num_classes).to(data.device)
+    model = make_model(config.arch, config.model, num_classes=data.num_classes,
+                       in_channels=data.dataset.channels,
+                       image_size=data.dataset.image_size).to(data.device)
     key = config.protocol_key()
     saved = cache.load_train(key)
     if saved is not None:
@@ -152,5 +172,4 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx, 
     cache.save_train({"protocol_key": key, "state": model.state_dict(),
                       "epoch_pred": epoch_pred, "history": history, "stage": trained})
     return model, epoch_pred, history, trained
-
 

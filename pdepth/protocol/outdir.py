@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _atomic
 from ..report import FIGURES
-from .config import RunConfig, split_halves
+from .config import RunConfig
 from .errors import ModelFileError, OutputExistsError
 from .scoring import CACHE_NAME
 
@@ -148,7 +148,7 @@ def model_path(out: Path, seed: int, half: int) -> Path:
     return out / "models" / f"seed{seed}-half{half}.npz"
 
 
-def load_model_file(path: Path, key: str, seed: int, half: int, n: int) -> dict:
+def load_model_file(path: Path, config: RunConfig, seed: int, half: int, n: int) -> dict:
     """Reads ``models/seed<s>-half<h>.npz`` of an unfinished run and checks that it is model
     ``(seed, half)`` of this run (settings, split, sizes), whatever its name says."""
     try:
@@ -159,7 +159,7 @@ def load_model_file(path: Path, key: str, seed: int, half: int, n: int) -> dict:
         raise ModelFileError(
             f"{path} cannot be read ({type(exc).__name__}: {exc}); delete it to recompute "
             "that model, then rerun the same command") from exc
-    problem = _model_mismatch(arrays, meta, key, (seed, half), n)
+    problem = _model_mismatch(arrays, meta, config, (seed, half), n)
     if problem:
         raise ModelFileError(f"{path} {problem}; delete it to recompute that model, then "
                              "rerun the same command")
@@ -172,10 +172,11 @@ def save_model_file(path: Path, arrays: dict, meta: dict) -> None:
     _atomic.savez(path, meta=np.array(json.dumps(meta)), **arrays)
 
 
-def _model_mismatch(arrays: dict, meta: dict, key: str, job: tuple[int, int],
+def _model_mismatch(arrays: dict, meta: dict, config: RunConfig, job: tuple[int, int],
                     n: int) -> str | None:
     """What is wrong with a loaded model file of model ``job = (seed, half)``, or None."""
     seed, half = job
+    key = config.protocol_key()
     if meta.get("protocol_key") != key:
         return (f"was computed with other settings (protocol key "
                 f"{meta.get('protocol_key')!r}, this run {key!r})")
@@ -187,7 +188,7 @@ def _model_mismatch(arrays: dict, meta: dict, key: str, job: tuple[int, int],
         return (f"holds the model of seed {said[0]} half {said[1]}, not seed {seed} half "
                 f"{half} as its name says")
     if arrays["in_train"].shape != (n,) or not np.array_equal(
-            arrays["train_index"], split_halves(n, seed)[half]):
+            arrays["train_index"], config.split(n, seed, half)[0]):
         return f"does not hold the split of seed {seed} half {half} of these {n} examples"
     return None
 

@@ -12,7 +12,7 @@ import numpy as np
 from .. import _atomic
 from ..categories import CATEGORIES, categorize
 from ..label_errors import label_error_evidence
-from ..metrics import layer_accuracy, summarize
+from ..metrics import json_floats, layer_accuracy, mean_or_none, summarize
 from ..summary import claims_summary
 from .model_run import RunData
 
@@ -48,12 +48,12 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         df, arrays, early_fraction=data.thresholds.early_fraction))
     layer_pred, in_train = stacked["layer_pred"], stacked["in_train"]
     return {
-        "layer_knn_accuracy_train": layer_accuracy(layer_pred, y, in_train).tolist(),
-        "layer_knn_accuracy_held_out": layer_accuracy(layer_pred, y, ~in_train).tolist(),
-        "mean_train_depth": float(np.nanmean(df["train_depth"])),
-        "mean_held_out_depth": float(np.nanmean(df["held_out_depth"])),
-        "held_out_accuracy": float(np.nanmean(df["held_out_accuracy"])),
-        "train_accuracy": float(np.nanmean(df["train_accuracy"])),
+        "layer_knn_accuracy_train": json_floats(layer_accuracy(layer_pred, y, in_train)),
+        "layer_knn_accuracy_held_out": json_floats(layer_accuracy(layer_pred, y, ~in_train)),
+        "mean_train_depth": mean_or_none(df["train_depth"]),
+        "mean_held_out_depth": mean_or_none(df["held_out_depth"]),
+        "held_out_accuracy": mean_or_none(df["held_out_accuracy"]),
+        "train_accuracy": mean_or_none(df["train_accuracy"]),
         "categories": {c: int((df["category"] == c).sum()) for c in CATEGORIES},
         "label_flipped": int(df["label_flipped"].sum()),
         "label_error": int(df["label_error"].sum()),

@@ -4,6 +4,8 @@ aggregate, write the results and the report."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import platform
 import sys
@@ -16,10 +18,17 @@ import torch
 
 from .. import _atomic
 from ..categories import CategoryThresholds
-from ..data import dataset_info, load_subset, normalize_images
-from ..models import build_model
+from ..data import (
+    DatasetInfo,
+    dataset_info,
+    decode_dataset,
+    load_subset,
+    normalize_images,
+    subset_index,
+)
+from ..models import load_checkpoint, make_model
 from ..ops import check_filter, knn_plan
-from ..probes import probe_dims, resolve_probes
+from ..probes import pinned, probe_dims, resolve_probes
 from .config import RunConfig, flip_labels, rank_settings, resolve_device, run_dependencies
 from .errors import require_modules
 from .model_run import RunData, check_support, run_model
@@ -32,8 +41,14 @@ __all__ = ["load_run_data", "run", "versions"]
 
 
 def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
-        progress: bool = True, log=None, process_group=None) -> Path:
+        progress: bool = True, log=None, process_group=None, dataset=None) -> Path:
     """Runs the protocol and writes the results to ``out`` (see docs/protocol.md).
+
+    ``dataset``: the run's data as any map-style ``torch.utils.data.Dataset`` of ``(image,
+    label)`` instead of ``config.dataset``'s table entry (:func:`pdepth.data.decode_dataset`
+    says which images it takes); ``config.dataset`` is then only its name, and
+    ``config.data_sha256`` is set to the hash of its decoded images and labels (the protocol
+    key: a run resumes only on the same data).
 
     Returns the output directory. Raises ``FileNotFoundError`` (dataset missing),
     ``ValueError`` (bad settings, unknown probe names) or :class:`MissingDependencyError`
@@ -58,8 +73,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     ranks = _Ranks.of(process_group)
     # Everything that can fail on bad input fails before the output directory is touched,
     # and under torchrun before any rank starts work.
-    data = ranks.together(lambda: load_run_data(config, progress),
+    data = ranks.together(lambda: load_run_data(config, progress, dataset),
                           "pdepth.run(): checking the settings")
+    config = data.config
     ranks.check_same(rank_settings(config, out, overwrite), "pdepth.run()")
     ranks.together(lambda: check_cache_space(out, data.n, data.dims, config.memory_budget),
                    "pdepth.run(): checking the disk space of the embedding cache")
@@ -67,16 +83,19 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     kept = ranks.together(lambda: _prepare(out, config, overwrite, cfg, data),
                           "pdepth.run(): preparing the output directory (rank 0)",
                           rank0_only=True, default=0)
-    log(f"pdepth run: {config.arch} on {data.n} {config.dataset} examples, seeds "
-        f"{config.seeds}, {config.epochs} epochs, k={config.k}, {data.spec.num_probes} probes, "
+    log(f"pdepth run: {config.model or config.arch} on {data.n} {config.dataset} examples, "
+        f"seeds {config.seeds}, "
+        + (f"{config.epochs} epochs" if config.checkpoint is None else
+           f"checkpoint {config.checkpoint}")
+        + f", k={config.k}, {data.spec.num_probes} probes, "
         f"device {data.device}" + (f"; resuming ({kept} model(s) already done)" if kept else ""))
     per_model = ranks.together(
         lambda: _score_models(config, data, out, ranks, progress=progress, log=log),
         "pdepth.run(): training and scoring the models")
     if ranks.rank != 0:
         return out
-    key = config.protocol_key()
-    per_model = [m if m is not None else load_model_file(model_path(out, s, h), key, s, h, data.n)
+    per_model = [m if m is not None else load_model_file(model_path(out, s, h), config, s, h,
+                                                         data.n)
                  for m, (s, h) in zip(per_model, config.jobs(), strict=True)]
     t_models = time.perf_counter() - t_start
     cfg["models"] = [m["meta"] for m in per_model]
@@ -130,8 +149,10 @@ class _Ranks:
             check_same(values, what, self.group)
 
 
-def load_run_data(config: RunConfig, progress: bool) -> RunData:
-    """Checks the dependencies and settings and loads the data."""
+def load_run_data(config: RunConfig, progress: bool, dataset=None) -> RunData:
+    """Checks the dependencies and settings and loads the data (``dataset``: a user
+    ``Dataset``, see :func:`run`); builds the network once to find its probes (and, with a
+    checkpoint, loads it: a checkpoint that does not fit fails here)."""
     require_modules(run_dependencies(config, progress), "pdepth run")
     device = resolve_device(config.device)
     try:  # the filter against the device (e.g. tf32 needs CUDA), before any training
@@ -140,20 +161,61 @@ def load_run_data(config: RunConfig, progress: bool) -> RunData:
         raise ValueError(f"--knn-filter {config.knn_filter}: "
                          f"{str(exc).split('(): ', 1)[-1]}") from None
     thresholds = CategoryThresholds.from_dict(config.thresholds)
-    probe_model = build_model(config.arch)
-    spec = resolve_probes(probe_model, config.probes if config.probes is not None else
-                          config.arch, max_dim=config.max_dim)
-    info = dataset_info(config.dataset)
-    images, original, dataset_index = load_subset(config.dataset, config.root, config.subset,
-                                                  config.subset_seed)
+    config, info, images, original, dataset_index, x = _load_data(config, dataset)
     # label noise: after the subset is drawn, before the halves (the same flips for every model)
-    labels, _ = flip_labels(original, config.label_noise, len(info.classes),
+    labels, _ = flip_labels(original, config.label_noise, info.num_classes,
                             config.label_noise_seed)
-    x = normalize_images(images, info.mean, info.std)
-    dims = probe_dims(probe_model, spec, x[:1])
-    check_support(config.k, int(labels.shape[0]) // 2)  # the smaller half
-    return RunData(device, thresholds, spec, info, images, labels, dataset_index, x, dims,
-                   original_labels=original)
+    network = make_model(config.arch, config.model, num_classes=info.num_classes,
+                         in_channels=info.channels, image_size=info.image_size)
+    if config.checkpoint is not None:
+        load_checkpoint(network, config.checkpoint)
+    spec = resolve_probes(network, config.probes if config.probes is not None else
+                          (config.arch or "auto"), max_dim=config.max_dim)
+    dims = probe_dims(network, spec, x[:1])
+    train_size = min(len(config.split(int(labels.shape[0]), s, h)[0]) for s, h in config.jobs())
+    check_support(config.k, train_size)
+    return RunData(device, thresholds, spec, info, images, labels, dataset_index,
+                   pinned(x, device), dims, original_labels=original, config=config,
+                   checkpoint_model=network if config.checkpoint is not None else None)
+
+
+def _load_data(config: RunConfig, dataset):
+    """``(config, info, images uint8, labels, dataset_index, x float32 [n, C, H, W])``: the
+    run's examples from the dataset table, or from a user ``Dataset`` (then ``config`` gains
+    ``data_sha256``)."""
+    if dataset is None:
+        info = dataset_info(config.dataset, config.root, config.image_size)
+        images, labels, index = load_subset(
+            config.dataset, config.root, config.subset, config.subset_seed,
+            download=config.download, workers=config.workers, image_size=config.image_size)
+        info = info.with_stats(images)  # imagefolder: from the run's examples
+        x = normalize_images(images, info.mean, info.std)
+    else:
+        config, info, images, labels, index, x = _user_data(config, dataset)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+        raise ValueError(f"dataset {config.dataset}: labels must lie in 0..{info.num_classes - 1}"
+                         f" (its {info.num_classes} classes), got {int(labels.min())}.."
+                         f"{int(labels.max())}")
+    return config, info, images, labels, index, x
+
+
+def _user_data(config: RunConfig, dataset):
+    """:func:`_load_data` for a user ``Dataset``: decoded once, subset, normalised (uint8
+    images; float ones are the input as they are), hashed into ``config.data_sha256``."""
+    images, labels, x, classes = decode_dataset(dataset, config.workers)
+    index = subset_index(labels.shape[0], config.subset, config.subset_seed)
+    images, labels = images[index], labels[index]
+    info = DatasetInfo(config.dataset, None, classes, None, None, None,
+                       1 if images.dim() == 3 else images.shape[3], images.shape[1])
+    if x is None:  # uint8 images: normalised like imagefolder's
+        info = info.with_stats(images)
+        x = normalize_images(images, info.mean, info.std)
+    else:
+        x = x[index]
+    digest = hashlib.sha256(x.numpy().tobytes())
+    digest.update(labels.numpy().tobytes())
+    return (dataclasses.replace(config, data_sha256=digest.hexdigest()), info, images, labels,
+            index, x)
 
 
 def _config_record(config: RunConfig, data: RunData) -> dict:
@@ -165,6 +227,9 @@ def _config_record(config: RunConfig, data: RunData) -> dict:
         "resolved": {
             "device": str(data.device),
             "root": config.root or data.dataset.root,
+            "image_shape": [data.dataset.channels, data.dataset.image_size,
+                            data.dataset.image_size],
+            "normalization": {"mean": data.dataset.mean, "std": data.dataset.std},
             "num_examples": data.n,
             "num_classes": data.num_classes,
             "class_names": list(data.dataset.classes),
@@ -172,11 +237,13 @@ def _config_record(config: RunConfig, data: RunData) -> dict:
             "probe_preset": data.spec.preset,
             "probe_dims": data.dims,
             "num_layers": data.spec.num_probes,
-            "num_models": 2 * len(config.seeds),
+            "num_models": len(config.jobs()),
+            "trained": config.checkpoint is None,
             "thresholds": data.thresholds.to_dict(),
             "reference": "network",
             "self_match": "exclude",
-            "support": "the model's training half, given labels",
+            "support": ("the model's training half, given labels" if config.checkpoint is None
+                        else "every example (the checkpoint's training data), given labels"),
             "label_noise": {"fraction": config.label_noise, "seed": config.label_noise_seed,
                             "flipped": int(data.label_flipped.sum()),
                             "rule": "round(fraction * n) examples moved uniformly to another "
@@ -222,7 +289,7 @@ def _score_models(config: RunConfig, data: RunData, out: Path, ranks: _Ranks, *,
             continue
         path = model_path(out, seed, half)
         if path.exists():
-            per_model.append(load_model_file(path, config.protocol_key(), seed, half, data.n))
+            per_model.append(load_model_file(path, config, seed, half, data.n))
             log(f"  seed {seed} half {half}: loaded {path.name}")
             continue
         per_model.append(run_model(config, data, seed, half, path=path, progress=progress,

@@ -27,7 +27,7 @@ def predict(model, x, batch_size, device) -> torch.Tensor:
     """The argmax prediction of ``model`` (in eval mode) on every row of ``x``."""
     was = model.training
     model.eval()
-    out = [model(x[i:i + batch_size].to(device)).argmax(1).cpu()
+    out = [model(x[i:i + batch_size].to(device, non_blocking=True)).argmax(1).cpu()
            for i in range(0, x.shape[0], batch_size)]
     model.train(was)
     return torch.cat(out)
