@@ -121,8 +121,8 @@ def summarize(
     * ``held_out_accuracy_original`` -- fraction of held-out models predicting the *original*
       label ("is the network right"; equals ``held_out_accuracy`` without label noise);
     * ``held_out_mode`` -- the held-out models' most frequent prediction (ties: lowest class)
-      and ``consistency`` -- the fraction of held-out models predicting it (label-free
-      agreement; not Jiang et al.'s consistency score, which is ``held_out_accuracy``);
+      and ``held_out_agreement`` -- the fraction of held-out models predicting it (label-free;
+      not Jiang et al.'s consistency score, the C-score, which is ``held_out_accuracy``);
     * ``confidence`` -- mean held-out softmax probability of the predicted class (label-free);
       ``margin`` -- mean held-out probability of the *given* label minus the largest other;
       ``train_confidence`` / ``train_margin`` likewise for the training split;
@@ -186,7 +186,7 @@ def _depth_columns(depth, in_train, held_out) -> dict:
 
 
 def _prediction_columns(probs, labels, train, held_out) -> dict:
-    """Accuracy, mode and consistency, confidence and margin, and the held-out ensemble's
+    """Accuracy, mode and agreement, confidence and margin, and the held-out ensemble's
     prediction and entropy, from the models' softmax outputs ``probs [R, n, C]``."""
     r_models, _, num_classes = probs.shape
     cols = {}
@@ -194,7 +194,8 @@ def _prediction_columns(probs, labels, train, held_out) -> dict:
     correct = (pred == labels[None]).astype(np.float64)
     cols["held_out_accuracy"] = _masked_mean(correct, held_out)
     cols["train_accuracy"] = _masked_mean(correct, train)
-    cols["held_out_mode"], cols["consistency"] = _mode(class_counts(pred, held_out, num_classes))
+    cols["held_out_mode"], cols["held_out_agreement"] = _mode(
+        class_counts(pred, held_out, num_classes))
 
     conf = probs.max(2)
     true_p = np.take_along_axis(probs, labels[None, :, None].repeat(r_models, 0), 2)[..., 0]

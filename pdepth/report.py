@@ -25,7 +25,7 @@ REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
 FIGURES = {
     "depth_hist.png": "Prediction depth per split (all models): examples in the model's "
                       "training split vs held out.",
-    "metrics_vs_depth.png": "Held-out accuracy (C-score estimate), consistency, confidence and "
+    "metrics_vs_depth.png": "Held-out accuracy (C-score estimate), held-out agreement, confidence and "
                             "iteration learned against (rounded) mean depth; mean with "
                             "standard error per depth.",
     "layer_knn.png": "k-NN accuracy (vs the given labels) at each probe, for examples in the "
@@ -178,7 +178,7 @@ class _Drawing:
     def metrics_vs_depth(self) -> None:
         df, num_layers = self.df, self.num_layers
         panels = [("held_out_accuracy", "held-out accuracy (C-score est.)"),
-                  ("consistency", "held-out consistency"),
+                  ("held_out_agreement", "held-out agreement"),
                   ("confidence", "held-out confidence"),
                   ("iteration_learned", "iteration (epoch) learned")]
         fig, axes = self.plt.subplots(2, 2, figsize=(9, 6.5))

@@ -60,7 +60,7 @@ _CORRELATIONS = (
      "held_out_depth", "ensemble_entropy", "positive",
      "held-out split: mean depth vs entropy of the held-out models' mean softmax"),
     ("depth_vs_agreement", "Higher depth, less agreement between held-out networks.",
-     "held_out_depth", "consistency", "negative",
+     "held_out_depth", "held_out_agreement", "negative",
      "held-out split: mean depth vs the share of held-out models on their most frequent "
      "prediction (label-free)"),
     ("depth_vs_speed_of_learning", "Examples of higher depth are learned later in training.",

@@ -55,7 +55,7 @@ def test_end_to_end_outputs(small_run):
     df = pd.read_parquet(out / "results.parquet")
     assert len(df) == 1200
     expected = {"dataset_index", "label", "label_name", "category", "train_depth",
-                "held_out_depth", "held_out_accuracy", "train_accuracy", "consistency",
+                "held_out_depth", "held_out_accuracy", "train_accuracy", "held_out_agreement",
                 "confidence", "margin", "ensemble_entropy", "iteration_learned",
                 "early_mode", "early_mode_share"}
     expected |= {f"depth_m{r}" for r in range(4)}

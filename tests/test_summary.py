@@ -20,7 +20,7 @@ CORRELATIONS = {  # entry -> (x column, y column, paper direction)
     "depth_vs_confidence": ("held_out_depth", "confidence", "negative"),
     "depth_vs_margin": ("held_out_depth", "margin", "negative"),
     "depth_vs_uncertainty": ("held_out_depth", "ensemble_entropy", "positive"),
-    "depth_vs_agreement": ("held_out_depth", "consistency", "negative"),
+    "depth_vs_agreement": ("held_out_depth", "held_out_agreement", "negative"),
     "depth_vs_speed_of_learning": ("train_depth", "iteration_learned", "positive"),
     "learns_easy_data_first": ("held_out_depth", "iteration_learned", "positive"),
 }
