@@ -25,12 +25,19 @@ import numpy as np
 from .depth import aggregate, depth_from_predictions
 
 __all__ = [
+    "CONVERGED",
+    "VOTE_SHARES",
     "class_counts",
+    "convergence_epoch",
     "early_probes",
     "iteration_learned",
     "layer_accuracy",
     "summarize",
+    "vote_shares",
 ]
+
+VOTE_SHARES = ("label", "prediction", "other")  # the last axis of vote_shares()
+CONVERGED = 0.95  # a probe has converged once it has made this share of its accuracy gain
 
 
 def iteration_learned(epoch_pred: np.ndarray) -> np.ndarray:
@@ -39,6 +46,17 @@ def iteration_learned(epoch_pred: np.ndarray) -> np.ndarray:
     training time with the final prediction as reference."""
     epoch_pred = np.asarray(epoch_pred)
     return depth_from_predictions(epoch_pred, epoch_pred[-1])
+
+
+def convergence_epoch(curves: np.ndarray, share: float = CONVERGED) -> np.ndarray:
+    """``curves [E+1, L]`` (row 0: initialisation) -> ``[L]`` float64: the first epoch at
+    which each probe's accuracy has made ``share`` of its gain from initialisation to the
+    end, ``acc[e] - acc[0] >= share (acc[E] - acc[0])``. A probe that gains nothing (the
+    input probe, which training cannot change) has converged at epoch 0."""
+    curves = np.asarray(curves, np.float64)
+    gain = curves - curves[:1]
+    reached = gain >= share * gain[-1:] - 1e-12
+    return reached.argmax(0).astype(np.float64)
 
 
 def class_counts(values: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
@@ -86,6 +104,27 @@ def layer_accuracy(layer_pred: np.ndarray, labels: np.ndarray, mask: np.ndarray)
     count = mask.sum((0, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, (correct & mask).sum((0, 2)) / np.maximum(count, 1), np.nan)
+
+
+def vote_shares(counts: np.ndarray, labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """One model's k-NN votes at every probe, split three ways: ``[L, n, 3]`` float32, the
+    share of the k neighbours voting (0) the given label ``labels [n]``, (1) the network's
+    final prediction ``pred [n]`` (equal to (0) where the network is right) and (2) the most
+    frequent other class (neither of the two; ties: lowest id; 0 where none is left).
+
+    ``counts [L, n, C]``: the per-probe vote counts of the model
+    (:attr:`pdepth.DepthResult.vote_counts`). "How the groups are processed differently"
+    (docs/design.md section 11) compares these shares between the difficulty categories."""
+    counts = np.asarray(counts, np.float32)
+    labels, pred = np.asarray(labels, np.int64), np.asarray(pred, np.int64)
+    rows = np.arange(labels.shape[0])
+    total = np.maximum(counts.sum(-1), 1)
+    other = counts.copy()
+    other[:, rows, labels] = -1
+    other[:, rows, pred] = -1
+    shares = np.stack([counts[:, rows, labels], counts[:, rows, pred],
+                       np.maximum(other.max(-1), 0)], -1)
+    return shares / total[..., None]
 
 
 def summarize(

@@ -12,9 +12,11 @@ import torch
 
 from ..categories import CategoryThresholds
 from ..data import DatasetInfo
+from ..metrics import vote_shares
 from ..models import build_model
 from ..probes import ProbeSpec
 from .config import RunConfig, split_halves
+from .convergence import ProbeCurve, probe_curve_sample
 from .outdir import save_model_file
 from .train import TrainOptions, train_model
 
@@ -89,7 +91,8 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
                                       device=data.device, progress=progress,
                                       desc=f"train seed {seed} half {half}",
-                                      held_out_labels=data.original_labels)
+                                      held_out_labels=data.original_labels,
+                                      snapshot=_probe_curve(config, data, train_idx, seed))
     t_train = time.perf_counter() - t0
     res, order = _score(model, config, data, (train_idx, held_idx), progress)
     meta = {
@@ -104,6 +107,7 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     }
     in_train = np.zeros(data.n, bool)
     in_train[train_idx] = True
+    pred = res.depth.reference.numpy()[order]  # the network's prediction
     arrays = {
         "seed": np.array(seed), "half": np.array(half),
         "train_index": np.asarray(train_idx), "held_out_index": np.asarray(held_idx),
@@ -111,6 +115,9 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "depth": res.depth.depth.numpy()[order].astype(np.int16),
         "layer_pred": res.depth.layer_pred.numpy()[:, order].astype(np.int16),
         "probs": res.probs.numpy()[order].astype(np.float32),
+        "knn_vote_share": vote_shares(res.depth.vote_counts.numpy()[:, order],
+                                      data.labels.numpy(), pred),
+        "probe_accuracy_epochs": np.stack(history["snapshots"]),
         "epoch_pred": epoch_pred.numpy().astype(np.int16),
         "loss": np.array(history["loss"]),
         "train_accuracy": np.array(history["train_accuracy"]),
@@ -123,6 +130,15 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
             f"{meta['final_held_out_accuracy']:.3f}), depth {res.seconds:.1f} s, peak "
             f"{res.peak_bytes / 2**20:.0f} MiB ({res.num_chunks} chunk(s))")
     return {**arrays, "meta": meta}
+
+
+def _probe_curve(config: RunConfig, data: RunData, train_idx, seed: int) -> ProbeCurve:
+    """The per-epoch probe snapshot of a model: a fixed sample of its training half
+    (:func:`pdepth.protocol.convergence.probe_curve_sample`, seeded with the split's seed)."""
+    sample = torch.as_tensor(probe_curve_sample(train_idx, seed))
+    return ProbeCurve(data.spec, data.x[sample], data.labels[sample], k=config.k,
+                      num_classes=data.num_classes, device=data.device,
+                      batch_size=config.eval_batch_size, filter=config.knn_filter)
 
 
 def _score(model, config: RunConfig, data: RunData, split, progress: bool):
@@ -140,7 +156,7 @@ def _score(model, config: RunConfig, data: RunData, split, progress: bool):
         k=config.k, self_index=torch.as_tensor(self_index), query_labels=data.labels[query_t],
         num_classes=data.num_classes, example_index=query_t,
         batch_size=config.eval_batch_size, memory_budget=config.memory_budget,
-        device=data.device, filter=config.knn_filter, progress=progress)
+        device=data.device, filter=config.knn_filter, progress=progress, vote_counts=True)
     order = np.argsort(query_idx)  # back to example order 0..n-1
     assert np.array_equal(query_idx[order], np.arange(data.n))
     return res, order
