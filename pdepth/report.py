@@ -263,7 +263,7 @@ class _Drawing:
 
     def depth_2d(self) -> None:
         df, num_layers = self.df, self.num_layers
-        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(11, 4.8))
+        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(13, 4.8))
         ok = ~df["train_depth"].isna() & ~df["held_out_depth"].isna()
         tr = df.loc[ok, "train_depth"].to_numpy(float)
         ho = df.loc[ok, "held_out_depth"].to_numpy(float)
@@ -278,7 +278,7 @@ class _Drawing:
             sel = cats == c
             a2.scatter(jit(tr[sel]), jit(ho[sel]), s=4, alpha=0.5, color=_COLORS[c],
                        label=f"{c} ({int(sel.sum())})")
-        a2.legend(markerscale=3, fontsize=8, loc="upper left")
+        a2.legend(markerscale=3, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
         a2.set_title("Difficulty categories")
         for ax in (a1, a2):
             ax.set_xlabel("mean depth, in the training split")
@@ -296,8 +296,10 @@ class _Drawing:
             return  # a run from before the vote counts
         fig, axes = self.plt.subplots(2, len(CATEGORIES), figsize=(13, 6.5), sharey=True,
                                       squeeze=False)
-        styles = {"label": ("o-", "given label"), "prediction": ("s--", "network's prediction"),
-                  "other": ("^:", "most frequent other class")}
+        # the label on top: it hides under the prediction where the network is right
+        styles = {"label": ("o-", "given label", 3),
+                  "prediction": ("s--", "network's prediction", 2),
+                  "other": ("^:", "most frequent other class", 2)}
         for col, cat in enumerate(CATEGORIES):
             count = entry["category_examples"][cat]
             for row, (split, name) in enumerate((("train", "training split"),
@@ -305,8 +307,9 @@ class _Drawing:
                 ax = axes[row, col]
                 shares = np.array(entry["vote_share"][cat][split], dtype=float)
                 for i, which in enumerate(entry["vote_share_order"]):
-                    style, label = styles[which]
-                    ax.plot(range(self.num_layers), shares[:, i], style, label=label)
+                    style, label, z = styles[which]
+                    ax.plot(range(self.num_layers), shares[:, i], style, label=label, zorder=z,
+                            ms=4 if which == "label" else 6)
                 ax.set_title(f"{cat} ({count}), {name}", fontsize=9)
                 if not count:
                     ax.text(0.5, 0.5, "no examples", ha="center", va="center",

@@ -145,8 +145,8 @@ def _label_errors(errors: dict | None, improve: dict | None) -> str:
                   f"{errors['true_positives']} true flags.")
     flags += "</p>"
     if improve is None:
-        return flags + ("<p>Retraining without the flagged labels: run <code>pdepth improve "
-                        "RUN_DIR</code>, then <code>pdepth report RUN_DIR</code>.</p>")
+        return flags + ("<p>Retraining without the flagged labels: <code>pdepth improve "
+                        "RUN_DIR</code> (it redraws this report with its results).</p>")
     head = "".join(f"<th>{e(name)}</th>" for name, _ in _VARIANT_COLUMNS)
     rows = "".join(
         f"<tr><td>{e(name)}</td>"

@@ -221,7 +221,8 @@ def _convergence(per_model: dict) -> dict:
 
     claim = "Early layers converge faster: their k-NN accuracy reaches its final value earlier."
     stat = f"Spearman(probe index, epoch reaching {CONVERGED:.0%} of the accuracy gain)"
-    on = (f"per model, a fixed sample of up to {PROBE_CURVE_SAMPLE} examples of its training split, "
+    on = (f"per model, a fixed sample of up to {PROBE_CURVE_SAMPLE} examples of its training "
+          "split, "
           "leave-one-out k-NN against the given labels at initialisation and after every "
           "epoch; the mean curve over the models")
     r_models = np.asarray(per_model["in_train"]).shape[0]
