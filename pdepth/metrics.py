@@ -11,7 +11,10 @@ classes, E epochs):
   initialisation),
 * ``labels [n]`` -- the given labels.
 
-:func:`summarize` turns them into one row per example (see its docstring for the columns).
+:func:`summarize` turns them into one row per example (see its docstring for the columns);
+:func:`vote_shares` splits one model's per-probe k-NN vote counts three ways (label, network's
+prediction, other class) and :func:`convergence_epoch` reads the per-epoch probe accuracy
+curves (docs/design.md section 11).
 Ensemble aggregation (counting predictions, means, entropies) is plain numpy; the k-NN itself
 is never recomputed here.
 """
