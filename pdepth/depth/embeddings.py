@@ -45,7 +45,7 @@ def prediction_depth(
     vote_counts: bool = False,
 ) -> DepthResult:
     # Long only for its docstring (the public reference of its arguments); the work is in
-    # pdepth.depth.args (checks, reference), _layer_preds (the probes) and build_result.
+    # pdepth.depth.args (checks, reference), _layer_votes (the probes) and build_result.
     """Prediction depth (Baldock et al. 2021) of queries against a labelled support set.
 
     At each of L probes a k-NN classifier (k nearest support points by squared L2 distance,
