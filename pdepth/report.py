@@ -158,7 +158,8 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
     d.examples_by_category()
     d.training()
     html_path = pending.tmp(figdir.parent / "report.html")
-    html_path.write_text(report_html(d, acc_tr, acc_ho))
+    figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
+    html_path.write_text(report_html(d, figures, acc_tr, acc_ho))
 
 
 class _Drawing:

@@ -35,18 +35,17 @@ def claim_line(entry: dict) -> str:
             f'{entry["n_models"]} models): <span class="{cls}">{e(verdict)}</span>.</p>')
 
 
-def report_html(d, acc_tr, acc_ho) -> str:
-    """The page of the run drawn by ``d`` (a :class:`pdepth.report._Drawing`), with the
+def report_html(d, figures, acc_tr, acc_ho) -> str:
+    """The page of the run drawn by ``d`` (a :class:`pdepth.report._Drawing`): ``figures``,
+    the ``(file name, caption, summary.json claim keys)`` of each figure drawn, and the
     per-probe k-NN accuracy ``acc_tr`` / ``acc_ho`` (training split / held out)."""
-    from .report import FIGURE_CLAIMS, FIGURES
-
     df, cfg, names = d.df, d.cfg, d.names
     c, res = cfg["config"], cfg["resolved"]
     figs = "".join(
-        f'<h3>{e(name)}</h3><p>{e(FIGURES[name])}</p>'
-        + "".join(claim_line(d.claims[key]) for key in FIGURE_CLAIMS.get(name, ())
-                  if key in d.claims)
-        + f'<img src="figures/{e(name)}" style="max-width:100%">' for name in d.drawn)
+        f'<h3>{e(name)}</h3><p>{e(caption)}</p>'
+        + "".join(claim_line(d.claims[key]) for key in keys if key in d.claims)
+        + f'<img src="figures/{e(name)}" style="max-width:100%">'
+        for name, caption, keys in figures)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pdepth report: {e(c['arch'])} on {e(c['dataset'])}</title>
 <style>{_STYLE}</style></head><body>
