@@ -146,6 +146,7 @@ def vote_counts(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor
                          f"{int(labels.max())}]")
     m, k = labels.shape
     dtype = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
-    counts = torch.zeros(m, num_classes + 1, dtype=dtype, device=labels.device)
-    counts.scatter_add_(1, labels + 1, torch.ones_like(labels, dtype=dtype))  # column 0: -1
-    return counts[:, 1:].contiguous()
+    # counted in int32 (CUDA's atomics take it), stored in the smallest type k fits in
+    counts = torch.zeros(m, num_classes + 1, dtype=torch.int32, device=labels.device)
+    counts.scatter_add_(1, labels + 1, torch.ones_like(labels, dtype=torch.int32))  # col 0: -1
+    return counts[:, 1:].to(dtype).contiguous()
