@@ -31,7 +31,7 @@ from .ops import FILTERS, SELF_MATCH_POLICIES, knn, knn_plan, knn_stats, knn_vot
 from .pipeline import RunConfig, run
 from .probes import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
 from .stream import StreamResult, stream_prediction_depth
-from .topk import Neighbors, Vote, empty_topk, merge_topk, neighbor_labels
+from .topk import Neighbors, Vote, empty_topk, merge_topk, neighbor_labels, vote_counts
 
 # The modules pdepth.ops and pdepth.probes were named pdepth.knn and pdepth.extract, names the
 # functions pdepth.knn and pdepth.extract now own. Registering the old module paths keeps
@@ -80,4 +80,5 @@ __all__ = [
     "run",
     "stream_prediction_depth",
     "vote",
+    "vote_counts",
 ]

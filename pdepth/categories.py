@@ -17,13 +17,14 @@ train-split / held-out depth, the rules are applied in this order, first match w
 1. ``easy``: ``d_tr <= easy_depth * L`` and ``d_ho <= easy_depth * L`` and
    ``held_out_accuracy >= easy_accuracy``.
 2. ``looks_like_other_class``: the held-out networks agree on a class other than the label
-   (``held_out_accuracy <= wrong_accuracy``, ``consistency >= consistency`` and
+   (``held_out_accuracy <= wrong_accuracy``, ``held_out_agreement >= held_out_agreement``
+   and
    ``held_out_mode != label``) and the early probes vote for that same class (the most
    frequent k-NN vote over the first ``ceil(early_fraction * L)`` probes of every model,
    ``early_mode``, equals ``held_out_mode`` with a share ``early_mode_share >= early_vote``).
 3. ``ambiguous``: the held-out networks disagree with each other
-   (``consistency < consistency``) and ``d_ho > easy_depth * L``, or ``ensemble_entropy >=
-   ambiguous_entropy * ln(C)``.
+   (``held_out_agreement < held_out_agreement``) and ``d_ho > easy_depth * L``, or
+   ``ensemble_entropy >= ambiguous_entropy * ln(C)``.
 4. ``atypical``: every other example (difficult, but the held-out networks agree with each
    other and no other class wins the early probes: typically correct only when trained on,
    or consistently wrong without early-layer support for the wrong class).
@@ -31,11 +32,15 @@ train-split / held-out depth, the rules are applied in this order, first match w
 Examples with no held-out model (``held_out_count == 0``: every example of a ``--checkpoint``
 run, which holds nothing out) get no category (a missing value): the categories rest on the
 held-out view, which such an example lacks.
+
+``held_out_agreement`` (column and threshold) was called ``consistency`` before; the old
+threshold name is still accepted, with a ``DeprecationWarning``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -44,8 +49,8 @@ __all__ = ["CATEGORIES", "CategoryThresholds", "categorize"]
 
 CATEGORIES = ("easy", "ambiguous", "looks_like_other_class", "atypical")
 
-_REQUIRED = ("label", "train_depth", "held_out_depth", "held_out_accuracy", "consistency",
-             "held_out_mode", "early_mode", "early_mode_share")
+_REQUIRED = ("label", "train_depth", "held_out_depth", "held_out_accuracy",
+             "held_out_agreement", "held_out_mode", "early_mode", "early_mode_share")
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,8 @@ class CategoryThresholds:
     Attributes:
         easy_depth: easy needs both mean depths ``<= easy_depth * L`` (fraction of probes).
         easy_accuracy: easy needs a held-out accuracy at least this.
-        consistency: share of held-out models on their most frequent prediction needed to
-            call them in agreement.
+        held_out_agreement: share of held-out models on their most frequent prediction
+            needed to call them in agreement (formerly ``consistency``).
         wrong_accuracy: looks-like-other-class needs a held-out accuracy at most this.
         early_fraction: the early probes are the first ``ceil(early_fraction * L)``.
         early_vote: looks-like-other-class needs this share of the early probes' votes for
@@ -67,7 +72,7 @@ class CategoryThresholds:
 
     easy_depth: float = 1.0 / 3.0
     easy_accuracy: float = 0.5
-    consistency: float = 0.75
+    held_out_agreement: float = 0.75
     wrong_accuracy: float = 0.25
     early_fraction: float = 0.5
     early_vote: float = 0.5
@@ -78,7 +83,7 @@ class CategoryThresholds:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> CategoryThresholds:
-        d = d or {}
+        d = _renamed(d or {})
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -94,7 +99,7 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
     Args:
         table: a DataFrame (or dict of arrays) with the columns of
             :func:`pdepth.metrics.summarize`: ``label``, ``train_depth``, ``held_out_depth``,
-            ``held_out_accuracy``, ``consistency``, ``held_out_mode``, ``early_mode``,
+            ``held_out_accuracy``, ``held_out_agreement``, ``held_out_mode``, ``early_mode``,
             ``early_mode_share`` and optionally ``ensemble_entropy``.
         num_layers: L, the number of probes (depths range over ``0..L``).
         thresholds: a :class:`CategoryThresholds` (default thresholds when None); keyword
@@ -110,7 +115,7 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
 
     t = thresholds or CategoryThresholds()
     if overrides:
-        t = CategoryThresholds(**{**t.to_dict(), **overrides})
+        t = CategoryThresholds.from_dict({**t.to_dict(), **_renamed(overrides)})
     missing = [c for c in _REQUIRED if c not in table]
     if missing:
         raise ValueError(f"categorize(): the table lacks columns {missing}")
@@ -122,16 +127,16 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
     d_tr = col["train_depth"].astype(np.float64)
     d_ho = col["held_out_depth"].astype(np.float64)
     acc = col["held_out_accuracy"].astype(np.float64)
-    cons = col["consistency"].astype(np.float64)
+    agreement = col["held_out_agreement"].astype(np.float64)
     has_ho = ~np.isnan(d_ho)
 
     easy = has_ho & (np.nan_to_num(d_tr, nan=0.0) <= cut) & (d_ho <= cut) & (
         acc >= t.easy_accuracy)
-    agree = has_ho & (cons >= t.consistency)
+    agree = has_ho & (agreement >= t.held_out_agreement)
     looks_like = (agree & (acc <= t.wrong_accuracy) & (col["held_out_mode"] != label)
                   & (col["early_mode"] == col["held_out_mode"])
                   & (col["early_mode_share"].astype(np.float64) >= t.early_vote))
-    ambiguous = has_ho & (cons < t.consistency) & (d_ho > cut)
+    ambiguous = has_ho & (agreement < t.held_out_agreement) & (d_ho > cut)
     if "ensemble_entropy" in table:
         ent = np.asarray(table["ensemble_entropy"], np.float64)
         ambiguous |= has_ho & (np.nan_to_num(ent, nan=0.0)
@@ -142,3 +147,19 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
     out[easy] = "easy"
     out[~has_ho] = None  # no held-out view: no category
     return pd.Categorical(out, categories=list(CATEGORIES))
+
+
+def _renamed(thresholds: dict) -> dict:
+    """``thresholds`` with the old name ``consistency`` mapped to ``held_out_agreement``
+    (DeprecationWarning)."""
+    if "consistency" not in thresholds:
+        return dict(thresholds)
+    warnings.warn("the category threshold 'consistency' is now called 'held_out_agreement' "
+                  "(it is not Jiang et al.'s consistency score, the C-score)",
+                  DeprecationWarning, stacklevel=3)
+    d = dict(thresholds)
+    value = d.pop("consistency")
+    if d.setdefault("held_out_agreement", value) != value:
+        raise ValueError(f"category thresholds: 'consistency' (old name, {value!r}) and "
+                         f"'held_out_agreement' ({d['held_out_agreement']!r}) disagree")
+    return d

@@ -249,8 +249,9 @@ def _report(path: str) -> int:
 
 
 def _improve(args, argv) -> int:
-    """``pdepth improve DIR``: :func:`pdepth.improve.improve`, then the path of improve.json
-    (with --quiet: only that)."""
+    """``pdepth improve DIR``: :func:`pdepth.improve.improve`, the run's report redrawn with
+    its results where the run has one, then the path of improve.json (with --quiet: only
+    that)."""
     import shlex
 
     from .improve import IMPROVE_FILE, improve
@@ -262,6 +263,10 @@ def _improve(args, argv) -> int:
             command=shlex.join(["pdepth", *words]))
     from pathlib import Path
 
+    if (Path(args.dir) / "report.html").exists():  # show improve.json there too
+        from .report import write_report
+
+        write_report(args.dir)
     print(Path(args.dir) / IMPROVE_FILE)
     return 0
 

@@ -11,7 +11,10 @@ classes, E epochs):
   initialisation),
 * ``labels [n]`` -- the given labels.
 
-:func:`summarize` turns them into one row per example (see its docstring for the columns).
+:func:`summarize` turns them into one row per example (see its docstring for the columns);
+:func:`vote_shares` splits one model's per-probe k-NN vote counts three ways (label, network's
+prediction, other class) and :func:`convergence_epoch` reads the per-epoch probe accuracy
+curves (docs/design.md section 11).
 Ensemble aggregation (counting predictions, means, entropies) is plain numpy; the k-NN itself
 is never recomputed here.
 """
@@ -25,14 +28,21 @@ import numpy as np
 from .depth import aggregate, depth_from_predictions
 
 __all__ = [
+    "CONVERGED",
+    "VOTE_SHARES",
     "class_counts",
+    "convergence_epoch",
     "early_probes",
     "iteration_learned",
     "json_floats",
     "layer_accuracy",
     "mean_or_none",
     "summarize",
+    "vote_shares",
 ]
+
+VOTE_SHARES = ("label", "prediction", "other")  # the last axis of vote_shares()
+CONVERGED = 0.95  # a probe has converged once it has made this share of its accuracy gain
 
 
 def iteration_learned(epoch_pred: np.ndarray) -> np.ndarray:
@@ -57,6 +67,17 @@ def json_floats(values) -> list[float | None]:
     """A float array as a JSON-ready list, NaN (nothing to average, e.g. no held-out example)
     as None (null)."""
     return [None if math.isnan(v) else float(v) for v in np.asarray(values, np.float64)]
+
+
+def convergence_epoch(curves: np.ndarray, share: float = CONVERGED) -> np.ndarray:
+    """``curves [E+1, L]`` (row 0: initialisation) -> ``[L]`` float64: the first epoch at
+    which each probe's accuracy has made ``share`` of its gain from initialisation to the
+    end, ``acc[e] - acc[0] >= share (acc[E] - acc[0])``. A probe that gains nothing (the
+    input probe, which training cannot change) has converged at epoch 0."""
+    curves = np.asarray(curves, np.float64)
+    gain = curves - curves[:1]
+    reached = gain >= share * gain[-1:] - 1e-12
+    return reached.argmax(0).astype(np.float64)
 
 
 def class_counts(values: np.ndarray, mask: np.ndarray | None, num_classes: int) -> np.ndarray:
@@ -106,6 +127,27 @@ def layer_accuracy(layer_pred: np.ndarray, labels: np.ndarray, mask: np.ndarray)
         return np.where(count > 0, (correct & mask).sum((0, 2)) / np.maximum(count, 1), np.nan)
 
 
+def vote_shares(counts: np.ndarray, labels: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """One model's k-NN votes at every probe, split three ways: ``[L, n, 3]`` float32, the
+    share of the k neighbours voting (0) the given label ``labels [n]``, (1) the network's
+    final prediction ``pred [n]`` (equal to (0) where the network is right) and (2) the most
+    frequent other class (neither of the two; ties: lowest id; 0 where none is left).
+
+    ``counts [L, n, C]``: the per-probe vote counts of the model
+    (:attr:`pdepth.DepthResult.vote_counts`). "How the groups are processed differently"
+    (docs/design.md section 11) compares these shares between the difficulty categories."""
+    counts = np.asarray(counts, np.float32)
+    labels, pred = np.asarray(labels, np.int64), np.asarray(pred, np.int64)
+    rows = np.arange(labels.shape[0])
+    total = np.maximum(counts.sum(-1), 1)
+    other = counts.copy()
+    other[:, rows, labels] = -1
+    other[:, rows, pred] = -1
+    shares = np.stack([counts[:, rows, labels], counts[:, rows, pred],
+                       np.maximum(other.max(-1), 0)], -1)
+    return shares / total[..., None]
+
+
 def summarize(
     depth: np.ndarray,
     in_train: np.ndarray,
@@ -139,8 +181,8 @@ def summarize(
     * ``held_out_accuracy_original`` -- fraction of held-out models predicting the *original*
       label ("is the network right"; equals ``held_out_accuracy`` without label noise);
     * ``held_out_mode`` -- the held-out models' most frequent prediction (ties: lowest class)
-      and ``consistency`` -- the fraction of held-out models predicting it (label-free
-      agreement; not Jiang et al.'s consistency score, which is ``held_out_accuracy``);
+      and ``held_out_agreement`` -- the fraction of held-out models predicting it (label-free;
+      not Jiang et al.'s consistency score, the C-score, which is ``held_out_accuracy``);
     * ``confidence`` -- mean held-out softmax probability of the predicted class (label-free);
       ``margin`` -- mean held-out probability of the *given* label minus the largest other;
       ``train_confidence`` / ``train_margin`` likewise for the training split;
@@ -204,7 +246,7 @@ def _depth_columns(depth, in_train, held_out) -> dict:
 
 
 def _prediction_columns(probs, labels, train, held_out) -> dict:
-    """Accuracy, mode and consistency, confidence and margin, and the held-out ensemble's
+    """Accuracy, mode and agreement, confidence and margin, and the held-out ensemble's
     prediction and entropy, from the models' softmax outputs ``probs [R, n, C]``."""
     r_models, _, num_classes = probs.shape
     cols = {}
@@ -212,7 +254,8 @@ def _prediction_columns(probs, labels, train, held_out) -> dict:
     correct = (pred == labels[None]).astype(np.float64)
     cols["held_out_accuracy"] = _masked_mean(correct, held_out)
     cols["train_accuracy"] = _masked_mean(correct, train)
-    cols["held_out_mode"], cols["consistency"] = _mode(class_counts(pred, held_out, num_classes))
+    cols["held_out_mode"], cols["held_out_agreement"] = _mode(
+        class_counts(pred, held_out, num_classes))
 
     conf = probs.max(2)
     true_p = np.take_along_axis(probs, labels[None, :, None].repeat(r_models, 0), 2)[..., 0]

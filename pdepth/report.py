@@ -1,13 +1,15 @@
 """Figures (PNG, matplotlib Agg) and ``report.html`` for a pdepth run directory.
 
-:func:`write_report` reads ``results.parquet``, ``per_model.npz``, ``data.npz`` and
-``config.json`` from a run directory and (re)draws ``figures/*.png`` and ``report.html``;
-``pdepth report DIR`` calls it.
+:func:`write_report` reads ``results.parquet``, ``per_model.npz``, ``data.npz``,
+``config.json`` and, where they are there, ``summary.json`` (a run from before it gets no
+claim figures) and ``improve.json`` from a run directory and (re)draws ``figures/*.png`` and
+``report.html``; ``pdepth report DIR`` calls it. Each figure of
+a claim of the paper gets a caption from its ``summary.json`` entry: what the paper says and
+what this run shows (``holds``).
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from pathlib import Path
@@ -16,7 +18,8 @@ import numpy as np
 
 from ._atomic import PendingFiles
 from .categories import CATEGORIES
-from .metrics import layer_accuracy, mean_or_none
+from .metrics import layer_accuracy
+from .report_html import report_html
 
 __all__ = ["FIGURES", "REPORT_DEPENDENCIES", "RunFilesError", "write_report"]
 
@@ -25,21 +28,44 @@ REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
 FIGURES = {
     "depth_hist.png": "Prediction depth per split (all models): examples in the model's "
                       "training split vs held out.",
-    "metrics_vs_depth.png": "Held-out accuracy (C-score estimate), consistency, confidence and "
-                            "iteration learned against (rounded) mean depth; mean with "
-                            "standard error per depth.",
+    "metrics_vs_depth.png": "Held-out accuracy (the C-score), held-out agreement, confidence, "
+                            "margin, ensemble uncertainty (entropy) and iteration learned "
+                            "against (rounded) mean depth; mean with standard error per depth.",
     "layer_knn.png": "k-NN accuracy (vs the given labels) at each probe, for examples in the "
                      "training split (self excluded) and held out: early layers generalise, "
                      "later layers memorise.",
-    "depth_2d.png": "Train-split depth vs held-out depth: counts (left) and categories (right, "
-                    "jittered).",
+    "depth_2d.png": "Train-split depth vs held-out depth: counts (left) and the difficulty "
+                    "categories, the paper's three groups of difficult examples and the easy "
+                    "ones (right, jittered).",
+    "vote_shares.png": "Per category and probe, the mean share of the k-NN votes for the "
+                       "given label, the network's prediction and the most frequent other "
+                       "class; training split (top) and held out (bottom).",
+    "convergence.png": "k-NN accuracy of each probe on a fixed sample of the training split "
+                       "after each epoch (mean over the models; left) and the epoch at which "
+                       "it makes 95% of its gain (right).",
+    "label_noise.png": "Examples whose label was flipped (--label-noise): per probe, the share "
+                       "of k-NN votes for the flipped (given) and for the original label, "
+                       "training split vs held out. Drawn only where labels were flipped.",
     "examples_by_depth.png": "Random examples at each (rounded) held-out depth.",
     "examples_by_category.png": "Random examples of each category (title: label -> held-out "
                                 "networks' most frequent prediction).",
     "training.png": "Training curves of every model.",
 }
+# the summary.json claims each figure shows (pdepth.summary)
+FIGURE_CLAIMS = {
+    "metrics_vs_depth.png": ("depth_vs_accuracy", "depth_vs_agreement", "depth_vs_confidence",
+                             "depth_vs_margin", "depth_vs_uncertainty",
+                             "depth_vs_speed_of_learning", "learns_easy_data_first"),
+    "layer_knn.png": ("early_layers_generalise",),
+    "vote_shares.png": ("groups_processed_differently",),
+    "convergence.png": ("early_layers_converge_faster",),
+    "label_noise.png": ("flipped_labels_memorised_late",),
+}
 _COLORS = {"easy": "#4c9f70", "ambiguous": "#e0a526", "looks_like_other_class": "#c44e52",
            "atypical": "#5b6fb5"}
+
+
+OPTIONAL_INPUTS = ("summary.json", "improve.json")  # older runs / before `pdepth improve`
 
 
 class RunFilesError(ValueError):
@@ -55,10 +81,15 @@ def _load(out: Path):
     """Reads every input first, so that a damaged one stops the report before it writes."""
     import pandas as pd
 
+    read_json = lambda p: json.loads(p.read_text())  # noqa: E731
     readers = {"results.parquet": pd.read_parquet, "per_model.npz": _read_npz,
-               "data.npz": _read_npz, "config.json": lambda p: json.loads(p.read_text())}
+               "data.npz": _read_npz, "config.json": read_json, "summary.json": read_json,
+               "improve.json": read_json}
     loaded = []
     for name, read in readers.items():
+        if name in OPTIONAL_INPUTS and not (out / name).exists():
+            loaded.append(None)
+            continue
         try:
             loaded.append(read(out / name))
         except Exception as exc:  # truncated, damaged, missing: pyarrow, zipfile, JSON, OS
@@ -120,11 +151,15 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
     d.metrics_vs_depth()
     acc_tr, acc_ho = d.layer_knn()
     d.depth_2d()
+    d.vote_shares()
+    d.convergence()
+    d.label_noise()
     d.examples_by_depth()
     d.examples_by_category()
     d.training()
     html_path = pending.tmp(figdir.parent / "report.html")
-    html_path.write_text(_html(d.df, d.cfg, acc_tr, acc_ho, d.names))
+    figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
+    html_path.write_text(report_html(d, figures, acc_tr, acc_ho))
 
 
 class _Drawing:
@@ -133,8 +168,9 @@ class _Drawing:
     per_row = 10  # images per row of the example grids
 
     def __init__(self, figdir: Path, pending: PendingFiles, loaded: tuple):
-        """``loaded``: ``(results table, per-model arrays, data.npz arrays, config.json)``."""
-        df, arr, data, cfg = loaded
+        """``loaded``: ``(results table, per-model arrays, data.npz arrays, config.json,
+        summary.json or None, improve.json or None)``."""
+        df, arr, data, cfg, summary, improve = loaded
         import matplotlib
 
         matplotlib.use("Agg", force=True)
@@ -143,6 +179,9 @@ class _Drawing:
         self.plt, self.matplotlib = plt, matplotlib
         self.figdir, self.pending = figdir, pending
         self.df, self.arr, self.cfg = df, arr, cfg
+        summary = summary or {}  # a run from before summary.json: no claim figures
+        self.claims, self.summary, self.improve = summary.get("claims", {}), summary, improve
+        self.drawn: list[str] = []  # the figures drawn, in the order of FIGURES
         self.images = data["images"]
         res = cfg["resolved"]
         self.names = list(arr["layer_names"])
@@ -157,6 +196,13 @@ class _Drawing:
     def save(self, fig, name: str) -> None:
         fig.savefig(self.pending.tmp(self.figdir / name), dpi=110, bbox_inches="tight")
         self.plt.close(fig)
+        self.drawn.append(name)
+
+    def probe_axis(self, ax) -> None:
+        """The probes on the x axis, by name."""
+        ax.set_xticks(range(self.num_layers))
+        ax.set_xticklabels(self.names, rotation=45, ha="right", fontsize=8)
+        ax.set_xlabel("probe")
 
     def depth_hist(self) -> None:
         num_layers, depth = self.num_layers, self.depth
@@ -177,11 +223,13 @@ class _Drawing:
 
     def metrics_vs_depth(self) -> None:
         df, num_layers = self.df, self.num_layers
-        panels = [("held_out_accuracy", "held-out accuracy (C-score est.)"),
-                  ("consistency", "held-out consistency"),
+        panels = [("held_out_accuracy", "held-out accuracy (C-score)"),
+                  ("held_out_agreement", "held-out agreement"),
                   ("confidence", "held-out confidence"),
+                  ("margin", "held-out margin"),
+                  ("ensemble_entropy", "ensemble entropy (nats)"),
                   ("iteration_learned", "iteration (epoch) learned")]
-        fig, axes = self.plt.subplots(2, 2, figsize=(9, 6.5))
+        fig, axes = self.plt.subplots(2, 3, figsize=(13, 7))
         for ax, (col, title) in zip(axes.ravel(), panels, strict=True):
             for dcol, lab in (("held_out_depth", "vs held-out depth"),
                               ("train_depth", "vs train-split depth")):
@@ -189,6 +237,7 @@ class _Drawing:
                                   num_layers)
                 ax.errorbar(c, m, yerr=s, marker="o", capsize=3, label=lab)
             ax.set_title(title)
+            ax.set_ylabel(title)
             ax.set_xlabel("mean prediction depth (rounded)")
             ax.set_xticks(range(num_layers + 1))
             ax.grid(alpha=0.3)
@@ -205,8 +254,7 @@ class _Drawing:
         fig, ax = self.plt.subplots(figsize=(max(6.0, 0.55 * num_layers + 2), 3.8))
         ax.plot(range(num_layers), acc_tr, "o-", label="training split (self excluded)")
         ax.plot(range(num_layers), acc_ho, "s-", label="held out")
-        ax.set_xticks(range(num_layers))
-        ax.set_xticklabels(self.names, rotation=45, ha="right", fontsize=8)
+        self.probe_axis(ax)
         ax.set_ylabel("k-NN accuracy (given labels)")
         ax.set_title(f"Per-probe k-NN accuracy (k = {self.cfg['config']['k']})")
         ax.grid(alpha=0.3)
@@ -216,7 +264,7 @@ class _Drawing:
 
     def depth_2d(self) -> None:
         df, num_layers = self.df, self.num_layers
-        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(11, 4.8))
+        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(13, 4.8))
         ok = ~df["train_depth"].isna() & ~df["held_out_depth"].isna()
         tr = df.loc[ok, "train_depth"].to_numpy(float)
         ho = df.loc[ok, "held_out_depth"].to_numpy(float)
@@ -235,7 +283,7 @@ class _Drawing:
             sel = cats == c
             a2.scatter(jit(tr[sel]), jit(ho[sel]), s=4, alpha=0.5, color=_COLORS[c],
                        label=f"{c} ({int(sel.sum())})")
-        a2.legend(markerscale=3, fontsize=8, loc="upper left")
+        a2.legend(markerscale=3, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
         a2.set_title("Difficulty categories")
         for ax in (a1, a2):
             ax.set_xlabel("mean depth, in the training split")
@@ -245,6 +293,82 @@ class _Drawing:
             ax.plot([0, num_layers], [0, num_layers], color="gray", lw=0.5)
         fig.tight_layout()
         self.save(fig, "depth_2d.png")
+
+    def vote_shares(self) -> None:
+        """Per category (columns) and split (rows): the vote shares per probe."""
+        entry = self.claims.get("groups_processed_differently", {})
+        if entry.get("vote_share") is None:
+            return  # a run from before the vote counts
+        fig, axes = self.plt.subplots(2, len(CATEGORIES), figsize=(13, 6.5), sharey=True,
+                                      squeeze=False)
+        # the label on top: it hides under the prediction where the network is right
+        styles = {"label": ("o-", "given label", 3),
+                  "prediction": ("s--", "network's prediction", 2),
+                  "other": ("^:", "most frequent other class", 2)}
+        for col, cat in enumerate(CATEGORIES):
+            count = entry["category_examples"][cat]
+            for row, (split, name) in enumerate((("train", "training split"),
+                                                 ("held_out", "held out"))):
+                ax = axes[row, col]
+                shares = np.array(entry["vote_share"][cat][split], dtype=float)
+                for i, which in enumerate(entry["vote_share_order"]):
+                    style, label, z = styles[which]
+                    ax.plot(range(self.num_layers), shares[:, i], style, label=label, zorder=z,
+                            ms=4 if which == "label" else 6)
+                ax.set_title(f"{cat} ({count}), {name}", fontsize=9)
+                if not count:
+                    ax.text(0.5, 0.5, "no examples", ha="center", va="center",
+                            transform=ax.transAxes, color="gray")
+                self.probe_axis(ax)
+                ax.set_ylim(-0.02, 1.02)
+                ax.grid(alpha=0.3)
+            for row in range(2):
+                axes[row, 0].set_ylabel("share of k-NN votes")
+        axes[0, 0].legend(fontsize=7)
+        fig.tight_layout()
+        self.save(fig, "vote_shares.png")
+
+    def convergence(self) -> None:
+        entry = self.claims.get("early_layers_converge_faster", {})
+        if entry.get("probe_accuracy_epochs") is None:
+            return  # a run from before the per-epoch probes
+        curves = np.array(entry["probe_accuracy_epochs"], dtype=float)  # [E+1, L]
+        fig, (a1, a2) = self.plt.subplots(1, 2, figsize=(11, 4))
+        cmap = self.plt.get_cmap("viridis")
+        for layer in range(self.num_layers):
+            a1.plot(range(curves.shape[0]), curves[:, layer], "o-", ms=3,
+                    color=cmap(layer / max(1, self.num_layers - 1)), label=self.names[layer])
+        a1.set_xlabel("epoch (0 = initialisation)")
+        a1.xaxis.set_major_locator(self.matplotlib.ticker.MaxNLocator(integer=True))
+        a1.set_ylabel("k-NN accuracy (training sample)")
+        a1.set_title("Probe accuracy during training")
+        a1.legend(fontsize=7, ncol=2)
+        a1.grid(alpha=0.3)
+        a2.bar(range(self.num_layers), entry["convergence_epoch"], color="#5b6fb5")
+        self.probe_axis(a2)
+        a2.set_ylabel("epoch reaching 95% of the gain")
+        a2.set_title("Convergence epoch per probe")
+        a2.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        self.save(fig, "convergence.png")
+
+    def label_noise(self) -> None:
+        acc = self.claims.get("flipped_labels_memorised_late", {}).get("knn_accuracy_flipped")
+        if acc is None:
+            return  # no label was flipped
+        fig, ax = self.plt.subplots(figsize=(max(6.5, 0.55 * self.num_layers + 2), 4))
+        for key, style, label in (("train_given", "o-", "training split, flipped label"),
+                                  ("train_original", "o--", "training split, original label"),
+                                  ("held_out_given", "s-", "held out, flipped label"),
+                                  ("held_out_original", "s--", "held out, original label")):
+            ax.plot(range(self.num_layers), acc[key], style, label=label)
+        self.probe_axis(ax)
+        ax.set_ylabel("share of k-NN votes (flipped examples)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("Flipped labels: memorised by the later layers?")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        self.save(fig, "label_noise.png")
 
     def examples_by_depth(self) -> None:
         split = "held_out" if self.df["held_out_depth"].notna().any() else "train"
@@ -266,7 +390,7 @@ class _Drawing:
         for c in CATEGORIES:
             idx = self.rng.permutation(np.flatnonzero(cat_all == c))[:self.per_row]
             rows.append((c.replace("_", "\n"), idx,
-                         [f"{_short(names[labels[i]])}>{_short(names[mode[i]])}"
+                         [f"{_short(names[labels[i]])}\n> {_short(names[mode[i]])}"
                           for i in idx]))
         self.grid(rows, "examples_by_category.png", "Examples by difficulty category")
 
@@ -303,124 +427,13 @@ class _Drawing:
             a1.text(0.5, 0.5, "not trained here (--checkpoint)", ha="center",
                     transform=a1.transAxes)
         a1.set_title("training loss")
+        a1.set_ylabel("cross-entropy loss")
         a2.set_title("accuracy (solid: train half, dashed: held out)")
+        a2.set_ylabel("accuracy")
         for ax in (a1, a2):
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(self.matplotlib.ticker.MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         a1.legend(fontsize=7)
         fig.tight_layout()
         self.save(fig, "training.png")
-
-
-def _stages_html(cfg) -> str:
-    """One row per model and stage: seconds and peak resident set (docs/design.md section
-    12); the k-NN row sums the probes and gives the largest peak (the slowest probe
-    named)."""
-    e = html.escape
-    rows = []
-    for m in cfg.get("models", []):
-        stages = m.get("stages")
-        if not stages:
-            continue
-        model = f"seed {m.get('seed')} half {m.get('half')}"
-        parts = [("training", [stages.get("train", {})], ""),
-                 ("extraction", stages.get("extract", []),
-                  f"{len(stages.get('extract', []))} pass(es)"),
-                 ("k-NN", stages.get("knn", []), "")]
-        for name, recs, note in parts:
-            recs = [r for r in recs if r]
-            if not recs:
-                continue
-            if name == "k-NN":
-                slow = max(recs, key=lambda r: r.get("seconds", 0))
-                note = f"{len(recs)} probes; slowest {slow.get('probe')} ({slow['seconds']:.1f} s)"
-            secs = sum(r.get("seconds", 0) for r in recs)
-            peak = max(r.get("peak_rss_bytes", 0) for r in recs) / 2**20
-            rows.append(f"<tr><td>{e(model)}</td><td>{name}</td><td>{secs:.1f}</td>"
-                        f"<td>{peak:.0f}</td><td>{e(note)}</td></tr>")
-    if not rows:
-        return "<p>Not recorded by the pdepth version that made this run.</p>"
-    cache = {m.get("memory", {}).get("cache") for m in cfg.get("models", [])}
-    where = ("on disk (OUT/cache, one probe at a time)" if "disk" in cache else "in memory")
-    return (f"<p>Embeddings {where}; --memory-budget "
-            f"{cfg['config'].get('memory_budget', 0) / 2**20:.0f} MiB.</p>"
-            "<table><tr><th>model</th><th>stage</th><th>seconds</th><th>peak RSS (MiB)</th>"
-            f"<th></th></tr>{''.join(rows)}</table>")
-
-
-def _fmt(value) -> str:
-    """A number with 3 decimals; "none" for a missing one (None or NaN)."""
-    return "none" if value is None or np.isnan(value) else f"{value:.3f}"
-
-
-_PROTOCOL = {
-    True: "Each seed splits the data 50/50; a model trains on each half; depth is computed "
-          "for its training half (self excluded) and its held-out half with its training half "
-          "as the k-NN support (given labels), measured against the network's own prediction.",
-    False: "The network was not trained here: its checkpoint is scored with every example in "
-           "its training split (the k-NN support, self excluded, given labels), against its "
-           "own prediction. Nothing is held out, so the held-out columns and the categories "
-           "are missing, and there are no per-epoch (learning-speed) values.",
-}
-
-
-def _html(df, cfg, acc_tr, acc_ho, names) -> str:
-    c = cfg["config"]
-    network = c.get("model") or c["arch"]
-    res = cfg["resolved"]
-    summary = cfg.get("summary", {})
-    e = html.escape
-    counts = df["category"].astype(str).value_counts()
-    rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{e(json.dumps(v))}</td></tr>" for k, v in c.items())
-    cat_rows = "".join(
-        f"<tr><td>{e(k)}</td><td>{int(counts.get(k, 0))}</td>"
-        f"<td>{100 * counts.get(k, 0) / len(df):.1f}%</td></tr>" for k in CATEGORIES)
-    layer_rows = "".join(
-        f"<tr><td>{i}</td><td>{e(n)}</td><td>{d}</td><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>"
-        for i, (n, d, a, b) in enumerate(zip(names, res.get("probe_dims", [""] * len(names)),
-                                             acc_tr, acc_ho, strict=True)))
-    timing = cfg.get("timing", {})
-    figs = "".join(
-        f'<h3>{e(name)}</h3><p>{e(caption)}</p><img src="figures/{e(name)}" '
-        f'style="max-width:100%">' for name, caption in FIGURES.items())
-    stats = [
-        ("examples", len(df)),
-        ("models", res.get("num_models")),
-        ("probes", res.get("num_layers")),
-        *((name, _fmt(mean_or_none(df[col]))) for name, col in (
-            ("mean train-split depth", "train_depth"), ("mean held-out depth", "held_out_depth"),
-            ("held-out accuracy", "held_out_accuracy"), ("train accuracy", "train_accuracy"))),
-        ("time for the models (s)", f"{timing.get('models_seconds', float('nan')):.1f}"),
-    ]
-    mem = [m.get("memory", {}).get("peak_bytes", 0) for m in cfg.get("models", [])]
-    if mem:
-        stats.append(("k-NN peak resident embeddings (MiB)", f"{max(mem) / 2**20:.1f}"))
-    if cfg.get("peak_rss_bytes"):
-        stats.append(("peak resident set of the run (MiB)",
-                      f"{cfg['peak_rss_bytes'] / 2**20:.0f}"))
-    stat_rows = "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in stats)
-    doc = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>pdepth report: {e(network)} on {e(c['dataset'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;}}
-table{{border-collapse:collapse;margin:1em 0;}}td,th{{border:1px solid #ccc;padding:2px 8px;
-font-size:90%;}}</style></head><body>
-<h1>Prediction depth: {e(network)} on {e(c['dataset'])}</h1>
-<p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
-NeurIPS 2021. {_PROTOCOL[res.get("trained", True)]}</p>
-<h2>Summary</h2><table>{stat_rows}</table>
-<h2>Categories</h2><table><tr><th>category</th><th>examples</th><th>share</th></tr>{cat_rows}
-</table><p>Rules and thresholds: docs/protocol.md; thresholds used:
-{e(json.dumps(res.get('thresholds')))}</p>
-<h2>Probes</h2><table><tr><th>#</th><th>probe</th><th>dim</th><th>k-NN acc. train</th>
-<th>k-NN acc. held out</th></tr>{layer_rows}</table>
-<h2>Time and memory per stage</h2>{_stages_html(cfg)}
-<h2>Figures</h2>{figs}
-<h2>Settings</h2><table>{rows}</table>
-<p>Versions: {e(json.dumps(cfg.get('versions', {}).get('pdepth')))} (pdepth),
-{e(json.dumps(cfg.get('versions', {}).get('torch')))} (torch). Full settings: config.json.
-Per-example results: results.parquet; per-model arrays: per_model.npz, models/.</p>
-<p style="color:#888">summary: {e(json.dumps(summary.get('categories', {})))}</p>
-</body></html>
-"""
-    return doc

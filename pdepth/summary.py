@@ -24,7 +24,8 @@ import math
 
 import numpy as np
 
-from .metrics import early_probes, json_floats
+from .categories import CATEGORIES
+from .metrics import CONVERGED, VOTE_SHARES, convergence_epoch, early_probes, json_floats
 
 __all__ = ["claims_summary", "spearman"]
 
@@ -60,7 +61,7 @@ _CORRELATIONS = (
      "held_out_depth", "ensemble_entropy", "positive",
      "held-out split: mean depth vs entropy of the held-out models' mean softmax"),
     ("depth_vs_agreement", "Higher depth, less agreement between held-out networks.",
-     "held_out_depth", "consistency", "negative",
+     "held_out_depth", "held_out_agreement", "negative",
      "held-out split: mean depth vs the share of held-out models on their most frequent "
      "prediction (label-free)"),
     ("depth_vs_speed_of_learning", "Examples of higher depth are learned later in training.",
@@ -92,6 +93,8 @@ def claims_summary(table, per_model: dict, *, early_fraction: float = 0.5) -> di
         claims[key] = _entry(claim, f"Spearman({x}, {y})", value, on, n, r_models, direction)
     claims["early_layers_generalise"] = _layer_gap(per_model)
     claims["flipped_labels_memorised_late"] = _flipped_layers(per_model, early_fraction)
+    claims["groups_processed_differently"] = _groups(table, per_model, early_fraction)
+    claims["early_layers_converge_faster"] = _convergence(per_model)
     return {"n_examples": int(len(table)), "n_models": r_models,
             "num_layers": int(np.asarray(per_model["layer_pred"]).shape[1]),
             "claims": claims, "label_errors": _label_errors(table)}
@@ -163,6 +166,82 @@ def _flipped_layers(per_model: dict, early_fraction: float) -> dict:
                    early_probes=n_early)
     entry["holds"] = bool(value > 0 and to[:n_early].mean() > tg[:n_early].mean())
     return entry
+
+
+def _groups(table, per_model: dict, early_fraction: float) -> dict:
+    """The difficulty categories are processed differently: per category, split and probe, the
+    mean share of the k-NN votes for the given label, the network's prediction and the most
+    frequent other class (``knn_vote_share``, :func:`pdepth.metrics.vote_shares`). The
+    statistic: on the training split, the early probes' mean share of votes for the given
+    label, ``easy`` minus ``looks_like_other_class`` (holds when positive: even a network
+    that trains on a look-alike gets little support for its label from its early layers)."""
+    claim = ("The groups of difficult examples are processed differently: the early layers of "
+             "a network give the label of an example that looks like another class little "
+             "support, even when it trains on it, unlike an easy example's.")
+    stat = ("train split, early probes: mean share of k-NN votes for the given label, easy "
+            "minus looks_like_other_class")
+    on = ("every (model, example) pair per split and category; shares of the k-NN votes for "
+          "the given label / the network's prediction / the most frequent other class")
+    in_train = np.asarray(per_model["in_train"], bool)
+    if "knn_vote_share" not in per_model:
+        return _entry(claim, stat, None, on + "; this run has no knn_vote_share", 0,
+                      in_train.shape[0], "positive")
+    share = np.asarray(per_model["knn_vote_share"], np.float64)  # [R, L, n, 3]
+    scored = np.asarray(per_model["depth"]) >= 0
+    category = np.asarray(table["category"].astype(str))
+    means = {c: {split: _mean_share(share, m & (category == c)[None])
+                 for split, m in (("train", in_train & scored),
+                                  ("held_out", ~in_train & scored))}
+             for c in CATEGORIES}
+    n_early = early_probes(share.shape[1], early_fraction)
+    early = {c: float(np.mean(means[c]["train"][:n_early, 0]))
+             for c in ("looks_like_other_class", "easy")}
+    value = _finite(early["easy"] - early["looks_like_other_class"])
+    # JSON has no NaN: a category with no example (e.g. none in a --checkpoint run) is null
+    shares = {c: {split: [json_floats(row) for row in m] for split, m in means[c].items()}
+              for c in CATEGORIES}
+    counts = {c: int((category == c).sum()) for c in CATEGORIES}
+    return _entry(claim, stat, value, on, counts["looks_like_other_class"] + counts["easy"],
+                  in_train.shape[0], "positive", vote_share=shares,
+                  vote_share_order=list(VOTE_SHARES), category_examples=counts,
+                  early_probes=n_early)
+
+
+def _mean_share(share: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``[L, 3]`` mean of ``share [R, L, n, 3]`` over the (model, example) pairs in ``mask
+    [R, n]`` (NaN where none)."""
+    count = mask.sum()
+    if not count:
+        return np.full(share.shape[1::2], np.nan)
+    return (share * mask[:, None, :, None]).sum((0, 2)) / count
+
+
+def _convergence(per_model: dict) -> dict:
+    """Early layers converge faster: the epoch at which each probe's k-NN accuracy on a fixed
+    sample of the training split (mean curve over the models) has made 95% of its gain
+    (:func:`pdepth.metrics.convergence_epoch`); the statistic is the Spearman correlation of
+    the probe index with that epoch."""
+    from .protocol.convergence import PROBE_CURVE_SAMPLE  # (the protocol imports this module)
+
+    claim = "Early layers converge faster: their k-NN accuracy reaches its final value earlier."
+    stat = f"Spearman(probe index, epoch reaching {CONVERGED:.0%} of the accuracy gain)"
+    on = (f"per model, a fixed sample of up to {PROBE_CURVE_SAMPLE} examples of its training "
+          "split, "
+          "leave-one-out k-NN against the given labels at initialisation and after every "
+          "epoch; the mean curve over the models")
+    r_models = np.asarray(per_model["in_train"]).shape[0]
+    curves = np.asarray(per_model.get("probe_accuracy_epochs", np.zeros((0, 0, 0))),
+                        np.float64)  # [R, E+1, L]
+    if curves.ndim != 3 or curves.shape[1] < 2:  # older runs; a checkpoint trains no epoch
+        return _entry(claim, stat, None, on + "; this run has no per-epoch probe accuracy "
+                      "(no training epoch, or a run of an older version)", 0, r_models,
+                      "positive")
+    mean = curves.mean(0)
+    epochs = convergence_epoch(mean)
+    value, _ = spearman(np.arange(mean.shape[1]), epochs)
+    sample = int(min(PROBE_CURVE_SAMPLE, np.asarray(per_model["in_train"]).sum(1).min()))
+    return _entry(claim, stat, value, on, sample, r_models, "positive",
+                  convergence_epoch=epochs.tolist(), probe_accuracy_epochs=mean.tolist())
 
 
 def _label_errors(table) -> dict:

@@ -3,7 +3,8 @@
 :class:`Neighbors` and :class:`Vote` are what the ops return; :func:`empty_topk` starts a
 stream; :func:`merge_topk` merges op outputs (e.g. the ranks' shards) by the op's order:
 distance, then lower index, empty slots last; :func:`neighbor_labels` gathers the labels of
-a top-k, keeping its empty slots.
+a top-k, keeping its empty slots; :func:`vote_counts` counts each class among them (what the
+vote's winner won by).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ._args import as_index
 
-__all__ = ["Neighbors", "Vote", "empty_topk", "merge_topk", "neighbor_labels"]
+__all__ = ["Neighbors", "Vote", "empty_topk", "merge_topk", "neighbor_labels", "vote_counts"]
 
 
 class Neighbors(NamedTuple):
@@ -127,3 +128,25 @@ def neighbor_labels(labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if n == 0:  # only empty slots
         return torch.full_like(index, -1)
     return torch.where(index >= 0, labels[index.clamp_min(0)], -1)
+
+
+def vote_counts(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """How many of each query's neighbours carry each class: ``[M, C]`` from
+    ``neighbor_labels [M, k]`` (int64 in ``[0, num_classes)``, -1 for an empty slot, which
+    counts for no class; :func:`neighbor_labels`). int16 while ``k`` fits in it, else int32;
+    on the labels' device. :func:`pdepth.vote`'s prediction is the first class of largest count
+    (docs/design.md section 2); the counts say by how much it won."""
+    labels = as_index(neighbor_labels, "neighbor_labels")
+    if labels.dim() != 2:
+        raise ValueError(f"vote_counts(): neighbor_labels must be 2-D [M, k], got shape "
+                         f"{list(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= num_classes):
+        raise ValueError(f"vote_counts(): neighbor_labels must lie in [-1, num_classes="
+                         f"{num_classes}), got values in [{int(labels.min())}, "
+                         f"{int(labels.max())}]")
+    m, k = labels.shape
+    dtype = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+    # counted in int32 (CUDA's atomics take it), stored in the smallest type k fits in
+    counts = torch.zeros(m, num_classes + 1, dtype=torch.int32, device=labels.device)
+    counts.scatter_add_(1, labels + 1, torch.ones_like(labels, dtype=torch.int32))  # col 0: -1
+    return counts[:, 1:].to(dtype).contiguous()

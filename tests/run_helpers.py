@@ -104,27 +104,43 @@ def ensemble(n=6, flipped=0, true_class=5, given=3):
 
 
 def write_synthetic_run(out: Path, n: int = 40) -> Path:
-    """A finished run directory built from :func:`ensemble` (no training): the files
-    ``pdepth report`` reads (results.parquet, per_model.npz, data.npz, config.json) and
-    COMPLETE, with the per-example table from the protocol's own ``summarize`` and
-    ``categorize``."""
+    """A finished run directory built from :func:`ensemble` (no training; example 0's label
+    flipped from 5 to 3): the files ``pdepth report`` reads (results.parquet, per_model.npz,
+    data.npz, config.json, summary.json) and COMPLETE, with the per-example table, the
+    label-error evidence and the summary from the protocol's own functions; the probes' votes
+    (``knn_vote_share``) follow ``layer_pred`` and the per-epoch probe accuracy rises later
+    for later probes."""
+    from pdepth.label_errors import label_error_evidence
     from pdepth.metrics import summarize
+    from pdepth.summary import claims_summary
 
     depth, in_train, probs, layer_pred, epoch_pred, labels = ensemble(n)
+    original = labels.copy()
+    original[0] = 5
     r_models, epochs = depth.shape[0], epoch_pred.shape[1] - 1
-    df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels)
+    df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels,
+                   original_labels=original)
     df["category"] = pdepth.categorize(df, NUM_PROBES)
+    for name, value in label_error_evidence(probs, in_train, layer_pred, labels, 10).items():
+        df[name] = value
     df.insert(0, "dataset_index", np.arange(n))
     out.mkdir(parents=True)
     df.to_parquet(out / "results.parquet")
     curve = np.linspace(1.0, 0.2, epochs)[None].repeat(r_models, 0)
-    np.savez_compressed(
-        out / "per_model.npz", depth=depth, in_train=in_train, probs=probs.astype(np.float32),
+    pred = probs.argmax(2)[:, None, :]
+    votes = np.stack([layer_pred == labels, layer_pred == pred,
+                      (layer_pred != labels) & (layer_pred != pred)], -1).astype(np.float32)
+    rise = np.clip(np.arange(epochs + 1)[:, None] / (1 + np.arange(NUM_PROBES)), 0, 1)
+    arrays = dict(
+        depth=depth, in_train=in_train, probs=probs.astype(np.float32),
         layer_pred=layer_pred.astype(np.int16), epoch_pred=epoch_pred.astype(np.int16),
         seeds=np.array([0, 0, 1, 1]), halves=np.array([0, 1, 0, 1]), labels=labels,
-        dataset_index=np.arange(n),
+        original_labels=original, dataset_index=np.arange(n),
         layer_names=np.array(["input", "block1", "block2", "block3", "fc", "softmax"]),
-        loss=curve, train_accuracy=1 - curve / 2, held_out_accuracy=1 - curve)
+        loss=curve, train_accuracy=1 - curve / 2, held_out_accuracy=1 - curve,
+        knn_vote_share=votes, probe_accuracy_epochs=np.repeat(0.5 + rise[None] / 2, 4, 0))
+    np.savez_compressed(out / "per_model.npz", **arrays)
+    (out / "summary.json").write_text(json.dumps(claims_summary(df, arrays)))
     rng = np.random.default_rng(0)
     np.savez_compressed(out / "data.npz", images=rng.integers(0, 256, (n, 28, 28), np.uint8),
                         labels=labels, dataset_index=np.arange(n))

@@ -75,8 +75,11 @@ def test_layer_knn_blocks_give_the_one_call_result(tmp_path, on_disk, budget):
     store.commit(0)
     want = pdepth.knn_vote(emb, emb[:n_support], labels, k, 4, self_index=self_index).pred
     got = layer_knn(store, 0, labels, k=k, num_classes=4, self_index=self_index,
-                    memory_budget=budget)
-    assert torch.equal(got, want)
+                    memory_budget=budget, counts=True)
+    assert torch.equal(got.pred, want)
+    neighbours = pdepth.knn(emb, emb[:n_support], k, self_index=self_index).index
+    assert torch.equal(got.counts.long(), torch.nn.functional.one_hot(
+        labels[neighbours], 4).sum(1))
 
 
 def test_store_engine_equals_stream_prediction_depth():
@@ -99,7 +102,7 @@ def test_store_engine_equals_stream_prediction_depth():
     logits = extract_to_store(model, x, rows, spec, range(6), store, logits=True,
                               batch_size=32, device="cpu")
     layer_pred = torch.stack([layer_knn(store, layer, support_labels, k=5, num_classes=10,
-                                        self_index=self_index, memory_budget=None)
+                                        self_index=self_index, memory_budget=None).pred
                               for layer in range(6)])
     got = build_result(layer_pred, logits.argmax(1), query_labels=labels[rt], example_index=rt,
                        k=5, self_match="exclude", reference_mode="network", num_classes=10,
@@ -212,7 +215,8 @@ def test_interrupted_run_resumes_per_probe(ram_run, tmp_path, monkeypatch):
     assert cache == ["seed0-half0.emb03.npy", "seed0-half0.emb04.npy", "seed0-half0.emb05.npy",
                      "seed0-half0.logits.npy", "seed0-half0.pred00.npy",
                      "seed0-half0.pred01.npy", "seed0-half0.pred02.npy",
-                     "seed0-half0.train.pt"]
+                     "seed0-half0.train.pt", "seed0-half0.votes00.npy",
+                     "seed0-half0.votes01.npy", "seed0-half0.votes02.npy"]
     resumed, calls[:], trained[:] = True, [], []
     assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 0
     # the first model: not trained again, only its last three probes scored

@@ -18,7 +18,7 @@ L = NUM_PROBES  # probes
 
 def _row(**kw):
     base = dict(label=3, train_depth=0.0, held_out_depth=0.0, held_out_accuracy=1.0,
-                consistency=1.0, held_out_mode=3, early_mode=3, early_mode_share=1.0,
+                held_out_agreement=1.0, held_out_mode=3, early_mode=3, early_mode_share=1.0,
                 ensemble_entropy=0.05)
     base.update(kw)
     return base
@@ -32,7 +32,7 @@ CASES = {
                                    held_out_mode=5, early_mode=5, early_mode_share=0.9),
     # held-out networks split between classes, deep in both splits
     "ambiguous": _row(train_depth=4.0, held_out_depth=5.0, held_out_accuracy=0.5,
-                      consistency=0.5, ensemble_entropy=0.9),
+                      held_out_agreement=0.5, ensemble_entropy=0.9),
     # correct when trained on, deep and still right-ish when held out, no other class early
     "atypical": _row(train_depth=2.5, held_out_depth=5.5, held_out_accuracy=1.0,
                      early_mode=3, early_mode_share=0.4),
@@ -68,6 +68,23 @@ def test_thresholds_are_parameters():
         categorize(pd.DataFrame({"label": [1]}), L)
 
 
+def test_held_out_agreement_is_the_column_and_threshold_consistency_is_gone():
+    depth, in_train, probs, layer_pred, epoch_pred, labels = ensemble()
+    df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels)
+    assert "held_out_agreement" in df.columns and "consistency" not in df.columns
+    assert "consistency" not in CategoryThresholds().to_dict()
+    split = pd.DataFrame([{**CASES["ambiguous"], "ensemble_entropy": 0.1}])  # agreement 0.5
+    assert categorize(split, L)[0] == "ambiguous"
+    assert categorize(split, L, held_out_agreement=0.4)[0] != "ambiguous"
+    # the old threshold name still works, with a DeprecationWarning
+    with pytest.warns(DeprecationWarning, match="held_out_agreement"):
+        assert categorize(split, L, consistency=0.4)[0] != "ambiguous"
+    with pytest.warns(DeprecationWarning):
+        assert CategoryThresholds.from_dict({"consistency": 0.6}).held_out_agreement == 0.6
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        CategoryThresholds.from_dict({"consistency": 0.6, "held_out_agreement": 0.7})
+
+
 def test_high_entropy_makes_ambiguous():
     df = pd.DataFrame([_row(train_depth=3, held_out_depth=3, ensemble_entropy=0.6 * math.log(10),
                             held_out_accuracy=0.0, held_out_mode=4, early_mode=2)])
@@ -79,7 +96,7 @@ def test_flipped_label_through_summarize_lands_in_looks_like_other_class():
     df = summarize(depth, in_train, probs, layer_pred, epoch_pred, labels)
     row = df.iloc[0]
     assert row["train_depth"] == 4 and row["held_out_depth"] == 0
-    assert row["held_out_accuracy"] == 0 and row["consistency"] == 1
+    assert row["held_out_accuracy"] == 0 and row["held_out_agreement"] == 1
     assert row["held_out_mode"] == 5 and row["early_mode"] == 5
     assert row["iteration_learned"] == 3
     assert (df["held_out_accuracy"].iloc[1:] == 1).all()

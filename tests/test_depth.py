@@ -355,12 +355,16 @@ def _result(**kw) -> DepthResult:
     return prediction_depth(named, labels, reference="labels", k=4, **kw)
 
 
+@pytest.mark.parametrize("counts", [False, True])
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])
-def test_save_load_round_trip(tmp_path, suffix):
-    res = _result()
+def test_save_load_round_trip(tmp_path, suffix, counts):
+    res = _result(vote_counts=counts)
     path = res.save(tmp_path / f"depth{suffix}")
     back = DepthResult.load(path)
     assert back.equals(res)
+    assert (back.vote_counts is not None) == counts
+    if counts:
+        assert back.vote_counts.dtype == torch.int16 and back.vote_counts.shape == (3, 40, 3)
     assert back.layer_names == ["a", "b", "c"] and back.version == pdepth.__version__
     for name in ("depth", "layer_pred", "reference", "labels", "example_index"):
         assert getattr(back, name).dtype == torch.int64
@@ -454,6 +458,56 @@ def test_load_npz_refuses_inconsistent_arrays(tmp_path):
     with pytest.raises(ValueError, match=r"missing arrays \['layer_agreement', 'layer_pred', "
                                          r"'reference'\]"):
         DepthResult.load(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("self_match", ["exclude", "include", "drop_nearest"])
+def test_vote_counts_equal_a_direct_count_of_the_neighbours(self_match):
+    support, queries = _layers(60, 4), _layers(25, 5)
+    labels = torch.randint(0, 4, (60,), generator=torch.Generator().manual_seed(6))
+    q_idx = torch.cat([torch.arange(10), torch.full((15,), -1)])
+    queries = [torch.cat([s[:10], q[10:]]) for s, q in zip(support, queries, strict=True)]
+    kw = dict(reference="last_probe", k=5, self_match=self_match, self_index=q_idx,
+              num_classes=6)  # classes 4 and 5: no support label, zero counts
+    plain = prediction_depth(support, labels, queries, **kw)
+    res = prediction_depth(support, labels, queries, vote_counts=True, **kw)
+    assert plain.vote_counts is None
+    assert torch.equal(res.depth, plain.depth) and torch.equal(res.layer_pred, plain.layer_pred)
+    assert res.vote_counts.dtype == torch.int16 and res.vote_counts.shape == (4, 25, 6)
+    for layer, (s, q) in enumerate(zip(support, queries, strict=True)):
+        # the oracle's neighbour indices, counted by hand
+        _, index = ref_impl.knn(q.double(), s.double(), 5, self_index=q_idx,
+                                self_match=self_match)
+        direct = np.zeros((25, 6), np.int64)
+        for i, row in enumerate(index.numpy()):
+            for j in row:
+                direct[i, labels[j]] += 1
+        np.testing.assert_array_equal(res.vote_counts[layer].numpy(), direct)
+    assert torch.equal(res.vote_counts.argmax(-1), res.layer_pred)  # first largest count
+
+
+def test_vote_counts_helper_skips_empty_slots_and_checks_its_input():
+    counts = pdepth.topk.vote_counts(torch.tensor([[2, 0, 2, -1], [-1, -1, -1, -1]]), 3)
+    assert counts.tolist() == [[1, 0, 2], [0, 0, 0]] and counts.dtype == torch.int16
+    with pytest.raises(ValueError, match=r"vote_counts\(\): neighbor_labels must lie in "
+                                         r"\[-1, num_classes=3\), got values in \[0, 3\]"):
+        pdepth.topk.vote_counts(torch.tensor([[0, 3]]), 3)
+
+
+def test_load_refuses_vote_counts_that_disagree_with_the_votes(tmp_path):
+    res = _result(vote_counts=True)
+    arrays = {name: getattr(res, name).numpy() for name in
+              ("depth", "layer_pred", "reference", "layer_agreement", "vote_counts")}
+    meta = np.array(__import__("json").dumps(res._meta()))
+    assert res._meta()["format_version"] == 2 and _result()._meta()["format_version"] == 1
+    swapped = arrays["vote_counts"][..., ::-1].copy()  # another winner, still k votes
+    np.savez(tmp_path / "swapped.npz", **{**arrays, "vote_counts": swapped}, meta=meta)
+    with pytest.raises(ValueError, match="layer_pred is not the first class of largest count"):
+        DepthResult.load(tmp_path / "swapped.npz")
+    short = arrays["vote_counts"].copy()
+    short[0, 0, :] = 0
+    np.savez(tmp_path / "short.npz", **{**arrays, "vote_counts": short}, meta=meta)
+    with pytest.raises(ValueError, match="do not sum to k=4"):
+        DepthResult.load(tmp_path / "short.npz")
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])

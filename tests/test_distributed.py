@@ -152,12 +152,14 @@ def _parity_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         stop = start + sizes[rank]
         res = pdepth.prediction_depth(
             [x[start:stop] for x in layers], labels[start:stop], q_layers, network_pred=pred,
-            self_index=q_idx, num_classes=4, k=5, shard_offset=start)
-        results["depth"] = (res.depth, res.layer_pred)
+            self_index=q_idx, num_classes=4, k=5, shard_offset=start, vote_counts=True)
+        results["depth"] = (res.depth, res.layer_pred, res.vote_counts)
         model, xs, ys, xq, kw = _stream_inputs()
         a, b = pdist.shard_range(xs.shape[0], rank, world)
-        res = pdepth.stream_prediction_depth(model, xs[a:b], ys[a:b], xq, shard_offset=a, **kw)
-        results["stream"] = (res.depth.depth, res.depth.layer_pred, res.num_chunks)
+        res = pdepth.stream_prediction_depth(model, xs[a:b], ys[a:b], xq, shard_offset=a,
+                                             vote_counts=True, **kw)
+        results["stream"] = (res.depth.depth, res.depth.layer_pred, res.num_chunks,
+                             res.depth.vote_counts)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     _finish()
@@ -315,18 +317,20 @@ def test_sharded_equals_single_process(world, tmp_path):
     assert (d[:, -1:] == d[:, :-1]).any()
     layers, labels, q_layers, q_idx, pred, _ = _depth_inputs(world)
     want = pdepth.prediction_depth(layers, labels, q_layers, network_pred=pred,
-                                   self_index=q_idx, num_classes=4, k=5)
+                                   self_index=q_idx, num_classes=4, k=5, vote_counts=True)
     for rank, results in enumerate(per_rank):
-        depth, layer_pred = results["depth"]
+        depth, layer_pred, counts = results["depth"]
         assert torch.equal(depth, want.depth), rank
         assert torch.equal(layer_pred, want.layer_pred), rank
+        assert torch.equal(counts, want.vote_counts), rank
     model, xs, ys, xq, kw = _stream_inputs()
-    want = pdepth.stream_prediction_depth(model, xs, ys, xq, **kw)
+    want = pdepth.stream_prediction_depth(model, xs, ys, xq, vote_counts=True, **kw)
     assert want.num_chunks > 1
     for rank, results in enumerate(per_rank):
-        depth, layer_pred, chunks = results["stream"]
+        depth, layer_pred, chunks, counts = results["stream"]
         assert torch.equal(depth, want.depth.depth), rank
         assert torch.equal(layer_pred, want.depth.layer_pred), rank
+        assert torch.equal(counts, want.depth.vote_counts), rank
         assert chunks == want.num_chunks
 
 

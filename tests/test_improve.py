@@ -366,3 +366,6 @@ def test_improve_on_a_real_run(tiny_run, tmp_path):
     assert res["pdepth_remove"]["train_examples"] == run.n - int(run.label_error.sum())
     assert res["pdepth_remove"]["flagged"] == int(run.label_error.sum())
     assert res["cleanlab_remove"]["skipped"] is True
+    # the run's report was redrawn with the accuracies
+    page = (run_dir / "report.html").read_text()
+    assert f"<td>baseline</td><td>{res['baseline']['test_accuracy']:.4f}</td>" in page

@@ -8,6 +8,7 @@ half-way through the figures."""
 from __future__ import annotations
 
 import html
+import json
 import sys
 
 import pytest
@@ -16,7 +17,8 @@ from run_helpers import copy_run, needs_fmnist, one_error_line, tree, write_synt
 import pdepth
 import pdepth.report
 from pdepth.cli import main
-from pdepth.report import FIGURES, RunFilesError, write_report
+from pdepth.report import FIGURE_CLAIMS, FIGURES, RunFilesError, write_report
+from pdepth.report_html import claim_line
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INPUTS = ("results.parquet", "per_model.npz", "data.npz", "config.json")
@@ -51,11 +53,58 @@ def test_html_has_every_section_and_figure(synthetic_run):
     for name, caption in FIGURES.items():
         assert f'<img src="figures/{name}"' in page, name
         assert html.escape(caption) in page, name
+    for section in ("Claims", "Label errors"):
+        assert f"<h2>{section}</h2>" in page, section
     for category in pdepth.CATEGORIES:
         assert f"<td>{category}</td>" in page, category
     for probe in ("input", "block1", "block2", "block3", "fc", "softmax"):
         assert f"<td>{probe}</td>" in page, probe
     assert "Prediction depth: cnn on fashion-mnist" in page
+
+
+def test_each_claim_figure_has_its_summary_caption(synthetic_run):
+    page = (synthetic_run / "report.html").read_text()
+    claims = json.loads((synthetic_run / "summary.json").read_text())["claims"]
+    assert set(claims) == {key for keys in FIGURE_CLAIMS.values() for key in keys}
+    for name, keys in FIGURE_CLAIMS.items():
+        section = page.split(f"<h3>{name}</h3>")[1].split("<img")[0]
+        for key in keys:
+            line = claim_line(claims[key])
+            assert line in section, (name, key)
+            verdict = {True: "holds (the paper", False: "does not hold here",
+                       None: "cannot be computed"}[claims[key]["holds"]]
+            assert verdict in line and html.escape(claims[key]["claim"]) in line
+    # the synthetic flip: its early probes vote the original class, the last ones the given
+    assert claims["flipped_labels_memorised_late"]["holds"] is True
+    assert "holds (the paper" in claim_line(claims["flipped_labels_memorised_late"])
+
+
+def test_improve_results_and_runs_without_summary(synthetic_run, tmp_path):
+    out = copy_run(synthetic_run, tmp_path)
+    improve = {"baseline": {"test_accuracy": 0.8012, "test_accuracy_std": 0.0,
+                            "train_examples": 40},
+               "pdepth_remove": {"test_accuracy": 0.8231, "test_accuracy_std": 0.001,
+                                 "train_examples": 39, "flagged": 1, "precision": 1.0,
+                                 "recall": 1.0, "f1": 1.0},
+               "cleanlab_remove": {"skipped": True, "reason": "cleanlab is not installed"},
+               "noise_known": True, "settings": {"seeds": [0, 1]}}
+    (out / "improve.json").write_text(json.dumps(improve))
+    write_report(out)
+    page = (out / "report.html").read_text()
+    errors = page.split("<h2>Label errors</h2>")[1].split("<h2>")[0]
+    for text in ("<td>pdepth_remove</td><td>0.8231</td><td>0.0010</td><td>39</td><td>1</td>",
+                 "<td>baseline</td><td>0.8012</td>", "skipped: cleanlab is not installed",
+                 "1 examples flagged"):
+        assert text in errors, text
+    # a run from before summary.json: no claim figures, no claim lines, still a report
+    (out / "summary.json").unlink()
+    (out / "improve.json").unlink()
+    write_report(out)
+    page = (out / "report.html").read_text()
+    assert "Paper:" not in page and "has no summary.json" in page
+    for name in FIGURES:
+        assert (f'<img src="figures/{name}"' in page) == (name not in (
+            "vote_shares.png", "convergence.png", "label_noise.png")), name
 
 
 def test_no_temporary_files_are_left(synthetic_run):
@@ -82,12 +131,15 @@ def test_cli_report_on_a_finished_run(synthetic_run, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", INPUTS)
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.parametrize("name, damage", [
+    *((name, damage) for name in INPUTS for damage in ("truncated", "missing")),
+    ("summary.json", "truncated"), ("improve.json", "truncated")])  # optional: never missing
 def test_damaged_input_names_the_file_and_changes_nothing(synthetic_run, tmp_path, name,
                                                           damage):
     out = copy_run(synthetic_run, tmp_path)
     path = out / name
+    if name == "improve.json":
+        path.write_text('{"baseline": {"test_accuracy": 0.8}}')
     if damage == "missing":
         path.unlink()
     else:
@@ -116,7 +168,7 @@ def test_failure_half_way_leaves_every_file(synthetic_run, tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pdepth.report, "_html", boom)  # every figure drawn, the page fails
+    monkeypatch.setattr(pdepth.report, "report_html", boom)  # every figure drawn, the page fails
     with pytest.raises(RuntimeError, match="boom"):
         write_report(out)
     assert tree(out) == before
@@ -128,7 +180,7 @@ def test_first_report_failure_leaves_no_figures_folder(synthetic_run, tmp_path, 
         p.unlink()
     (out / "figures").rmdir()
     (out / "report.html").unlink()
-    monkeypatch.setattr(pdepth.report, "_html", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(pdepth.report, "report_html", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         write_report(out)
     assert not (out / "figures").exists() and not (out / "report.html").exists()

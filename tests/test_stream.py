@@ -38,14 +38,15 @@ def test_stream_equals_embedding_level_depth(budget, device):
     self_index[:40] = torch.arange(100, 140)
     res = pdepth.stream_prediction_depth(model, xs, ys, xq, probes="cnn", k=7,
                                          self_index=self_index, query_labels=yq, batch_size=32,
-                                         memory_budget=budget,
+                                         memory_budget=budget, vote_counts=True,
                                          example_index=torch.arange(90) + 1000)
     sup = pdepth.extract(model, xs, "cnn", batch_size=32, storage=device)
     qry = pdepth.extract(model, xq, "cnn", batch_size=32, storage=device)
     want = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits.cpu(),
-                                   k=7, self_index=self_index, query_labels=yq,
+                                   k=7, self_index=self_index, query_labels=yq, vote_counts=True,
                                    example_index=torch.arange(90) + 1000, device=device)
-    assert res.depth.equals(want)
+    assert res.depth.equals(want)  # the vote counts too, chunk by chunk
+    assert res.depth.vote_counts is not None and res.depth.vote_counts.shape == (6, 90, 10)
     assert res.num_chunks == (1 if budget is None else 3)
     assert res.peak_bytes > 0 and res.peak_rss_bytes > 0
     torch.testing.assert_close(res.logits, qry.logits.cpu())

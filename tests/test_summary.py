@@ -11,6 +11,7 @@ import pytest
 from run_helpers import ensemble, needs_fmnist, tiny_noisy_run
 from scipy.stats import spearmanr
 
+import pdepth
 from pdepth.label_errors import label_error_evidence
 from pdepth.metrics import summarize
 from pdepth.summary import claims_summary, spearman
@@ -20,7 +21,7 @@ CORRELATIONS = {  # entry -> (x column, y column, paper direction)
     "depth_vs_confidence": ("held_out_depth", "confidence", "negative"),
     "depth_vs_margin": ("held_out_depth", "margin", "negative"),
     "depth_vs_uncertainty": ("held_out_depth", "ensemble_entropy", "positive"),
-    "depth_vs_agreement": ("held_out_depth", "consistency", "negative"),
+    "depth_vs_agreement": ("held_out_depth", "held_out_agreement", "negative"),
     "depth_vs_speed_of_learning": ("train_depth", "iteration_learned", "positive"),
     "learns_easy_data_first": ("held_out_depth", "iteration_learned", "positive"),
 }
@@ -77,12 +78,63 @@ def test_summary_matches_direct_computation(run):
     early = flip["early_probes"]
     assert flip["value"] == pytest.approx(train_given[-1] - np.mean(train_given[:early]))
 
+    _check_groups(df, z, claims["groups_processed_differently"])
+    _check_convergence(z, claims["early_layers_converge_faster"])
+
     errors = summary["label_errors"]
     tp = int((df["label_error"] & df["label_flipped"]).sum())
     assert errors["flipped"] == 50 and errors["flagged"] == df["label_error"].sum()
     assert errors["true_positives"] == tp and errors["recall"] == pytest.approx(tp / 50)
     if errors["flagged"]:
         assert errors["precision"] == pytest.approx(tp / errors["flagged"])
+
+
+def _check_groups(df, z, entry):
+    """Per category, split and probe: the mean vote shares over (model, example) pairs."""
+    share, it, scored = z["knn_vote_share"], z["in_train"], z["depth"] >= 0
+    r_models, num_layers, n, _ = share.shape
+    assert entry["vote_share_order"] == ["label", "prediction", "other"]
+    for cat in pdepth.CATEGORIES:
+        in_cat = (df["category"] == cat).to_numpy()
+        for split, mask in (("train", it & scored), ("held_out", ~it & scored)):
+            pairs = [(r, i) for r in range(r_models) for i in range(n) if mask[r, i] and in_cat[i]]
+            got = np.array(entry["vote_share"][cat][split], dtype=float)
+            if not pairs:
+                assert np.isnan(got).all()
+                continue
+            direct = np.mean([share[r, :, i] for r, i in pairs], axis=0)
+            np.testing.assert_allclose(got, direct, rtol=1e-6)
+    label_share = lambda cat: np.mean(  # noqa: E731  (null in JSON: no pair, NaN)
+        np.array(entry["vote_share"][cat]["train"], dtype=float)[:entry["early_probes"], 0])
+    expected = label_share("easy") - label_share("looks_like_other_class")
+    if np.isnan(expected):  # a category without a training-split pair in this tiny run
+        assert entry["value"] is None and entry["holds"] is None
+    else:
+        assert entry["value"] == pytest.approx(expected) and entry["holds"] == (expected > 0)
+    # the probe's vote is the class of largest share: where it is the label, the label's share
+    # is at least the other classes'; where the network is right, label == prediction share
+    lp, y, pred = z["layer_pred"], z["labels"], z["probs"].argmax(2)
+    voted_label = lp == y[None, None]
+    assert (share[..., 0] >= share[..., 2])[voted_label].all()
+    right = np.broadcast_to((pred == y[None])[:, None], lp.shape)
+    np.testing.assert_array_equal(share[..., 0][right], share[..., 1][right])
+    assert np.allclose(share.sum(-1)[~right], np.minimum(1, share.sum(-1)[~right]))
+
+
+def _check_convergence(z, entry):
+    """The epoch each probe's mean curve makes 95% of its gain, and its Spearman with the
+    probe index."""
+    mean = z["probe_accuracy_epochs"].mean(0)  # [E+1, L]
+    assert mean.shape == (2, z["layer_pred"].shape[1])  # initialisation + 1 epoch
+    gain = mean - mean[0]
+    epochs = [next(e for e in range(mean.shape[0]) if gain[e, p] >= 0.95 * gain[-1, p] - 1e-12)
+              for p in range(mean.shape[1])]
+    assert entry["convergence_epoch"] == epochs
+    np.testing.assert_allclose(entry["probe_accuracy_epochs"], mean)
+    if len(set(epochs)) > 1:
+        assert entry["value"] == pytest.approx(spearmanr(range(len(epochs)), epochs).statistic)
+    else:
+        assert entry["value"] is None and entry["holds"] is None
 
 
 def _synthetic(original_class=5, flip=True):

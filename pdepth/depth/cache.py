@@ -29,7 +29,7 @@ from .._atomic import temp_path
 from ..ops import knn
 from ..probes import ProbeRecorder, ProbeSpec, pinned
 from ..topk import empty_topk
-from .support import LocalSupport
+from .support import LayerVote, LocalSupport
 
 __all__ = ["LayerStore", "block_bytes", "block_rows", "extract_to_store", "layer_knn",
            "plan_passes", "sub_spec"]
@@ -232,10 +232,11 @@ def extract_to_store(model, x: torch.Tensor, rows, spec: ProbeSpec, layers, stor
 
 def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
               num_classes: int, self_index: torch.Tensor | None, memory_budget: int | None,
-              filter: str = "auto", device=None) -> torch.Tensor:
-    """The ``[n]`` k-NN predictions of every row of probe ``layer`` against its first
-    ``N = len(labels)`` rows (the support set, labels ``[N]`` int64), excluding
-    ``self_index`` (``[n]``, -1 for none).
+              filter: str = "auto", device=None, counts: bool = False) -> LayerVote:
+    """The k-NN vote (:class:`LayerVote`: ``pred [n]``, with ``counts [n, C]`` if
+    ``counts``) of every row of probe ``layer`` against its first ``N = len(labels)`` rows
+    (the support set, labels ``[N]`` int64), excluding ``self_index`` (``[n]``, -1 for
+    none).
 
     A RAM store is used as it is (one block). A file is read in blocks: queries up to half
     of ``memory_budget``, support rows up to the other half; each query block's running
@@ -249,7 +250,7 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
         q_buf = np.empty((q_rows, d), _DTYPE)
         if q_rows < n:
             s_buf = np.empty((s_rows, d), _DTYPE)
-    preds = []
+    votes = []
     for q0 in range(0, n, q_rows):
         q1 = min(n, q0 + q_rows)
         q = _on(store.rows(layer, q0, q1, q_buf), device)
@@ -263,9 +264,11 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
                 s = _on(store.rows(layer, s0, s1, s_buf), device)
             top = knn(q, s, k, self_index=sidx, self_match="exclude", prev=top, offset=s0,
                       filter=filter)
-        preds += LocalSupport().finish([top], labels.to(q.device), k=k,
-                                       num_classes=num_classes, self_index=sidx, row0=q0)
-    return torch.cat(preds)
+        votes += LocalSupport().finish([top], labels.to(q.device), k=k,
+                                       num_classes=num_classes, self_index=sidx, row0=q0,
+                                       counts=counts)
+    return LayerVote(torch.cat([v.pred for v in votes]),
+                     torch.cat([v.counts for v in votes]) if counts else None)
 
 
 def block_rows(store: LayerStore, layer: int, n_support: int, k: int,

@@ -18,6 +18,7 @@ import torch
 from .args import DepthArgs, depth_args
 from .placement import resolve_support
 from .result import DepthResult, build_result
+from .support import LayerVote, stack_votes
 
 __all__ = ["prediction_depth"]
 
@@ -41,9 +42,10 @@ def prediction_depth(
     shard=None,
     shard_offset: int | None = None,
     process_group=None,
+    vote_counts: bool = False,
 ) -> DepthResult:
     # Long only for its docstring (the public reference of its arguments); the work is in
-    # pdepth.depth.args (checks, reference), _layer_preds (the probes) and build_result.
+    # pdepth.depth.args (checks, reference), _layer_votes (the probes) and build_result.
     """Prediction depth (Baldock et al. 2021) of queries against a labelled support set.
 
     At each of L probes a k-NN classifier (k nearest support points by squared L2 distance,
@@ -100,6 +102,8 @@ def prediction_depth(
             differ between ranks.
         shard_offset, process_group: the older spelling of
             ``shard=ShardedSupport(shard_offset, process_group)`` (deprecated aliases).
+        vote_counts: also return, per probe and query, how many of the k neighbours carry
+            each class (``DepthResult.vote_counts [L, M, C]``, int16): what each vote won by.
 
     Returns:
         :class:`DepthResult` (tensors on the CPU).
@@ -123,13 +127,15 @@ def prediction_depth(
     names, layers = _layer_pairs(support_layers, query_layers)
     bar = _progress_bar(progress, support_layers, query_layers)
     try:
-        layer_pred = _layer_preds(args, layers, names, device=device, self_match=self_match,
-                                  bar=bar)
+        votes = _layer_votes(args, layers, names, device=device, self_match=self_match,
+                             bar=bar, counts=vote_counts)
     finally:
         if bar is not None:
             bar.close()
+    layer_pred, counts = stack_votes([votes])
     ref, _ = args.resolve_reference(layer_pred)
-    return build_result(layer_pred, ref, query_labels=args.query_labels,
+    return build_result(layer_pred, ref, vote_counts=counts,
+                        query_labels=args.query_labels,
                         example_index=args.example_index, k=args.k, self_match=self_match,
                         reference_mode=args.mode, num_classes=args.num_classes,
                         layer_names=names)
@@ -163,10 +169,10 @@ def _progress_bar(progress: bool, *containers):
     return tqdm(total=total, desc="prediction depth", unit="layer")
 
 
-def _layer_preds(args: DepthArgs, layers, names, *, device, self_match: str,
-                 bar) -> torch.Tensor:
-    """``[L, M]`` k-NN predictions, one layer at a time."""
-    preds: list[torch.Tensor] = []
+def _layer_votes(args: DepthArgs, layers, names, *, device, self_match: str, bar,
+                 counts: bool) -> list[LayerVote]:
+    """The k-NN vote of each probe (with its counts if ``counts``), one layer at a time."""
+    votes: list[LayerVote] = []
     m = None
     on_device: dict[torch.device, tuple] = {}
     layer = 0
@@ -188,18 +194,18 @@ def _layer_preds(args: DepthArgs, layers, names, *, device, self_match: str,
             )
         lab, sidx = on_device[s.device]
         try:
-            pred = args.support.knn_vote(q, s, lab, args.k, args.num_classes, self_index=sidx,
-                                         self_match=self_match, filter=args.filter)
+            votes.append(args.support.knn_vote(q, s, lab, args.k, args.num_classes,
+                                               self_index=sidx, self_match=self_match,
+                                               filter=args.filter, counts=counts))
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
         del s, q
-        preds.append(pred.cpu())
         layer += 1
         if bar is not None:
             bar.update(1)
     if m is None:
         raise ValueError("support_layers holds no layers; prediction depth needs L >= 1 probes")
-    return torch.stack(preds)
+    return votes
 
 
 def _next_layer(layers, layer: int, names, n: int, device):

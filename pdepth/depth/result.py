@@ -20,7 +20,7 @@ from .rule import depth_from_predictions
 
 __all__ = ["DepthResult", "build_result"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: vote_counts (a file without them is still written as version 1)
 
 
 def _version() -> str:
@@ -30,7 +30,8 @@ def _version() -> str:
 
 
 _ARRAYS = ("depth", "layer_pred", "reference", "layer_agreement")
-_OPTIONAL_ARRAYS = ("layer_accuracy", "labels", "example_index")
+_OPTIONAL_ARRAYS = ("layer_accuracy", "labels", "example_index", "vote_counts")
+_COUNT_DTYPES = (torch.int16, torch.int32)
 _SETTINGS = ("k", "self_match", "reference_mode", "num_layers", "num_classes", "layer_names",
              "version")
 
@@ -50,6 +51,9 @@ class DepthResult:
         labels: ``[M]`` int64 labels of the examples, where known (else None).
         example_index: ``[M]`` int64 dataset indices of the examples (for :func:`aggregate`),
             or None.
+        vote_counts: ``[L, M, C]`` int16 (int32 for k >= 2^15): how many of the k neighbours
+            of each example carry each class at each probe (``vote_counts=True``), or None.
+            ``layer_pred`` is the first class of largest count.
         k, self_match, reference_mode, num_layers, num_classes, layer_names: the settings
             used (``reference_mode`` is ``"network"``, ``"labels"``, ``"last_probe"`` or
             ``"tensor"``; ``layer_names`` the keys of an ordered dict of layers, else None).
@@ -63,6 +67,7 @@ class DepthResult:
     layer_accuracy: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     example_index: torch.Tensor | None = None
+    vote_counts: torch.Tensor | None = None
     k: int = 30
     self_match: str = "exclude"
     reference_mode: str = "network"
@@ -90,7 +95,8 @@ class DepthResult:
 
     def to_pandas(self):
         """One row per example: ``example_index`` (when known), ``depth``, ``reference``,
-        ``label`` (when known) and ``pred_0 .. pred_{L-1}``. Settings, layer names and the
+        ``label`` (when known), ``pred_0 .. pred_{L-1}`` and, with vote counts,
+        ``votes_<l>_<c>`` (probe l, class c). Settings, layer names and the
         per-layer accuracy / agreement are in ``DataFrame.attrs``."""
         import pandas as pd
 
@@ -112,11 +118,14 @@ class DepthResult:
             cols["label"] = self.labels.numpy()
         for layer in range(self.layer_pred.shape[0]):
             cols[f"pred_{layer}"] = self.layer_pred[layer].numpy()
+        if self.vote_counts is not None:
+            for layer, counts in enumerate(self.vote_counts.numpy()):
+                cols.update({f"votes_{layer}_{c}": counts[:, c] for c in range(counts.shape[1])})
         return cols
 
     def _meta(self) -> dict[str, Any]:
-        return {"format": "pdepth.DepthResult", "format_version": _FORMAT_VERSION,
-                **self.settings()}
+        version = _FORMAT_VERSION if self.vote_counts is not None else 1
+        return {"format": "pdepth.DepthResult", "format_version": version, **self.settings()}
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Saves to ``.npz`` (one file) or ``.parquet`` (per-example table, plus a JSON
@@ -250,6 +259,7 @@ class DepthResult:
             layer_accuracy=None if acc is None else torch.tensor(acc, dtype=torch.float64),
             labels=cols.get("label"),
             example_index=cols.get("example_index"),
+            vote_counts=_counts_from_columns(cols, num_layers, meta["num_classes"], m),
             **{name: meta[name] for name in _SETTINGS},
         )
 
@@ -271,6 +281,7 @@ class DepthResult:
                 shape(name, (m,))
             for name in ("layer_agreement", "layer_accuracy"):
                 shape(name, (num_layers,))
+            shape("vote_counts", (num_layers, m, self.num_classes))
         if self.layer_names is not None and len(self.layer_names) != num_layers:
             problems.append(f"layer_names has {len(self.layer_names)} names for "
                             f"num_layers={num_layers}")
@@ -281,10 +292,37 @@ class DepthResult:
         if not problems and not torch.equal(
                 depth_from_predictions(self.layer_pred, self.reference), self.depth):
             problems.append("depth does not follow from layer_pred and reference")
+        if not problems and self.vote_counts is not None:
+            problems += _count_problems(self.vote_counts, self.layer_pred, self.k)
         if problems:
             raise ValueError(
                 f"{source} is not a consistent DepthResult (num_layers={num_layers}, "
                 f"{m} entries in depth): " + "; ".join(problems))
+
+
+def _count_problems(counts: torch.Tensor, layer_pred: torch.Tensor, k: int) -> list[str]:
+    """What is wrong with ``vote_counts`` next to ``layer_pred`` and ``k``."""
+    if counts.dtype not in _COUNT_DTYPES:
+        return [f"vote_counts has dtype {counts.dtype}, expected torch.int16 or torch.int32"]
+    problems = []
+    if counts.numel() and not bool((counts.sum(-1) == k).all()):
+        problems.append(f"vote_counts do not sum to k={k} for every example and probe")
+    if counts.numel() and not torch.equal(counts.argmax(-1), layer_pred):
+        problems.append("layer_pred is not the first class of largest count in vote_counts")
+    return problems
+
+
+def _counts_from_columns(cols: dict, num_layers: int, num_classes: int,
+                         m: int) -> torch.Tensor | None:
+    """``vote_counts [L, M, C]`` from a table's ``votes_<l>_<c>`` columns (None without)."""
+    if "votes_0_0" not in cols:
+        return None
+    names = [[f"votes_{layer}_{c}" for c in range(num_classes)] for layer in range(num_layers)]
+    missing = [name for row in names for name in row if name not in cols]
+    if missing:
+        raise ValueError(f"the table lacks the vote-count columns {missing[:5]}")
+    return torch.stack([torch.stack([cols[name] for name in row], 1) for row in names]) \
+        if num_layers else torch.empty(0, m, num_classes, dtype=torch.int16)
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -325,10 +363,16 @@ def _check_meta(meta: dict, path: Path) -> None:
 def build_result(layer_pred: torch.Tensor, reference: torch.Tensor, *,
                  query_labels: torch.Tensor | None, example_index: torch.Tensor | None,
                  k: int, self_match: str, reference_mode: str, num_classes: int,
-                 layer_names: list[str] | None) -> DepthResult:
+                 layer_names: list[str] | None,
+                 vote_counts: torch.Tensor | None = None) -> DepthResult:
     """The :class:`DepthResult` of per-probe predictions ``layer_pred [L, M]`` against
-    ``reference [M]`` (the one place a result is assembled, for both drivers)."""
+    ``reference [M]``, with the per-probe ``vote_counts [L, M, C']`` where given (widened
+    with zeros to ``num_classes`` columns: the labels or the reference may name classes that
+    no support label has). The one place a result is assembled, for both drivers."""
     reference = reference.cpu()
+    if vote_counts is not None and vote_counts.shape[-1] < num_classes:
+        vote_counts = torch.nn.functional.pad(vote_counts,
+                                              (0, num_classes - vote_counts.shape[-1]))
     labels = None if query_labels is None else query_labels.cpu()
     return DepthResult(
         depth=depth_from_predictions(layer_pred, reference),
@@ -339,6 +383,7 @@ def build_result(layer_pred: torch.Tensor, reference: torch.Tensor, *,
         (layer_pred == labels).to(torch.float64).mean(1),
         labels=labels,
         example_index=None if example_index is None else example_index.cpu(),
+        vote_counts=vote_counts,
         k=k,
         self_match=self_match,
         reference_mode=reference_mode,

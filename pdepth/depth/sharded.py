@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..distributed.shards import knn_vote, merge_shards, shard_neighbor_labels
-from ..ops import vote
-from .support import Support, _class_count, check_full
+from ..topk import vote_counts
+from .support import LayerVote, Support, _class_count, check_full, layer_vote
 
 __all__ = ["ShardedSupport"]
 
@@ -62,26 +62,29 @@ class ShardedSupport(Support):
         pass  # the global size is known on the merge, which checks k
 
     def knn_vote(self, queries, support, labels, k: int, num_classes: int, *,
-                 self_index=None, self_match: str = "exclude",
-                 filter: str = "auto") -> torch.Tensor:
+                 self_index=None, self_match: str = "exclude", filter: str = "auto",
+                 counts: bool = False) -> LayerVote:
         # Each rank filters its own shard with its own filter= (the handshake does not
         # compare it: the merged result is the same bits whatever each rank used).
-        return knn_vote(queries, support, labels, k, num_classes, shard_offset=self.offset,
-                        self_index=self_index, self_match=self_match,
-                        process_group=self.process_group, filter=filter).pred
+        v, lab_k = knn_vote(queries, support, labels, k, num_classes, shard_offset=self.offset,
+                            self_index=self_index, self_match=self_match,
+                            process_group=self.process_group, filter=filter,
+                            return_labels=True)
+        return LayerVote(v.pred.cpu(), vote_counts(lab_k, num_classes).cpu() if counts else None)
 
     def finish(self, tops, labels: torch.Tensor, *, k: int, num_classes: int,
-               self_index=None, row0: int = 0, dims=()) -> list[torch.Tensor]:
+               self_index=None, row0: int = 0, dims=(), counts: bool = False
+               ) -> list[LayerVote]:
         n, offset = labels.shape[0], int(self.offset)
-        preds = []
+        votes = []
         for top, dim in zip(tops, dims, strict=True):
             merged, lab_k = merge_shards(
                 top, shard_neighbor_labels(labels, top.index, offset), num_classes,
                 shard_offset=offset, shard_size=n, dim=dim, self_index=self_index,
                 process_group=self.process_group)
             check_full(merged.index, k, n, row0)  # identical on every rank
-            preds.append(vote(lab_k, num_classes).cpu())
-        return preds
+            votes.append(layer_vote(lab_k, num_classes, counts))
+        return votes
 
     def fail(self, error: BaseException, *, n: int, num_classes) -> None:
         """Tells the other ranks (in place of :meth:`finish`'s merges) that this rank's

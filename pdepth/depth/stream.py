@@ -31,7 +31,7 @@ from ..probes import ProbeRecorder, iter_batches, resolve_probes
 from .args import DepthArgs, _int_vector, check_filter_arg, depth_args
 from .placement import resolve_support
 from .result import DepthResult, build_result
-from .support import _class_count
+from .support import LayerVote, _class_count, stack_votes
 
 __all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
 
@@ -160,6 +160,7 @@ def stream_prediction_depth(
     shard_offset: int | None = None,
     process_group=None,
     check_loader_labels: bool = True,
+    vote_counts: bool = False,
 ) -> StreamResult:
     # Long only for its docstring (the public reference of its arguments); the work is in
     # pdepth.depth.args (checks, reference), _Stream (the passes) and build_result.
@@ -219,6 +220,9 @@ def stream_prediction_depth(
             mismatch raises ``ValueError`` (the usual cause is a loader in another order than
             the labels). Pass False when the given labels differ on purpose (e.g. ensemble
             consensus labels); the loader's order must still be fixed.
+        vote_counts: also return, per probe and query, how many of the k neighbours carry
+            each class (``result.depth.vote_counts [L, M, C]``, int16; as
+            :func:`pdepth.prediction_depth`).
 
     Returns:
         :class:`StreamResult`.
@@ -244,7 +248,8 @@ def stream_prediction_depth(
     check_filter_arg("stream_prediction_depth", filter, dtype=dtype, device=device)
     queries = _check_inputs(args, support, queries)
     stream = _Stream(model, args, support, device=device, dtype=dtype, batch_size=batch_size,
-                     progress=progress, check_loader_labels=check_loader_labels)
+                     progress=progress, check_loader_labels=check_loader_labels,
+                     counts=vote_counts)
     was_training = model.training
     model.eval()
     if device.type == "cuda":
@@ -297,11 +302,12 @@ class _Stream:
     support set and what they accumulate (predictions, logits, peak bytes)."""
 
     def __init__(self, model, args: DepthArgs, support, *, device, dtype, batch_size,
-                 progress, check_loader_labels):
+                 progress, check_loader_labels, counts=False):
         self.args, self.support, self.device, self.dtype = args, args.support, device, dtype
         self.support_data = support
         self.batch_size, self.progress = batch_size, progress
         self.check_loader_labels = check_loader_labels
+        self.counts = counts
         self.labels = args.labels.cpu()
         self.lab_dev = self.labels.to(device)
         self.query_labels = None if args.query_labels is None else args.query_labels.cpu()
@@ -311,7 +317,7 @@ class _Stream:
         self.peak = 0
         self.num_chunks = 0
         self.chunk_rows = None
-        self.preds: list[list[torch.Tensor]] = []
+        self.votes: list[list[LayerVote]] = []  # [query chunk][probe]
         self.logits_seen: list[torch.Tensor] = []
         self.labels_seen: list[torch.Tensor] = []
 
@@ -377,9 +383,9 @@ class _Stream:
             self._stream_support(q_layers, tops, sidx, resident, row0)
         except Exception as exc:
             self.support.fail(exc, n=self.labels.shape[0], num_classes=args.num_classes_given)
-        self.preds.append(self.support.finish(
+        self.votes.append(self.support.finish(
             tops, self.lab_dev, k=args.k, num_classes=args.num_classes, self_index=sidx,
-            row0=row0, dims=[q.shape[1] for q in q_layers]))
+            row0=row0, dims=[q.shape[1] for q in q_layers], counts=self.counts))
         self.num_chunks += 1
 
     def _stream_support(self, q_layers, tops, sidx, resident: int, row0: int) -> None:
@@ -412,11 +418,10 @@ class _Stream:
 
     def result(self, names) -> DepthResult:
         """The :class:`DepthResult` once every chunk ran."""
-        if not self.preds:
+        if not self.votes:
             raise ValueError("the queries yielded no batches")
         args = self.args
-        layer_pred = torch.stack([torch.cat([p[layer] for p in self.preds]) for layer in
-                                  range(len(self.preds[0]))])
+        layer_pred, counts = stack_votes(self.votes)
         self.logits = torch.cat(self.logits_seen)
         m = self.logits.shape[0]
         q_labels = self.query_labels
@@ -428,7 +433,7 @@ class _Stream:
         # every label the call saw counts (the model may predict a class no label has)
         num_classes = max(args.num_classes, _class_count(
             args.num_classes_given, [(args.query_labels_arg, q_labels), (ref_name, ref)]))
-        return build_result(layer_pred, ref, query_labels=q_labels,
+        return build_result(layer_pred, ref, vote_counts=counts, query_labels=q_labels,
                             example_index=args.example_index, k=args.k, self_match="exclude",
                             reference_mode=args.mode, num_classes=num_classes,
                             layer_names=names)

@@ -6,11 +6,14 @@ sharding is one implementation of it rather than a branch in every function.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..ops import knn_vote, neighbor_labels, vote
+from ..topk import vote_counts
 
-__all__ = ["LocalSupport", "Support", "check_full"]
+__all__ = ["LayerVote", "LocalSupport", "Support", "check_full", "layer_vote", "stack_votes"]
 
 
 class Support:
@@ -47,27 +50,54 @@ class Support:
             )
 
     def knn_vote(self, queries, support, labels, k: int, num_classes: int, *,
-                 self_index=None, self_match: str = "exclude",
-                 filter: str = "auto") -> torch.Tensor:
-        """``[M]`` k-NN predictions of ``queries`` (:func:`pdepth.knn_vote`; ``filter``: the
-        op's filter format, which never changes the predictions)."""
-        return knn_vote(queries, support, labels, k, num_classes, self_index=self_index,
-                        self_match=self_match, filter=filter).pred
+                 self_index=None, self_match: str = "exclude", filter: str = "auto",
+                 counts: bool = False) -> LayerVote:
+        """The k-NN vote of ``queries`` (:func:`pdepth.knn_vote`; ``filter``: the op's filter
+        format, which never changes the predictions), with the vote counts if ``counts``."""
+        v = knn_vote(queries, support, labels, k, num_classes, self_index=self_index,
+                     self_match=self_match, filter=filter)
+        return LayerVote(v.pred.cpu(), vote_counts(neighbor_labels(labels, v.index),
+                                                   num_classes).cpu() if counts else None)
 
     def finish(self, tops, labels: torch.Tensor, *, k: int, num_classes: int,
-               self_index=None, row0: int = 0, dims=()) -> list[torch.Tensor]:
-        """The ``[M]`` predictions (CPU) of the running top-k lists ``tops`` (one per probe)
-        that streaming this process's support rows (labels ``labels``) left; ``dims`` are
-        the probes' embedding dimensions (compared across ranks when sharded)."""
-        preds = []
+               self_index=None, row0: int = 0, dims=(), counts: bool = False
+               ) -> list[LayerVote]:
+        """The votes (CPU; with the counts if ``counts``) of the running top-k lists ``tops``
+        (one per probe) that streaming this process's support rows (labels ``labels``) left;
+        ``dims`` are the probes' embedding dimensions (compared across ranks when sharded)."""
+        votes = []
         for top in tops:
             check_full(top.index, k, labels.shape[0], row0)  # no -1 slot reaches the vote
-            preds.append(vote(neighbor_labels(labels, top.index), num_classes).cpu())
-        return preds
+            votes.append(layer_vote(neighbor_labels(labels, top.index), num_classes, counts))
+        return votes
 
     def fail(self, error: BaseException, *, n: int, num_classes) -> None:
         """Reports a failure of this process's streaming step (raises)."""
         raise error
+
+
+class LayerVote(NamedTuple):
+    """One probe's k-NN vote: ``pred [M]`` int64 and, where asked for, ``counts [M, C]``
+    (:func:`pdepth.topk.vote_counts`: int16, or int32 for k >= 2^15); on the CPU."""
+
+    pred: torch.Tensor
+    counts: torch.Tensor | None = None
+
+
+def layer_vote(labels_k: torch.Tensor, num_classes: int, counts: bool) -> LayerVote:
+    """The :class:`LayerVote` of the neighbour labels ``labels_k [M, k]``."""
+    return LayerVote(vote(labels_k, num_classes).cpu(),
+                     vote_counts(labels_k, num_classes).cpu() if counts else None)
+
+
+def stack_votes(chunks: list[list[LayerVote]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(layer_pred [L, M], counts [L, M, C] or None)`` of the per-probe votes of query chunks
+    (``chunks[c][l]``: chunk c, probe l), the chunks' rows in order."""
+    layers = range(len(chunks[0]))
+    pred = torch.stack([torch.cat([c[layer].pred for c in chunks]) for layer in layers])
+    if chunks[0][0].counts is None:
+        return pred, None
+    return pred, torch.stack([torch.cat([c[layer].counts for c in chunks]) for layer in layers])
 
 
 class LocalSupport(Support):

@@ -311,7 +311,8 @@ def knn_vote(
     self_match: str = "exclude",
     process_group=None,
     filter: str = "auto",
-) -> Vote:
+    return_labels: bool = False,
+):
     """:func:`pdepth.knn_vote` over a sharded support set (see :func:`knn`).
 
     ``labels_shard[n_r]`` are the labels of this rank's rows. Each rank gathers its
@@ -321,10 +322,12 @@ def knn_vote(
 
     Returns:
         :class:`pdepth.Vote` ``(pred[M], dist[M, k], index[M, k])`` on every rank, equal to
-        ``pdepth.knn_vote`` on the concatenated support set.
+        ``pdepth.knn_vote`` on the concatenated support set; with ``return_labels``,
+        ``(Vote, labels[M, k])``, the neighbours' labels it was voted from.
     """
     nbrs, labels, num_classes = _sharded(
         "pdepth.distributed.knn_vote()", queries, support_shard, labels_shard, k,
         num_classes=num_classes, shard_offset=shard_offset, self_index=self_index,
         self_match=self_match, process_group=process_group, filter=filter)
-    return Vote(vote(labels, max(num_classes, 1)), nbrs.dist, nbrs.index)
+    result = Vote(vote(labels, max(num_classes, 1)), nbrs.dist, nbrs.index)
+    return (result, labels) if return_labels else result

@@ -13,9 +13,11 @@ from torch import nn
 
 from ..categories import CategoryThresholds
 from ..data import DatasetInfo
+from ..metrics import vote_shares
 from ..models import make_model
 from ..probes import ProbeSpec
 from .config import RunConfig
+from .convergence import ProbeCurve, probe_curve_sample
 from .outdir import save_model_file
 from .scoring import CACHE_DIR, ModelCache, score_model, uses_disk
 from .stages import stage
@@ -110,6 +112,7 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     }
     in_train = np.zeros(data.n, bool)
     in_train[train_idx] = True
+    pred = res.depth.reference.numpy()[order]  # the network's prediction
     arrays = {
         "seed": np.array(seed), "half": np.array(half),
         "train_index": np.asarray(train_idx), "held_out_index": np.asarray(held_idx),
@@ -117,6 +120,10 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "depth": res.depth.depth.numpy()[order].astype(np.int16),
         "layer_pred": res.depth.layer_pred.numpy()[:, order].astype(np.int16),
         "probs": probs,
+        "knn_vote_share": vote_shares(res.depth.vote_counts.numpy()[:, order],
+                                      data.labels.numpy(), pred),
+        "probe_accuracy_epochs": np.asarray(history["snapshots"], np.float64).reshape(
+            len(history["snapshots"]), data.spec.num_probes),
         "epoch_pred": np.asarray(epoch_pred).astype(np.int16),
         "loss": np.array(history["loss"]),
         "train_accuracy": np.array(history["train_accuracy"]),
@@ -145,7 +152,7 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
     interrupted run left it. For a checkpoint the loaded network, no epochs (``epoch_pred
     [0, n]``, empty histories: the learning-speed columns become NaN)."""
     if data.checkpoint_model is not None:
-        history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
+        history = {"loss": [], "train_accuracy": [], "held_out_accuracy": [], "snapshots": []}
         return (data.checkpoint_model.to(data.device),
                 torch.zeros(0, data.n, dtype=torch.int64), history,
                 {"seconds": 0.0, "peak_rss_bytes": 0, "peak_is_stage": False})
@@ -168,8 +175,20 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
         epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
                                           device=data.device, progress=progress,
                                           desc=f"train seed {seed} half {half}",
-                                          held_out_labels=data.original_labels)
+                                          held_out_labels=data.original_labels,
+                                          snapshot=_probe_curve(config, data, train_idx, seed))
+    # plain lists: the cache is read back with weights_only=True, which refuses numpy arrays
+    history["snapshots"] = [np.asarray(a).tolist() for a in history["snapshots"]]
     cache.save_train({"protocol_key": key, "state": model.state_dict(),
                       "epoch_pred": epoch_pred, "history": history, "stage": trained})
     return model, epoch_pred, history, trained
+
+
+def _probe_curve(config: RunConfig, data: RunData, train_idx, seed: int) -> ProbeCurve:
+    """The per-epoch probe snapshot of a model: a fixed sample of its training half
+    (:func:`pdepth.protocol.convergence.probe_curve_sample`, seeded with the split's seed)."""
+    sample = torch.as_tensor(probe_curve_sample(train_idx, seed))
+    return ProbeCurve(data.spec, data.x[sample], data.labels[sample], k=config.k,
+                      num_classes=data.num_classes, device=data.device,
+                      batch_size=config.eval_batch_size, filter=config.knn_filter)
 

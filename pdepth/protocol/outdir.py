@@ -27,7 +27,7 @@ MARKER = ".pdepth-run.json"  # written first into every run directory: {"protoco
 MODEL_NAME = re.compile(r"seed-?\d+-half[01]\.npz")
 MODEL_ARRAYS = ("seed", "half", "train_index", "held_out_index", "in_train", "depth",
                 "layer_pred", "probs", "epoch_pred", "loss", "train_accuracy",
-                "held_out_accuracy")
+                "held_out_accuracy", "knn_vote_share", "probe_accuracy_epochs")
 
 
 def is_pdepth_name(folder: str, name: str) -> bool:

@@ -24,7 +24,8 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
     arrays (in seed, half order) and returns the run's summary for ``config.json``."""
     stacked = {name: np.stack([m[name] for m in per_model])
                for name in ("depth", "in_train", "probs", "layer_pred", "epoch_pred", "loss",
-                            "train_accuracy", "held_out_accuracy")}
+                            "train_accuracy", "held_out_accuracy", "knn_vote_share",
+                            "probe_accuracy_epochs")}
     for name in ("depth", "layer_pred", "epoch_pred"):
         stacked[name] = stacked[name].astype(np.int64)
     y = data.labels.numpy()
@@ -41,6 +42,8 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         layer_names=np.array(data.spec.names),
         loss=stacked["loss"], train_accuracy=stacked["train_accuracy"],
         held_out_accuracy=stacked["held_out_accuracy"],
+        knn_vote_share=stacked["knn_vote_share"],
+        probe_accuracy_epochs=stacked["probe_accuracy_epochs"],
     )
     _atomic.write_parquet(out / "results.parquet", df)
     _atomic.savez(out / "per_model.npz", **arrays)

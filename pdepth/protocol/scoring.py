@@ -23,6 +23,7 @@ import torch
 from .. import _atomic
 from ..depth.cache import LayerStore, block_bytes, extract_to_store, layer_knn, plan_passes
 from ..depth.result import DepthResult, build_result
+from ..depth.support import LayerVote
 from .errors import DiskSpaceError
 from .stages import stage
 
@@ -30,7 +31,7 @@ __all__ = ["CACHE_DIR", "CACHE_NAME", "ModelCache", "Scored", "check_cache_space
            "score_model"]
 
 CACHE_DIR = "cache"
-CACHE_NAME = re.compile(r"seed-?\d+-half[01]\.(train\.pt|logits\.npy|(emb|pred)\d{2}\.npy)")
+CACHE_NAME = re.compile(r"seed-?\d+-half[01]\.(train\.pt|logits\.npy|(emb|pred|votes)\d{2}\.npy)")
 _RESERVE = 2**30  # free space left untouched on the cache's filesystem
 
 
@@ -151,12 +152,13 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
     store = LayerStore(len(rows), data.dims, cache.folder, cache.prefix)
     labels = data.labels[torch.as_tensor(train_idx)]
     self_index = torch.cat([torch.arange(n_train), torch.full((len(held_idx),), -1)])
-    preds = {layer: torch.from_numpy(p) for layer in range(L)
-             if (p := cache.load_array(f"pred{layer:02d}.npy")) is not None}
+    votes = {layer: LayerVote(torch.from_numpy(p), torch.from_numpy(c)) for layer in range(L)
+             if (p := cache.load_array(f"pred{layer:02d}.npy")) is not None
+             and (c := cache.load_array(f"votes{layer:02d}.npy")) is not None}
     logits = cache.load_array("logits.npy")
     logits = None if logits is None else torch.from_numpy(logits)
     stages: dict = {"extract": [], "knn": []}
-    todo = [layer for layer in range(L) if layer not in preds]
+    todo = [layer for layer in range(L) if layer not in votes]
     budget = disk_budget(cache.folder) if store.on_disk else config.memory_budget
     passes = plan_passes([layer for layer in todo if not store.has(layer)], data.dims,
                          len(rows), budget)
@@ -178,20 +180,23 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
                 cache.save_array("logits.npy", lg.numpy())
         for layer in sorted(ready + layers):
             with stage({"probe": data.spec.names[layer], "dim": data.dims[layer]}) as rec:
-                preds[layer] = layer_knn(store, layer, labels, k=config.k,
+                votes[layer] = layer_knn(store, layer, labels, k=config.k,
                                          num_classes=data.num_classes, self_index=self_index,
                                          memory_budget=config.memory_budget,
-                                         filter=config.knn_filter, device=data.device).cpu()
+                                         filter=config.knn_filter, device=data.device,
+                                         counts=True)
             stages["knn"].append(rec)
-            cache.save_array(f"pred{layer:02d}.npy", preds[layer].numpy())
+            cache.save_array(f"pred{layer:02d}.npy", votes[layer].pred.numpy())
+            cache.save_array(f"votes{layer:02d}.npy", votes[layer].counts.numpy())
             peak = max(peak, block_bytes(store, layer, n_train, config.k,
                                          config.memory_budget))
             if not (config.keep_cache and store.on_disk):
                 store.drop(layer)
         ready = []
-    layer_pred = torch.stack([preds[layer] for layer in range(L)])
-    result = build_result(layer_pred, logits.argmax(1), query_labels=data.labels[rows],
+    result = build_result(torch.stack([votes[layer].pred for layer in range(L)]),
+                          logits.argmax(1), query_labels=data.labels[rows],
                           example_index=torch.as_tensor(rows), k=config.k,
                           self_match="exclude", reference_mode="network",
-                          num_classes=data.num_classes, layer_names=data.spec.names)
+                          num_classes=data.num_classes, layer_names=data.spec.names,
+                          vote_counts=torch.stack([votes[layer].counts for layer in range(L)]))
     return Scored(result, logits, stages, time.perf_counter() - t0, int(peak), store.on_disk)

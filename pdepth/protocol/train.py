@@ -1,5 +1,6 @@
 """Training one model of the protocol (Adam, cosine learning rate), recording every example's
-prediction at initialisation and after each epoch."""
+prediction (and, optionally, a snapshot such as the probes' accuracy) at initialisation and
+after each epoch."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def predict(model, x, batch_size, device) -> torch.Tensor:
 
 
 def train_model(model, x, y, train_index, options: TrainOptions | None = None, *,
-                device="cpu", progress=False, desc="train", held_out_labels=None, **settings):
+                device="cpu", progress=False, desc="train", held_out_labels=None,
+                snapshot=None, **settings):
     """Trains ``model`` on ``x[train_index]`` and records the prediction on every row of ``x``
     at initialisation and after each epoch.
 
@@ -45,6 +47,11 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     ``loss``, ``train_accuracy`` (on the training half against ``y``, the labels it trains
     on; eval mode) and ``held_out_accuracy`` (on the other rows, against ``held_out_labels
     [n]``, default ``y``: e.g. the dataset's labels where ``y`` carries label noise).
+
+    ``snapshot``: a callable ``snapshot(model)`` run at initialisation and after each epoch
+    (e.g. :class:`pdepth.protocol.convergence.ProbeCurve`); its ``epochs + 1`` results are
+    ``history["snapshots"]``. It must leave the model as it found it and draw no random
+    number (eval mode, ``no_grad``), so that it never changes training.
     """
     if options is None:
         options = TrainOptions(**settings)
@@ -66,6 +73,8 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     gen = torch.Generator().manual_seed(int(options.seed))
     preds = [predict(model, x, options.eval_batch_size, device)]
     history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
+    if snapshot is not None:
+        history["snapshots"] = [snapshot(model)]
     epochs_iter = range(options.epochs)
     if progress:
         from tqdm.auto import tqdm
@@ -76,6 +85,8 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
         loss = _epoch(model, (xt, yt), perm, (opt, sched), options.batch_size)
         pred = predict(model, x, options.eval_batch_size, device)
         preds.append(pred)
+        if snapshot is not None:
+            history["snapshots"].append(snapshot(model))
         history["loss"].append(loss)
         history["train_accuracy"].append(float((pred == y)[~held].float().mean()))
         history["held_out_accuracy"].append(
