@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
                         "comma-separated module names (default: the architecture's preset; "
                         "auto for --model)")
     r.add_argument("--seeds", type=_seeds, default=None,
-                   help="number of seeds, or a comma-separated list (default: 2 = seeds 0,1; "
+                   help="number of seeds, or a comma-separated list (default: 5 = seeds 0-4; "
                         "each seed trains 2 models; one seed with --checkpoint)")
     r.add_argument("--epochs", type=int, default=None,
                    help=f"epochs (default: {d.epochs}; none with --checkpoint)")

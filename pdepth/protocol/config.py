@@ -32,7 +32,7 @@ RUNTIME_KEYS = ("device", "root", "knn_filter", "download", "workers", "checkpoi
 # of earlier versions keep their key.
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
                  "data_sha256": None}
-_EPOCHS, _SEEDS = 6, (0, 1)  # the defaults without a checkpoint
+_EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 
 
@@ -41,7 +41,8 @@ class RunConfig:
     """Every setting of a run (all are written to ``config.json``).
 
     The defaults are the CPU demo: a small CNN on 8,000 random Fashion-MNIST training images,
-    2 seeds x 2 halves = 4 models of 6 epochs each, k = 30.
+    5 seeds x 2 halves = 10 models of 6 epochs each, k = 30 (five held-out models per
+    example, so its per-example averages take six values, not three).
 
     ``knn_filter`` is the k-NN op's filter format (``filter=`` of
     :func:`pdepth.stream_prediction_depth`, one of :data:`pdepth.FILTERS`): a speed setting
