@@ -17,6 +17,12 @@ Two measurements, one table each, after the machine (CPU model and flags):
     python benchmarks/bench_paper_scale.py --subset 6000                # ~20 min on 2 cores
     python benchmarks/bench_paper_scale.py --subset all --memory-budget 12288   # the target
     python benchmarks/bench_paper_scale.py --from-run runs/paper --full-estimate
+    python benchmarks/bench_paper_scale.py --one-probe bn1 --subset all --memory-budget 8192
+
+``--one-probe NAME`` measures one probe's stages at full size instead of a run: a seeded,
+untrained network's embeddings of that probe for every example (one pass, truncated after
+it, to the disk store in ``--out``), then its k-NN against the first half (k = 30, the
+protocol's query order and self exclusion), with the time, rate and peak RSS of each.
 """
 
 from __future__ import annotations
@@ -58,6 +64,47 @@ def forward_costs(arch: str, batch: int = 200, repeat: int = 2) -> list[tuple[st
             for i, name in enumerate(spec.names)]
 
 
+def one_probe(arch: str, probe: str, subset: str, budget_mib: float, out: Path) -> list[str]:
+    """Extraction and k-NN of one probe at full size (see the module docstring)."""
+    import numpy as np
+
+    from pdepth.data import dataset_info, load_subset, normalize_images
+    from pdepth.depth.cache import LayerStore, extract_to_store, layer_knn
+    from pdepth.models import build_model
+    from pdepth.probes import probe_dims, resolve_probes
+    from pdepth.protocol.stages import stage
+
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    spec = resolve_probes(model, arch, max_dim=None)
+    layer = spec.names.index(probe)
+    info = dataset_info("fashion-mnist")
+    images, labels, _ = load_subset(subset=None if subset == "all" else int(subset), seed=0)
+    x = normalize_images(images, info.mean, info.std)
+    n = x.shape[0]
+    rows = np.random.default_rng(0).permutation(n)
+    n_s = n // 2
+    out.mkdir(parents=True, exist_ok=True)
+    dims = probe_dims(model, spec, x[:1])
+    store = LayerStore(n, dims, out, "bench")
+    with stage({}) as ext:
+        extract_to_store(model, x, rows, spec, [layer], store, logits=False, batch_size=1000,
+                         device="cpu")
+    self_index = torch.cat([torch.arange(n_s), torch.full((n - n_s,), -1)])
+    with stage({}) as knn:
+        layer_knn(store, layer, labels[torch.as_tensor(rows[:n_s])], k=30, num_classes=10,
+                  self_index=self_index, memory_budget=int(budget_mib * 2**20), counts=True)
+    store.drop(layer)
+    dim = dims[layer]
+    flop = 2 * n * n_s * dim
+    return [f"probe {probe} (D = {dim}), {n} queries x {n_s} support, k = 30, untrained "
+            f"{arch}, --memory-budget {budget_mib:.0f} MiB",
+            f"  extraction (one pass, truncated): {ext['seconds']:.1f} s, peak RSS "
+            f"{ext['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"  k-NN: {knn['seconds']:.1f} s, {flop / knn['seconds'] / 1e9:.1f} GFLOP/s "
+            f"({flop:.2e} flop), peak RSS {knn['peak_rss_bytes'] / 2**30:.2f} GiB"]
+
+
 def stage_table(cfg: dict, full_estimate: bool) -> list[str]:
     """Rows of the per-stage table of a finished run's ``config.json``."""
     n = cfg["resolved"]["num_examples"]
@@ -97,6 +144,7 @@ def main() -> None:
     p.add_argument("--from-run", default=None, help="a finished run's directory")
     p.add_argument("--full-estimate", action="store_true")
     p.add_argument("--no-passes", action="store_true", help="skip the forward-cost table")
+    p.add_argument("--one-probe", default=None, help="measure one probe at full size")
     a = p.parse_args()
     flags = ", ".join(f for f, on in cpu_flags().items() if on)
     print(f"machine: {cpu_model()} ({flags}), {torch.get_num_threads()} threads")
@@ -104,6 +152,9 @@ def main() -> None:
         print("\nforward pass truncated after each probe, relative to a full forward pass:")
         for name, ratio in forward_costs(a.arch):
             print(f"  {name:<10} {ratio:5.2f}")
+    if a.one_probe:
+        print("\n".join(one_probe(a.arch, a.one_probe, a.subset, a.memory_budget, Path(a.out))))
+        return
     out = Path(a.from_run or a.out)
     if a.from_run is None:
         from pdepth.cli import main as cli
