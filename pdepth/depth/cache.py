@@ -35,6 +35,7 @@ __all__ = ["LayerStore", "block_bytes", "block_rows", "extract_to_store", "layer
            "plan_passes", "sub_spec"]
 
 _DTYPE = np.dtype("<f4")
+_QUERY_ROW_COPIES = 3  # a query row, plus the op's working memory per query (block_rows)
 
 
 class LayerStore:
@@ -274,13 +275,17 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
 def block_rows(store: LayerStore, layer: int, n_support: int, k: int,
                memory_budget: int | None) -> tuple[int, int]:
     """``(query rows, support rows)`` per block of :func:`layer_knn`: everything for a RAM
-    store, else half of ``memory_budget`` each (a query row also holds its running top-k,
-    ``k`` distances and indices)."""
+    store, else half of ``memory_budget`` for the support block and the other half for the
+    query block together with what the op holds per query: its running top-k (``k``
+    distances and indices) and a working copy measured at about twice the query block's
+    bytes (2.0x at D = 50,176, fp32 and bf16 filters alike), so a query row counts three
+    times."""
     n, row = store.n, store.dims[layer] * _DTYPE.itemsize
     if not store.on_disk or memory_budget is None:
         return n, n_support
     half = int(memory_budget) // 2
-    return max(1, min(n, half // (row + k * 16))), max(1, min(n_support, half // row))
+    return (max(1, min(n, half // (_QUERY_ROW_COPIES * row + k * 16))),
+            max(1, min(n_support, half // row)))
 
 
 def block_bytes(store: LayerStore, layer: int, n_support: int, k: int,
