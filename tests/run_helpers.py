@@ -34,16 +34,21 @@ TINY = ["--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "2", "--quiet
 NUM_PROBES = 6  # probes of the synthetic ensemble
 
 
-def tiny_noisy_run(tmp_path_factory, name: str, noise: float) -> Path:
-    """A tiny real run (:data:`TINY`) with ``--label-noise noise`` in a fresh temporary
-    directory; skips the test where Fashion-MNIST is not installed."""
+def real_run(tmp_path_factory, name: str, args) -> Path:
+    """A real run (``pdepth run *args``) in a fresh temporary directory; skips the test
+    where Fashion-MNIST is not installed."""
     from pdepth.cli import main
 
     if not HAVE_FMNIST:
         pytest.skip(FMNIST_MISSING)
     out = tmp_path_factory.mktemp(name) / "run"
-    assert main(["run", *TINY, "--label-noise", str(noise), "--out", str(out)]) == 0
+    assert main(["run", *args, "--out", str(out)]) == 0
     return out
+
+
+def tiny_noisy_run(tmp_path_factory, name: str, noise: float) -> Path:
+    """A tiny real run (:data:`TINY`) with ``--label-noise noise`` (:func:`real_run`)."""
+    return real_run(tmp_path_factory, name, [*TINY, "--label-noise", str(noise)])
 
 
 def copy_run(run: Path, tmp_path: Path) -> Path:

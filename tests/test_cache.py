@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from run_helpers import FMNIST_MISSING, HAVE_FMNIST, needs_fmnist
+from run_helpers import needs_fmnist, real_run
 from torch import nn
 
 import pdepth
@@ -148,11 +148,7 @@ DISK = ["--memory-budget", "1"]  # 1 MiB: the 200 images' 6 probes (4.7 MiB) go 
 
 @pytest.fixture(scope="module")
 def ram_run(tmp_path_factory):
-    if not HAVE_FMNIST:
-        pytest.skip(FMNIST_MISSING)
-    out = tmp_path_factory.mktemp("ram") / "run"
-    assert main(["run", *ONE_SEED, "--out", str(out)]) == 0
-    return out
+    return real_run(tmp_path_factory, "ram", ONE_SEED)
 
 
 def _per_model(out):

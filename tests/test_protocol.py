@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from run_helpers import FMNIST_MISSING, HAVE_FMNIST, needs_fmnist
+from run_helpers import HAVE_FMNIST, needs_fmnist, real_run
 
 import pdepth
 from pdepth.cli import main
@@ -26,11 +26,7 @@ SMALL = ["--subset", "1200", "--epochs", "3", "--k", "10", "--seeds", "2", "--qu
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-    if not HAVE_FMNIST:
-        pytest.skip(FMNIST_MISSING)
-    out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["run", *SMALL, "--out", str(out)]) == 0
-    return out
+    return real_run(tmp_path_factory, "run", SMALL)
 
 
 @needs_fmnist

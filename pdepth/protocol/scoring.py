@@ -164,39 +164,61 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
                          len(rows), budget)
     if logits is None and not passes:
         passes = [[]]  # a pass that records no probe, for the logits alone
-    ready = [layer for layer in todo if store.has(layer)]  # left by an interrupted run
-    peak = cache_bytes(len(rows), data.dims) if not store.on_disk else 0
-    for i, layers in enumerate([[]] + passes):
-        if i > 0:
-            want_logits = logits is None and i == len(passes)
-            with stage({"probes": [data.spec.names[x] for x in layers]}) as rec:
-                lg = extract_to_store(model, data.x, rows, data.spec, layers, store,
-                                      logits=want_logits, batch_size=config.eval_batch_size,
-                                      device=data.device, progress=progress,
-                                      desc=f"extract pass {i}/{len(passes)}")
-            stages["extract"].append(rec)
-            if want_logits:
-                logits = lg
-                cache.save_array("logits.npy", lg.numpy())
-        for layer in sorted(ready + layers):
-            with stage({"probe": data.spec.names[layer], "dim": data.dims[layer]}) as rec:
-                votes[layer] = layer_knn(store, layer, labels, k=config.k,
-                                         num_classes=data.num_classes, self_index=self_index,
-                                         memory_budget=config.memory_budget,
-                                         filter=config.knn_filter, device=data.device,
-                                         counts=True)
-            stages["knn"].append(rec)
-            cache.save_array(f"pred{layer:02d}.npy", votes[layer].pred.numpy())
-            cache.save_array(f"votes{layer:02d}.npy", votes[layer].counts.numpy())
-            peak = max(peak, block_bytes(store, layer, n_train, config.k,
-                                         config.memory_budget))
-            if not (config.keep_cache and store.on_disk):
-                store.drop(layer)
-        ready = []
+    knn = _ProbeScorer(store, cache, data, config, labels, self_index, stages["knn"])
+    for layer in todo:
+        if store.has(layer):  # left whole by an interrupted run
+            votes[layer] = knn(layer)
+    for i, layers in enumerate(passes, 1):
+        want_logits = logits is None and i == len(passes)
+        with stage({"probes": [data.spec.names[x] for x in layers]}) as rec:
+            lg = extract_to_store(model, data.x, rows, data.spec, layers, store,
+                                  logits=want_logits, batch_size=config.eval_batch_size,
+                                  device=data.device, progress=progress,
+                                  desc=f"extract pass {i}/{len(passes)}")
+        stages["extract"].append(rec)
+        if want_logits:
+            logits = lg
+            cache.save_array("logits.npy", lg.numpy())
+        for layer in layers:
+            votes[layer] = knn(layer)
     result = build_result(torch.stack([votes[layer].pred for layer in range(L)]),
                           logits.argmax(1), query_labels=data.labels[rows],
                           example_index=torch.as_tensor(rows), k=config.k,
                           self_match="exclude", reference_mode="network",
                           num_classes=data.num_classes, layer_names=data.spec.names,
                           vote_counts=torch.stack([votes[layer].counts for layer in range(L)]))
+    peak = (cache_bytes(len(rows), data.dims) if not store.on_disk else
+            knn.peak)
     return Scored(result, logits, stages, time.perf_counter() - t0, int(peak), store.on_disk)
+
+
+@dataclass(eq=False)
+class _ProbeScorer:
+    """``scorer(layer)``: one probe's k-NN over the store, timed into ``records``, its vote
+    saved to the cache (for resuming) and its embeddings freed (kept on disk with
+    ``keep_cache``); ``peak`` is the most embedding bytes a probe held at once."""
+
+    store: LayerStore
+    cache: ModelCache
+    data: object
+    config: object
+    labels: torch.Tensor
+    self_index: torch.Tensor
+    records: list
+    peak: int = 0
+
+    def __call__(self, layer: int) -> LayerVote:
+        data, config, store = self.data, self.config, self.store
+        with stage({"probe": data.spec.names[layer], "dim": data.dims[layer]}) as rec:
+            vote = layer_knn(store, layer, self.labels, k=config.k,
+                             num_classes=data.num_classes, self_index=self.self_index,
+                             memory_budget=config.memory_budget, filter=config.knn_filter,
+                             device=data.device, counts=True)
+        self.records.append(rec)
+        self.cache.save_array(f"pred{layer:02d}.npy", vote.pred.numpy())
+        self.cache.save_array(f"votes{layer:02d}.npy", vote.counts.numpy())
+        self.peak = max(self.peak, block_bytes(store, layer, len(self.labels), config.k,
+                                               config.memory_budget))
+        if not (config.keep_cache and store.on_disk):
+            store.drop(layer)
+        return vote

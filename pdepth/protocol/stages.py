@@ -7,10 +7,10 @@ far is recorded instead, and the record says so (``peak_is_stage: false``)."""
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from contextlib import contextmanager
+
+from ..depth.stream import peak_rss_bytes as process_peak_rss_bytes
 
 __all__ = ["peak_rss_bytes", "stage", "stage_peaks"]
 
@@ -33,8 +33,7 @@ def peak_rss_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return process_peak_rss_bytes()  # getrusage: the process's peak, never reset
 
 
 @contextmanager
