@@ -105,6 +105,42 @@ def one_probe(arch: str, probe: str, subset: str, budget_mib: float, out: Path) 
             f"({flop:.2e} flop), peak RSS {knn['peak_rss_bytes'] / 2**30:.2f} GiB"]
 
 
+def one_model(a) -> dict:
+    """Model (seed 0, half 0) of ``pdepth run --arch A --max-dim 0 --subset S --epochs E
+    --memory-budget B``, through the protocol's code; returns a ``config.json``-like record
+    of it for :func:`stage_table`."""
+    import shutil
+
+    from pdepth.protocol import RunConfig
+    from pdepth.protocol.model_run import run_model
+    from pdepth.protocol.outdir import model_path
+    from pdepth.protocol.runner import load_run_data
+    from pdepth.protocol.scoring import check_cache_space
+    from pdepth.protocol.stages import peak_rss_bytes, stage_peaks
+
+    out = Path(a.out)
+    config = RunConfig(arch=a.arch, max_dim=None, seeds=[0], epochs=a.epochs,
+                       subset=None if a.subset == "all" else int(a.subset),
+                       memory_budget=int(a.memory_budget * 2**20))
+    t0 = time.perf_counter()
+    data = load_run_data(config, progress=True)
+    config = data.config
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    check_cache_space(out, data.n, data.dims, config.memory_budget)
+    path = model_path(out, 0, 0)
+    path.parent.mkdir()
+    meta = run_model(config, data, 0, 0, path=path, progress=True,
+                     log=lambda m: print(m, flush=True))["meta"]
+    cfg = {"resolved": {"num_examples": data.n, "num_layers": data.spec.num_probes,
+                        "probes": list(data.spec.names), "probe_dims": list(data.dims)},
+           "config": {"knn_filter": config.knn_filter, "memory_budget": config.memory_budget},
+           "models": [meta], "timing": {"total_seconds": time.perf_counter() - t0}}
+    cfg["peak_rss_bytes"] = max([peak_rss_bytes()] + stage_peaks(cfg["models"]))
+    (out / "one_model.json").write_text(json.dumps(cfg, indent=1))
+    return cfg
+
+
 def stage_table(cfg: dict, full_estimate: bool) -> list[str]:
     """Rows of the per-stage table of a finished run's ``config.json``."""
     n = cfg["resolved"]["num_examples"]
@@ -145,6 +181,8 @@ def main() -> None:
     p.add_argument("--full-estimate", action="store_true")
     p.add_argument("--no-passes", action="store_true", help="skip the forward-cost table")
     p.add_argument("--one-probe", default=None, help="measure one probe at full size")
+    p.add_argument("--one-model", action="store_true",
+                   help="one model (seed 0, half 0) instead of a run's two")
     a = p.parse_args()
     flags = ", ".join(f for f, on in cpu_flags().items() if on)
     print(f"machine: {cpu_model()} ({flags}), {torch.get_num_threads()} threads")
@@ -156,7 +194,9 @@ def main() -> None:
         print("\n".join(one_probe(a.arch, a.one_probe, a.subset, a.memory_budget, Path(a.out))))
         return
     out = Path(a.from_run or a.out)
-    if a.from_run is None:
+    if a.one_model:
+        cfg = one_model(a)
+    elif a.from_run is None:
         from pdepth.cli import main as cli
 
         argv = ["run", "--arch", a.arch, "--max-dim", "0", "--subset", a.subset, "--epochs",
@@ -165,7 +205,8 @@ def main() -> None:
         print(f"\npdepth {' '.join(argv)}")
         if cli(argv) != 0:
             raise SystemExit("the run failed")
-    cfg = json.loads((out / "config.json").read_text())
+    if not a.one_model:
+        cfg = json.loads((out / "config.json").read_text())
     print(f"\n{cfg['resolved']['num_examples']} examples, {cfg['resolved']['num_layers']} "
           f"probes, dims {cfg['resolved']['probe_dims']}, k-NN filter "
           f"{cfg['config']['knn_filter']}, --memory-budget "

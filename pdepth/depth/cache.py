@@ -240,9 +240,10 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
     none).
 
     A RAM store is used as it is (one block). A file is read in blocks: queries up to half
-    of ``memory_budget``, support rows up to the other half; each query block's running
-    top-k is merged over the support blocks with the op's streaming mode, which is exact
-    (docs/design.md section 8), so the blocks never change the result."""
+    of ``memory_budget``, support rows up to the other half (a support set that fits one
+    block is read once); each query block's running top-k is merged over the support blocks
+    with the op's streaming mode, which is exact (docs/design.md section 8), so the blocks
+    never change the result."""
     n, d = store.n, store.dims[layer]
     n_support = int(labels.shape[0])
     q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
@@ -251,7 +252,7 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
         q_buf = np.empty((q_rows, d), _DTYPE)
         if q_rows < n:
             s_buf = np.empty((s_rows, d), _DTYPE)
-    votes = []
+    votes, held = [], None  # held: the support block last read, reused while it is the same
     for q0 in range(0, n, q_rows):
         q1 = min(n, q0 + q_rows)
         q = _on(store.rows(layer, q0, q1, q_buf), device)
@@ -261,8 +262,11 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
             s1 = min(n_support, s0 + s_rows)
             if s0 == 0 and s1 <= q1 and q0 == 0:
                 s = q[:s1]  # the support rows are the first query rows: no second read
+            elif held is not None and held[0] == s0:
+                s = held[1]  # the whole support set is one block: read once, not per query block
             else:
                 s = _on(store.rows(layer, s0, s1, s_buf), device)
+                held = (s0, s)
             top = knn(q, s, k, self_index=sidx, self_match="exclude", prev=top, offset=s0,
                       filter=filter)
         votes += LocalSupport().finish([top], labels.to(q.device), k=k,
