@@ -7,6 +7,8 @@ float64, shifted and unshifted rows and every filter format are covered."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -134,3 +136,28 @@ def test_exhaustive_hook_computes_every_pair():
     pdepth.knn_stats(reset=True)
     exhaustive(lambda: pdepth.knn(q, s, 5, filter="fp32"))
     assert pdepth.knn_stats()["candidates"] == 10 * 300
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
+                    reason="needs Linux's /proc/self/clear_refs to reset the peak RSS")
+def test_holds_no_copy_of_the_queries():
+    """The op's working memory on wide rows is its chunk of cross terms, not a copy of the
+    query block (the embedding store sizes its query blocks on it, docs/design.md section
+    12). Regression: the queries' mean through ATen's sum(dtype=double), which on CPU cast the
+    whole block to double first (twice its bytes)."""
+    from pdepth.protocol.stages import stage
+
+    g = gen("wide-memory")
+    q = torch.rand(8000, 8192, generator=g)  # 250 MiB, non-negative: the mean shift is taken
+    s = torch.rand(1000, 8192, generator=g)
+    pdepth.knn(q[:64], s, 5)  # threads and their scratch exist before the measurement
+    rss = _status_bytes("VmRSS")
+    with stage({}) as rec:
+        pdepth.knn(q, s, 5)
+    extra = rec["peak_rss_bytes"] - rss
+    assert extra < q.numel() * q.element_size() // 2, (extra, q.numel() * q.element_size())

@@ -381,6 +381,27 @@ at::Tensor row_sqnorms(const at::Tensor& x) {
   return out;
 }
 
+// Column means [D] (double) of x [rows, D], summed in double in place: q.sum(0, kDouble)
+// would first cast the whole input to double on CPU, a working copy of twice its bytes
+// (measured: a 0.93 GiB block peaked 1.87 GiB higher). Each thread sums a range of columns.
+template <typename T>
+at::Tensor column_means(const at::Tensor& x) {
+  const int64_t rows = x.size(0);
+  const int64_t d = x.size(1);
+  at::Tensor out = at::zeros({d}, x.options().dtype(at::kDouble));
+  const T* p = x.const_data_ptr<T>();
+  double* o = out.mutable_data_ptr<double>();
+  at::parallel_for(0, d, 1024, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = p + r * d;
+      for (int64_t c = c0; c < c1; ++c) {
+        o[c] += static_cast<double>(row[c]);
+      }
+    }
+  });
+  return out.div_(static_cast<double>(std::max<int64_t>(rows, 1)));
+}
+
 // centred = x - center (rounded) and its squared row norms, in one pass over x.
 template <typename T>
 void centre_rows(const at::Tensor& x, const at::Tensor& center, at::Tensor& centred,
@@ -885,7 +906,7 @@ void knn_cpu_impl(
   // The shift pays only when the mean carries a fair share of the rows' norms (ReLU
   // features); otherwise (e.g. data around the origin) the rows are used as they are, with
   // the same (then conservative) margin: a zero center, and on wide rows no shift at all.
-  const at::Tensor mean = q.sum(0, false, at::kDouble) / static_cast<double>(m);
+  const at::Tensor mean = column_means<T>(q);
   const bool shift = mean.dot(mean).item<double>() * kShiftShare >
       qn.sum(0, false, at::kDouble).item<double>() / static_cast<double>(m);
   const at::Tensor center = (shift ? mean : at::zeros_like(mean)).to(q.scalar_type());

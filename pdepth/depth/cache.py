@@ -35,7 +35,9 @@ __all__ = ["LayerStore", "block_bytes", "block_rows", "extract_to_store", "layer
            "plan_passes", "sub_spec"]
 
 _DTYPE = np.dtype("<f4")
-_QUERY_ROW_COPIES = 3  # a query row, plus the op's working memory per query (block_rows)
+# What the op holds per neighbour of a query besides the row: the running top-k passed in
+# and returned (float32 distance + int64 index, 12 B each) and its heap entry (16 B).
+_TOPK_BYTES = 40
 
 
 class LayerStore:
@@ -280,15 +282,12 @@ def block_rows(store: LayerStore, layer: int, n_support: int, k: int,
                memory_budget: int | None) -> tuple[int, int]:
     """``(query rows, support rows)`` per block of :func:`layer_knn`: everything for a RAM
     store, else half of ``memory_budget`` for the support block and the other half for the
-    query block together with what the op holds per query: its running top-k (``k``
-    distances and indices) and a working copy measured at about twice the query block's
-    bytes (2.0x at D = 50,176, fp32 and bf16 filters alike), so a query row counts three
-    times."""
+    query block together with the op's running top-k of each query (``k`` entries)."""
     n, row = store.n, store.dims[layer] * _DTYPE.itemsize
     if not store.on_disk or memory_budget is None:
         return n, n_support
     half = int(memory_budget) // 2
-    return (max(1, min(n, half // (_QUERY_ROW_COPIES * row + k * 16))),
+    return (max(1, min(n, half // (row + k * _TOPK_BYTES))),
             max(1, min(n_support, half // row)))
 
 
