@@ -14,7 +14,8 @@ from torch import nn
 
 import pdepth
 from pdepth.cli import main
-from pdepth.depth.cache import LayerStore, extract_to_store, layer_knn, plan_passes, sub_spec
+from pdepth.depth.cache import (LayerStore, block_rows, extract_to_store, layer_knn, plan_passes,
+                                 sub_spec)
 from pdepth.depth.result import build_result
 from pdepth.models import build_model
 from pdepth.probes import ProbeRecorder, ProbeSpec, extract, resolve_probes
@@ -58,21 +59,30 @@ def test_store_holds_what_one_extraction_pass_gives(tmp_path, on_disk):
                                                                for i in range(6)]
 
 
-@pytest.mark.parametrize("budget", [None, 10**9, 200_000, 20_000])
-@pytest.mark.parametrize("on_disk", [False, True])
-def test_layer_knn_blocks_give_the_one_call_result(tmp_path, on_disk, budget):
-    """A disk store is read in query x support blocks of half the budget each (20,000 bytes:
-    blocks of a few rows); the op's streaming merge makes them exact."""
+def _tied_store(folder):
+    """A one-probe store of 150 integer rows (many tied distances), its first 90 the support
+    set: ``(store, emb, labels, self_index)``."""
     g = torch.Generator().manual_seed(1)
-    n, n_support, d, k = 150, 90, 40, 7
-    emb = torch.randint(-3, 4, (n, d), generator=g).float()  # integers: many tied distances
+    n, n_support, d = 150, 90, 40
+    emb = torch.randint(-3, 4, (n, d), generator=g).float()
     labels = torch.randint(0, 4, (n_support,), generator=g)
     self_index = torch.cat([torch.arange(n_support), torch.full((n - n_support,), -1)])
-    store = LayerStore(n, [d], tmp_path if on_disk else None, "m")
+    store = LayerStore(n, [d], folder, "m")
     store.open(0)
     store.write(0, emb[:61])
     store.write(0, emb[61:])
     store.commit(0)
+    return store, emb, labels, self_index
+
+
+@pytest.mark.parametrize("budget", [None, 10**9, 200_000, 40_000, 20_000])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_layer_knn_blocks_give_the_one_call_result(tmp_path, on_disk, budget):
+    """A disk store is read in query x support blocks of half the budget each (40,000 bytes:
+    one support block, four query blocks; 20,000: blocks of a few rows); the op's streaming
+    merge makes them exact."""
+    store, emb, labels, self_index = _tied_store(tmp_path if on_disk else None)
+    n_support, k = len(labels), 7
     want = pdepth.knn_vote(emb, emb[:n_support], labels, k, 4, self_index=self_index).pred
     got = layer_knn(store, 0, labels, k=k, num_classes=4, self_index=self_index,
                     memory_budget=budget, counts=True)
@@ -80,6 +90,20 @@ def test_layer_knn_blocks_give_the_one_call_result(tmp_path, on_disk, budget):
     neighbours = pdepth.knn(emb, emb[:n_support], k, self_index=self_index).index
     assert torch.equal(got.counts.long(), torch.nn.functional.one_hot(
         labels[neighbours], 4).sum(1))
+
+
+def test_layer_knn_reads_a_one_block_support_set_once(tmp_path, monkeypatch):
+    """When the support set fits one block it is read once, not once per query block."""
+    store, emb, labels, self_index = _tied_store(tmp_path)
+    q_rows, s_rows = block_rows(store, 0, len(labels), 7, 40_000)
+    assert s_rows >= len(labels) and q_rows < store.n  # the case under test
+    reads = []
+    rows = store.rows
+    monkeypatch.setattr(store, "rows", lambda *a: reads.append(a[1:3]) or rows(*a))
+    layer_knn(store, 0, labels, k=7, num_classes=4, self_index=self_index,
+              memory_budget=40_000)
+    assert reads.count((0, len(labels))) == 1
+    assert len(reads) == 1 + -(-store.n // q_rows), reads
 
 
 def test_store_engine_equals_stream_prediction_depth():
