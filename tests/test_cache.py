@@ -276,3 +276,14 @@ def test_keep_cache_leaves_readable_embeddings_in_query_order(tmp_path):
     # a rerun with --overwrite deletes the cache with the rest of pdepth's files
     assert main(["run", *ONE_SEED, "--overwrite", "--out", str(out)]) == 0
     assert not (out / "cache").exists()
+
+
+def test_layer_knn_progress_bar(tmp_path, capsys):
+    """``progress`` draws a bar over the (query, support) blocks of the probe."""
+    store, emb, labels, self_index = _tied_store(tmp_path)
+    q_rows, s_rows = block_rows(store, 0, len(labels), 7, 20_000)
+    layer_knn(store, 0, labels, k=7, num_classes=4, self_index=self_index,
+              memory_budget=20_000, progress=True, desc="k-NN probe0")
+    steps = -(-store.n // q_rows) * -(-len(labels) // s_rows)
+    err = capsys.readouterr().err
+    assert "k-NN probe0" in err and f"/{steps} " in err and "block" in err, err

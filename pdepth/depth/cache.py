@@ -235,7 +235,8 @@ def extract_to_store(model, x: torch.Tensor, rows, spec: ProbeSpec, layers, stor
 
 def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
               num_classes: int, self_index: torch.Tensor | None, memory_budget: int | None,
-              filter: str = "auto", device=None, counts: bool = False) -> LayerVote:
+              filter: str = "auto", device=None, counts: bool = False,
+              progress: bool = False, desc: str = "k-NN") -> LayerVote:
     """The k-NN vote (:class:`LayerVote`: ``pred [n]``, with ``counts [n, C]`` if
     ``counts``) of every row of probe ``layer`` against its first ``N = len(labels)`` rows
     (the support set, labels ``[N]`` int64), excluding ``self_index`` (``[n]``, -1 for
@@ -245,10 +246,16 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
     of ``memory_budget``, support rows up to the other half (a support set that fits one
     block is read once); each query block's running top-k is merged over the support blocks
     with the op's streaming mode, which is exact (docs/design.md section 8), so the blocks
-    never change the result."""
+    never change the result. ``progress`` shows a bar over the (query, support) blocks."""
     n, d = store.n, store.dims[layer]
     n_support = int(labels.shape[0])
     q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=-(-n // q_rows) * -(-n_support // s_rows), desc=desc, unit="block",
+                   leave=False)
     q_buf = s_buf = None
     if store.on_disk:  # one allocation per block kind, reused
         q_buf = np.empty((q_rows, d), _DTYPE)
@@ -271,9 +278,13 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
                 held = (s0, s)
             top = knn(q, s, k, self_index=sidx, self_match="exclude", prev=top, offset=s0,
                       filter=filter)
+            if bar is not None:
+                bar.update()
         votes += LocalSupport().finish([top], labels.to(q.device), k=k,
                                        num_classes=num_classes, self_index=sidx, row0=q0,
                                        counts=counts)
+    if bar is not None:
+        bar.close()
     return LayerVote(torch.cat([v.pred for v in votes]),
                      torch.cat([v.counts for v in votes]) if counts else None)
 

@@ -164,7 +164,7 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
                          len(rows), budget)
     if logits is None and not passes:
         passes = [[]]  # a pass that records no probe, for the logits alone
-    knn = _ProbeScorer(store, cache, data, config, labels, self_index, stages["knn"])
+    knn = _ProbeScorer(store, cache, data, config, labels, self_index, stages["knn"], progress)
     for layer in todo:
         if store.has(layer):  # left whole by an interrupted run
             votes[layer] = knn(layer)
@@ -196,7 +196,8 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
 class _ProbeScorer:
     """``scorer(layer)``: one probe's k-NN over the store, timed into ``records``, its vote
     saved to the cache (for resuming) and its embeddings freed (kept on disk with
-    ``keep_cache``); ``peak`` is the most embedding bytes a probe held at once."""
+    ``keep_cache``), with a progress bar over its blocks if ``progress``; ``peak`` is the
+    most embedding bytes a probe held at once."""
 
     store: LayerStore
     cache: ModelCache
@@ -205,6 +206,7 @@ class _ProbeScorer:
     labels: torch.Tensor
     self_index: torch.Tensor
     records: list
+    progress: bool = False
     peak: int = 0
 
     def __call__(self, layer: int) -> LayerVote:
@@ -213,7 +215,8 @@ class _ProbeScorer:
             vote = layer_knn(store, layer, self.labels, k=config.k,
                              num_classes=data.num_classes, self_index=self.self_index,
                              memory_budget=config.memory_budget, filter=config.knn_filter,
-                             device=data.device, counts=True)
+                             device=data.device, counts=True, progress=self.progress,
+                             desc=f"k-NN {data.spec.names[layer]}")
         self.records.append(rec)
         self.cache.save_array(f"pred{layer:02d}.npy", vote.pred.numpy())
         self.cache.save_array(f"votes{layer:02d}.npy", vote.counts.numpy())
