@@ -14,8 +14,14 @@ from torch import nn
 
 import pdepth
 from pdepth.cli import main
-from pdepth.depth.cache import (LayerStore, block_rows, extract_to_store, layer_knn, plan_passes,
-                                 sub_spec)
+from pdepth.depth.cache import (
+    LayerStore,
+    block_rows,
+    extract_to_store,
+    layer_knn,
+    plan_passes,
+    sub_spec,
+)
 from pdepth.depth.result import build_result
 from pdepth.models import build_model
 from pdepth.probes import ProbeRecorder, ProbeSpec, extract, resolve_probes
