@@ -246,12 +246,13 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
     of ``memory_budget``, support rows up to the other half (a support set that fits one
     block is read once); each query block's running top-k is merged over the support blocks
     with the op's streaming mode, which is exact (docs/design.md section 8), so the blocks
-    never change the result. ``progress`` shows a bar over the (query, support) blocks."""
+    never change the result. ``progress`` shows a bar over the (query, support) blocks of a
+    disk store (a RAM store's one call has no steps to show)."""
     n, d = store.n, store.dims[layer]
     n_support = int(labels.shape[0])
     q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
     bar = None
-    if progress:
+    if progress and store.on_disk:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=-(-n // q_rows) * -(-n_support // s_rows), desc=desc, unit="block",
