@@ -15,14 +15,21 @@ Two measurements, one table each, after the machine (CPU model and flags):
    extrapolation, labelled so.
 
     python benchmarks/bench_paper_scale.py --subset 6000                # ~20 min on 2 cores
-    python benchmarks/bench_paper_scale.py --subset all --memory-budget 12288   # the target
+    python benchmarks/bench_paper_scale.py --subset all --memory-budget 12288   # one seed
     python benchmarks/bench_paper_scale.py --from-run runs/paper --full-estimate
     python benchmarks/bench_paper_scale.py --one-probe bn1 --subset all --memory-budget 8192
+    python benchmarks/bench_paper_scale.py --one-model --subset all --memory-budget 12288 \
+        --no-passes                                                   # issue 15's target
 
 ``--one-probe NAME`` measures one probe's stages at full size instead of a run: a seeded,
 untrained network's embeddings of that probe for every example (one pass, truncated after
 it, to the disk store in ``--out``), then its k-NN against the first half (k = 30, the
 protocol's query order and self exclusion), with the time, rate and peak RSS of each.
+
+``--one-model`` measures one model of the protocol instead of a run's two: the protocol's
+own ``run_model`` trains model (seed 0, half 0) on its half and scores both halves through
+the store, after the same disk check as ``pdepth run``; the stage table and the model's wall
+time and peak follow.
 """
 
 from __future__ import annotations
@@ -108,12 +115,12 @@ def one_probe(arch: str, probe: str, subset: str, budget_mib: float, out: Path) 
 def one_model(a) -> dict:
     """Model (seed 0, half 0) of ``pdepth run --arch A --max-dim 0 --subset S --epochs E
     --memory-budget B``, through the protocol's code; returns a ``config.json``-like record
-    of it for :func:`stage_table`."""
-    import shutil
-
+    of it for :func:`stage_table` (also written beside ``--out``, as ``OUT.one_model.json``).
+    ``--out`` is prepared as ``pdepth run --overwrite`` would: a directory holding anything
+    pdepth did not write is refused, not deleted."""
     from pdepth.protocol import RunConfig
     from pdepth.protocol.model_run import run_model
-    from pdepth.protocol.outdir import model_path
+    from pdepth.protocol.outdir import model_path, prepare_output
     from pdepth.protocol.runner import load_run_data
     from pdepth.protocol.scoring import check_cache_space
     from pdepth.protocol.stages import peak_rss_bytes, stage_peaks
@@ -125,20 +132,33 @@ def one_model(a) -> dict:
     t0 = time.perf_counter()
     data = load_run_data(config, progress=True)
     config = data.config
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     check_cache_space(out, data.n, data.dims, config.memory_budget)
-    path = model_path(out, 0, 0)
-    path.parent.mkdir()
-    meta = run_model(config, data, 0, 0, path=path, progress=True,
+    prepare_output(out, config, overwrite=True)
+    meta = run_model(config, data, 0, 0, path=model_path(out, 0, 0), progress=True,
                      log=lambda m: print(m, flush=True))["meta"]
     cfg = {"resolved": {"num_examples": data.n, "num_layers": data.spec.num_probes,
                         "probes": list(data.spec.names), "probe_dims": list(data.dims)},
            "config": {"knn_filter": config.knn_filter, "memory_budget": config.memory_budget},
            "models": [meta], "timing": {"total_seconds": time.perf_counter() - t0}}
     cfg["peak_rss_bytes"] = max([peak_rss_bytes()] + stage_peaks(cfg["models"]))
-    (out / "one_model.json").write_text(json.dumps(cfg, indent=1))
+    out.with_name(out.name + ".one_model.json").write_text(json.dumps(cfg, indent=1))
     return cfg
+
+
+def run_record(a) -> dict:
+    """The ``config.json`` of ``--from-run``, or of ``pdepth run`` with the given settings
+    (one seed: two models), run first."""
+    out = Path(a.from_run or a.out)
+    if a.from_run is None:
+        from pdepth.cli import main as cli
+
+        argv = ["run", "--arch", a.arch, "--max-dim", "0", "--subset", a.subset, "--epochs",
+                str(a.epochs), "--seeds", "1", "--memory-budget", str(a.memory_budget),
+                "--out", str(out), "--overwrite"]
+        print(f"\npdepth {' '.join(argv)}")
+        if cli(argv) != 0:
+            raise SystemExit("the run failed")
+    return json.loads((out / "config.json").read_text())
 
 
 def stage_table(cfg: dict, full_estimate: bool) -> list[str]:
@@ -193,20 +213,10 @@ def main() -> None:
     if a.one_probe:
         print("\n".join(one_probe(a.arch, a.one_probe, a.subset, a.memory_budget, Path(a.out))))
         return
-    out = Path(a.from_run or a.out)
     if a.one_model:
         cfg = one_model(a)
-    elif a.from_run is None:
-        from pdepth.cli import main as cli
-
-        argv = ["run", "--arch", a.arch, "--max-dim", "0", "--subset", a.subset, "--epochs",
-                str(a.epochs), "--seeds", "1", "--memory-budget", str(a.memory_budget),
-                "--out", str(out), "--overwrite"]
-        print(f"\npdepth {' '.join(argv)}")
-        if cli(argv) != 0:
-            raise SystemExit("the run failed")
-    if not a.one_model:
-        cfg = json.loads((out / "config.json").read_text())
+    else:
+        cfg = run_record(a)
     print(f"\n{cfg['resolved']['num_examples']} examples, {cfg['resolved']['num_layers']} "
           f"probes, dims {cfg['resolved']['probe_dims']}, k-NN filter "
           f"{cfg['config']['knn_filter']}, --memory-budget "

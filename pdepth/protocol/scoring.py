@@ -187,8 +187,7 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
                           self_match="exclude", reference_mode="network",
                           num_classes=data.num_classes, layer_names=data.spec.names,
                           vote_counts=torch.stack([votes[layer].counts for layer in range(L)]))
-    peak = (cache_bytes(len(rows), data.dims) if not store.on_disk else
-            knn.peak)
+    peak = knn.peak if store.on_disk else cache_bytes(len(rows), data.dims)
     return Scored(result, logits, stages, time.perf_counter() - t0, int(peak), store.on_disk)
 
 
