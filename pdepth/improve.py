@@ -474,11 +474,12 @@ def _module_outside(spec: str, out: Path) -> None:
             return  # load_factory says it cannot be imported
         if found is None:
             return
-        places = [found.origin, *(found.submodule_search_locations or [])]
+        places = [*([found.origin] if found.has_location else []),
+                  *(found.submodule_search_locations or [])]  # relative: to the cwd
         for place in places:
-            if place and os.path.isabs(place) and Path(place).resolve().is_relative_to(folder):
+            if place and Path(place).resolve().is_relative_to(folder):
                 raise ValueError(f"--model {spec}: module {name} would be imported from "
-                                 f"{place}, inside the run folder {out}; pdepth improve runs "
+                                 f"{place}, inside the run folder {folder}; pdepth improve runs "
                                  "no code from a run folder (move the module out, or run from "
                                  "another directory)")
 

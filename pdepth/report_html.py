@@ -109,7 +109,7 @@ def report_html(d, figures, acc_tr, acc_ho) -> str:
 <h1>Prediction depth: {network} on {dataset}</h1>
 <p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
 NeurIPS 2021. {_PROTOCOL[res.get("trained", True) is not False]}</p>
-<h2>Summary</h2><table>{_rows(_stats(df, cfg))}</table>
+<h2>Summary</h2><table>{_stat_rows(_stats(df, cfg))}</table>
 <h2>Claims</h2><p>Each claim of the paper as one number on this run (summary.json).</p>
 {_claims_table(claims)}
 <h2>Categories</h2><table><tr><th>category</th><th>examples</th><th>share</th></tr>
@@ -134,12 +134,18 @@ def _rows(pairs, as_json: bool = False) -> str:
     return "".join(f"<tr><td>{_text(k)}</td><td>{_text(show(v))}</td></tr>" for k, v in pairs)
 
 
-def _stats(df, cfg) -> list[tuple[str, object]]:
+def _stat_rows(stats) -> str:
+    """The summary table: names as they are, values already HTML (:func:`_number`)."""
+    return "".join(f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in stats)
+
+
+def _stats(df, cfg) -> list[tuple[str, str]]:
+    """``(name, HTML of the value)`` of the summary table."""
     res, timing = _dict(cfg.get("resolved")), _dict(cfg.get("timing"))
     stats = [
-        ("examples", len(df)),
-        ("models", res.get("num_models")),
-        ("probes", res.get("num_layers")),
+        ("examples", _number(len(df), "d")),
+        ("models", _number(res.get("num_models"), "d")),
+        ("probes", _number(res.get("num_layers"), "d")),
         *((name, _number(_column_mean(df, col))) for name, col in (
             ("mean train-split depth", "train_depth"), ("mean held-out depth", "held_out_depth"),
             ("held-out accuracy", "held_out_accuracy"), ("train accuracy", "train_accuracy"))),
@@ -255,7 +261,7 @@ def _label_errors(errors: dict | None, improve: dict | None) -> str:
              f"(<code>label_error</code>), {_number(errors.get('flipped'), 'd')} labels flipped "
              "by --label-noise.")
     if errors.get("flipped") == 0:
-        flags += " No label was flipped, so the flags cannot be checked: no flips."
+        flags += " Precision and recall: no flips (nothing to find, nothing to check)."
     elif errors.get("precision") is not None or errors.get("recall") is not None:
         flags += (f" Against the flips: precision {_number(errors.get('precision'))}, recall "
                   f"{_number(errors.get('recall'))}, F1 {_number(errors.get('f1'))}; the "
