@@ -372,6 +372,10 @@ def test_improve_on_a_real_run(tiny_run, tmp_path):
     # the run's report was redrawn with the accuracies
     page = (run_dir / "report.html").read_text()
     assert f"<td>baseline</td><td>{res['baseline']['test_accuracy']:.4f}</td>" in page
+    # a run without --label-noise flipped nothing: no precision / recall, "no flips"
+    assert res["noise_known"] is True and res["pdepth_remove"]["flipped"] == 0
+    assert [res["pdepth_remove"][k] for k in ("precision", "recall", "f1")] == [None] * 3
+    assert "<td>no flips</td><td>no flips</td><td>no flips</td>" in page
 
 
 # --- a run folder is data: no code named in it runs (issue 23, item 12) ---------------------
