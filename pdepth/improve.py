@@ -174,8 +174,9 @@ def _column(df, name: str, path: Path, classes: int | None = None) -> np.ndarray
     wrong = (values < 0) | (values >= classes)
     if wrong.any():
         row = int(np.flatnonzero(wrong)[0])
-        raise ValueError(f"{path}: column {name} must hold values 0..{classes - 1}, got "
-                         f"{values[row]} at row {row}")
+        want = f"0..{classes - 1}" if classes < 2**31 else ">= 0"
+        raise ValueError(f"{path}: column {name} must hold values {want}, got {values[row]} "
+                         f"at row {row}")
     return values.astype(np.int64)
 
 
