@@ -143,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
                           "mean (default: 1 = seed 0)")
     imp.add_argument("--no-cleanlab", action="store_true",
                      help="skip the cleanlab_remove variant")
+    imp.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                     help="a run of your own --model: name it again (it must equal the "
+                          "run's; nothing named in a run folder is imported on its own)")
     imp.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     return p
 
@@ -260,7 +263,7 @@ def _improve(args, argv) -> int:
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     improve(args.dir, epochs=args.epochs, device=args.device, progress=not args.quiet,
             cleanlab=not args.no_cleanlab, seeds=args.seeds, log=log,
-            command=shlex.join(["pdepth", *words]))
+            command=shlex.join(["pdepth", *words]), model=args.model)
     from pathlib import Path
 
     if (Path(args.dir) / "report.html").exists():  # show improve.json there too

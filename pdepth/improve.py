@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -74,10 +75,18 @@ class RunFiles:
     def n(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.probs.shape[2])
+
 
 def load_run(run_dir: str | os.PathLike) -> RunFiles:
     """Reads a finished run directory; FileNotFoundError (one line, naming what is missing)
-    for a directory that is not one, ValueError for a run without the label-error columns."""
+    for a directory that is not one, ValueError (one line, naming the file and column) for a
+    run without the label-error columns or with values no run writes: ``label`` and
+    ``suggested_label`` class ids below the classes of ``probs``, booleans ``label_error`` /
+    ``label_flipped``, distinct ``dataset_index`` values, finite ``probs``, and at least one
+    example not flagged (``pdepth_remove`` trains on the others)."""
     out = Path(run_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a directory; run `pdepth run --out {out}` first")
@@ -106,23 +115,69 @@ def load_run(run_dir: str | os.PathLike) -> RunFiles:
     if absent:
         raise ValueError(f"{out}: the run has no {', '.join(absent)} (written by `pdepth run` "
                          f"from pdepth 0.2 on); rerun `pdepth run --out {out} --overwrite`")
-    labels = df["label"].to_numpy().astype(np.int64)
+    if not isinstance(config, dict) or not isinstance(config.get("config", {}), dict):
+        raise ValueError(f"{out / 'config.json'}: not a pdepth run's config (its 'config' is "
+                         "not an object)")
+    probs, in_train = pm["probs"], pm["in_train"]
+    if (probs.ndim != 3 or probs.shape[2] < 1 or probs.dtype.kind != "f"
+            or not np.isfinite(probs).all() or in_train.dtype.kind not in "bui"):
+        raise ValueError(f"{out / 'per_model.npz'}: probs must be finite floats [models, "
+                         f"examples, classes] and in_train booleans, got probs {probs.dtype} "
+                         f"{probs.shape}, in_train {in_train.dtype}")
+    num_classes = probs.shape[2]
+    table = out / "results.parquet"
+    labels = _column(df, "label", table, num_classes)
+    label_error = _column(df, "label_error", table)
+    suggested = _column(df, "suggested_label", table, num_classes)
     n = labels.shape[0]
-    dataset_index = (df["dataset_index"].to_numpy() if "dataset_index" in df.columns
-                     else pm.get("dataset_index"))
-    probs, in_train = pm["probs"], pm["in_train"].astype(bool)
-    if (probs.ndim != 3 or probs.shape[1] != n or in_train.shape != probs.shape[:2]
+    if label_error.all():  # pdepth_remove would train on nothing
+        raise ValueError(f"{table}: column label_error flags every one of the {n} examples; "
+                         "pdepth_remove would have no example to train on")
+    dataset_index = (_column(df, "dataset_index", table, np.iinfo(np.int64).max)
+                     if "dataset_index" in df.columns else pm.get("dataset_index"))
+    in_train = in_train.astype(bool)
+    if (probs.shape[1] != n or in_train.shape != probs.shape[:2]
             or dataset_index is None or len(dataset_index) != n
             or ("labels" in pm and not np.array_equal(pm["labels"], labels))):
         raise ValueError(f"{out}: results.parquet and per_model.npz do not belong together "
                          f"(labels, dataset_index, probs or in_train disagree); rerun "
                          f"`pdepth run --out {out} --overwrite`")
-    flipped = (df["label_flipped"].to_numpy().astype(bool) if "label_flipped" in df.columns
-               else None)
-    return RunFiles(out, config, labels, np.array(dataset_index, np.int64),
-                    df["label_error"].to_numpy().astype(bool),
-                    df["suggested_label"].to_numpy().astype(np.int64), flipped,
-                    probs.astype(np.float64), in_train)
+    dataset_index = np.asarray(dataset_index)
+    if dataset_index.dtype.kind not in "iu" or len(np.unique(dataset_index)) != n:
+        raise ValueError(f"{table}: column dataset_index must hold distinct image indices, got "
+                         f"{dataset_index.dtype} with {n - len(np.unique(dataset_index))} "
+                         "repeated")
+    resolved = config.get("resolved", {})
+    recorded = resolved.get("num_classes") if isinstance(resolved, dict) else None
+    if recorded is not None and recorded != num_classes:
+        raise ValueError(f"{out / 'config.json'}: resolved.num_classes {recorded!r} is not the "
+                         f"{num_classes} classes of per_model.npz probs")
+    flipped = (_column(df, "label_flipped", table) if "label_flipped" in df.columns else None)
+    return RunFiles(out, config, labels, dataset_index.astype(np.int64), label_error,
+                    suggested, flipped, probs.astype(np.float64), in_train)
+
+
+def _column(df, name: str, path: Path, classes: int | None = None) -> np.ndarray:
+    """Column ``name`` of ``df`` (the file ``path``) checked: booleans where ``classes`` is
+    None, else integers in ``[0, classes)``; a one-line ValueError naming the file, the
+    column and the first bad value (an edited table must fail before any training, not
+    after it)."""
+    values = df[name].to_numpy()
+    if classes is None:
+        if values.dtype != bool:
+            raise ValueError(f"{path}: column {name} must hold booleans, got {values.dtype}")
+        return values.astype(bool)  # a copy: pyarrow's may be read-only
+    if values.dtype.kind not in "iu":
+        bad = next((v for v in values if not isinstance(v, (int, np.integer))), None)
+        raise ValueError(f"{path}: column {name} must hold integers, got {values.dtype} "
+                         f"(e.g. {bad!r})")
+    wrong = (values < 0) | (values >= classes)
+    if wrong.any():
+        row = int(np.flatnonzero(wrong)[0])
+        want = f"0..{classes - 1}" if classes < 2**31 else ">= 0"
+        raise ValueError(f"{path}: column {name} must hold values {want}, got {values[row]} "
+                         f"at row {row}")
+    return values.astype(np.int64)
 
 
 def heldout_probs(probs: np.ndarray, in_train: np.ndarray) -> np.ndarray:
@@ -141,13 +196,17 @@ def heldout_probs(probs: np.ndarray, in_train: np.ndarray) -> np.ndarray:
 def flag_metrics(flags: np.ndarray, flipped: np.ndarray | None) -> dict:
     """``flagged`` (count) and, where ``flipped`` is known, ``precision`` (share of flags that
     are flips), ``recall`` (share of flips flagged) and their harmonic mean ``f1``; None for
-    a ratio whose denominator is 0."""
+    a ratio whose denominator is 0, and all three None where no label was flipped (a run
+    without noise: there is nothing to find, so no flag can be judged right or wrong)."""
     flags = np.asarray(flags, bool)
     out = {"flagged": int(flags.sum())}
     if flipped is None:
         return out
     flipped = np.asarray(flipped, bool)
     hit = int((flags & flipped).sum())
+    if not flipped.any():
+        out.update(flipped=0, true_flags=0, precision=None, recall=None, f1=None)
+        return out
     precision = hit / int(flags.sum()) if flags.any() else None
     recall = hit / int(flipped.sum()) if flipped.any() else None
     if precision is None or recall is None:
@@ -192,13 +251,16 @@ def plan_variants(run: RunFiles, *, cleanlab: bool = True) -> tuple[dict, dict]:
             skipped["cleanlab_remove"] = (f"cleanlab.filter.find_label_issues failed: "
                                           f"{type(exc).__name__}: {exc}")
         else:
-            variants["cleanlab_remove"] = Variant(everything[~cl], y[~cl], cl)
+            if cl.all():  # nothing left to train on: reported, not fatal
+                skipped["cleanlab_remove"] = "cleanlab flagged every example"
+            else:
+                variants["cleanlab_remove"] = Variant(everything[~cl], y[~cl], cl)
     return variants, skipped
 
 
 def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: str = "cpu",
             progress: bool = True, cleanlab: bool = True, seeds=(0,), log=print,
-            command: str | None = None) -> dict:
+            command: str | None = None, model: str | None = None) -> dict:
     """Retrains the run's architecture under each variant (module docstring), evaluates it on
     the test split and writes ``RUN_DIR/improve.json``; returns what it wrote.
 
@@ -209,19 +271,28 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
     ``cleanlab=False`` skips ``cleanlab_remove``. ``log`` (default print; None for silence)
     gets one line when cleanlab is missing and one per variant.
 
+    A run folder is data: nothing named in it is imported or called. A run of a built-in
+    ``--arch`` is rebuilt from :data:`pdepth.models.ARCHITECTURES` by name; for a run of the
+    user's ``--model module:factory``, ``model`` (``--model``) must name it again, equal to
+    the recorded one, and its module must not resolve to a file inside the run folder (e.g.
+    a ``nets.py`` there, found because the current directory is the run folder). The
+    dataset (:data:`pdepth.data.DATASETS`) and the training settings of ``config.json`` are
+    checked likewise, and every input (:func:`load_run`) before any training.
+
     ``improve.json``: one entry per name of :data:`VARIANTS` with ``test_accuracy`` (the mean
     over the seeds), ``test_accuracy_per_seed``, ``test_accuracy_std`` (sample standard
     deviation; 0 for one seed), ``train_examples``, ``train_seconds`` and, for the flagging
     variants, ``flagged`` and (where the run has ``label_flipped``) ``flipped``,
-    ``true_flags``, ``precision``, ``recall``, ``f1``; a skipped variant is ``{"skipped":
-    true, "reason": ...}``. Then ``settings`` (epochs, seeds, device, command and the training
-    settings), ``test_split`` (what was evaluated on) and ``noise_known``.
+    ``true_flags``, ``precision``, ``recall``, ``f1`` (null where no label was flipped); a
+    skipped variant is ``{"skipped": true, "reason": ...}``. Then ``settings`` (epochs,
+    seeds, device, command and the training settings), ``test_split`` (what was evaluated
+    on) and ``noise_known``.
     """
     from .data import dataset_info, normalize_images
     from .models import make_model
     from .protocol.config import DEVICE, resolve_device
     from .protocol.errors import require_modules
-    from .protocol.train import TrainOptions, predict, train_model
+    from .protocol.train import predict, train_model
 
     t0 = time.perf_counter()
     seeds = [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(x) for x in seeds]
@@ -234,24 +305,22 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
     log = log or (lambda msg: None)
     run = load_run(run_dir)
     cfg = run.config.get("config", {})
-    epochs = int(cfg.get("epochs", 6) if epochs is None else epochs)
-    if epochs < 1:
-        raise ValueError(f"epochs (--epochs) must be >= 1, got {epochs}"
-                         + (" (the run scored a checkpoint: pass --epochs to retrain)"
-                            if cfg.get("checkpoint") else ""))
+    options = _train_options(run, epochs)
+    epochs = options.epochs
     dev = resolve_device(device)
     if progress:
         require_modules(["tqdm"], "pdepth improve")
-    arch, user_model = cfg.get("arch", "cnn"), cfg.get("model")
     if cfg.get("data_sha256"):
         raise ValueError(f"{run.out}: the run's data came from a Python Dataset; pdepth improve "
                          "needs a dataset of the table (its test split)")
-    root = cfg.get("root") or run.config.get("resolved", {}).get("root")
-    info = dataset_info(cfg.get("dataset", "fashion-mnist"), root, cfg.get("image_size"))
+    dataset, root, image_size, loader_options = _dataset_settings(run)
+    info = dataset_info(dataset, root, image_size)
     root = root or info.root
-    # only the options the run set: a loader may take (root, split) alone
-    options = {k: cfg[k] for k in ("image_size", "workers") if cfg.get(k)}
-    train_images, train_labels = info.load(root, "train", **options)
+    if info.classes and info.num_classes != run.num_classes:
+        raise ValueError(f"{run.out}: the run has {run.num_classes} classes (per_model.npz "
+                         f"probs) but {info.name} at {root} has {info.num_classes}")
+    arch, user_model = _network(run, model)  # the last check: it imports the user's module
+    train_images, train_labels = info.load(root, "train", **loader_options)
 
     # The run's examples: images of the training split, by dataset_index (checked against
     # the run's own copy in data.npz where there is one).
@@ -259,7 +328,7 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
         raise ValueError(f"{run.out}: dataset_index outside the {info.name} training split")
     images = train_images[torch.as_tensor(run.dataset_index)]
     _check_run_images(run, images)
-    num_classes = int(run.config.get("resolved", {}).get("num_classes", info.num_classes))
+    num_classes = run.num_classes
 
     variants, skipped = plan_variants(run, cleanlab=cleanlab)
     for name, reason in skipped.items():
@@ -272,16 +341,12 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
         assert len(v.labels) == len(v.index)
     flags_before = {k: v.flags.copy() for k, v in variants.items() if v.flags is not None}
 
-    test_images, test_labels = info.load(root, "test", **options)  # only to evaluate from here
+    test_images, test_labels = info.load(root, "test", **loader_options)  # only to evaluate
     info = info.with_stats(images)  # imagefolder: the run's statistics, from its examples
     x_test = normalize_images(test_images, info.mean, info.std)
     x_all = normalize_images(images, info.mean, info.std)
     del train_images, train_labels
 
-    options = TrainOptions(epochs=epochs, lr=float(cfg.get("lr", 2e-3)),
-                           weight_decay=float(cfg.get("weight_decay", 0.0)),
-                           batch_size=int(cfg.get("batch_size", 128)),
-                           eval_batch_size=int(cfg.get("eval_batch_size", 1000)))
     result: dict = {}
     names = [v for v in VARIANTS if v in variants]
     bar, say = names, log
@@ -336,13 +401,14 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
                              + ["--device", str(device)]
                              + (["--seeds", ",".join(map(str, seeds)) + ","]
                                 if seeds != [0] else [])
+                             + (["--model", user_model] if user_model else [])
                              + ([] if cleanlab else ["--no-cleanlab"]))
     result = {name: result[name] for name in VARIANTS if name in result}
     result["noise_known"] = run.label_flipped is not None
     result["settings"] = {
         "epochs": epochs, "seeds": seeds, "seed": seeds[0], "device": str(dev),
         "command": command,
-        "arch": arch, "lr": options.lr, "weight_decay": options.weight_decay,
+        "arch": arch, "model": user_model, "lr": options.lr, "weight_decay": options.weight_decay,
         "batch_size": options.batch_size, "run_examples": run.n,
         "run_epochs": cfg.get("epochs"), "run_seeds": cfg.get("seeds"),
         "run_label_noise": cfg.get("label_noise"),
@@ -359,6 +425,121 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
                                         "comes from the run's examples (training split)"}
     _atomic.write_json(run.out / IMPROVE_FILE, result)
     return result
+
+
+def _network(run: RunFiles, model: str | None) -> tuple[str | None, str | None]:
+    """``(arch, model)`` to rebuild the run's network, never taken from the run folder alone:
+    a built-in ``arch`` of :data:`pdepth.models.ARCHITECTURES`, or the user's ``model``
+    (``--model``), which must equal the one ``config.json`` records and may not be a module
+    inside the run folder; imported here, before any data is read."""
+    from .models import ARCHITECTURES, load_factory
+
+    cfg, path = run.config.get("config", {}), run.out / "config.json"
+    recorded = cfg.get("model")
+    if recorded is None:
+        arch = cfg.get("arch", "cnn")
+        if model is not None:
+            raise ValueError(f"--model {model}: the run {run.out} was made with --arch "
+                             f"{arch}, not a --model; leave --model out")
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
+            raise ValueError(f"{path}: arch {arch!r} is not one of pdepth's architectures "
+                             f"({', '.join(ARCHITECTURES)})")
+        return arch, None
+    if model is None:
+        raise ValueError(f"{run.out} was made with the user's network --model {recorded} "
+                         "(config.json); pdepth improve imports no code a run folder names: "
+                         f"pass --model {recorded} yourself if you trust that code")
+    if model != recorded:
+        raise ValueError(f"--model {model} is not the run's network: {path} records --model "
+                         f"{recorded}")
+    _module_outside(model, run.out)
+    load_factory(model)  # an import error now, not after the data is read
+    return None, model
+
+
+def _module_outside(spec: str, out: Path) -> None:
+    """ValueError where the module of ``spec`` (``module:factory``), or a package on its way,
+    would be imported from a file inside the run folder ``out`` (e.g. the current directory
+    is the run folder, and ``''`` or it is on ``sys.path``). Each dotted prefix is resolved
+    with :func:`importlib.util.find_spec` before it is imported, which runs only the
+    already-checked parents."""
+    import importlib.util
+
+    folder = out.resolve()
+    parts = spec.partition(":")[0].split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return  # load_factory says it cannot be imported
+        if found is None:
+            return
+        places = [*([found.origin] if found.has_location else []),
+                  *(found.submodule_search_locations or [])]  # relative: to the cwd
+        for place in places:
+            if place and Path(place).resolve().is_relative_to(folder):
+                raise ValueError(f"--model {spec}: module {name} would be imported from "
+                                 f"{place}, inside the run folder {folder}; pdepth improve runs "
+                                 "no code from a run folder (move the module out, or run from "
+                                 "another directory)")
+
+
+def _train_options(run: RunFiles, epochs: int | None):
+    """The run's training settings (``config.json``), checked: ``epochs`` (``--epochs``,
+    default the run's) >= 1, ``lr`` > 0, ``weight_decay`` >= 0 (finite), ``batch_size`` and
+    ``eval_batch_size`` >= 1."""
+    from .protocol.train import TrainOptions
+
+    cfg, path = run.config.get("config", {}), run.out / "config.json"
+    flag = epochs is not None
+    epochs = cfg.get("epochs", 6) if epochs is None else epochs
+    if not _is_int(epochs) or epochs < 1:
+        where = "epochs (--epochs)" if flag else f"{path}: epochs"
+        raise ValueError(f"{where} must be >= 1, got {epochs!r}"
+                         + (" (the run scored a checkpoint: pass --epochs to retrain)"
+                            if cfg.get("checkpoint") else ""))
+    values = {}
+    for key, default, kind in (("lr", 2e-3, "positive"), ("weight_decay", 0.0, "non-negative"),
+                               ("batch_size", 128, "count"), ("eval_batch_size", 1000, "count")):
+        v = cfg.get(key, default)
+        if kind == "count":
+            ok, want = _is_int(v) and v >= 1, "an integer >= 1"
+        else:
+            finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = finite and (v > 0 if kind == "positive" else v >= 0)
+            want = f"a finite {'number > 0' if kind == 'positive' else 'number >= 0'}"
+        if not ok:
+            raise ValueError(f"{path}: {key} {v!r} is not {want}")
+        values[key] = int(v) if kind == "count" else float(v)
+    return TrainOptions(epochs=int(epochs), **values)
+
+
+def _dataset_settings(run: RunFiles) -> tuple[str, str | None, int | None, dict]:
+    """``(dataset, root, image_size, loader options)`` from ``config.json``, checked: a name of
+    :data:`pdepth.data.DATASETS`, a folder path (or none: the dataset's default), an integer
+    image size and worker count."""
+    from .data import DATASETS
+
+    cfg, path = run.config.get("config", {}), run.out / "config.json"
+    resolved = run.config.get("resolved", {})
+    dataset = cfg.get("dataset", "fashion-mnist")
+    if not isinstance(dataset, str) or dataset not in DATASETS:
+        raise ValueError(f"{path}: dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    root = cfg.get("root") or (resolved.get("root") if isinstance(resolved, dict) else None)
+    if root is not None and not isinstance(root, str):
+        raise ValueError(f"{path}: root {root!r} is not a folder path")
+    for key in ("image_size", "workers"):
+        v = cfg.get(key)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise ValueError(f"{path}: {key} {v!r} is not an integer >= 0")
+    # only the options the run set: a loader may take (root, split) alone
+    options = {k: cfg[k] for k in ("image_size", "workers") if cfg.get(k)}
+    return dataset, root, cfg.get("image_size"), options
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def _check_run_images(run: RunFiles, images: torch.Tensor) -> None:

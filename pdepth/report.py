@@ -10,6 +10,7 @@ what this run shows (``holds``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -97,7 +98,23 @@ def _load(out: Path):
                 f"{out / name} cannot be read ({type(exc).__name__}: {exc}); to rebuild the "
                 f"results from models/, delete {out / 'COMPLETE'} and rerun the same "
                 f"`pdepth run --out {out} ...` command") from exc
+    for name, value in zip(readers, loaded, strict=True):
+        _check_json(out, name, value)
     return tuple(loaded)
+
+
+def _check_json(out: Path, name: str, value) -> None:
+    """The JSON files must hold objects (config.json: with the objects "config" and
+    "resolved"); a RunFilesError names the file otherwise. Their values are escaped and
+    checked where they are used (pdepth.report_html)."""
+    if not name.endswith(".json") or value is None:
+        return
+    parts = ("config", "resolved") if name == "config.json" else ()
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), dict) for k in parts):
+        what = "an object" + (" with the objects 'config' and 'resolved'" if parts else "")
+        raise RunFilesError(f"{out / name} cannot be read (it holds no JSON {what}); to "
+                            f"rebuild the results from models/, delete {out / 'COMPLETE'} "
+                            f"and rerun the same `pdepth run --out {out} ...` command")
 
 
 def _binned(x: np.ndarray, y: np.ndarray, num_layers: int):
@@ -143,23 +160,54 @@ def write_report(out: str | os.PathLike) -> Path:
     return out / "report.html"
 
 
+# what each figure reads, for the error naming the file an edit made undrawable
+FIGURE_INPUTS = {
+    "depth_hist.png": "per_model.npz", "metrics_vs_depth.png": "results.parquet",
+    "layer_knn.png": "per_model.npz", "depth_2d.png": "results.parquet",
+    "vote_shares.png": "summary.json", "convergence.png": "summary.json",
+    "label_noise.png": "summary.json",
+    "examples_by_depth.png": "results.parquet, per_model.npz, data.npz or config.json",
+    "examples_by_category.png": "results.parquet, per_model.npz, data.npz or config.json",
+    "training.png": "per_model.npz"}
+# what an edited file that no pdepth run writes makes numpy, pandas or the figures raise
+_EDITED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
 def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
     """Draws every figure and report.html under temporary names (``pending``), in the order
-    of :data:`FIGURES` (the figures share one random generator, used in this order)."""
-    d = _Drawing(figdir, pending, loaded)
-    d.depth_hist()
-    d.metrics_vs_depth()
-    acc_tr, acc_ho = d.layer_knn()
-    d.depth_2d()
-    d.vote_shares()
-    d.convergence()
-    d.label_noise()
-    d.examples_by_depth()
-    d.examples_by_category()
-    d.training()
+    of :data:`FIGURES` (the figures share one random generator, used in this order). A
+    value that no pdepth run writes (an edited file) stops it with a RunFilesError naming
+    the figure and the files it reads."""
+    out = figdir.parent
+    with _edited(out, "the report", "config.json, per_model.npz or data.npz"):
+        d = _Drawing(figdir, pending, loaded)
+    acc = None
+    for name in FIGURES:
+        with _edited(out, f"figures/{name}", FIGURE_INPUTS[name]):
+            drawn = getattr(d, name.removesuffix(".png"))()
+        acc = drawn if name == "layer_knn.png" else acc
+    acc_tr, acc_ho = acc
     html_path = pending.tmp(figdir.parent / "report.html")
     figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
-    html_path.write_text(report_html(d, figures, acc_tr, acc_ho))
+    with _edited(out, "report.html", "the run's files"):
+        page = report_html(d, figures, acc_tr, acc_ho)
+    html_path.write_text(page)
+
+
+@contextlib.contextmanager
+def _edited(out: Path, what: str, inputs: str):
+    """Turns the errors of a value no pdepth run writes into one RunFilesError line."""
+    try:
+        yield
+    except RunFilesError:
+        raise
+    except _EDITED as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise RunFilesError(
+            f"{out}: cannot draw {what} from {inputs} ({type(exc).__name__}: {msg}): a file "
+            f"holds values no pdepth run writes; to rebuild the results from models/, delete "
+            f"{out / 'COMPLETE'} and rerun the same `pdepth run --out {out} ...` command"
+        ) from exc
 
 
 class _Drawing:
@@ -180,7 +228,10 @@ class _Drawing:
         self.figdir, self.pending = figdir, pending
         self.df, self.arr, self.cfg = df, arr, cfg
         summary = summary or {}  # a run from before summary.json: no claim figures
-        self.claims, self.summary, self.improve = summary.get("claims", {}), summary, improve
+        claims = summary.get("claims", {})
+        claims = claims if isinstance(claims, dict) else {}
+        self.claims = {k: v for k, v in claims.items() if isinstance(v, dict)}
+        self.summary, self.improve = summary, improve
         self.drawn: list[str] = []  # the figures drawn, in the order of FIGURES
         self.images = data["images"]
         res = cfg["resolved"]

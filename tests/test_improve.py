@@ -127,7 +127,10 @@ def test_flag_metrics_hand_built():
     assert (m["precision"], m["recall"]) == (1.0, 0.25)
     assert m["f1"] == pytest.approx(2 * 0.25 / 1.25)
     assert flag_metrics(np.zeros(4, bool), np.ones(4, bool))["precision"] is None
-    assert flag_metrics(np.ones(4, bool), np.zeros(4, bool))["recall"] is None
+    # no label flipped (a run without noise): nothing to find, so no precision either
+    assert flag_metrics(np.ones(4, bool), np.zeros(4, bool)) == {
+        "flagged": 4, "flipped": 0, "true_flags": 0, "precision": None, "recall": None,
+        "f1": None}
     assert flag_metrics(np.array([1, 0], bool), np.array([0, 1], bool))["f1"] == 0.0
     assert flag_metrics(np.ones(3, bool), None) == {"flagged": 3}  # no noise info
 
@@ -369,3 +372,179 @@ def test_improve_on_a_real_run(tiny_run, tmp_path):
     # the run's report was redrawn with the accuracies
     page = (run_dir / "report.html").read_text()
     assert f"<td>baseline</td><td>{res['baseline']['test_accuracy']:.4f}</td>" in page
+    # a run without --label-noise flipped nothing: no precision / recall, "no flips"
+    assert res["noise_known"] is True and res["pdepth_remove"]["flipped"] == 0
+    assert [res["pdepth_remove"][k] for k in ("precision", "recall", "f1")] == [None] * 3
+    assert "<td>no flips</td><td>no flips</td><td>no flips</td>" in page
+
+
+# --- a run folder is data: no code named in it runs (issue 23, item 12) ---------------------
+
+EVIL = """
+import pathlib
+pathlib.Path(__file__).with_name("RAN").write_text("imported")
+
+
+def build(**kwargs):
+    pathlib.Path(__file__).with_name("RAN").write_text("called")
+"""
+
+USER_NET = """
+from torch import nn
+
+CALLS = []
+
+
+def build(num_classes, in_channels, image_size):
+    CALLS.append(num_classes)
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes))
+"""
+
+
+def _set_config(run_dir: Path, **changes) -> None:
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["config"].update(changes)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test on any call of the protocol's train_model: refused before training."""
+    def trained(*args, **kwargs):
+        raise AssertionError("improve trained a model before refusing its input")
+
+    monkeypatch.setattr(train_mod, "train_model", trained)
+
+
+@needs_fmnist
+def test_improve_never_imports_a_module_of_the_run_folder(noisy_run, tmp_path, monkeypatch,
+                                                          capsys, no_training):
+    """`cd RUN && pdepth improve .` with config.json naming a nets.py shipped in the run
+    folder (found through sys.path's '' / the current directory): refused without importing
+    it, whether --model names it or not."""
+    run_dir = copy_run(noisy_run, tmp_path)
+    (run_dir / "evilnets.py").write_text(EVIL)
+    _set_config(run_dir, arch=None, model="evilnets:build")
+    monkeypatch.chdir(run_dir)
+    monkeypatch.syspath_prepend("")
+    monkeypatch.delitem(sys.modules, "evilnets", raising=False)
+    assert main(["improve", ".", "--quiet"]) == 2  # not named on the command line
+    err = one_error_line(capsys)
+    assert "pass --model evilnets:build" in err
+    assert main(["improve", ".", "--model", "evilnets:build", "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "inside the run folder" in err and "evilnets.py" in err
+    assert not (run_dir / "RAN").exists() and "evilnets" not in sys.modules
+    assert not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+def test_improve_calls_no_factory_the_config_names(noisy_run, tmp_path, monkeypatch, capsys,
+                                                  no_training):
+    """config.json's model set to os:abort: refused (never called) without --model, and a
+    --model other than the recorded one is refused naming both."""
+    calls = []
+    monkeypatch.setattr("os.abort", lambda *a: calls.append(a))
+    run_dir = copy_run(noisy_run, tmp_path)
+    _set_config(run_dir, arch=None, model="os:abort")
+    assert main(["improve", str(run_dir), "--quiet"]) == 2
+    assert "pass --model os:abort" in one_error_line(capsys)
+    assert main(["improve", str(run_dir), "--model", "mynets:build", "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "--model mynets:build is not the run's network" in err and "os:abort" in err
+    assert not calls and not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("changes, args, message", [
+    ({"arch": "os"}, [], "arch 'os' is not one of pdepth's architectures"),
+    ({"arch": ["cnn"]}, [], "arch ['cnn'] is not one of"),
+    ({}, ["--model", "os:abort"], "was made with --arch mlp, not a --model"),
+    ({"dataset": "../../etc"}, [], "dataset '../../etc' is not one of"),
+    ({"root": {"path": "/"}}, [], "root {'path': '/'} is not a folder path"),
+    ({"batch_size": -1}, [], "batch_size -1 is not an integer >= 1"),
+    ({"lr": "nan"}, [], "lr 'nan' is not a finite number > 0"),
+    ({"weight_decay": -0.5}, [], "weight_decay -0.5 is not a finite number >= 0"),
+    ({"epochs": "6"}, [], "epochs must be >= 1, got '6'"),
+    ({"workers": -2}, [], "workers -2 is not an integer >= 0"),
+])
+def test_improve_checks_what_config_json_selects(changes, args, message, noisy_run, tmp_path,
+                                                 capsys, no_training):
+    run_dir = copy_run(noisy_run, tmp_path)
+    _set_config(run_dir, **changes)
+    assert main(["improve", str(run_dir), *args, "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert message in err and ("config.json" in err or "--model" in err), err
+    assert not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+def test_improve_with_the_users_model_named_again(tmp_path, monkeypatch):
+    """A run of the user's --model: improve trains that network when --model names it
+    again (a module outside the run folder) and records it."""
+    (tmp_path / "improve_usernet.py").write_text(USER_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "improve_usernet", raising=False)
+    run_dir = write_noisy_run(tmp_path / "run", n=120)
+    _set_config(run_dir, arch=None, model="improve_usernet:build")
+    res = improve(run_dir, progress=False, cleanlab=False, log=None,
+                  model="improve_usernet:build")
+    import improve_usernet
+
+    assert improve_usernet.CALLS == [10, 10, 10]  # one network per variant
+    assert res["settings"]["model"] == "improve_usernet:build"
+    assert res["settings"]["arch"] is None and 0 <= res["baseline"]["test_accuracy"] <= 1
+    sys.modules.pop("improve_usernet", None)
+
+
+# --- edited results.parquet / per_model.npz: refused before any training (item 15) -----------
+
+def _edit_table(run_dir: Path, column: str, edit) -> None:
+    import pandas as pd
+
+    df = pd.read_parquet(run_dir / "results.parquet")
+    df[column] = edit(df[column])
+    df.to_parquet(run_dir / "results.parquet")
+
+
+@needs_fmnist
+@pytest.mark.parametrize("column, edit, message", [
+    ("suggested_label", lambda c: c.where(c.index != 0, -1), "must hold values 0..9, got -1"),
+    ("suggested_label", lambda c: c.where(c.index != 7, 10), "must hold values 0..9, got 10"),
+    ("suggested_label", lambda c: c.astype(float).where(c.index != 3, np.nan),
+     "must hold integers, got float64"),
+    ("label", lambda c: c + 10, "must hold values 0..9, got 1"),
+    ("label_error", lambda c: c.where(c.index > 0, True) | True, "flags every one of the 300"),
+    ("label_error", lambda c: c.astype(object).where(c.index != 5, None),
+     "must hold booleans, got object"),
+    ("label_flipped", lambda c: c.astype(str), "must hold booleans"),
+    ("dataset_index", lambda c: c.where(c.index != 1, c[0]), "must hold distinct"),
+])
+def test_improve_checks_results_parquet_before_training(column, edit, message, noisy_run,
+                                                        tmp_path, capsys, no_training):
+    run_dir = copy_run(noisy_run, tmp_path)
+    _edit_table(run_dir, column, edit)
+    assert main(["improve", str(run_dir), "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "results.parquet: column " + column in err and message in err, err
+    assert not (run_dir / "improve.json").exists()
+
+
+@needs_fmnist
+def test_improve_checks_per_model_npz_before_training(noisy_run, tmp_path, capsys,
+                                                      no_training):
+    run_dir = copy_run(noisy_run, tmp_path)
+    with np.load(run_dir / "per_model.npz") as z:
+        arrays = dict(z)
+    arrays["probs"][0, 0, 0] = np.nan
+    np.savez_compressed(run_dir / "per_model.npz", **arrays)
+    assert main(["improve", str(run_dir), "--quiet"]) == 2
+    assert "per_model.npz: probs must be finite" in one_error_line(capsys)
+
+
+@needs_fmnist
+def test_cleanlab_flagging_everything_is_skipped(noisy_run, monkeypatch):
+    monkeypatch.setattr(improve_mod, "cleanlab_flags", lambda y, p: np.ones(len(y), bool))
+    variants, skipped = plan_variants(load_run(noisy_run))
+    assert "cleanlab_remove" not in variants
+    assert skipped["cleanlab_remove"] == "cleanlab flagged every example"

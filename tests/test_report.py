@@ -11,6 +11,7 @@ import html
 import json
 import sys
 
+import numpy as np
 import pytest
 from run_helpers import copy_run, needs_fmnist, one_error_line, tree, write_synthetic_run
 
@@ -223,3 +224,144 @@ def test_report_is_all_or_nothing(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         pdepth.report.write_report(out)
     assert tree(out) == before
+
+
+# --------------------------------------------------------------------------------------------
+# hostile values in every file the report reads (issue 23, item 13): escaped, or one line
+# --------------------------------------------------------------------------------------------
+
+JS = "<script>alert(1)</script>"
+
+
+def _edit_json(out, name, edit):
+    path = out / name
+    value = json.loads(path.read_text()) if path.exists() else {}
+    edit(value)
+    path.write_text(json.dumps(value))
+
+
+def _hostile_config(cfg):
+    c, res = cfg["config"], cfg["resolved"]
+    c.update(arch=JS, model=JS, dataset={"name": JS}, k=JS, memory_budget=JS, **{JS: JS})
+    res.update(probe_dims=[JS, {"x": JS}], thresholds={JS: [JS]}, trained=JS,
+               num_models=JS, num_layers=[JS], class_names=[JS] * 10)
+    cfg.update(timing={"models_seconds": JS}, peak_rss_bytes=JS, versions={"pdepth": JS},
+               models=[JS, {"seed": JS, "half": [JS], "memory": {"peak_bytes": JS, "cache": JS},
+                            "stages": {"train": {"seconds": JS, "peak_rss_bytes": {"a": JS}},
+                                       "extract": JS,
+                                       "knn": [{"probe": JS, "seconds": JS}, JS]}}])
+
+
+def _hostile_summary(summary):
+    for entry in summary["claims"].values():  # the figures' own fields stay as they are
+        entry.update(claim=JS, statistic={"s": JS}, value=JS, n_examples=[JS],
+                     n_models=JS, paper_direction=JS, holds=JS)
+    summary["claims"][JS] = JS
+    summary["label_errors"] = {"flagged": JS, "flipped": {"n": JS}, "precision": JS,
+                               "recall": [JS], "f1": JS, "relabel_correct": JS,
+                               "true_positives": JS}
+
+
+def _hostile_improve(improve):
+    improve.update({
+        "baseline": {"test_accuracy": JS, "test_accuracy_std": {"x": JS},
+                     "train_examples": 12.5, "flagged": [JS], "precision": JS},
+        JS: {"test_accuracy": 0.5, "flipped": JS, "f1": JS},
+        "cleanlab_remove": {"skipped": True, "reason": JS},
+        "settings": {"seeds": JS}, "noise_known": JS})
+
+
+def _hostile_table(out):
+    import pandas as pd
+
+    df = pd.read_parquet(out / "results.parquet")
+    df["category"] = JS
+    df["label_name"] = JS
+    df["train_accuracy"] = JS  # a string where a number belongs: "n/a" in the summary
+    df.to_parquet(out / "results.parquet")
+
+
+def _edit_npz(out, name, **changes):
+    with np.load(out / name) as z:
+        arrays = dict(z)
+    arrays.update(changes)
+    np.savez_compressed(out / name, **arrays)
+
+
+HOSTILE = {
+    "config.json": lambda out: _edit_json(out, "config.json", _hostile_config),
+    "summary.json": lambda out: _edit_json(out, "summary.json", _hostile_summary),
+    "improve.json": lambda out: _edit_json(out, "improve.json", _hostile_improve),
+    "results.parquet": _hostile_table,
+    "per_model.npz": lambda out: _edit_npz(
+        out, "per_model.npz", layer_names=np.array([JS, "b", "c", "d", "e", "f"])),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_values_are_escaped(synthetic_run, tmp_path, capsys, name):
+    """A string where a number belongs, a <script> in a name, a dict where a list belongs:
+    the page is written and every value shows as escaped text."""
+    out = copy_run(synthetic_run, tmp_path)
+    HOSTILE[name](out)
+    assert main(["report", str(out)]) == 0, capsys.readouterr().err
+    page = (out / "report.html").read_text()
+    assert "<script" not in page.lower(), name
+    if name == "results.parquet":  # its names reach no page; the mean shows as missing
+        assert "<td>train accuracy</td><td>n/a</td>" in page
+    else:
+        assert html.escape(JS) in page, name
+
+
+@pytest.mark.parametrize("name, edit, figure", [
+    ("summary.json", lambda out: _edit_json(out, "summary.json", lambda s: s["claims"][
+        "groups_processed_differently"].update(vote_share={"easy": JS})), "vote_shares.png"),
+    ("config.json", lambda out: _edit_json(out, "config.json", lambda c: c["resolved"].update(
+        class_names={"0": JS})), "examples_by_depth.png"),
+    ("results.parquet", lambda out: _edit_table(out, "train_depth", JS), "metrics_vs_depth"),
+    ("per_model.npz", lambda out: _edit_npz(out, "per_model.npz", depth=np.array([JS])),
+     "the report"),
+    ("data.npz", lambda out: _edit_npz(out, "data.npz", images=np.array([[JS]])),
+     "examples_by_depth.png"),
+    ("config.json", lambda out: (out / "config.json").write_text(json.dumps([JS])),
+     "config.json cannot be read"),
+    ("improve.json", lambda out: (out / "improve.json").write_text(json.dumps(JS)),
+     "improve.json cannot be read"),
+])
+def test_hostile_values_that_cannot_be_drawn_are_one_line(synthetic_run, tmp_path, capsys,
+                                                          name, edit, figure):
+    """Values a figure cannot be drawn from: refused with one line naming the file, nothing
+    written."""
+    out = copy_run(synthetic_run, tmp_path)
+    edit(out)
+    before = tree(out)
+    assert main(["report", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert name in err and figure in err, err
+    assert tree(out) == before
+
+
+def _edit_table(out, column, value):
+    import pandas as pd
+
+    df = pd.read_parquet(out / "results.parquet")
+    df[column] = value
+    df.to_parquet(out / "results.parquet")
+
+
+def test_improve_without_flips_shows_no_flips(synthetic_run, tmp_path):
+    """improve.json of a run without noise (precision / recall null, flipped 0): the table
+    says "no flips", not 0.0 or n/a."""
+    out = copy_run(synthetic_run, tmp_path)
+    entry = {"test_accuracy": 0.8, "test_accuracy_std": 0.0, "train_examples": 39,
+             "flagged": 1, "flipped": 0, "true_flags": 0, "precision": None, "recall": None,
+             "f1": None}
+    (out / "improve.json").write_text(json.dumps(
+        {"baseline": {"test_accuracy": 0.8, "train_examples": 40}, "pdepth_remove": entry,
+         "noise_known": True, "settings": {"seeds": [0]}}))
+    _edit_json(out, "summary.json", lambda s: s["label_errors"].update(
+        flipped=0, true_positives=0, precision=None, recall=None, f1=None))
+    write_report(out)
+    errors = (out / "report.html").read_text().split("<h2>Label errors</h2>")[1]
+    assert "<td>1</td><td>no flips</td><td>no flips</td><td>no flips</td>" in errors
+    assert "0 labels flipped" in errors and "no flips" in errors.split("</p>")[0]
