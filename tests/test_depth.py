@@ -697,6 +697,27 @@ def test_bad_labels_out_of_range():
         prediction_depth([GOOD], LABELS, reference="labels", k=1, num_classes=0)
 
 
+def test_class_ids_above_the_limit_name_the_labels():
+    # Regression: a label such as 2**40 sized the vote's counts by it: std::bad_alloc.
+    from pdepth.ops import MAX_CLASSES
+
+    huge = LABELS.clone()
+    huge[-1] = 2**40
+    with pytest.raises(ValueError, match=r"^support_labels holds class ids up to "
+                                         r"1099511627776, above the limit MAX_CLASSES="):
+        prediction_depth([GOOD], huge, reference="labels", k=1)
+    with pytest.raises(ValueError, match=r"^query_labels holds class ids up to 1099511627776"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", query_labels=huge, k=1)
+    with pytest.raises(ValueError, match=r"^network_pred .*holds class ids up to"):
+        prediction_depth([GOOD], LABELS, network_pred=huge, k=1)
+    with pytest.raises(ValueError, match=rf"^num_classes={2**40} exceeds the limit of "
+                                         rf"MAX_CLASSES={MAX_CLASSES}"):
+        prediction_depth([GOOD], LABELS, reference="labels", k=1, num_classes=2**40)
+    edge = LABELS.clone()
+    edge[-1] = MAX_CLASSES - 1  # the largest id allowed still works
+    assert prediction_depth([GOOD], edge, reference="labels", k=1).num_classes == MAX_CLASSES
+
+
 def test_negative_support_labels_blame_support_labels():
     # Regression: support labels in {-1, 0} inferred num_classes=1 and the error blamed the
     # network's (correct) predictions: "reference (network) must lie in [0, num_classes=1)".
