@@ -672,13 +672,15 @@ def test_load_parquet_refuses_a_damaged_or_foreign_table(tmp_path):
 
 _CHILD = """
 import os, sys
+import pyarrow as pa
+pa.set_cpu_count(32)  # the pool size of a large machine: the abort was frequent there
 import torch
-import pyarrow.parquet
-from pdepth import DepthResult, prediction_depth
-g = torch.Generator().manual_seed(0)
-layers = [torch.randn(60, 4, generator=g) for _ in range(3)]
+from pdepth.depth.result import DepthResult, build_result
+labels = torch.arange(60) % 3
 path = sys.argv[1]
-prediction_depth(layers, torch.arange(60) % 3, reference="labels", k=3).save(path)
+build_result(torch.stack([labels] * 3), labels, query_labels=labels, example_index=None, k=3,
+             self_match="exclude", reference_mode="labels", num_classes=3,
+             layer_names=None).save(path)
 threads = len(os.listdir("/proc/self/task"))
 DepthResult.load(path)
 print(len(os.listdir("/proc/self/task")) - threads)
@@ -689,21 +691,21 @@ print(len(os.listdir("/proc/self/task")) - threads)
 def test_a_process_that_loaded_a_parquet_result_exits_cleanly(tmp_path):
     # Regression: reading the table from an io.BytesIO with pyarrow's threads aborted the
     # process at exit ("terminate called without an active exception", exit 134) in about
-    # one run of five (OMP_NUM_THREADS=32, pyarrow's pool size). load now starts no thread,
-    # so nothing of pyarrow's is running at exit.
+    # one run of five. load now starts no thread (checked in every run: deterministic), so
+    # nothing of pyarrow's runs at exit; ten processes must all exit 0.
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    env = {**os.environ, "OMP_NUM_THREADS": "32",
-           "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(pdepth.__file__)
-                                              .parent.parent), os.environ.get("PYTHONPATH", "")])}
+    root = str(Path(pdepth.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / f"r{i}.parquet")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(10)]
-    outs = [(p.communicate(timeout=300), p.returncode) for p in procs]
-    for (out, err), rc in outs:
-        assert rc == 0 and out.strip() == "0", (rc, out, err[-500:])
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert (p.returncode, out.strip()) == (0, "0"), err[-500:]
 
 
 @pytest.mark.parametrize("self_match", ["exclude", "include", "drop_nearest"])
