@@ -218,8 +218,9 @@ class DepthResult:
         ``layer_agreement`` and ``layer_accuracy`` from the predictions, the reference of
         ``reference_mode`` "labels" / "last_probe", vote counts that do not sum to ``k`` or
         elect another class); or (parquet) a sidecar that does not belong to the table next
-        to it. Files of format version 1 and 2 (earlier pdepth) load under the same checks;
-        only a version-1 file may lack its checksum, as pdepth wrote none then.
+        to it. Files of format version 1 and 2 (earlier pdepth) load under the same checks,
+        without the checksums pdepth did not write then: an npz of version 1 or 2 has none,
+        a version-1 sidecar may lack ``table_sha256`` (a version-2 one may not).
         """
         path = Path(path)
         result = (cls._load_npz if _format(path, format) == "npz" else cls._load_parquet)(path)
@@ -316,7 +317,7 @@ class DepthResult:
 
     def _validate(self, source) -> None:
         """Raises ValueError naming ``source`` unless the arrays and settings agree."""
-        m, num_layers = self.num_examples, self.num_layers
+        m, num_layers = (self.num_examples if self.depth.dim() else 0), self.num_layers
         problems = []
 
         def shape(name, want):
@@ -485,7 +486,6 @@ def _read_table(path: Path, data: bytes) -> dict[str, np.ndarray]:
                              f"{' with nulls' if col.null_count else ''}, expected "
                              + " or ".join(str(t) for t in types))
         cols[name] = np.array(col.to_numpy(), copy=True)
-    del table, col
     return cols
 
 
