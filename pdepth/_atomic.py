@@ -15,11 +15,12 @@ import json
 import os
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["TMP_NAME", "PendingFiles", "human_bytes", "json_default", "naming", "savez",
-           "temp_path", "write_bytes", "write_json", "write_parquet", "write_with"]
+__all__ = ["TMP_NAME", "PendingFiles", "human_bytes", "json_default", "names_file", "naming",
+           "savez", "temp_path", "write_bytes", "write_json", "write_parquet", "write_with"]
 
 TMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[a-z]+)?")  # what temp_path() returns (its name)
 
@@ -70,6 +71,18 @@ def naming(exc: BaseException, path: str | os.PathLike) -> BaseException:
     if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
         return OSError(exc.errno, exc.strerror, str(path))
     return exc
+
+
+@contextmanager
+def names_file(path: str | os.PathLike):
+    """Re-raises an OSError of the block that names no file as one naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        named = naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import PendingFiles
+from ._atomic import PendingFiles, names_file
 from .categories import CATEGORIES
 from .metrics import layer_accuracy
 from .report_html import report_html
@@ -159,7 +159,8 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
     d.training()
     html_path = pending.tmp(figdir.parent / "report.html")
     figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
-    html_path.write_text(report_html(d, figures, acc_tr, acc_ho))
+    with names_file(figdir.parent / "report.html"):  # a full disk names no file
+        html_path.write_text(report_html(d, figures, acc_tr, acc_ho))
 
 
 class _Drawing:
@@ -194,7 +195,8 @@ class _Drawing:
         self.rng = np.random.default_rng(0)
 
     def save(self, fig, name: str) -> None:
-        fig.savefig(self.pending.tmp(self.figdir / name), dpi=110, bbox_inches="tight")
+        with names_file(self.figdir / name):  # a full disk names no file
+            fig.savefig(self.pending.tmp(self.figdir / name), dpi=110, bbox_inches="tight")
         self.plt.close(fig)
         self.drawn.append(name)
 
