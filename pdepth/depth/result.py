@@ -270,33 +270,8 @@ class DepthResult:
                 "from different saves, an interrupted save or an edit. Save the result again."
             )
         cols = _read_table(path, table_bytes)
-        m, num_layers, num_classes = meta["num_examples"], meta["num_layers"], meta["num_classes"]
-        rows = len(next(iter(cols.values()))) if cols else 0
-        if rows != m:
-            raise ValueError(
-                f"{path}: the table has {rows} rows but its sidecar {sidecar.name} "
-                f"records num_examples={m}; the two files do not belong together"
-            )
-        pred_cols = sorted((name for name in cols if name.startswith("pred_")),
-                           key=lambda name: (len(name), name))
-        want_cols = [f"pred_{layer}" for layer in range(min(num_layers, len(pred_cols) + 1))]
-        if pred_cols != want_cols or len(want_cols) != num_layers:
-            raise ValueError(
-                f"{path}: the sidecar {sidecar.name} records num_layers={num_layers} but the "
-                f"table has the prediction columns {pred_cols}; the two files do not belong "
-                "together"
-            )
-        for name in ("depth", "reference"):
-            if name not in cols:
-                raise ValueError(f"{path}: the table has no {name!r} column")
-        counts = _counts_from_columns(cols, num_layers, num_classes, m, path)
-        _check_counts_version(version, counts is not None, path)
-        votes = {name for row in _vote_names(num_layers, num_classes) for name in row} \
-            if counts is not None else set()
-        unknown = sorted(set(cols) - _TABLE_COLUMNS - set(want_cols) - votes)
-        if unknown:
-            raise ValueError(f"{path}: the table has columns a DepthResult does not write: "
-                             f"{unknown[:5]}")
+        want_cols, counts = _check_columns(cols, meta, version, path, sidecar)
+        m, num_layers = meta["num_examples"], meta["num_layers"]
         t = {name: torch.from_numpy(a) for name, a in cols.items()}
         layer_pred = (
             torch.stack([t[name] for name in want_cols])
@@ -409,6 +384,40 @@ def _agreement(layer_pred: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 def _vote_names(num_layers: int, num_classes: int) -> list[list[str]]:
     return [[f"votes_{layer}_{c}" for c in range(num_classes)] for layer in range(num_layers)]
+
+
+def _check_columns(cols: dict[str, np.ndarray], meta: dict, version: int, path: Path,
+                   sidecar: Path) -> tuple[list[str], torch.Tensor | None]:
+    """``(the prediction columns, vote_counts or None)`` of a table whose columns ``cols``
+    are those the sidecar ``meta`` describes; ValueError naming ``path`` otherwise."""
+    m, num_layers, num_classes = meta["num_examples"], meta["num_layers"], meta["num_classes"]
+    rows = len(next(iter(cols.values()))) if cols else 0
+    if rows != m:
+        raise ValueError(
+            f"{path}: the table has {rows} rows but its sidecar {sidecar.name} "
+            f"records num_examples={m}; the two files do not belong together"
+        )
+    pred_cols = sorted((name for name in cols if name.startswith("pred_")),
+                       key=lambda name: (len(name), name))
+    want_cols = [f"pred_{layer}" for layer in range(min(num_layers, len(pred_cols) + 1))]
+    if pred_cols != want_cols or len(want_cols) != num_layers:
+        raise ValueError(
+            f"{path}: the sidecar {sidecar.name} records num_layers={num_layers} but the "
+            f"table has the prediction columns {pred_cols}; the two files do not belong "
+            "together"
+        )
+    for name in ("depth", "reference"):
+        if name not in cols:
+            raise ValueError(f"{path}: the table has no {name!r} column")
+    counts = _counts_from_columns(cols, num_layers, num_classes, m, path)
+    _check_counts_version(version, counts is not None, path)
+    votes = {name for row in _vote_names(num_layers, num_classes) for name in row} \
+        if counts is not None else set()
+    unknown = sorted(set(cols) - _TABLE_COLUMNS - set(want_cols) - votes)
+    if unknown:
+        raise ValueError(f"{path}: the table has columns a DepthResult does not write: "
+                         f"{unknown[:5]}")
+    return want_cols, counts
 
 
 def _counts_from_columns(cols: dict, num_layers: int, num_classes: int, m: int,
