@@ -15,11 +15,12 @@ import json
 import os
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["TMP_NAME", "PendingFiles", "json_default", "savez", "temp_path", "write_bytes",
-           "write_json", "write_parquet", "write_with"]
+__all__ = ["TMP_NAME", "PendingFiles", "human_bytes", "json_default", "names_file", "naming",
+           "savez", "temp_path", "write_bytes", "write_json", "write_parquet", "write_with"]
 
 TMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[a-z]+)?")  # what temp_path() returns (its name)
 
@@ -44,9 +45,44 @@ def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        raise
+        named = naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes in the largest binary unit it reaches, to three significant digits
+    (``"512 B"``, ``"3.00 MiB"``, ``"12.4 GiB"``): a size in a message never rounds to 0."""
+    n = max(int(n), 0)
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.{2 if n < 10 else 1 if n < 100 else 0}f} {unit}"
+
+
+def naming(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """``exc`` as an OSError naming ``path`` when it is one that names no file (a failed
+    write, fsync or fallocate says only "No space left on device"), else ``exc`` itself."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+        return OSError(exc.errno, exc.strerror, str(path))
+    return exc
+
+
+@contextmanager
+def names_file(path: str | os.PathLike):
+    """Re-raises an OSError of the block that names no file as one naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        named = naming(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -44,6 +44,9 @@ __all__ = [
     "build_info",
     "check_int",
     "FILTERS",
+    "MAX_CLASSES",
+    "check_class_ids",
+    "check_num_classes",
     "empty_topk",
     "knn",
     "knn_plan",
@@ -57,6 +60,12 @@ __all__ = [
 SELF_MATCH_POLICIES = ("exclude", "include", "drop_nearest")
 # The filter GEMM's formats (docs/design.md section 6); none changes the output.
 FILTERS = ("auto", "fp32", "bf16", "bf16x3", "tf32")
+# The most classes a vote takes (class ids 0 .. MAX_CLASSES - 1). A vote keeps one count per
+# class, sized by the largest id (the CPU kernel one int64 per class per thread: 128 MiB at
+# this cap; vote counts [M, C]), so an unmapped identifier such as 2**40 as a label would fail
+# in the allocator (std::bad_alloc). 2**24 is far above any classification data set
+# (ImageNet-21k has 21,841 classes); larger ids must be mapped to 0..C-1 first.
+MAX_CLASSES = 2**24
 
 _warned: set[str] = set()
 
@@ -160,9 +169,34 @@ def knn(
     )
 
 
+def check_num_classes(num_classes: int, op: str) -> int:
+    """``num_classes`` (an integer, see :func:`check_int`) unless it exceeds
+    :data:`MAX_CLASSES`; values below 1 are left to the op's own message."""
+    num_classes = check_int(num_classes, "num_classes", op=op)
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"{op}(): num_classes={num_classes} exceeds the limit of "
+                         f"MAX_CLASSES={MAX_CLASSES} classes (a vote keeps one count per "
+                         "class); map the labels to 0..C-1 first")
+    return num_classes
+
+
+def check_class_ids(labels: torch.Tensor, name: str, op: str | None = None) -> None:
+    """Raises ``ValueError`` naming ``name``, its largest value and :data:`MAX_CLASSES` when
+    a class id in ``labels`` is at or above the limit (the range's other rules are the
+    op's)."""
+    hi = int(labels.max()) if labels.numel() else -1
+    if hi >= MAX_CLASSES:
+        prefix = f"{op}(): " if op else ""
+        raise ValueError(f"{prefix}{name} holds class ids up to {hi}, above the limit "
+                         f"MAX_CLASSES={MAX_CLASSES} (ids 0..{MAX_CLASSES - 1}: a vote keeps "
+                         "one count per class); map the labels to 0..C-1 first (e.g. "
+                         "torch.unique(labels, return_inverse=True))")
+
+
 def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
     if num_classes is not None:
-        return check_int(num_classes, "num_classes", op="knn_vote")
+        return check_num_classes(num_classes, "knn_vote")
+    check_class_ids(labels, "support_labels", "knn_vote")
     return int(labels.max()) + 1 if labels.numel() else 1
 
 
@@ -182,7 +216,8 @@ def knn_vote(
     Args:
         queries, support, k, self_index, self_match, filter: as in :func:`knn`.
         support_labels: ``[N]`` integer labels in ``[0, num_classes)``.
-        num_classes: number of classes; default ``support_labels.max() + 1``.
+        num_classes: number of classes; default ``support_labels.max() + 1``. At most
+            :data:`MAX_CLASSES` (2**24): larger class ids must be mapped to ``0..C-1``.
 
     Returns:
         :class:`Vote` ``(pred[M] int64, dist[M, k], index[M, k])``. The largest count wins;
@@ -212,8 +247,8 @@ def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Uniform vote over ``neighbor_labels[M, k]`` (int64 in ``[0, num_classes)``, or -1): the
     most frequent label per row, ties to the lowest class. A -1 (a missing neighbour, see
     :func:`neighbor_labels`) does not vote; a row with no label votes -1. Returns ``[M]``
-    int64. Not differentiable."""
-    num_classes = check_int(num_classes, "num_classes", op="vote")
+    int64. ``num_classes`` is at most :data:`MAX_CLASSES`. Not differentiable."""
+    num_classes = check_num_classes(num_classes, "vote")
     labels = _as_index(neighbor_labels, "neighbor_labels")
     if _use_extension(labels.device):
         return torch.ops.pdepth.vote(labels, num_classes)

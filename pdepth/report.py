@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import PendingFiles
+from ._atomic import PendingFiles, names_file
 from .categories import CATEGORIES
 from .metrics import layer_accuracy
 from .report_html import report_html
@@ -191,7 +191,8 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
     figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
     with _edited(out, "report.html", "the run's files"):
         page = report_html(d, figures, acc_tr, acc_ho)
-    html_path.write_text(page)
+    with names_file(figdir.parent / "report.html"):  # a full disk names no file
+        html_path.write_text(page)
 
 
 @contextlib.contextmanager
@@ -245,7 +246,8 @@ class _Drawing:
         self.rng = np.random.default_rng(0)
 
     def save(self, fig, name: str) -> None:
-        fig.savefig(self.pending.tmp(self.figdir / name), dpi=110, bbox_inches="tight")
+        with names_file(self.figdir / name):  # a full disk names no file
+            fig.savefig(self.pending.tmp(self.figdir / name), dpi=110, bbox_inches="tight")
         self.plt.close(fig)
         self.drawn.append(name)
 

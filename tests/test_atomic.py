@@ -62,3 +62,29 @@ def test_pending_files_all_or_nothing(tmp_path):
     dropped.tmp(tmp_path / "c.png").write_text("c")
     dropped.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.html"]
+
+
+def test_human_bytes_keeps_three_digits_and_never_rounds_to_zero():
+    # Regression: disk messages printed sizes as "0.0 GiB".
+    assert _atomic.human_bytes(0) == "0 B" and _atomic.human_bytes(-5) == "0 B"
+    assert _atomic.human_bytes(1023) == "1023 B"
+    assert _atomic.human_bytes(1024) == "1.00 KiB"
+    assert _atomic.human_bytes(200 * 3136 * 4) == "2.39 MiB"
+    assert _atomic.human_bytes(12 * 2**20 + 2**19) == "12.5 MiB"
+    assert _atomic.human_bytes(3 * 2**30) == "3.00 GiB"
+    assert _atomic.human_bytes(700 * 2**40) == "700 TiB"
+
+
+def test_a_full_disk_names_the_file(tmp_path):
+    # Regression: "[Errno 28] No space left on device" named no file.
+    import errno
+
+    path = tmp_path / "a.bin"
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match=r"No space left on device: '.*a\.bin'") as info:
+        _atomic.write_with(path, full)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []

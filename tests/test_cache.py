@@ -5,6 +5,7 @@ passes; a truncated forward pass; resuming per probe; the disk check; the clean-
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -293,3 +294,30 @@ def test_layer_knn_progress_bar(tmp_path, capsys):
     steps = -(-store.n // q_rows) * -(-len(labels) // s_rows)
     err = capsys.readouterr().err
     assert "k-NN probe0" in err and f"/{steps} " in err and "block" in err, err
+
+
+def test_cache_space_message_names_the_folder_and_keeps_small_sizes(tmp_path, monkeypatch):
+    # Regression: a small run's sizes printed as "0.0 GiB".
+    from pdepth.protocol.errors import DiskSpaceError
+
+    monkeypatch.setattr(scoring, "disk_budget", lambda folder: 1000)
+    with pytest.raises(DiskSpaceError) as info:
+        scoring.check_cache_space(tmp_path / "run", 200, [784, 3136], memory_budget=0)
+    msg = str(info.value)
+    assert f"they go to {tmp_path / 'run' / 'cache'};" in msg and "\n" not in msg
+    assert "(2.99 MiB over 2 probes)" in msg and "needs 2.39 MiB" in msg, msg
+    assert "has 1000 B to spare" in msg, msg
+
+
+def test_a_full_disk_names_the_cache_file(tmp_path, monkeypatch):
+    # Regression: reserving a probe's file on a full disk said only "No space left on device".
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    store = LayerStore(10, [4], tmp_path, "seed0-half0")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*seed0-half0\.emb00\.npy'"):
+        store.open(0)
+    assert list(tmp_path.iterdir()) == []

@@ -389,15 +389,41 @@ def test_save_bad_suffix(tmp_path):
         _result().save(tmp_path / "depth.csv")
 
 
-def _edit_sidecar(path, **changes):
+def _edit_sidecar(path, sign=True, **changes):
+    """Edits the parquet sidecar of ``path`` (a None value deletes the field); ``sign``
+    recomputes its checksum, as a forger would, so that the other checks are reached."""
     import json
+
+    from pdepth.depth import result as depth_mod
 
     sidecar = path.with_name(path.name + ".json")
     meta = json.loads(sidecar.read_text())
     meta.update(changes)
     for key in [key for key, value in changes.items() if value is None]:
         del meta[key]
+    if sign and "sha256" in meta:
+        meta["sha256"] = depth_mod._digest(meta)
     sidecar.write_text(json.dumps(meta))
+
+
+def _arrays(res) -> dict:
+    return {name: getattr(res, name).numpy() for name in
+            ("depth", "layer_pred", "reference", "layer_agreement", "layer_accuracy",
+             "labels", "example_index", "vote_counts") if getattr(res, name) is not None}
+
+
+def _write_npz(path, arrays, meta, sign=True):
+    """An npz as DepthResult.save writes it, from ``arrays`` and ``meta`` (signed with the
+    format's checksum unless ``sign`` is False: a forger's file, to reach the other checks)."""
+    import json
+
+    from pdepth.depth import result as depth_mod
+
+    meta = dict(meta)
+    if sign:
+        meta["sha256"] = depth_mod._digest(meta, arrays)
+    np.savez(path, **arrays, meta=np.array(json.dumps(meta)))
+    return path
 
 
 def test_load_parquet_refuses_a_sidecar_from_another_save(tmp_path):
@@ -411,8 +437,8 @@ def test_load_parquet_refuses_a_sidecar_from_another_save(tmp_path):
     with pytest.raises(ValueError, match=r"a.parquet: the sidecar a.parquet.json does not "
                                          r"belong to this table"):
         DepthResult.load(path)
-    # a sidecar without a checksum (older pdepth) is still checked against the table's shape
-    _edit_sidecar(path, table_sha256=None)
+    # a version-1 sidecar (pdepth before the checksum) is still checked against the table
+    _edit_sidecar(path, table_sha256=None, sha256=None, format_version=1)
     with pytest.raises(ValueError, match=r"table has 10 rows but its sidecar .* "
                                          r"num_examples=40"):
         DepthResult.load(path)
@@ -436,28 +462,250 @@ def test_load_parquet_refuses_an_edited_sidecar(tmp_path):
 def test_load_npz_refuses_inconsistent_arrays(tmp_path):
     # Regression: an npz whose depth is shorter than layer_pred loaded.
     res = _result()
-    arrays = {name: getattr(res, name).numpy() for name in
-              ("depth", "layer_pred", "reference", "layer_agreement", "layer_accuracy",
-               "labels", "example_index")}
-    meta = np.array(__import__("json").dumps(res._meta()))
-    np.savez(tmp_path / "short.npz", **{**arrays, "depth": arrays["depth"][:30]}, meta=meta)
+    arrays, meta = _arrays(res), res._meta()
+    _write_npz(tmp_path / "short.npz", {**arrays, "depth": arrays["depth"][:30]}, meta)
     with pytest.raises(ValueError, match=r"short.npz is not a consistent DepthResult "
                                          r"\(num_layers=3, 30 entries in depth\): layer_pred "
                                          r"has shape \(3, 40\), expected \(3, 30\)"):
         DepthResult.load(tmp_path / "short.npz")
     wrong = arrays["depth"].copy()
     wrong[0] = (wrong[0] + 1) % 4
-    np.savez(tmp_path / "wrong.npz", **{**arrays, "depth": wrong}, meta=meta)
+    _write_npz(tmp_path / "wrong.npz", {**arrays, "depth": wrong}, meta)
     with pytest.raises(ValueError, match="depth does not follow from layer_pred and reference"):
         DepthResult.load(tmp_path / "wrong.npz")
-    bad_meta = np.array(__import__("json").dumps({**res._meta(), "num_layers": 4}))
-    np.savez(tmp_path / "layers.npz", **arrays, meta=bad_meta)
+    _write_npz(tmp_path / "layers.npz", arrays, {**meta, "num_layers": 4})
     with pytest.raises(ValueError, match=r"layer_pred has shape \(3, 40\), expected \(4, 40\)"):
         DepthResult.load(tmp_path / "layers.npz")
-    np.savez(tmp_path / "missing.npz", depth=arrays["depth"], meta=meta)
+    _write_npz(tmp_path / "missing.npz", {"depth": arrays["depth"]}, meta)
     with pytest.raises(ValueError, match=r"missing arrays \['layer_agreement', 'layer_pred', "
                                          r"'reference'\]"):
         DepthResult.load(tmp_path / "missing.npz")
+
+
+def _one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# Hostile edits of an npz as saved: (id, arrays -> arrays, meta -> meta, sign, message).
+# Unsigned, each edit is caught by the checksum or a field's rule; signed (a forger
+# recomputing the checksum), by the rule that the edited value breaks.
+
+
+def _set(a, i, v):
+    a = a.copy()
+    a[i] = v
+    return a
+
+
+NPZ_EDITS = [
+    ("labels", lambda a: {**a, "labels": _set(a["labels"], 0, 1)}, None, False,
+     r"x.npz: its arrays or settings do not match the SHA-256 its meta records"),
+    ("labels-signed", lambda a: {**a, "labels": _set(a["labels"], 0, 1)}, None, True,
+     r"layer_accuracy is not the fraction of layer_pred equal to the labels"),
+    ("labels-out-of-range", lambda a: {**a, "labels": _set(a["labels"], 0, 7)}, None, True,
+     r"labels must lie in \[0, num_classes=3\), got values in \[0, 7\]"),
+    ("accuracy", lambda a: {**a, "layer_accuracy": a["layer_accuracy"] * 0 + 1}, None, False,
+     r"do not match the SHA-256"),
+    ("accuracy-signed", lambda a: {**a, "layer_accuracy": a["layer_accuracy"] * 0 + 1}, None,
+     True, r"layer_accuracy is not the fraction of layer_pred equal to the labels"),
+    ("agreement-signed", lambda a: {**a, "layer_agreement": a["layer_agreement"] / 2}, None,
+     True, r"layer_agreement is not the fraction of layer_pred equal to the reference"),
+    ("accuracy-without-labels",
+     lambda a: {k: v for k, v in a.items() if k != "labels"}, None, True,
+     r"labels and layer_accuracy must be both present or both absent"),
+    ("reference-not-labels", lambda a: {**a, "reference": _set(a["reference"], 0, 2),
+                                        "depth": _set(a["depth"], 0, 3)}, None, True,
+     r'reference_mode "labels" needs a reference equal to the labels'),
+    ("float-depth", lambda a: {**a, "depth": a["depth"].astype(np.float64)}, None, True,
+     r"x.npz: array depth has dtype float64, expected int64"),
+    ("big-endian", lambda a: {**a, "depth": a["depth"].astype(">i8")}, None, True,
+     r"array depth has dtype >i8, expected int64"),
+    ("k", None, lambda m: {**m, "k": -4}, False,
+     r"^\S*x.npz: k must be a positive integer, got -4$"),
+    ("k-string", None, lambda m: {**m, "k": "4"}, True, r"k must be a positive integer, got '4'"),
+    ("self-match", None, lambda m: {**m, "self_match": "bogus"}, False,
+     r"self_match must be one of \('exclude', 'include', 'drop_nearest'\), got 'bogus'"),
+    ("reference-mode", None, lambda m: {**m, "reference_mode": 3}, True,
+     r"reference_mode must be one of"),
+    ("num-classes", None, lambda m: {**m, "num_classes": 2**40}, True,
+     r"num_classes must be an integer in 1..MAX_CLASSES=16777216, got 1099511627776"),
+    ("num-classes-small", None, lambda m: {**m, "num_classes": 2}, True,
+     r"vote_counts has shape \(3, 40, 3\), expected \(3, 40, 2\)"),
+    ("pred-out-of-range", lambda a: {**a, "layer_pred": _set(a["layer_pred"], (0, 0), 5)},
+     None, True, r"layer_pred must lie in \[0, num_classes=3\), got values in \[0, 5\]"),
+    ("layer-names", None, lambda m: {**m, "layer_names": 5}, True,
+     r"layer_names must be null or a list of strings, got 5"),
+    ("version", None, lambda m: {**m, "format_version": "3"}, True,
+     r"format_version must be a positive integer, got '3'"),
+    ("future-version", None, lambda m: {**m, "format_version": 99}, True,
+     r"has format version 99; this pdepth .* reads up to 3"),
+    ("unknown-field", None, lambda m: {**m, "extra": 1}, True,
+     r"meta of format version 3 has unknown fields \['extra'\]"),
+    ("missing-field", None, lambda m: {k: v for k, v in m.items() if k != "k"}, True,
+     r"meta of format version 3 lacks the fields \['k'\]"),
+    ("no-checksum", None, lambda m: {k: v for k, v in m.items() if k != "sha256"}, False,
+     r"meta of format version 3 lacks the fields \['sha256'\]"),
+    ("v1-with-counts", None,
+     lambda m: {**{k: v for k, v in m.items() if k != "sha256"}, "format_version": 1}, False,
+     r"a file of format version 1 holds no vote counts"),
+    ("counts-signed", lambda a: {**a, "vote_counts": a["vote_counts"].astype(np.int32)}, None,
+     True, r"vote_counts has dtype torch.int32, expected torch.int16 for k=4"),
+]
+
+
+@pytest.mark.parametrize("edit_arrays, edit_meta, sign, match", [e[1:] for e in NPZ_EDITS],
+                         ids=[e[0] for e in NPZ_EDITS])
+def test_load_npz_refuses_hostile_edits(tmp_path, edit_arrays, edit_meta, sign, match):
+    # Regression: edited labels, accuracy, k=-4 or self_match="bogus" loaded; a bad field
+    # raised KeyError / TypeError / AttributeError.
+    from pdepth.depth import result as depth_mod
+
+    res = _result(vote_counts=True)
+    arrays = _arrays(res)
+    meta = {**res._meta(), "sha256": depth_mod._digest(res._meta(), arrays)}  # as saved
+    arrays = edit_arrays(arrays) if edit_arrays else arrays
+    meta = edit_meta(meta) if edit_meta else meta
+    _write_npz(tmp_path / "x.npz", arrays, meta, sign=sign)
+    _one_line_error(lambda: DepthResult.load(tmp_path / "x.npz"), match)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda b: b[:len(b) // 2], r"x.npz: not a readable .npz file \(BadZipFile: "),
+    (lambda b: b"", r"x.npz: not a readable .npz file"),
+    (lambda b: b"hello", r"x.npz: not a readable .npz file"),
+])
+def test_load_npz_refuses_a_damaged_file(tmp_path, damage, match):
+    # Regression: a truncated npz raised zipfile.BadZipFile.
+    path = _result().save(tmp_path / "x.npz")
+    path.write_bytes(damage(path.read_bytes()))
+    _one_line_error(lambda: DepthResult.load(path), match)
+    np.save(tmp_path / "y.npz", np.arange(3))  # an .npy array under an .npz name
+    (tmp_path / "y.npz.npy").rename(tmp_path / "y.npz")
+    _one_line_error(lambda: DepthResult.load(tmp_path / "y.npz"), "not a readable .npz file")
+    with pytest.raises(FileNotFoundError):
+        DepthResult.load(tmp_path / "absent.npz")
+
+
+def test_load_npz_of_format_2_without_a_checksum_still_loads(tmp_path):
+    # pdepth before format 3 wrote no checksum into an npz: such a file loads, every other
+    # rule applied; a checksum it does carry must match.
+    res = _result(vote_counts=True)
+    old = {**res._meta(), "format_version": 2}
+    back = DepthResult.load(_write_npz(tmp_path / "old.npz", _arrays(res), old, sign=False))
+    assert back.equals(res)
+    labels = _set(_arrays(res)["labels"], 0, 1)
+    _write_npz(tmp_path / "old.npz", {**_arrays(res), "labels": labels}, old, sign=False)
+    _one_line_error(lambda: DepthResult.load(tmp_path / "old.npz"),
+                    r"layer_accuracy is not the fraction")
+
+
+# Hostile edits of a parquet sidecar: (id, sidecar text or edit of its fields, sign, message)
+SIDECAR_EDITS = [
+    ("not-json", "{", False, r"r.parquet.json: not a JSON document \(JSONDecodeError: "),
+    ("binary", b"\xff\xfe", False, r"r.parquet.json: not a JSON document"),
+    ("list", "[1, 2]", False, r"r.parquet.json was not written by DepthResult.save"),
+    ("missing", {"num_examples": None}, True, r"lacks the fields \['num_examples'\]"),
+    ("agreement-type", {"layer_agreement": "x"}, True,
+     r"layer_agreement must be a list of numbers, got 'x'"),
+    ("num-layers-type", {"num_layers": "3"}, True,
+     r"num_layers must be an integer >= 0, got '3'"),
+    ("names-type", {"layer_names": 5}, True, r"layer_names must be null or a list of strings"),
+    ("k", {"k": -4}, True, r"r.parquet.json: k must be a positive integer, got -4"),
+    ("k-unsigned", {"k": 5}, False,
+     r"r.parquet.json: its fields do not match the SHA-256 it records"),
+    ("self-match", {"self_match": "bogus"}, True, r"self_match must be one of"),
+    ("accuracy", {"layer_accuracy": [1.0, 1.0, 1.0]}, True,
+     r"layer_accuracy is not the fraction of layer_pred equal to the labels"),
+    ("no-table-checksum", {"table_sha256": None}, True,
+     r"sidecar of format version 3 lacks the fields \['table_sha256'\]"),
+    ("no-table-checksum-v2", {"table_sha256": None, "sha256": None, "format_version": 2},
+     False, r"sidecar of format version 2 lacks the fields \['table_sha256'\]"),
+    ("no-checksum", {"sha256": None}, False,
+     r"sidecar of format version 3 lacks the fields \['sha256'\]"),
+    ("bad-checksum", {"table_sha256": "0" * 64}, True, r"does not belong to this table"),
+    ("checksum-type", {"table_sha256": 7}, True, r"table_sha256 must be a SHA-256 in hex"),
+    ("num-examples", {"num_examples": -1}, True, r"num_examples must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("edit, sign, match", [e[1:] for e in SIDECAR_EDITS],
+                         ids=[e[0] for e in SIDECAR_EDITS])
+def test_load_parquet_refuses_hostile_sidecars(tmp_path, edit, sign, match):
+    # Regression: a malformed sidecar raised KeyError / TypeError / AttributeError, and
+    # deleting table_sha256 switched the checksum off.
+    path = _result().save(tmp_path / "r.parquet")
+    sidecar = tmp_path / "r.parquet.json"
+    if isinstance(edit, bytes):
+        sidecar.write_bytes(edit)
+    elif isinstance(edit, str):
+        sidecar.write_text(edit)
+    else:
+        _edit_sidecar(path, sign=sign, **edit)
+    _one_line_error(lambda: DepthResult.load(path), match)
+
+
+def test_load_parquet_refuses_a_damaged_or_foreign_table(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = _result().save(tmp_path / "r.parquet")
+    good = path.read_bytes()
+    path.write_bytes(good[:100])
+    _one_line_error(lambda: DepthResult.load(path), "does not belong to this table")
+    # the same damage to a version-1 pair (no checksum): the table itself is unreadable
+    _edit_sidecar(path, table_sha256=None, sha256=None, format_version=1)
+    _one_line_error(lambda: DepthResult.load(path), r"r.parquet: not a readable parquet table")
+    # a table of the wrong column types, signed by a forger
+    df = _result().to_pandas()
+    for column, value in (("label", df["label"].astype("float64")), ("extra", df["depth"])):
+        pq.write_table(pa.table(df.assign(**{column: value})), path)
+        _edit_sidecar(path, table_sha256=__import__("hashlib").sha256(
+            path.read_bytes()).hexdigest(), format_version=1, sha256=None)
+        _one_line_error(lambda: DepthResult.load(path),
+                        r"column 'label' has type double, expected int64"
+                        if column == "label" else r"columns a DepthResult does not write: "
+                                                  r"\['extra'\]")
+
+
+_CHILD = """
+import os, sys
+import pyarrow as pa
+pa.set_cpu_count(32)  # the pool size of a large machine: the abort was frequent there
+import torch
+from pdepth.depth.result import DepthResult, build_result
+labels = torch.arange(60) % 3
+path = sys.argv[1]
+build_result(torch.stack([labels] * 3), labels, query_labels=labels, example_index=None, k=3,
+             self_match="exclude", reference_mode="labels", num_classes=3,
+             layer_names=None).save(path)
+threads = len(os.listdir("/proc/self/task"))
+DepthResult.load(path)
+print(len(os.listdir("/proc/self/task")) - threads)
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux only")
+def test_a_process_that_loaded_a_parquet_result_exits_cleanly(tmp_path):
+    # Regression: reading the table from an io.BytesIO with pyarrow's threads aborted the
+    # process at exit ("terminate called without an active exception", exit 134) in about
+    # one run of five. load now starts no thread (checked in every run: deterministic), so
+    # nothing of pyarrow's runs at exit; ten processes must all exit 0.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(pdepth.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / f"r{i}.parquet")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(10)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert (p.returncode, out.strip()) == (0, "0"), err[-500:]
 
 
 @pytest.mark.parametrize("self_match", ["exclude", "include", "drop_nearest"])
@@ -495,19 +743,22 @@ def test_vote_counts_helper_skips_empty_slots_and_checks_its_input():
 
 def test_load_refuses_vote_counts_that_disagree_with_the_votes(tmp_path):
     res = _result(vote_counts=True)
-    arrays = {name: getattr(res, name).numpy() for name in
-              ("depth", "layer_pred", "reference", "layer_agreement", "vote_counts")}
-    meta = np.array(__import__("json").dumps(res._meta()))
-    assert res._meta()["format_version"] == 2 and _result()._meta()["format_version"] == 1
+    arrays, meta = _arrays(res), res._meta()
+    assert res._meta()["format_version"] == 3 and _result()._meta()["format_version"] == 3
     swapped = arrays["vote_counts"][..., ::-1].copy()  # another winner, still k votes
-    np.savez(tmp_path / "swapped.npz", **{**arrays, "vote_counts": swapped}, meta=meta)
+    _write_npz(tmp_path / "swapped.npz", {**arrays, "vote_counts": swapped}, meta)
     with pytest.raises(ValueError, match="layer_pred is not the first class of largest count"):
         DepthResult.load(tmp_path / "swapped.npz")
     short = arrays["vote_counts"].copy()
     short[0, 0, :] = 0
-    np.savez(tmp_path / "short.npz", **{**arrays, "vote_counts": short}, meta=meta)
+    _write_npz(tmp_path / "short.npz", {**arrays, "vote_counts": short}, meta)
     with pytest.raises(ValueError, match="do not sum to k=4"):
         DepthResult.load(tmp_path / "short.npz")
+    negative = arrays["vote_counts"].copy()
+    negative[0, 0, :2] += np.array([5, -5], np.int16)
+    _write_npz(tmp_path / "negative.npz", {**arrays, "vote_counts": negative}, meta)
+    with pytest.raises(ValueError, match="vote_counts has negative counts"):
+        DepthResult.load(tmp_path / "negative.npz")
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])
@@ -695,6 +946,27 @@ def test_bad_labels_out_of_range():
                          k=1, num_classes=2)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         prediction_depth([GOOD], LABELS, reference="labels", k=1, num_classes=0)
+
+
+def test_class_ids_above_the_limit_name_the_labels():
+    # Regression: a label such as 2**40 sized the vote's counts by it: std::bad_alloc.
+    from pdepth.ops import MAX_CLASSES
+
+    huge = LABELS.clone()
+    huge[-1] = 2**40
+    with pytest.raises(ValueError, match=r"^support_labels holds class ids up to "
+                                         r"1099511627776, above the limit MAX_CLASSES="):
+        prediction_depth([GOOD], huge, reference="labels", k=1)
+    with pytest.raises(ValueError, match=r"^query_labels holds class ids up to 1099511627776"):
+        prediction_depth([GOOD], LABELS, [GOOD], reference="labels", query_labels=huge, k=1)
+    with pytest.raises(ValueError, match=r"^network_pred .*holds class ids up to"):
+        prediction_depth([GOOD], LABELS, network_pred=huge, k=1)
+    with pytest.raises(ValueError, match=rf"^num_classes={2**40} exceeds the limit of "
+                                         rf"MAX_CLASSES={MAX_CLASSES}"):
+        prediction_depth([GOOD], LABELS, reference="labels", k=1, num_classes=2**40)
+    edge = LABELS.clone()
+    edge[-1] = MAX_CLASSES - 1  # the largest id allowed still works
+    assert prediction_depth([GOOD], edge, reference="labels", k=1).num_classes == MAX_CLASSES
 
 
 def test_negative_support_labels_blame_support_labels():

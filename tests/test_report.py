@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,6 +174,30 @@ def test_failure_half_way_leaves_every_file(synthetic_run, tmp_path, monkeypatch
     monkeypatch.setattr(pdepth.report, "report_html", boom)  # every figure drawn, the page fails
     with pytest.raises(RuntimeError, match="boom"):
         write_report(out)
+    assert tree(out) == before
+
+
+def test_a_full_disk_names_the_file_and_leaves_every_file(synthetic_run, tmp_path,
+                                                          monkeypatch, capsys):
+    # Regression: a full disk while drawing said "[Errno 28] No space left on device" only.
+    import errno
+
+    from matplotlib.figure import Figure
+
+    out = copy_run(synthetic_run, tmp_path)
+    before = tree(out)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    assert main(["report", str(out)]) == 2
+    assert f"No space left on device: '{out / 'figures' / 'depth_hist.png'}'" \
+        in one_error_line(capsys)
+    monkeypatch.undo()
+    monkeypatch.setattr(Path, "write_text", full)
+    assert main(["report", str(out)]) == 2
+    assert f"No space left on device: '{out / 'report.html'}'" in one_error_line(capsys)
     assert tree(out) == before
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ops import check_filter
+from ..ops import MAX_CLASSES, check_filter
 from .rule import REFERENCE_MODES
 from .support import Support
 
@@ -201,6 +201,9 @@ def _check_num_classes(num_classes) -> int | None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
             or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"num_classes={num_classes} exceeds the limit of MAX_CLASSES="
+                         f"{MAX_CLASSES} classes (a vote keeps one count per class)")
     return int(num_classes)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._atomic import temp_path
+from .._atomic import naming, temp_path
 from ..ops import knn
 from ..probes import ProbeRecorder, ProbeSpec, pinned
 from ..topk import empty_topk
@@ -88,10 +88,13 @@ class LayerStore:
                     "shape": (self.n, self.dims[layer])})
             f.flush()
             os.posix_fallocate(f.fileno(), 0, f.tell() + self.nbytes(layer))
-        except BaseException:
+        except BaseException as exc:
             f.close()
             tmp.unlink(missing_ok=True)
-            raise
+            named = naming(exc, self.path(layer))  # "No space left" names no file
+            if named is exc:
+                raise
+            raise named from exc
         self._writing[layer] = (f, tmp)
 
     def write(self, layer: int, rows: torch.Tensor) -> None:

@@ -81,7 +81,8 @@ def prediction_depth(
         num_classes: number of classes. Default: one more than the largest class id among
             ``support_labels``, ``query_labels`` and the reference (a class that only the
             queries have is never predicted, but it is not an error). Given, every one
-            of them must lie in ``[0, num_classes)``.
+            of them must lie in ``[0, num_classes)``. At most ``pdepth.ops.MAX_CLASSES``
+            (2**24): larger class ids must be mapped to ``0..C-1`` first.
         device: where to run the k-NN (default: where each support layer lives).
         filter: the GEMM format the k-NN op filters candidates with (:func:`pdepth.knn`):
             ``"auto"`` (default: the fastest exact one, :func:`pdepth.knn_plan`), ``"fp32"``,

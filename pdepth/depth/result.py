@@ -15,12 +15,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._args import INT64_MAX
 from .._atomic import write_bytes as _atomic_write
-from .rule import depth_from_predictions
+from ..ops import MAX_CLASSES, SELF_MATCH_POLICIES
+from .rule import REFERENCE_MODES, depth_from_predictions
 
 __all__ = ["DepthResult", "build_result"]
 
-_FORMAT_VERSION = 2  # 2: vote_counts (a file without them is still written as version 1)
+_FORMAT_NAME = "pdepth.DepthResult"
+# 1: the first format (a parquet sidecar may lack table_sha256: pdepth recorded it later);
+# 2: vote counts, table_sha256 always; 3: every file records a SHA-256 of its whole content
+# ("sha256"), with or without vote counts. Older versions still load (DepthResult.load).
+_FORMAT_VERSION = 3
 
 
 def _version() -> str:
@@ -34,6 +40,21 @@ _OPTIONAL_ARRAYS = ("layer_accuracy", "labels", "example_index", "vote_counts")
 _COUNT_DTYPES = (torch.int16, torch.int32)
 _SETTINGS = ("k", "self_match", "reference_mode", "num_layers", "num_classes", "layer_names",
              "version")
+# the numpy dtypes each array of a file may have (native byte order)
+_DTYPES = {**{name: (np.dtype(np.int64),) for name in
+              ("depth", "layer_pred", "reference", "labels", "example_index")},
+           "layer_agreement": (np.dtype(np.float64),), "layer_accuracy": (np.dtype(np.float64),),
+           "vote_counts": (np.dtype(np.int16), np.dtype(np.int32))}
+_TABLE_COLUMNS = {"example_index", "depth", "reference", "label"}  # and pred_<l>, votes_<l>_<c>
+# The fields of the npz's meta and of the parquet sidecar, by format version: (required,
+# optional). A field a version always wrote is required, its checksums included.
+_META_KEYS = {"format", "format_version", *_SETTINGS}
+_SIDECAR_KEYS = _META_KEYS | {"num_examples", "layer_agreement", "layer_accuracy"}
+_KEYS = {
+    "meta": {1: (_META_KEYS, set()), 2: (_META_KEYS, set()), 3: (_META_KEYS | {"sha256"}, set())},
+    "sidecar": {1: (_SIDECAR_KEYS, {"table_sha256"}), 2: (_SIDECAR_KEYS | {"table_sha256"}, set()),
+                3: (_SIDECAR_KEYS | {"table_sha256", "sha256"}, set())},
+}
 
 
 @dataclass(eq=False)
@@ -124,8 +145,7 @@ class DepthResult:
         return cols
 
     def _meta(self) -> dict[str, Any]:
-        version = _FORMAT_VERSION if self.vote_counts is not None else 1
-        return {"format": "pdepth.DepthResult", "format_version": version, **self.settings()}
+        return {"format": _FORMAT_NAME, "format_version": _FORMAT_VERSION, **self.settings()}
 
     def save(self, path: str | os.PathLike, format: str | None = None) -> Path:
         """Saves to ``.npz`` (one file) or ``.parquet`` (per-example table, plus a JSON
@@ -140,6 +160,11 @@ class DepthResult:
         and its sidecar are two files: the sidecar is replaced last, and it names the
         table's checksum, so :meth:`load` detects a pair from different saves (an interrupted
         save, a copied or edited sidecar or table) instead of loading it.
+
+        Every file records a SHA-256 of its whole content (format version 3): the npz's
+        ``meta`` one of the settings and every array, the sidecar one of itself (the table's
+        own checksum included). It catches damage and edits, not a forger, who can recompute
+        it; :meth:`load` checks every field as well.
         """
         path = Path(path)
         fmt = _format(path, format)
@@ -152,7 +177,9 @@ class DepthResult:
         for name in _OPTIONAL_ARRAYS:
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name).numpy()
-        arrays["meta"] = np.array(json.dumps(self._meta()))
+        meta = self._meta()
+        meta["sha256"] = _digest(meta, arrays)
+        arrays["meta"] = np.array(json.dumps(meta))
         buf = io.BytesIO()  # a file object keeps np.savez from adding ".npz"
         np.savez(buf, **arrays)
         _atomic_write(path, buf.getvalue())
@@ -171,6 +198,7 @@ class DepthResult:
             "layer_agreement": self.layer_agreement.tolist(),
             "layer_accuracy": None if self.layer_accuracy is None else self.layer_accuracy.tolist(),
         }
+        sidecar["sha256"] = _digest(sidecar)
         _atomic_write(path, table_bytes)
         _atomic_write(_sidecar(path), json.dumps(sidecar, indent=1).encode())
 
@@ -178,10 +206,21 @@ class DepthResult:
     def load(cls, path: str | os.PathLike, format: str | None = None) -> DepthResult:
         """Loads a result written by :meth:`save` (format from the suffix by default).
 
-        Raises ``ValueError`` when the file is not a consistent result: arrays whose shapes
-        disagree with each other or with the stored ``num_layers`` / ``layer_names``, depths
-        that do not follow from ``layer_pred`` and ``reference``, or (parquet) a sidecar that
-        does not belong to the table next to it (other row count, other checksum).
+        Raises ``FileNotFoundError`` for a missing file and a one-line ``ValueError`` naming
+        the file and the field for anything that is not a result :meth:`save` could have
+        written: a damaged or truncated file; a sidecar or ``meta`` that is not the JSON
+        object of the format (a missing, unknown or mistyped field, ``k < 1``, a
+        ``self_match`` or ``reference_mode`` outside the allowed values, ``num_classes``
+        outside ``1..MAX_CLASSES``); a checksum that is missing (required from format version
+        3 on, and for a version-2 parquet table) or does not match; arrays of another dtype
+        or shape than the settings say; class ids outside ``[0, num_classes)``; values that
+        do not follow from the others (``depth`` from ``layer_pred`` and ``reference``,
+        ``layer_agreement`` and ``layer_accuracy`` from the predictions, the reference of
+        ``reference_mode`` "labels" / "last_probe", vote counts that do not sum to ``k`` or
+        elect another class); or (parquet) a sidecar that does not belong to the table next
+        to it. Files of format version 1 and 2 (earlier pdepth) load under the same checks,
+        without the checksums pdepth did not write then: an npz of version 1 or 2 has none,
+        a version-1 sidecar may lack ``table_sha256`` (a version-2 one may not).
         """
         path = Path(path)
         result = (cls._load_npz if _format(path, format) == "npz" else cls._load_parquet)(path)
@@ -190,13 +229,8 @@ class DepthResult:
 
     @classmethod
     def _load_npz(cls, path: Path) -> DepthResult:
-        with np.load(path, allow_pickle=False) as z:
-            if "meta" not in z.files:
-                raise ValueError(f"{path} was not written by DepthResult.save (no 'meta')")
-            meta = json.loads(str(z["meta"][()]))
-            arrays = {name: torch.from_numpy(z[name].copy()) for name in z.files
-                      if name != "meta"}
-        _check_meta(meta, path)
+        meta, arrays = _read_npz(path)
+        version = _check_meta(meta, path, "meta")
         unknown = set(arrays) - set(_ARRAYS) - set(_OPTIONAL_ARRAYS)
         missing = set(_ARRAYS) - set(arrays)
         if unknown or missing:
@@ -204,68 +238,61 @@ class DepthResult:
                 f"{path}: not a DepthResult file: missing arrays {sorted(missing)}, "
                 f"unknown arrays {sorted(unknown)}"
             )
-        return cls(**arrays, **{name: meta[name] for name in _SETTINGS})
+        if "sha256" in meta and _digest(meta, arrays) != meta["sha256"]:
+            raise ValueError(
+                f"{path}: its arrays or settings do not match the SHA-256 its meta records "
+                "(the file was edited or damaged); save the result again")
+        _check_counts_version(version, "vote_counts" in arrays, path)
+        for name, a in arrays.items():
+            if a.dtype not in _DTYPES[name]:
+                raise ValueError(f"{path}: array {name} has dtype {a.dtype}, expected "
+                                 + " or ".join(str(d) for d in _DTYPES[name]))
+        return cls(**{name: torch.from_numpy(a) for name, a in arrays.items()},
+                   **{name: meta[name] for name in _SETTINGS})
 
     @classmethod
     def _load_parquet(cls, path: Path) -> DepthResult:
-        import pyarrow.parquet as pq
-
         sidecar = _sidecar(path)
         if not sidecar.exists():
             raise ValueError(f"{path}: its sidecar {sidecar.name} is missing; DepthResult.save "
                              "writes both files")
-        meta = json.loads(sidecar.read_text())
-        _check_meta(meta, path)
+        meta = _read_json(sidecar)
+        version = _check_meta(meta, sidecar, "sidecar")
+        if "sha256" in meta and _digest(meta) != meta["sha256"]:
+            raise ValueError(f"{sidecar}: its fields do not match the SHA-256 it records (the "
+                             "sidecar was edited or damaged); save the result again")
         table_bytes = path.read_bytes()
-        want_sha = meta.get("table_sha256")  # absent in files written before pdepth checked it
+        want_sha = meta.get("table_sha256")  # only a version-1 sidecar may lack it
         if want_sha is not None and hashlib.sha256(table_bytes).hexdigest() != want_sha:
             raise ValueError(
                 f"{path}: the sidecar {sidecar.name} does not belong to this table (the "
                 "table's checksum differs from the one the sidecar records): the pair comes "
                 "from different saves, an interrupted save or an edit. Save the result again."
             )
-        table = pq.read_table(io.BytesIO(table_bytes))
-        m = meta["num_examples"]
-        if table.num_rows != m:
-            raise ValueError(
-                f"{path}: the table has {table.num_rows} rows but its sidecar {sidecar.name} "
-                f"records num_examples={m}; the two files do not belong together"
-            )
-        cols = {name: torch.from_numpy(table.column(name).to_numpy().copy())
-                for name in table.column_names}
-        num_layers = meta["num_layers"]
-        pred_cols = sorted((name for name in cols if name.startswith("pred_")),
-                           key=lambda name: (len(name), name))
-        want_cols = [f"pred_{layer}" for layer in range(num_layers)]
-        if pred_cols != want_cols:
-            raise ValueError(
-                f"{path}: the sidecar {sidecar.name} records num_layers={num_layers} but the "
-                f"table has the prediction columns {pred_cols}; the two files do not belong "
-                "together"
-            )
-        for name in ("depth", "reference"):
-            if name not in cols:
-                raise ValueError(f"{path}: the table has no {name!r} column")
+        cols = _read_table(path, table_bytes)
+        want_cols, counts = _check_columns(cols, meta, version, path, sidecar)
+        m, num_layers = meta["num_examples"], meta["num_layers"]
+        t = {name: torch.from_numpy(a) for name, a in cols.items()}
         layer_pred = (
-            torch.stack([cols[name] for name in want_cols])
+            torch.stack([t[name] for name in want_cols])
             if num_layers else torch.empty(0, m, dtype=torch.int64)
         )
         acc = meta["layer_accuracy"]
         return cls(
-            depth=cols["depth"],
+            depth=t["depth"],
             layer_pred=layer_pred,
-            reference=cols["reference"],
+            reference=t["reference"],
             layer_agreement=torch.tensor(meta["layer_agreement"], dtype=torch.float64),
             layer_accuracy=None if acc is None else torch.tensor(acc, dtype=torch.float64),
-            labels=cols.get("label"),
-            example_index=cols.get("example_index"),
-            vote_counts=_counts_from_columns(cols, num_layers, meta["num_classes"], m),
+            labels=t.get("label"),
+            example_index=t.get("example_index"),
+            vote_counts=counts,
             **{name: meta[name] for name in _SETTINGS},
         )
 
     def _validate(self, source) -> None:
         """Raises ValueError naming ``source`` unless the arrays and settings agree."""
-        m, num_layers = self.num_examples, self.num_layers
+        m, num_layers = (self.num_examples if self.depth.dim() else 0), self.num_layers
         problems = []
 
         def shape(name, want):
@@ -289,9 +316,12 @@ class DepthResult:
             t = getattr(self, name)
             if t is not None and t.dtype != torch.int64:
                 problems.append(f"{name} has dtype {t.dtype}, expected torch.int64")
-        if not problems and not torch.equal(
-                depth_from_predictions(self.layer_pred, self.reference), self.depth):
-            problems.append("depth does not follow from layer_pred and reference")
+        for name in ("layer_agreement", "layer_accuracy"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.float64:
+                problems.append(f"{name} has dtype {t.dtype}, expected torch.float64")
+        if not problems:
+            problems += self._value_problems()
         if not problems and self.vote_counts is not None:
             problems += _count_problems(self.vote_counts, self.layer_pred, self.k)
         if problems:
@@ -299,12 +329,47 @@ class DepthResult:
                 f"{source} is not a consistent DepthResult (num_layers={num_layers}, "
                 f"{m} entries in depth): " + "; ".join(problems))
 
+    def _value_problems(self) -> list[str]:
+        """What is wrong with the values of arrays of the right shapes and dtypes: class ids
+        out of range, and every value that follows from others but differs from them."""
+        problems = []
+        c = self.num_classes
+        for name in ("layer_pred", "reference", "labels"):
+            t = getattr(self, name)
+            if t is not None and t.numel() and (int(t.min()) < 0 or int(t.max()) >= c):
+                problems.append(f"{name} must lie in [0, num_classes={c}), got values in "
+                                f"[{int(t.min())}, {int(t.max())}]")
+        if problems:
+            return problems
+        if not torch.equal(depth_from_predictions(self.layer_pred, self.reference), self.depth):
+            problems.append("depth does not follow from layer_pred and reference")
+        if not _same(self.layer_agreement, _agreement(self.layer_pred, self.reference)):
+            problems.append("layer_agreement is not the fraction of layer_pred equal to the "
+                            "reference")
+        if (self.labels is None) != (self.layer_accuracy is None):
+            problems.append("labels and layer_accuracy must be both present or both absent")
+        elif self.labels is not None and not _same(self.layer_accuracy,
+                                                   _agreement(self.layer_pred, self.labels)):
+            problems.append("layer_accuracy is not the fraction of layer_pred equal to the "
+                            "labels")
+        if self.reference_mode == "labels" and (
+                self.labels is None or not torch.equal(self.reference, self.labels)):
+            problems.append('reference_mode "labels" needs a reference equal to the labels')
+        if self.reference_mode == "last_probe" and (
+                self.num_layers == 0 or not torch.equal(self.reference, self.layer_pred[-1])):
+            problems.append('reference_mode "last_probe" needs a reference equal to the last '
+                            "probe's prediction")
+        return problems
+
 
 def _count_problems(counts: torch.Tensor, layer_pred: torch.Tensor, k: int) -> list[str]:
     """What is wrong with ``vote_counts`` next to ``layer_pred`` and ``k``."""
-    if counts.dtype not in _COUNT_DTYPES:
-        return [f"vote_counts has dtype {counts.dtype}, expected torch.int16 or torch.int32"]
+    want = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+    if counts.dtype != want:
+        return [f"vote_counts has dtype {counts.dtype}, expected {want} for k={k}"]
     problems = []
+    if counts.numel() and int(counts.min()) < 0:
+        problems.append("vote_counts has negative counts")
     if counts.numel() and not bool((counts.sum(-1) == k).all()):
         problems.append(f"vote_counts do not sum to k={k} for every example and probe")
     if counts.numel() and not torch.equal(counts.argmax(-1), layer_pred):
@@ -312,17 +377,217 @@ def _count_problems(counts: torch.Tensor, layer_pred: torch.Tensor, k: int) -> l
     return problems
 
 
-def _counts_from_columns(cols: dict, num_layers: int, num_classes: int,
-                         m: int) -> torch.Tensor | None:
+def _agreement(layer_pred: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``[L]`` float64: the fraction of each probe's predictions equal to ``other``."""
+    return (layer_pred == other).to(torch.float64).mean(1)
+
+
+def _vote_names(num_layers: int, num_classes: int) -> list[list[str]]:
+    return [[f"votes_{layer}_{c}" for c in range(num_classes)] for layer in range(num_layers)]
+
+
+def _check_columns(cols: dict[str, np.ndarray], meta: dict, version: int, path: Path,
+                   sidecar: Path) -> tuple[list[str], torch.Tensor | None]:
+    """``(the prediction columns, vote_counts or None)`` of a table whose columns ``cols``
+    are those the sidecar ``meta`` describes; ValueError naming ``path`` otherwise."""
+    m, num_layers, num_classes = meta["num_examples"], meta["num_layers"], meta["num_classes"]
+    rows = len(next(iter(cols.values()))) if cols else 0
+    if rows != m:
+        raise ValueError(
+            f"{path}: the table has {rows} rows but its sidecar {sidecar.name} "
+            f"records num_examples={m}; the two files do not belong together"
+        )
+    pred_cols = sorted((name for name in cols if name.startswith("pred_")),
+                       key=lambda name: (len(name), name))
+    want_cols = [f"pred_{layer}" for layer in range(min(num_layers, len(pred_cols) + 1))]
+    if pred_cols != want_cols or len(want_cols) != num_layers:
+        raise ValueError(
+            f"{path}: the sidecar {sidecar.name} records num_layers={num_layers} but the "
+            f"table has the prediction columns {pred_cols}; the two files do not belong "
+            "together"
+        )
+    for name in ("depth", "reference"):
+        if name not in cols:
+            raise ValueError(f"{path}: the table has no {name!r} column")
+    counts = _counts_from_columns(cols, num_layers, num_classes, m, path)
+    _check_counts_version(version, counts is not None, path)
+    votes = {name for row in _vote_names(num_layers, num_classes) for name in row} \
+        if counts is not None else set()
+    unknown = sorted(set(cols) - _TABLE_COLUMNS - set(want_cols) - votes)
+    if unknown:
+        raise ValueError(f"{path}: the table has columns a DepthResult does not write: "
+                         f"{unknown[:5]}")
+    return want_cols, counts
+
+
+def _counts_from_columns(cols: dict, num_layers: int, num_classes: int, m: int,
+                         path: Path) -> torch.Tensor | None:
     """``vote_counts [L, M, C]`` from a table's ``votes_<l>_<c>`` columns (None without)."""
-    if "votes_0_0" not in cols:
+    have = [name for name in cols if name.startswith("votes_")]
+    if not have:
         return None
-    names = [[f"votes_{layer}_{c}" for c in range(num_classes)] for layer in range(num_layers)]
+    if len(have) != num_layers * num_classes:  # before listing L x C names
+        raise ValueError(f"{path}: the table has {len(have)} vote-count columns, expected "
+                         f"num_layers x num_classes = {num_layers} x {num_classes}")
+    names = _vote_names(num_layers, num_classes)
     missing = [name for row in names for name in row if name not in cols]
     if missing:
-        raise ValueError(f"the table lacks the vote-count columns {missing[:5]}")
-    return torch.stack([torch.stack([cols[name] for name in row], 1) for row in names]) \
-        if num_layers else torch.empty(0, m, num_classes, dtype=torch.int16)
+        raise ValueError(f"{path}: the table lacks the vote-count columns {missing[:5]}")
+    if len({cols[name].dtype for name in have}) != 1:
+        raise ValueError(f"{path}: the vote-count columns do not all have one type")
+    return torch.from_numpy(np.stack([np.stack([cols[name] for name in row], 1)
+                                      for row in names]))
+
+
+def _read_npz(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(meta, arrays)`` of an npz written by :meth:`DepthResult.save`."""
+    data = path.read_bytes()  # a missing file stays a FileNotFoundError
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            meta = z["meta"] if "meta" in z.files else None
+            arrays = {name: z[name] for name in z.files if name != "meta"}
+    except Exception as exc:  # whatever a damaged zip or .npy header raises
+        raise ValueError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
+    if meta is None:
+        raise ValueError(f"{path} was not written by DepthResult.save (no 'meta')")
+    if meta.dtype.kind != "U" or meta.shape != ():
+        raise ValueError(f"{path}: its meta must be one JSON string, got an array of dtype "
+                         f"{meta.dtype} and shape {meta.shape}")
+    return _parse_json(str(meta[()]), path, "its meta"), arrays
+
+
+def _read_json(path: Path) -> Any:
+    return _parse_json(path.read_bytes(), path, "not")
+
+
+def _parse_json(text, path: Path, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, nesting
+        raise ValueError(f"{path}: {what} a JSON document ({_one_line(exc)})") from None
+
+
+def _read_table(path: Path, data: bytes) -> dict[str, np.ndarray]:
+    """The columns of the parquet table ``data``, as numpy arrays that own their memory.
+
+    Read from an Arrow buffer in this thread (``use_threads=False``, ``pre_buffer=False``):
+    no Python file object for pyarrow's I/O threads to call and no thread pool started, and
+    no Arrow object outlives the call. A process that had read a table from an
+    ``io.BytesIO`` with pyarrow's threads aborted at exit now and then ("terminate called
+    without an active exception")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(pa.BufferReader(data), pre_buffer=False) as f:
+            table = f.read(use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable parquet table ({_one_line(exc)})") from None
+    names = table.column_names
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: the table has duplicate column names")
+    cols = {}
+    for name in names:
+        col = table.column(name)
+        types = (pa.int16(), pa.int32()) if name.startswith("votes_") else (pa.int64(),)
+        if col.type not in types or col.null_count:
+            raise ValueError(f"{path}: column {name!r} has type {col.type}"
+                             f"{' with nulls' if col.null_count else ''}, expected "
+                             + " or ".join(str(t) for t in types))
+        cols[name] = np.array(col.to_numpy(), copy=True)
+    return cols
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _is_int(v) -> bool:
+    return type(v) is int and -INT64_MAX - 1 <= v <= INT64_MAX
+
+
+def _is_numbers(v) -> bool:
+    return isinstance(v, list) and all(type(x) in (int, float) for x in v)
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+# Each field of the meta / sidecar: (rule, what it must be).
+_FIELDS = {
+    "k": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "self_match": (lambda v: v in SELF_MATCH_POLICIES, f"one of {SELF_MATCH_POLICIES}"),
+    "reference_mode": (lambda v: v in (*REFERENCE_MODES, "tensor"),
+                       f"one of {(*REFERENCE_MODES, 'tensor')}"),
+    "num_layers": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "num_classes": (lambda v: _is_int(v) and 1 <= v <= MAX_CLASSES,
+                    f"an integer in 1..MAX_CLASSES={MAX_CLASSES}"),
+    "layer_names": (lambda v: v is None or (isinstance(v, list)
+                                            and all(isinstance(x, str) for x in v)),
+                    "null or a list of strings"),
+    "version": (lambda v: isinstance(v, str), "a string"),
+    "num_examples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "table_sha256": (_is_sha256, "a SHA-256 in hex"),
+    "sha256": (_is_sha256, "a SHA-256 in hex"),
+    "layer_agreement": (_is_numbers, "a list of numbers"),
+    "layer_accuracy": (lambda v: v is None or _is_numbers(v), "null or a list of numbers"),
+}
+
+
+def _check_meta(meta: Any, file: Path, keys: str) -> int:
+    """The format version of ``meta`` (``keys`` "meta": an npz's, "sidecar": a parquet
+    sidecar) after checking every field it must have, may have and holds; ValueError
+    naming ``file`` and the field otherwise."""
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
+        raise ValueError(f"{file} was not written by DepthResult.save (its {keys} is not a "
+                         f"{_FORMAT_NAME} record)")
+    version = meta.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{file}: format_version must be a positive integer, got "
+                         f"{_short(version)}")
+    if version > _FORMAT_VERSION:
+        raise ValueError(f"{file} has format version {version}; this pdepth ({_version()}) "
+                         f"reads up to {_FORMAT_VERSION}")
+    required, optional = _KEYS[keys][version]
+    missing, unknown = sorted(required - set(meta)), sorted(set(meta) - required - optional)
+    if missing or unknown:
+        raise ValueError(f"{file}: a {keys} of format version {version} "
+                         + (f"lacks the fields {missing}" if missing else "")
+                         + (" and " if missing and unknown else "")
+                         + (f"has unknown fields {unknown[:5]}" if unknown else "")
+                         + " (DepthResult.save writes every field, checksums included)")
+    for name, value in meta.items():
+        if name in _FIELDS and not _FIELDS[name][0](value):
+            raise ValueError(f"{file}: {name} must be {_FIELDS[name][1]}, got {_short(value)}")
+    return version
+
+
+def _check_counts_version(version: int, has_counts: bool, path: Path) -> None:
+    if version == 1 and has_counts:
+        raise ValueError(f"{path}: a file of format version 1 holds no vote counts; this one "
+                         "does (a version was edited)")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(meta: dict, arrays: dict[str, np.ndarray] | None = None) -> str:
+    """SHA-256 of ``meta`` without its own "sha256" (keys sorted) and of ``arrays`` (each
+    array's name, dtype, shape and bytes, by name): what format version 3 records."""
+    h = hashlib.sha256(_canonical({k: v for k, v in meta.items() if k != "sha256"}))
+    for name in sorted(arrays or {}):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -350,16 +615,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _check_meta(meta: dict, path: Path) -> None:
-    if meta.get("format") != "pdepth.DepthResult":
-        raise ValueError(f"{path} was not written by DepthResult.save")
-    if meta.get("format_version", 0) > _FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format version {meta['format_version']}; this pdepth "
-            f"({_version()}) reads up to {_FORMAT_VERSION}"
-        )
-
-
 def build_result(layer_pred: torch.Tensor, reference: torch.Tensor, *,
                  query_labels: torch.Tensor | None, example_index: torch.Tensor | None,
                  k: int, self_match: str, reference_mode: str, num_classes: int,
@@ -378,9 +633,8 @@ def build_result(layer_pred: torch.Tensor, reference: torch.Tensor, *,
         depth=depth_from_predictions(layer_pred, reference),
         layer_pred=layer_pred,
         reference=reference,
-        layer_agreement=(layer_pred == reference).to(torch.float64).mean(1),
-        layer_accuracy=None if labels is None else
-        (layer_pred == labels).to(torch.float64).mean(1),
+        layer_agreement=_agreement(layer_pred, reference),
+        layer_accuracy=None if labels is None else _agreement(layer_pred, labels),
         labels=labels,
         example_index=None if example_index is None else example_index.cpu(),
         vote_counts=vote_counts,

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..ops import knn_vote, neighbor_labels, vote
+from ..ops import check_class_ids, knn_vote, neighbor_labels, vote
 from ..topk import vote_counts
 
 __all__ = ["LayerVote", "LocalSupport", "Support", "check_full", "layer_vote", "stack_votes"]
@@ -147,5 +147,6 @@ def _class_count(num_classes: int | None, named) -> int:
                 f"{name} must lie in [0, num_classes={num_classes}), got values in "
                 f"[{lo}, {hi}]; raise num_classes or leave it out to infer it from the labels"
             )
+        check_class_ids(t, name)  # before anything is sized by the largest id
         top = max(top, hi)
     return num_classes if num_classes is not None else max(top + 1, 1)

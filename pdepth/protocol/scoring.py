@@ -63,10 +63,10 @@ def check_cache_space(out: Path, n: int, dims, memory_budget: int) -> None:
     need, free = cache_bytes(n, [max(dims)]), disk_budget(folder)
     if need > free:
         raise DiskSpaceError(
-            f"the embeddings of {n} examples ({cache_bytes(n, dims) / 2**30:.1f} GiB over "
-            f"{len(dims)} probes) exceed --memory-budget, so they go to {folder}; its widest "
-            f"probe alone needs {need / 2**30:.1f} GiB but the disk has "
-            f"{max(free, 0) / 2**30:.1f} GiB to spare (free space less 1 GiB). Free space, "
+            f"the embeddings of {n} examples ({_atomic.human_bytes(cache_bytes(n, dims))} "
+            f"over {len(dims)} probes) exceed --memory-budget, so they go to {folder}; its "
+            f"widest probe alone needs {_atomic.human_bytes(need)} but the disk has "
+            f"{_atomic.human_bytes(free)} to spare (free space less 1 GiB). Free space, "
             "lower --max-dim or --subset, or raise --memory-budget")
 
 
