@@ -15,7 +15,7 @@ import pytest
 from run_helpers import TINY, copy_run, needs_fmnist, one_error_line, tree
 
 from pdepth.cli import main
-from pdepth.pipeline import MARKER, OutputExistsError, RunConfig, prepare_output
+from pdepth.pipeline import MARKER, OutputExistsError, RunConfig, prepare_output, run
 
 # --------------------------------------------------------------------------------------------
 # what --out may hold, what --overwrite deletes
@@ -117,6 +117,45 @@ def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
         for name, value in before.items():
             assert np.array_equal(z[name], value), name  # same seeds, same results
     assert (out / "COMPLETE").exists()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("bad", [["--lr", "-1"], "weight_decay"])
+def test_overwrite_validates_everything_before_deleting(tiny_run, tmp_path, capsys, bad):
+    """Issue 23: --overwrite deleted a finished run's results, then training refused the
+    settings. A training step is tried on a copy of the network before the folder is
+    touched; anything training refuses fails there."""
+    out = copy_run(tiny_run, tmp_path)
+    before = tree(out)
+    if bad == "weight_decay":  # no flag: through the Python API
+        with pytest.raises(ValueError, match="training with these settings fails"):
+            run(RunConfig(subset=200, epochs=1, k=3, seeds=[0, 1], weight_decay=-1.0), out,
+                overwrite=True, progress=False)
+    else:
+        assert main(["run", *TINY, *bad, "--overwrite", "--out", str(out)]) == 2
+        assert "-1" in one_error_line(capsys)
+    assert tree(out) == before
+
+
+@needs_fmnist
+def test_run_is_refused_while_another_process_writes_into_out(tiny_run, tmp_path, capsys):
+    """Issue 23: two `pdepth run --overwrite` on one folder both ran, mixing their files."""
+    import fcntl
+    import os
+
+    from pdepth.protocol.outdir import LOCK
+
+    out = copy_run(tiny_run, tmp_path)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = tree(out)
+        assert main(["run", *TINY, "--k", "4", "--overwrite", "--out", str(out)]) == 2
+        err = one_error_line(capsys)
+        assert f"--out {out} is in use by another pdepth process" in err
+        assert tree(out) == before
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
