@@ -355,11 +355,14 @@ def test_resume_recomputes_a_damaged_or_foreign_cache_file(kept_cache_run, ram_r
     (out / "COMPLETE").unlink()
     (out / "models" / "seed0-half0.npz").unlink()
     DAMAGE[damage](out / "cache")
+    stale = out / "cache" / ".pdepth.tmp-99999.seed0-half0.emb03.npy"  # left by a kill -9
+    stale.write_bytes(b"half an embedding")
     capsys.readouterr()
     assert main(["run", *ONE_SEED[:-1], *DISK, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     _same_results(ram_run, out)
     assert "computing it again" in err or "extracting it again" in err, err
+    assert "removed 1 temporary file(s)" in err and not stale.exists()
 
 
 def test_a_store_file_is_trusted_only_as_its_record_says(tmp_path):

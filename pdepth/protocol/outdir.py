@@ -126,6 +126,11 @@ def _acquire(out: Path, name: str) -> int:
                 + (f" (process {holder})" if holder.isdigit() else "")
                 + f": it holds the lock {path}, and one process at a time writes into a run "
                 "folder; wait for it to finish or stop it, or choose another folder") from None
+        except OSError as exc:  # a filesystem without locks
+            os.close(fd)
+            raise OSError(f"{path} cannot be locked ({exc.strerror or exc}); pdepth locks a "
+                          "run folder while it writes: choose a folder on another "
+                          "filesystem") from None
         except BaseException:
             os.close(fd)
             raise
