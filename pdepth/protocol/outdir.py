@@ -184,9 +184,9 @@ def _check_writable(out: Path, command: str) -> None:
         raise FileNotFoundError(f"{out} is not a directory; {command} writes into the folder "
                                 "of a `pdepth run`")
     if read_marker(out) is None and not (out / "COMPLETE").is_file():
-        raise OutputExistsError(f"{out} is not a pdepth run directory (no {MARKER} and no "
-                                f"COMPLETE); {command} writes only into the folder of a "
-                                "pdepth run")
+        raise OutputExistsError(f"{out} is not a pdepth run directory and holds no finished "
+                                f"pdepth run (missing: {MARKER}, COMPLETE); {command} writes "
+                                "only into the folder of a pdepth run")
     foreign = foreign_entries(out)
     if foreign:
         raise OutputExistsError(
@@ -267,6 +267,7 @@ def _differences(theirs, ours: dict) -> str:
     records the run's (pdepth writes them since issue 23), else ``""``."""
     if not isinstance(theirs, dict):
         return " (its marker, from an earlier pdepth, does not say which)"
+    ours = json.loads(json.dumps(ours, default=str))  # as the marker holds them (lists...)
     names = sorted(set(theirs) | set(ours))
     diffs = [f"{_NO_FLAG.get(k, '--' + k.replace('_', '-'))}: {_value(ours, k)} here, "
              f"{_value(theirs, k)} in the run" for k in names if theirs.get(k) != ours.get(k)]
