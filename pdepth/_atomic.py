@@ -2,10 +2,12 @@
 directory and renames it into place with :func:`os.replace`, so a reader (or a resumed run)
 sees the old file or the new one, never a partial one.
 
-Temporary names are ``.<name>.tmp-<pid>`` (``.<stem>.tmp-<pid><suffix>`` with
-``keep_suffix=True``, for writers that pick the format from the suffix, e.g. matplotlib);
-:data:`TMP_NAME` matches both, so that a run directory check can recognise what an
-interrupted write left behind. A temporary file is created with :func:`open`'s permissions
+Temporary names are ``.pdepth.tmp-<pid>.<name>``: pdepth's own prefix, so that a user's file
+never matches by chance (``.draft.tmp-2024.pdf`` does not), and the target's name last, so
+that its suffix stays (writers that pick the format from the suffix, e.g. matplotlib, need
+it). :data:`TMP_NAME` matches them and captures ``<name>``, so that a run directory check
+recognises what an interrupted write left behind (and whether ``<name>`` is one of pdepth's
+names there). A temporary file is created with :func:`open`'s permissions
 (``0o666 & ~umask``) and removed again when the write fails.
 """
 
@@ -22,15 +24,15 @@ from typing import Any, BinaryIO
 __all__ = ["TMP_NAME", "PendingFiles", "human_bytes", "json_default", "names_file", "naming",
            "savez", "temp_path", "write_bytes", "write_json", "write_parquet", "write_with"]
 
-TMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[a-z]+)?")  # what temp_path() returns (its name)
+TMP_NAME = re.compile(r"\.pdepth\.tmp-\d+\.(.+)")  # temp_path()'s names; group 1: the target
 
 
-def temp_path(path: str | os.PathLike, keep_suffix: bool = False) -> Path:
-    """The temporary name for ``path`` (same directory, hidden, this process's id)."""
+def temp_path(path: str | os.PathLike, keep_suffix: bool = True) -> Path:
+    """The temporary name for ``path``: same directory, hidden, pdepth's prefix, this
+    process's id, then ``path``'s name (so its suffix is kept; ``keep_suffix`` is accepted
+    for the callers of earlier versions and changes nothing)."""
     path = Path(path)
-    if keep_suffix:
-        return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".pdepth.tmp-{os.getpid()}.{path.name}")
 
 
 def write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
@@ -132,7 +134,7 @@ class PendingFiles:
     def tmp(self, path: str | os.PathLike) -> Path:
         """The temporary name to write ``path``'s content to."""
         path = Path(path)
-        tmp = temp_path(path, keep_suffix=True)  # e.g. .figure.tmp-123.png: still a PNG
+        tmp = temp_path(path)  # e.g. .pdepth.tmp-123.figure.png: still a PNG
         self.files.append((tmp, path))
         return tmp
 

@@ -234,9 +234,13 @@ def _distributed(device: str):
 
 
 def _report(path: str) -> int:
+    """``pdepth report DIR``: the run's figures and report.html drawn again, under the rules
+    of every command that writes into a run folder (:func:`open_for_writing`: pdepth's
+    files only, no symbolic links, the folder's lock)."""
     from pathlib import Path
 
     from .protocol import require_modules
+    from .protocol.outdir import open_for_writing
     from .report import REPORT_DEPENDENCIES, write_report
 
     out = Path(path)
@@ -247,29 +251,32 @@ def _report(path: str) -> int:
             f"{out} holds no finished pdepth run (missing: {', '.join(missing) or 'COMPLETE'});"
             f" run `pdepth run --out {out}` first")
     require_modules(REPORT_DEPENDENCIES, "pdepth report")
-    print(write_report(out))
+    with open_for_writing(out, "pdepth report"):
+        print(write_report(out))
     return 0
 
 
 def _improve(args, argv) -> int:
     """``pdepth improve DIR``: :func:`pdepth.improve.improve`, the run's report redrawn with
     its results where the run has one, then the path of improve.json (with --quiet: only
-    that)."""
+    that). Under the rules of every command that writes into a run folder
+    (:func:`open_for_writing`), checked before any training, the lock held throughout."""
     import shlex
+    from pathlib import Path
 
     from .improve import IMPROVE_FILE, improve
+    from .protocol.outdir import open_for_writing
 
     words = sys.argv[1:] if argv is None else list(argv)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    improve(args.dir, epochs=args.epochs, device=args.device, progress=not args.quiet,
-            cleanlab=not args.no_cleanlab, seeds=args.seeds, log=log,
-            command=shlex.join(["pdepth", *words]), model=args.model)
-    from pathlib import Path
+    with open_for_writing(args.dir, "pdepth improve"):
+        improve(args.dir, epochs=args.epochs, device=args.device, progress=not args.quiet,
+                cleanlab=not args.no_cleanlab, seeds=args.seeds, log=log,
+                command=shlex.join(["pdepth", *words]), model=args.model)
+        if (Path(args.dir) / "report.html").exists():  # show improve.json there too
+            from .report import write_report
 
-    if (Path(args.dir) / "report.html").exists():  # show improve.json there too
-        from .report import write_report
-
-        write_report(args.dir)
+            write_report(args.dir)
     print(Path(args.dir) / IMPROVE_FILE)
     return 0
 

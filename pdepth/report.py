@@ -142,8 +142,16 @@ def write_report(out: str | os.PathLike) -> Path:
 
     All or nothing: the inputs are read first (:class:`RunFilesError` names one that cannot
     be read), the files are drawn under temporary names and renamed only once all are drawn.
+    ``out`` must be a run folder holding only pdepth's files, no symbolic link among them;
+    the folder's lock is held while drawing (:func:`pdepth.protocol.outdir.open_for_writing`).
     """
-    out = Path(out)
+    from .protocol.outdir import open_for_writing  # the run folder's rules, its lock
+
+    with open_for_writing(out, "pdepth report"):
+        return _write_report(Path(out))
+
+
+def _write_report(out: Path) -> Path:
     loaded = _load(out)
     figdir = out / "figures"
     created = not figdir.exists()

@@ -47,8 +47,15 @@ def test_permissions_are_those_of_open(tmp_path):
 def test_temporary_names_are_recognised(tmp_path, keep_suffix):
     tmp = _atomic.temp_path(tmp_path / "figure.png", keep_suffix)
     assert tmp.parent == tmp_path
-    assert _atomic.TMP_NAME.fullmatch(tmp.name)
-    assert tmp.suffix == ".png" if keep_suffix else tmp.name.startswith(".figure.png.tmp-")
+    assert _atomic.TMP_NAME.fullmatch(tmp.name).group(1) == "figure.png"
+    assert tmp.suffix == ".png" and tmp.name.startswith(".pdepth.tmp-")
+
+
+@pytest.mark.parametrize("name", [".draft.tmp-2024.pdf", ".x.tmp-7", ".config.json.tmp-12",
+                                  "pdepth.tmp-1.x", ".pdepth.tmp-x.y", ".pdepth.tmp-1."])
+def test_a_users_names_are_not_temporary_names(name):
+    """Only pdepth's own prefix and pattern (issue 23: --overwrite deleted such files)."""
+    assert not _atomic.TMP_NAME.fullmatch(name)
 
 
 def test_pending_files_all_or_nothing(tmp_path):

@@ -239,11 +239,11 @@ def test_interrupted_run_resumes_per_probe(ram_run, tmp_path, monkeypatch):
     resumed = False
     assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 130
     cache = sorted(p.name for p in (out / "cache").iterdir())
-    assert cache == ["seed0-half0.emb03.npy", "seed0-half0.emb04.npy", "seed0-half0.emb05.npy",
-                     "seed0-half0.logits.npy", "seed0-half0.pred00.npy",
-                     "seed0-half0.pred01.npy", "seed0-half0.pred02.npy",
-                     "seed0-half0.train.pt", "seed0-half0.votes00.npy",
-                     "seed0-half0.votes01.npy", "seed0-half0.votes02.npy"]
+    files = ["seed0-half0.emb03.npy", "seed0-half0.emb04.npy", "seed0-half0.emb05.npy",
+             "seed0-half0.logits.npy", "seed0-half0.pred00.npy", "seed0-half0.pred01.npy",
+             "seed0-half0.pred02.npy", "seed0-half0.train.pt", "seed0-half0.votes00.npy",
+             "seed0-half0.votes01.npy", "seed0-half0.votes02.npy"]
+    assert cache == sorted(files + [f + ".json" for f in files])  # each with its record
     resumed, calls[:], trained[:] = True, [], []
     assert main(["run", *ONE_SEED, *DISK, "--out", str(out)]) == 0
     # the first model: not trained again, only its last three probes scored
@@ -321,3 +321,100 @@ def test_a_full_disk_names_the_cache_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"No space left on device: '.*seed0-half0\.emb00\.npy'"):
         store.open(0)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# a resume trusts no cache file unchecked (issue 23)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kept_cache_run(tmp_path_factory):
+    """A finished disk-cache run that kept its cache (both models' trained weights, logits,
+    predictions, votes and embeddings, each with its record)."""
+    return real_run(tmp_path_factory, "kept", [*ONE_SEED, *DISK, "--keep-cache"])
+
+
+def _rewrite_npy(path, change):
+    np.save(path, change(np.load(path)), allow_pickle=False)
+
+
+DAMAGE = {
+    # the same size, other predictions
+    "edited pred": lambda c: _rewrite_npy(c / "seed0-half0.pred02.npy", lambda a: (a + 1) % 10),
+    "truncated pred": lambda c: (c / "seed0-half0.pred02.npy").write_bytes(
+        (c / "seed0-half0.pred02.npy").read_bytes()[:300]),
+    "wrong-shape votes": lambda c: _rewrite_npy(c / "seed0-half0.votes02.npy",
+                                                lambda a: a[:, :3].copy()),
+    "zeroed emb": lambda c: _zero_embeddings(c / "seed0-half0.emb03.npy"),
+    "garbage train.pt": lambda c: (c / "seed0-half0.train.pt").write_bytes(b"garbage" * 99),
+    # another model's weights, with its record
+    "another model's train.pt": lambda c: [
+        (c / f"seed0-half0.train.pt{ext}").write_bytes(
+            (c / f"seed0-half1.train.pt{ext}").read_bytes()) for ext in ("", ".json")
+        if (c / f"seed0-half1.train.pt{ext}").exists()],
+    "another model's logits": lambda c: (c / "seed0-half0.logits.npy").write_bytes(
+        (c / "seed0-half1.logits.npy").read_bytes()),
+}
+
+
+def _zero_embeddings(path):
+    """Zeroes the embeddings of the .npy file ``path``, header kept; its predictions go, so
+    that a resume must read the embeddings again."""
+    data = bytearray(path.read_bytes())
+    header = len(data) - np.load(path).nbytes
+    data[header:] = bytes(len(data) - header)
+    path.write_bytes(bytes(data))
+    layer = path.name[-6:-4]
+    for what in ("pred", "votes"):
+        (path.parent / f"seed0-half0.{what}{layer}.npy").unlink()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_recomputes_a_damaged_or_foreign_cache_file(kept_cache_run, ram_run, tmp_path,
+                                                           capsys, damage):
+    """Every cache file a resume reads is checked against its record (owner, size, sha256)
+    and its shape; one that fails is logged, deleted and computed again: the results are
+    those of an uninterrupted run, never the damaged file's, and no traceback."""
+    from run_helpers import copy_run
+
+    out = copy_run(kept_cache_run, tmp_path)
+    (out / "COMPLETE").unlink()
+    (out / "models" / "seed0-half0.npz").unlink()
+    DAMAGE[damage](out / "cache")
+    stale = out / "cache" / ".pdepth.tmp-99999.seed0-half0.emb03.npy"  # left by a kill -9
+    stale.write_bytes(b"half an embedding")
+    capsys.readouterr()
+    assert main(["run", *ONE_SEED[:-1], *DISK, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    _same_results(ram_run, out)
+    assert "computing it again" in err or "extracting it again" in err, err
+    assert "removed 1 temporary file(s)" in err and not stale.exists()
+
+
+def test_a_store_file_is_trusted_only_as_its_record_says(tmp_path):
+    """LayerStore with an owner: a file whose record is missing, another owner's, or whose
+    content changed is not taken as stored (and is deleted)."""
+    from pdepth.depth.cache import record_path
+
+    model, x, rows = _model_and_data(n=40)
+    spec = resolve_probes(model, "cnn")
+    dims = [t.shape[1] for t in extract(model, x[:1], spec).layers.values()]
+    owner = {"run": "a"}
+    store = LayerStore(40, dims, tmp_path, "m", owner=owner)
+    extract_to_store(model, x, rows, spec, [0, 1], store, logits=False, batch_size=16,
+                     device="cpu")
+    assert store.has(0) and store.has(1)
+    lines = []
+    assert LayerStore(40, dims, tmp_path, "m", owner=owner, log=lines.append).has(1)
+    assert not LayerStore(40, dims, tmp_path, "m", owner={"run": "b"},
+                          log=lines.append).has(1)
+    assert not store.path(1).exists()  # deleted: extracted again
+    data = bytearray(store.path(0).read_bytes())
+    data[-1] ^= 1
+    store.path(0).write_bytes(bytes(data))
+    assert not LayerStore(40, dims, tmp_path, "m", owner=owner, log=lines.append).has(0)
+    assert "belongs to something else (run differ)" in lines[0]
+    assert "was changed after it was written" in lines[1]
+    assert not store.path(0).exists() and not record_path(store.path(0)).exists()

@@ -58,3 +58,48 @@ def test_cli_bad_device(device, tmp_path, capsys):
     assert main(["run", "--device", device, "--out", str(out), "--quiet"]) == 2
     assert repr(device) in one_error_line(capsys)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# pdepth report / improve write into a run folder only under `run --overwrite`'s rules
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["report", "improve"])
+def test_report_and_improve_never_write_through_a_symlinked_folder(tmp_path, capsys, command):
+    """Issue 23: `pdepth report` overwrote a user's depth_hist.png in the target of a
+    symlinked figures/."""
+    from run_helpers import tree, write_synthetic_run
+
+    out = write_synthetic_run(tmp_path / "run")
+    mine = tmp_path / "my_figures"
+    mine.mkdir()
+    (mine / "depth_hist.png").write_text("the user's figure")
+    (out / "figures").symlink_to(mine)
+    before, theirs = tree(out), tree(mine)
+    assert main([command, str(out), *(["--quiet"] if command == "improve" else [])]) == 2
+    err = one_error_line(capsys)
+    assert "figures (a symbolic link)" in err and f"pdepth {command}" in err
+    assert tree(out) == before and tree(mine) == theirs
+
+
+def test_report_is_refused_while_another_process_writes(tmp_path, capsys):
+    import fcntl
+    import os
+
+    from run_helpers import tree, write_synthetic_run
+
+    from pdepth.protocol.outdir import LOCK
+
+    out = write_synthetic_run(tmp_path / "run")
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = tree(out)
+        assert main(["report", str(out)]) == 2
+        assert "is in use by another pdepth process" in one_error_line(capsys)
+        assert tree(out) == before
+    finally:
+        os.close(fd)
+    assert main(["report", str(out)]) == 0
+    assert not (out / LOCK).exists()

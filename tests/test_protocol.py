@@ -149,3 +149,60 @@ def test_cli_refuses_unfinished_run_with_other_settings(tmp_path, capsys):
     (out / MARKER).write_text(json.dumps({"pdepth_run": 1, "protocol_key": "something-else"}))
     assert main(["run", *SMALL, "--out", str(out)]) == 2
     assert "different settings" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# resuming: the data's identity, the settings named, the memory budget
+# --------------------------------------------------------------------------------------------
+
+
+def _image_folder(root, seed):
+    """Two classes ``a`` and ``b`` of 8 random 12 x 12 RGB PNGs each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), np.uint8)).save(
+                root / cls / f"{i}.png")
+    return root
+
+
+def test_resume_on_another_image_folder_is_refused(tmp_path, capsys):
+    """Issue 23: a resumed run mixed models trained on another --root (same class names)."""
+    from run_helpers import one_error_line, tree
+
+    first, second = _image_folder(tmp_path / "one", 1), _image_folder(tmp_path / "two", 2)
+    out = tmp_path / "run"
+    args = ["run", "--dataset", "imagefolder", "--image-size", "12", "--subset", "all",
+            "--epochs", "1", "--k", "3", "--seeds", "2", "--quiet", "--out", str(out)]
+    assert main([*args, "--root", str(first)]) == 0
+    (out / "COMPLETE").unlink()
+    for half in (0, 1):
+        (out / "models" / f"seed1-half{half}.npz").unlink()
+    before = tree(out)
+    capsys.readouterr()
+    assert main([*args, "--root", str(second)]) == 2
+    err = one_error_line(capsys)
+    assert "unfinished pdepth run on other data" in err and f"read from {first}" in err
+    assert tree(out) == before
+    assert main([*args, "--root", str(first)]) == 0  # its own data: resumed
+    assert "run" in capsys.readouterr().out
+
+
+@needs_fmnist
+def test_resume_with_a_lower_memory_budget_and_named_settings(tiny_run, tmp_path, capsys):
+    """The memory budget is no part of the run's identity (a run that ran out of memory
+    resumes with a lower one); a refusal names the settings that differ."""
+    from run_helpers import TINY, copy_run, one_error_line
+
+    out = copy_run(tiny_run, tmp_path)
+    (out / "COMPLETE").unlink()
+    (out / "models" / "seed1-half1.npz").unlink()
+    assert main(["run", *TINY, "--k", "4", "--out", str(out)]) == 2
+    assert "(--k: 4 here, 3 in the run)" in one_error_line(capsys)
+    assert main(["run", *TINY, "--memory-budget", "1", "--out", str(out)]) == 0
+    assert (out / "COMPLETE").exists()
+    with np.load(tiny_run / "per_model.npz") as a, np.load(out / "per_model.npz") as b:
+        assert np.array_equal(a["depth"], b["depth"])

@@ -6,6 +6,7 @@ tests/test_report.py; the CLI's own errors: tests/test_cli.py."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 from run_helpers import TINY, copy_run, needs_fmnist, one_error_line, tree
 
 from pdepth.cli import main
-from pdepth.pipeline import MARKER, OutputExistsError, RunConfig, prepare_output
+from pdepth.pipeline import MARKER, OutputExistsError, RunConfig, prepare_output, run
 
 # --------------------------------------------------------------------------------------------
 # what --out may hold, what --overwrite deletes
@@ -47,8 +48,10 @@ def test_prepare_output_deletes_only_pdepth_files(tmp_path):
     assert prepare_output(out, cfg, False) == 0  # a new directory
     assert json.loads((out / MARKER).read_text())["protocol_key"] == cfg.protocol_key()
     ours = ["config.json", "COMPLETE", "results.parquet", "models/seed0-half0.npz",
-            "models/seed1-half1.npz", "figures/depth_hist.png", ".config.json.tmp-123",
-            "figures/.training.tmp-9.png", "models/.seed0-half1.npz.tmp-7"]
+            "models/seed1-half1.npz", "figures/depth_hist.png", ".pdepth.tmp-123.config.json",
+            "figures/.pdepth.tmp-9.training.png", "models/.pdepth.tmp-7.seed0-half1.npz",
+            "cache/seed0-half0.pred03.npy", "cache/seed0-half0.pred03.npy.json",
+            "cache/.pdepth.tmp-5.seed0-half0.emb01.npy"]
     for rel in ours:
         (out / rel).parent.mkdir(exist_ok=True)
         (out / rel).write_text("pdepth")
@@ -67,6 +70,23 @@ def test_prepare_output_deletes_only_pdepth_files(tmp_path):
         (out / rel).unlink()
     assert prepare_output(out, cfg, True) == 0
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [MARKER, "models"]
+
+
+@pytest.mark.parametrize("name", [".draft.tmp-2024.pdf", "models/.x.tmp-7",
+                                  "figures/.pdepth.tmp-3.notes.png", ".config.json.tmp-12"])
+def test_overwrite_keeps_a_users_file_with_a_temporary_looking_name(tmp_path, name):
+    """Issue 23: --overwrite deleted such files; only pdepth's own temporary names (its
+    prefix, one of its file names) are pdepth's."""
+    cfg = RunConfig(subset=200, epochs=1, k=3)
+    out = tmp_path / "run"
+    prepare_output(out, cfg, False)
+    (out / "figures").mkdir()
+    (out / "COMPLETE").write_text("x")
+    (out / name).write_text("mine")
+    before = tree(out)
+    with pytest.raises(OutputExistsError, match=rf"did not write: {re.escape(name)}; move"):
+        prepare_output(out, cfg, True)
+    assert tree(out) == before
 
 
 def test_prepare_output_other_settings_and_odd_paths(tmp_path):
@@ -97,6 +117,45 @@ def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
         for name, value in before.items():
             assert np.array_equal(z[name], value), name  # same seeds, same results
     assert (out / "COMPLETE").exists()
+
+
+@needs_fmnist
+@pytest.mark.parametrize("bad", [["--lr", "-1"], "weight_decay"])
+def test_overwrite_validates_everything_before_deleting(tiny_run, tmp_path, capsys, bad):
+    """Issue 23: --overwrite deleted a finished run's results, then training refused the
+    settings. A training step is tried on a copy of the network before the folder is
+    touched; anything training refuses fails there."""
+    out = copy_run(tiny_run, tmp_path)
+    before = tree(out)
+    if bad == "weight_decay":  # no flag: through the Python API
+        with pytest.raises(ValueError, match="training with these settings fails"):
+            run(RunConfig(subset=200, epochs=1, k=3, seeds=[0, 1], weight_decay=-1.0), out,
+                overwrite=True, progress=False)
+    else:
+        assert main(["run", *TINY, *bad, "--overwrite", "--out", str(out)]) == 2
+        assert "-1" in one_error_line(capsys)
+    assert tree(out) == before
+
+
+@needs_fmnist
+def test_run_is_refused_while_another_process_writes_into_out(tiny_run, tmp_path, capsys):
+    """Issue 23: two `pdepth run --overwrite` on one folder both ran, mixing their files."""
+    import fcntl
+    import os
+
+    from pdepth.protocol.outdir import LOCK
+
+    out = copy_run(tiny_run, tmp_path)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = tree(out)
+        assert main(["run", *TINY, "--k", "4", "--overwrite", "--out", str(out)]) == 2
+        err = one_error_line(capsys)
+        assert f"--out {out} is in use by another pdepth process" in err
+        assert tree(out) == before
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,24 +15,33 @@ other queries, so a probe's support set is its first N rows and nothing is store
 The file reads and writes are plain ``read``/``write`` calls, not memory maps: pages of a
 mapped file count in the process's resident set, so a mapped 12 GB probe would break the
 budget that the blocks keep.
+
+A file that a later process may read back (a resumed run) gets a *record*
+(:func:`write_record`): ``<file>.json``, written after the file is whole, with its size, its
+sha256 and its owner (which run, model and probe it belongs to, its shape). A reader trusts
+the file only where :func:`check_record` finds it unchanged and owned as expected.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._atomic import naming, temp_path
+from .._atomic import naming, temp_path, write_json
 from ..ops import knn
 from ..probes import ProbeRecorder, ProbeSpec, pinned
 from ..topk import empty_topk
 from .support import LayerVote, LocalSupport
 
-__all__ = ["LayerStore", "block_bytes", "block_rows", "extract_to_store", "layer_knn",
-           "plan_passes", "sub_spec"]
+__all__ = ["LayerStore", "block_bytes", "block_rows", "check_record", "extract_to_store",
+           "layer_knn", "plan_passes", "record_path", "remove_with_record", "sub_spec",
+           "write_record"]
 
 _DTYPE = np.dtype("<f4")
 # What the op holds per neighbour of a query besides the row: the running top-k passed in
@@ -40,25 +49,88 @@ _DTYPE = np.dtype("<f4")
 _TOPK_BYTES = 40
 
 
+def record_path(path: str | os.PathLike) -> Path:
+    """Where the record of ``path`` (:func:`write_record`) lies: ``<path>.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_record(path: str | os.PathLike, owner: dict, sha256: str | None = None) -> None:
+    """Writes the record of the whole file ``path`` (atomically, after it): its size, its
+    sha256 (read from the file unless given, e.g. hashed while it was written) and
+    ``owner`` (JSON: what the file is, e.g. its run, model, probe and shape)."""
+    path = Path(path)
+    write_json(record_path(path), {"file": path.name, "bytes": path.stat().st_size,
+                                   "sha256": sha256 or _file_sha256(path), "owner": owner})
+
+
+def check_record(path: str | os.PathLike, owner: dict) -> str | None:
+    """None where ``path`` is what its record says, unchanged, and its record's owner is
+    ``owner``; else what is wrong (for a message: "<path> <problem>")."""
+    path = Path(path)
+    try:
+        record = json.loads(record_path(path).read_text())
+        size, digest, said = record["bytes"], record["sha256"], record["owner"]
+    except FileNotFoundError:
+        return f"has no record ({record_path(path).name}: the run stopped before writing it)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"has a damaged record ({record_path(path).name}: {type(exc).__name__})"
+    if said != json.loads(json.dumps(owner)):
+        diff = sorted(k for k in set(said) | set(owner) if said.get(k) != owner.get(k)) \
+            if isinstance(said, dict) else ["owner"]
+        return f"belongs to something else ({', '.join(map(str, diff))} differ)"
+    try:
+        if path.stat().st_size != size:
+            return f"has {path.stat().st_size} bytes, {size} when it was written"
+        if _file_sha256(path) != digest:
+            return "was changed after it was written (its sha256 differs from its record's)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def remove_with_record(path: str | os.PathLike) -> None:
+    """Deletes ``path`` and its record (where they exist)."""
+    Path(path).unlink(missing_ok=True)
+    record_path(path).unlink(missing_ok=True)
+
+
 class LayerStore:
     """The embeddings ``[n, D_l]`` (float32) of each probe ``l``: in RAM (``folder`` None) or
     one ``.npy`` file per probe, ``folder/{prefix}.emb{l:02d}.npy`` (written under a
     temporary name and renamed when complete, so a file with the final name is whole).
+
+    With an ``owner`` (JSON, e.g. the run's key and the model), each file gets a record
+    (:func:`write_record`: its sha256 hashed as it is written, the owner, the probe and its
+    shape), and a file is taken as stored (:meth:`has`) only where its record checks
+    (:func:`check_record`); one that fails is deleted, ``log`` told why, and extracted again.
 
     Args:
         n: rows (examples, in query order).
         dims: ``[L]`` width of each probe.
         folder: where the files go; None keeps the arrays in RAM.
         prefix: file name prefix (e.g. the model's name).
+        owner: what the files belong to (None: no records, a file is trusted as it is).
+        log: called with one line for each file found damaged or not this owner's.
     """
 
     def __init__(self, n: int, dims, folder: str | os.PathLike | None = None,
-                 prefix: str = "store"):
+                 prefix: str = "store", owner: dict | None = None, log=None):
         self.n, self.dims = int(n), [int(d) for d in dims]
         self.folder = None if folder is None else Path(folder)
         self.prefix = prefix
+        self.owner, self.log = owner, log
         self._ram: dict[int, np.ndarray] = {}
         self._writing: dict[int, tuple] = {}
+        self._checked: set[int] = set()  # files whose record was checked
 
     @property
     def on_disk(self) -> bool:
@@ -70,9 +142,28 @@ class LayerStore:
     def path(self, layer: int) -> Path:
         return self.folder / f"{self.prefix}.emb{layer:02d}.npy"
 
+    def file_owner(self, layer: int) -> dict:
+        """The owner in the record of probe ``layer``'s file."""
+        return {**(self.owner or {}), "file": f"emb{layer:02d}",
+                "shape": [self.n, self.dims[layer]], "dtype": _DTYPE.str}
+
     def has(self, layer: int) -> bool:
-        """Whether probe ``layer`` is stored whole."""
-        return self.path(layer).exists() if self.on_disk else layer in self._ram
+        """Whether probe ``layer`` is stored whole (and, with an owner, its file checks
+        against its record: else it is deleted, to be extracted again)."""
+        if not self.on_disk:
+            return layer in self._ram
+        path = self.path(layer)
+        if layer in self._checked or not path.exists():
+            return path.exists()
+        if self.owner is not None:
+            problem = check_record(path, self.file_owner(layer))
+            if problem:
+                if self.log:
+                    self.log(f"  {path} {problem}: extracting it again")
+                remove_with_record(path)
+                return False
+        self._checked.add(layer)
+        return True
 
     def open(self, layer: int) -> None:
         """Starts writing probe ``layer`` (rows arrive in order through :meth:`write`). On
@@ -80,12 +171,14 @@ class LayerStore:
         if not self.on_disk:
             self._writing[layer] = (np.empty((self.n, self.dims[layer]), _DTYPE), 0)
             return
-        tmp = temp_path(self.path(layer), keep_suffix=True)
+        tmp = temp_path(self.path(layer))
         f = open(tmp, "wb")
         try:
+            header = io.BytesIO()
             np.lib.format.write_array_header_1_0(
-                f, {"descr": _DTYPE.str, "fortran_order": False,
-                    "shape": (self.n, self.dims[layer])})
+                header, {"descr": _DTYPE.str, "fortran_order": False,
+                         "shape": (self.n, self.dims[layer])})
+            f.write(header.getvalue())
             f.flush()
             os.posix_fallocate(f.fileno(), 0, f.tell() + self.nbytes(layer))
         except BaseException as exc:
@@ -95,21 +188,25 @@ class LayerStore:
             if named is exc:
                 raise
             raise named from exc
-        self._writing[layer] = (f, tmp)
+        # the record's checksum, hashed as the file is written (never read back for it)
+        digest = hashlib.sha256(header.getvalue()) if self.owner is not None else None
+        self._writing[layer] = (f, tmp, digest)
 
     def write(self, layer: int, rows: torch.Tensor) -> None:
         """Appends ``rows [B, D_l]`` to probe ``layer``."""
         a = np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=_DTYPE)
-        target, pos = self._writing[layer]
+        target, pos, *digest = self._writing[layer]
         if self.on_disk:
             target.write(a.data)
+            if digest[0] is not None:
+                digest[0].update(a.data)
         else:
             target[pos:pos + a.shape[0]] = a
             self._writing[layer] = (target, pos + a.shape[0])
 
     def commit(self, layer: int) -> None:
         """Ends writing probe ``layer``: the file gets its final name (after ``fsync``)."""
-        target, tmp = self._writing.pop(layer)
+        target, tmp, *digest = self._writing.pop(layer)
         if not self.on_disk:
             self._ram[layer] = target
             return
@@ -122,11 +219,15 @@ class LayerStore:
             Path(tmp).unlink(missing_ok=True)
             raise RuntimeError(f"{self.path(layer)}: {written} bytes written, expected a "
                                f"header and {self.nbytes(layer)} bytes of embeddings")
+        remove_with_record(self.path(layer))  # a stale record never describes the new file
         os.replace(tmp, self.path(layer))
+        if digest[0] is not None:
+            write_record(self.path(layer), self.file_owner(layer), digest[0].hexdigest())
+        self._checked.add(layer)
 
     def abort(self) -> None:
         """Drops every probe being written (their temporary files too)."""
-        for target, tmp in self._writing.values():
+        for target, tmp, *_ in self._writing.values():
             if self.on_disk:
                 target.close()
                 Path(tmp).unlink(missing_ok=True)
@@ -158,7 +259,8 @@ class LayerStore:
     def drop(self, layer: int) -> None:
         """Frees probe ``layer`` (removes its file)."""
         if self.on_disk:
-            self.path(layer).unlink(missing_ok=True)
+            remove_with_record(self.path(layer))
+            self._checked.discard(layer)
         else:
             self._ram.pop(layer, None)
 

@@ -25,9 +25,16 @@ __all__ = ["RUNTIME_KEYS", "RunConfig", "flip_labels", "rank_settings", "resolve
 # run must agree on. knn_filter (--knn-filter) only decides how fast the k-NN op finds the
 # neighbours, never which (the op's output is the same bits whatever the filter). download
 # and workers only decide how the files arrive; a checkpoint enters the key by its content
-# (checkpoint_sha256), not by its path. keep_cache only keeps the disk cache's files.
+# (checkpoint_sha256), not by its path (and a dataset by the hash of what was read, which the
+# run folder's marker records: docs/protocol.md, "The run folder's rules"). keep_cache only
+# keeps the disk cache's files; memory_budget only decides where the embeddings are held and
+# in how many blocks the exact k-NN reads them (so a run that ran out of memory resumes with
+# a lower one).
 RUNTIME_KEYS = ("device", "root", "knn_filter", "download", "workers", "checkpoint",
-                "keep_cache")
+                "keep_cache", "memory_budget")
+# Runtime settings that earlier versions counted in the key: accepted_keys() also gives the
+# key with them, so the files of those runs stay valid.
+_LEGACY_KEYS = ("memory_budget",)
 # Settings added after the first runs: left out of the key at these values, so that the runs
 # of earlier versions keep their key.
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
@@ -172,19 +179,32 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def protocol_key(self) -> str:
-        """A hash of the settings that change results (not the device, the data root, the
-        k-NN filter, downloading or the workers: :data:`RUNTIME_KEYS`). Without label noise
-        the label-noise settings are left out, and the settings of :data:`_KEY_DEFAULTS` at
-        their defaults, so the runs of earlier versions keep their key; an architecture with
-        a version (:data:`pdepth.models.ARCH_VERSIONS`) adds it."""
+    def key_settings(self) -> dict:
+        """The settings the protocol key hashes (:meth:`protocol_key`), by name: every setting
+        but :data:`RUNTIME_KEYS`; without label noise the label-noise settings are left out,
+        and the settings of :data:`_KEY_DEFAULTS` at their defaults, so the runs of earlier
+        versions keep their key; an architecture with a version
+        (:data:`pdepth.models.ARCH_VERSIONS`) adds it."""
         d = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS
              and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         if d["label_noise"] == 0.0:
             del d["label_noise"], d["label_noise_seed"]
         if self.arch in ARCH_VERSIONS:
             d["arch_version"] = ARCH_VERSIONS[self.arch]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
+
+    def protocol_key(self) -> str:
+        """A hash of the settings that change results (:meth:`key_settings`: not the device,
+        the data root, the k-NN filter, downloading, the workers or the memory budget,
+        :data:`RUNTIME_KEYS`)."""
+        return _hash_settings(self.key_settings())
+
+    def accepted_keys(self) -> tuple[str, str]:
+        """The keys a resume accepts for these settings: :meth:`protocol_key`, and the key
+        earlier versions gave them (with the settings of :data:`_LEGACY_KEYS`, which they
+        counted), so that their unfinished runs resume with the same settings."""
+        legacy = {**self.key_settings(), **{k: getattr(self, k) for k in _LEGACY_KEYS}}
+        return self.protocol_key(), _hash_settings(legacy)
 
     def jobs(self) -> list[tuple[int, int]]:
         """The models of the run, ``(seed, half)`` in seed, half order (with a checkpoint:
@@ -201,6 +221,10 @@ class RunConfig:
             return np.arange(n), np.arange(0)
         halves = split_halves(n, seed)
         return halves[half], halves[1 - half]
+
+
+def _hash_settings(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

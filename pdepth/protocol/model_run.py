@@ -3,6 +3,8 @@ training half as the k-NN support set, :mod:`.scoring`) and save its per-model f
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from .scoring import CACHE_DIR, ModelCache, score_model, uses_disk
 from .stages import stage
 from .train import TrainOptions, train_model
 
-__all__ = ["RunData", "check_support", "run_model"]
+__all__ = ["RunData", "check_support", "data_identity", "run_model"]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RunData:
     original_labels: torch.Tensor | None = None  # [n] int64, the dataset's (None: = labels)
     config: RunConfig | None = None  # the run's settings as resolved (data_sha256)
     checkpoint_model: nn.Module | None = None  # --checkpoint: the loaded network (CPU)
+    data_sha256: str | None = None  # the data's identity (:func:`data_identity`)
 
     def __post_init__(self):
         if self.original_labels is None:
@@ -61,6 +64,19 @@ class RunData:
         """The dataset's classes (its table entry; a user Dataset's ``classes`` or one more
         than its largest label)."""
         return self.dataset.num_classes
+
+
+def data_identity(images, labels) -> str:
+    """The identity of a run's data: the sha256 of what was read -- the images (uint8, with
+    their shape) and the dataset's labels of the run's examples, in order. Every file of a
+    run folder that depends on the data is written with it, and a resume on other data is
+    refused (docs/protocol.md, "The run folder's rules")."""
+    images = np.ascontiguousarray(np.asarray(images))
+    labels = np.ascontiguousarray(np.asarray(labels), dtype=np.int64)
+    digest = hashlib.sha256(f"{images.shape} {images.dtype}\n".encode())
+    digest.update(images.data)
+    digest.update(labels.data)
+    return digest.hexdigest()
 
 
 def check_support(k: int, num_support: int) -> None:
@@ -89,9 +105,10 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
     its trained weights and its last scored probe."""
     t0 = time.perf_counter()
     train_idx, held_idx = config.split(data.n, seed, half)
-    folder = (path.parent.parent / CACHE_DIR
-              if uses_disk(data.n, data.dims, config.memory_budget) else None)
-    cache = ModelCache(folder, path.stem)
+    folder = path.parent.parent / CACHE_DIR
+    owner = {"protocol_key": config.protocol_key(), "data_sha256": data.data_sha256}
+    cache = ModelCache(folder if uses_disk(data.n, data.dims, config.memory_budget) else None,
+                       path.stem, owner, log)
     model, epoch_pred, history, trained = _trained(config, data, (seed, half), train_idx,
                                                    cache, progress)
     res = score_model(model, cache, data, config, (train_idx, held_idx), progress=progress)
@@ -101,7 +118,8 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
              else (float((probs[train_idx].argmax(1) == data.labels.numpy()[train_idx]).mean()),
                    None))  # a checkpoint's accuracy on its training split, from its scores
     meta = {
-        "protocol_key": config.protocol_key(), "seed": int(seed), "half": int(half),
+        "protocol_key": config.protocol_key(), "data_sha256": data.data_sha256,
+        "seed": int(seed), "half": int(half),
         "knn_filter": config.knn_filter, "trained": data.checkpoint_model is None,
         "train_seconds": trained["seconds"], "depth_seconds": res.seconds,
         "seconds": time.perf_counter() - t0,
@@ -130,8 +148,8 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "held_out_accuracy": np.array(history["held_out_accuracy"]),
     }
     save_model_file(path, arrays, meta)
-    if not config.keep_cache:
-        cache.remove()
+    if not config.keep_cache:  # also what a run with a lower --memory-budget left
+        ModelCache(folder if folder.is_dir() else None, path.stem).remove()
     if log:
         held = meta["final_held_out_accuracy"]
         log(f"  seed {seed} half {half}: "
@@ -162,9 +180,8 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
                        in_channels=data.dataset.channels,
                        image_size=data.dataset.image_size).to(data.device)
     key = config.protocol_key()
-    saved = cache.load_train(key)
+    saved = _saved_training(cache, key, model, (config.epochs + 1, data.n))
     if saved is not None:
-        model.load_state_dict(saved["state"])
         return model, saved["epoch_pred"], saved["history"], saved["stage"]
     options = TrainOptions(epochs=config.epochs, lr=config.lr,
                            weight_decay=config.weight_decay, batch_size=config.batch_size,
@@ -182,6 +199,32 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
     cache.save_train({"protocol_key": key, "state": model.state_dict(),
                       "epoch_pred": epoch_pred, "history": history, "stage": trained})
     return model, epoch_pred, history, trained
+
+
+def _saved_training(cache: ModelCache, key: str, model: nn.Module, epoch_pred_shape):
+    """The training an interrupted run saved in the cache (:meth:`ModelCache.load_train`),
+    loaded into ``model``; None where there is none or it does not fit this model and run
+    (the file is then deleted and the model trained again)."""
+    saved = cache.load_train(key)
+    if saved is None:
+        return None
+    try:
+        copy.deepcopy(model).load_state_dict(saved["state"])  # a failed load changes a part
+        epochs = epoch_pred_shape[0] - 1
+        fits = (tuple(saved["epoch_pred"].shape) == tuple(epoch_pred_shape)
+                and all(len(saved["history"][name]) == epochs for name in
+                        ("loss", "train_accuracy", "held_out_accuracy"))
+                and len(saved["history"]["snapshots"]) == epochs + 1
+                and isinstance(saved["stage"], dict))
+    except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        fits, problem = False, f"does not fit this model ({type(exc).__name__})"
+    else:
+        problem = "does not hold this run's training (shapes differ)"
+    if not fits:
+        cache.discard("train.pt", problem)
+        return None
+    model.load_state_dict(saved["state"])
+    return saved
 
 
 def _probe_curve(config: RunConfig, data: RunData, train_idx, seed: int) -> ProbeCurve:

@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,12 @@ from ..ops import check_filter, knn_plan
 from ..probes import pinned, probe_dims, resolve_probes
 from .config import RunConfig, flip_labels, rank_settings, resolve_device, run_dependencies
 from .errors import require_modules
-from .model_run import RunData, check_support, run_model
-from .outdir import load_model_file, model_path, prepare_output
+from .model_run import RunData, check_support, data_identity, run_model
+from .outdir import load_model_file, lock_output, model_path, prepare_output
 from .results import write_results
 from .scoring import check_cache_space
 from .stages import peak_rss_bytes, stage_peaks
+from .train import TrainOptions, train_model
 
 __all__ = ["load_run_data", "run", "versions"]
 
@@ -48,13 +50,17 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     label)`` instead of ``config.dataset``'s table entry (:func:`pdepth.data.decode_dataset`
     says which images it takes); ``config.dataset`` is then only its name, and
     ``config.data_sha256`` is set to the hash of its decoded images and labels (the protocol
-    key: a run resumes only on the same data).
+    key). For every kind of data the hash of what was read (images and labels,
+    ``RunData.data_sha256``) is recorded in the run folder: a run resumes only on the same
+    data.
 
     Returns the output directory. Raises ``FileNotFoundError`` (dataset missing),
-    ``ValueError`` (bad settings, unknown probe names) or :class:`MissingDependencyError`
-    before anything is written; :class:`OutputExistsError` for an ``out`` that cannot be used
-    (see :func:`prepare_output`), :class:`ModelFileError` for a damaged or misnamed per-model
-    file when resuming.
+    ``ValueError`` (bad settings, unknown probe names, settings training refuses) or
+    :class:`MissingDependencyError` before anything is written; :class:`OutputExistsError`
+    for an ``out`` that cannot be used (see :func:`prepare_output`; also while another
+    process writes into it: the run holds the folder's lock, :func:`folder_lock`, from
+    before it prepares ``out`` until it returns), :class:`ModelFileError` for a damaged or
+    misnamed per-model file when resuming.
 
     ``process_group`` (a ``torch.distributed`` group, e.g. ``torch.distributed.group.WORLD``
     under torchrun) spreads the models over its ranks: every rank calls ``run`` with the same
@@ -71,18 +77,28 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     out = Path(out)
     log = log or (lambda msg: None)
     ranks = _Ranks.of(process_group)
-    # Everything that can fail on bad input fails before the output directory is touched,
-    # and under torchrun before any rank starts work.
+    # Everything that can fail on bad input (settings, data, checkpoint, probes, a training
+    # step, disk space) fails here, before the output directory is touched -- so before
+    # --overwrite deletes anything -- and under torchrun before any rank starts work.
     data = ranks.together(lambda: load_run_data(config, progress, dataset),
                           "pdepth.run(): checking the settings")
     config = data.config
-    ranks.check_same(rank_settings(config, out, overwrite), "pdepth.run()")
+    ranks.check_same({**rank_settings(config, out, overwrite), "data_sha256": data.data_sha256},
+                     "pdepth.run()")
     ranks.together(lambda: check_cache_space(out, data.n, data.dims, config.memory_budget),
                    "pdepth.run(): checking the disk space of the embedding cache")
     cfg = _config_record(config, data)
-    kept = ranks.together(lambda: _prepare(out, config, overwrite, cfg, data),
-                          "pdepth.run(): preparing the output directory (rank 0)",
-                          rank0_only=True, default=0)
+    with ExitStack() as held:  # rank 0 holds the run folder's lock until the run ends
+        kept = ranks.together(lambda: _prepare(out, config, overwrite, cfg, data, held, log),
+                              "pdepth.run(): preparing the output directory (rank 0)",
+                              rank0_only=True, default=0)
+        return _run_models(config, data, out, ranks, cfg, kept, t_start, progress, log)
+
+
+def _run_models(config: RunConfig, data: RunData, out: Path, ranks: _Ranks, cfg: dict,
+                kept: int, t_start: float, progress: bool, log) -> Path:
+    """:func:`run` once the output directory is prepared: every model, then (rank 0) the
+    results, the report and the marks of completion."""
     log(f"pdepth run: {config.model or config.arch} on {data.n} {config.dataset} examples, "
         f"seeds {config.seeds}, "
         + (f"{config.epochs} epochs" if config.checkpoint is None else
@@ -95,7 +111,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     if ranks.rank != 0:
         return out
     per_model = [m if m is not None else load_model_file(model_path(out, s, h), config, s, h,
-                                                         data.n)
+                                                         data.n, data.data_sha256)
                  for m, (s, h) in zip(per_model, config.jobs(), strict=True)]
     t_models = time.perf_counter() - t_start
     cfg["models"] = [m["meta"] for m in per_model]
@@ -174,9 +190,33 @@ def load_run_data(config: RunConfig, progress: bool, dataset=None) -> RunData:
     dims = probe_dims(network, spec, x[:1])
     train_size = min(len(config.split(int(labels.shape[0]), s, h)[0]) for s, h in config.jobs())
     check_support(config.k, train_size)
+    if config.checkpoint is None:
+        _check_training(config, network, x, labels, device)
     return RunData(device, thresholds, spec, info, images, labels, dataset_index,
                    pinned(x, device), dims, original_labels=original, config=config,
-                   checkpoint_model=network if config.checkpoint is not None else None)
+                   checkpoint_model=network if config.checkpoint is not None else None,
+                   data_sha256=config.data_sha256 or data_identity(images, original))
+
+
+def _check_training(config: RunConfig, network, x: torch.Tensor, labels: torch.Tensor,
+                    device: torch.device) -> None:
+    """One epoch of :func:`train_model` with the run's settings, on a copy of the network
+    and a few examples: whatever training would refuse (the optimizer's settings, the batch
+    size, a network that cannot train on a batch) is refused here, before the output
+    directory is touched (``--overwrite`` deletes nothing for a run that cannot train)."""
+    import copy
+
+    m = min(8, int(labels.shape[0]))
+    options = TrainOptions(epochs=1, lr=config.lr, weight_decay=config.weight_decay,
+                           batch_size=config.batch_size, eval_batch_size=config.eval_batch_size)
+    with torch.random.fork_rng(devices=[]):  # the run's random numbers stay as they were
+        try:
+            train_model(copy.deepcopy(network), x[:m], labels[:m], torch.arange(m), options,
+                        device=device)
+        except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as exc:
+            raise ValueError(f"training with these settings fails (--lr {config.lr}, "
+                             f"--batch-size {config.batch_size}, weight_decay "
+                             f"{config.weight_decay}): {type(exc).__name__}: {exc}") from None
 
 
 def _load_data(config: RunConfig, dataset):
@@ -267,10 +307,13 @@ def _filters(config: RunConfig, data: RunData) -> list[str | None]:
     return resolved
 
 
-def _prepare(out: Path, config: RunConfig, overwrite: bool, cfg: dict, data: RunData) -> int:
-    """Prepares ``out`` (:func:`prepare_output`) and writes ``config.json`` and ``data.npz``;
-    returns the number of per-model files kept for resuming."""
-    kept = prepare_output(out, config, overwrite)
+def _prepare(out: Path, config: RunConfig, overwrite: bool, cfg: dict, data: RunData,
+             held: ExitStack, log) -> int:
+    """Takes the lock of ``out`` (``held`` keeps it), prepares ``out``
+    (:func:`prepare_output`) and writes ``config.json`` and ``data.npz``; returns the number
+    of per-model files kept for resuming."""
+    held.enter_context(lock_output(out))
+    kept = prepare_output(out, config, overwrite, data_sha256=data.data_sha256, log=log)
     _atomic.write_json(out / "config.json", cfg)
     _atomic.savez(out / "data.npz", images=data.images.numpy(), labels=data.labels.numpy(),
                   original_labels=data.original_labels.numpy(),
@@ -289,7 +332,8 @@ def _score_models(config: RunConfig, data: RunData, out: Path, ranks: _Ranks, *,
             continue
         path = model_path(out, seed, half)
         if path.exists():
-            per_model.append(load_model_file(path, config, seed, half, data.n))
+            per_model.append(load_model_file(path, config, seed, half, data.n,
+                                             data.data_sha256))
             log(f"  seed {seed} half {half}: loaded {path.name}")
             continue
         per_model.append(run_model(config, data, seed, half, path=path, progress=progress,

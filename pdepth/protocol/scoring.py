@@ -6,7 +6,12 @@ pass records them all. Otherwise they go to ``OUT/cache/`` as ``.npy`` files, in
 passes as the free disk space allows (each pass truncated after its last probe), and the run
 is resumable per probe: each probe's predictions, the logits and the trained weights are
 saved there as they are computed and read back by a rerun. The model's cache files are
-removed once its per-model file is written, unless ``--keep-cache``."""
+removed once its per-model file is written, unless ``--keep-cache``.
+
+Every cache file has a record (``<file>.json``, :func:`pdepth.depth.cache.write_record`:
+its sha256 and its owner -- the run's protocol key and data hash, the model, the file's
+role and shape). A rerun reads a file back only where it checks against its record and the
+array has the expected shape; any other file is deleted, logged and computed again."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import io
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +27,16 @@ import numpy as np
 import torch
 
 from .. import _atomic
-from ..depth.cache import LayerStore, block_bytes, extract_to_store, layer_knn, plan_passes
+from ..depth.cache import (
+    LayerStore,
+    block_bytes,
+    check_record,
+    extract_to_store,
+    layer_knn,
+    plan_passes,
+    remove_with_record,
+    write_record,
+)
 from ..depth.result import DepthResult, build_result
 from ..depth.support import LayerVote
 from .errors import DiskSpaceError
@@ -31,8 +46,11 @@ __all__ = ["CACHE_DIR", "CACHE_NAME", "ModelCache", "Scored", "check_cache_space
            "score_model"]
 
 CACHE_DIR = "cache"
-CACHE_NAME = re.compile(r"seed-?\d+-half[01]\.(train\.pt|logits\.npy|(emb|pred|votes)\d{2}\.npy)")
+CACHE_NAME = re.compile(
+    r"seed-?\d+-half[01]\.(train\.pt|logits\.npy|(emb|pred|votes)\d{2}\.npy)(\.json)?")
 _RESERVE = 2**30  # free space left untouched on the cache's filesystem
+# the dtypes of the cached arrays: predictions and vote counts (LayerVote); logits: any
+_PRED, _COUNTS, _LOGITS = (np.dtype(np.int64),), (np.dtype(np.int16), np.dtype(np.int32)), None
 
 
 def cache_bytes(n: int, dims) -> int:
@@ -73,10 +91,14 @@ def check_cache_space(out: Path, n: int, dims, memory_budget: int) -> None:
 @dataclass
 class ModelCache:
     """The cache files of one model: ``folder/{prefix}.*`` (folder None: nothing on disk;
-    else the folder is created)."""
+    else the folder is created), each with its record. ``owner``: what every file of this
+    model belongs to (the run's protocol key and data hash); ``log`` hears of each file that
+    fails its check and is computed again."""
 
     folder: Path | None
     prefix: str
+    owner: dict = field(default_factory=dict)
+    log: Callable[[str], None] | None = None
 
     def __post_init__(self):
         if self.folder is not None:
@@ -85,30 +107,72 @@ class ModelCache:
     def path(self, what: str) -> Path:
         return self.folder / f"{self.prefix}.{what}"
 
-    def load_array(self, what: str) -> np.ndarray | None:
+    def file_owner(self, what: str) -> dict:
+        """The owner in the record of file ``what`` (e.g. ``pred03.npy``)."""
+        return {**self.owner, "model": self.prefix, "file": what}
+
+    def discard(self, what: str, problem: str) -> None:
+        """Deletes file ``what`` (and its record), saying why: it is computed again."""
+        if self.log:
+            self.log(f"  {self.path(what)} {problem}: computing it again")
+        remove_with_record(self.path(what))
+
+    def _checked(self, what: str) -> bool:
+        """Whether file ``what`` exists and checks against its record (else it is gone)."""
         if self.folder is None or not self.path(what).exists():
+            return False
+        problem = check_record(self.path(what), self.file_owner(what))
+        if problem:
+            self.discard(what, problem)
+        return problem is None
+
+    def load_array(self, what: str, shape: tuple, dtypes=None) -> np.ndarray | None:
+        """The array saved as ``what`` by :meth:`save_array`, or None where there is none or
+        it fails a check (record, shape ``shape``, a dtype of ``dtypes``): then it is
+        deleted, to be computed again."""
+        if not self._checked(what):
             return None
-        return np.load(self.path(what), allow_pickle=False)
+        try:
+            a = np.load(self.path(what), allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001  (any damage: recomputed, never used)
+            self.discard(what, f"cannot be read ({type(exc).__name__})")
+            return None
+        if a.shape != tuple(shape) or (dtypes is not None and a.dtype not in dtypes):
+            self.discard(what, f"holds {a.dtype} {a.shape}, expected {tuple(shape)}")
+            return None
+        return a
 
     def save_array(self, what: str, a: np.ndarray) -> None:
         if self.folder is not None:
             _atomic.write_with(self.path(what), lambda f: np.save(f, a, allow_pickle=False))
+            write_record(self.path(what), self.file_owner(what))
 
     def load_train(self, key: str) -> dict | None:
-        """The trained state saved by :meth:`save_train` for this run, or None."""
-        if self.folder is None or not self.path("train.pt").exists():
+        """The trained state saved by :meth:`save_train` for this run and model, or None
+        (also where the file fails its check or cannot be read: it is deleted)."""
+        if not self._checked("train.pt"):
             return None
-        state = torch.load(self.path("train.pt"), map_location="cpu", weights_only=True)
-        return state if state.get("protocol_key") == key else None
+        try:
+            state = torch.load(self.path("train.pt"), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (garbage, truncated, pickled: retrained)
+            self.discard("train.pt", f"cannot be read ({type(exc).__name__})")
+            return None
+        if not isinstance(state, dict) or state.get("protocol_key") != key or \
+                state.get("model") != self.prefix:
+            self.discard("train.pt", "holds another run's or model's training")
+            return None
+        return state
 
     def save_train(self, state: dict) -> None:
         if self.folder is not None:
             buf = io.BytesIO()
-            torch.save(state, buf)
+            torch.save({**state, "model": self.prefix}, buf)
             _atomic.write_bytes(self.path("train.pt"), buf.getvalue())
+            write_record(self.path("train.pt"), self.file_owner("train.pt"))
 
     def remove(self) -> None:
-        """Deletes this model's cache files (and the folder once empty)."""
+        """Deletes this model's cache files and their records (and the folder once
+        empty)."""
         if self.folder is None or not self.folder.is_dir():
             return
         for entry in self.folder.iterdir():
@@ -149,13 +213,16 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
     train_idx, held_idx = split
     rows = np.concatenate([train_idx, held_idx])
     n_train, L = len(train_idx), len(data.dims)
-    store = LayerStore(len(rows), data.dims, cache.folder, cache.prefix)
+    n = len(rows)
+    store = LayerStore(n, data.dims, cache.folder, cache.prefix,
+                       owner={**cache.owner, "model": cache.prefix}, log=cache.log)
     labels = data.labels[torch.as_tensor(train_idx)]
     self_index = torch.cat([torch.arange(n_train), torch.full((len(held_idx),), -1)])
+    C = data.num_classes
     votes = {layer: LayerVote(torch.from_numpy(p), torch.from_numpy(c)) for layer in range(L)
-             if (p := cache.load_array(f"pred{layer:02d}.npy")) is not None
-             and (c := cache.load_array(f"votes{layer:02d}.npy")) is not None}
-    logits = cache.load_array("logits.npy")
+             if (p := cache.load_array(f"pred{layer:02d}.npy", (n,), _PRED)) is not None
+             and (c := cache.load_array(f"votes{layer:02d}.npy", (n, C), _COUNTS)) is not None}
+    logits = cache.load_array("logits.npy", (n, C), _LOGITS)
     logits = None if logits is None else torch.from_numpy(logits)
     stages: dict = {"extract": [], "knn": []}
     todo = [layer for layer in range(L) if layer not in votes]
