@@ -428,12 +428,14 @@ def test_improve_never_imports_a_module_of_the_run_folder(noisy_run, tmp_path, m
     monkeypatch.chdir(run_dir)
     monkeypatch.syspath_prepend("")
     monkeypatch.delitem(sys.modules, "evilnets", raising=False)
-    assert main(["improve", ".", "--quiet"]) == 2  # not named on the command line
-    err = one_error_line(capsys)
-    assert "pass --model evilnets:build" in err
-    assert main(["improve", ".", "--model", "evilnets:build", "--quiet"]) == 2
-    err = one_error_line(capsys)
-    assert "inside the run folder" in err and "evilnets.py" in err
+    for extra in ([], ["--model", "evilnets:build"]):  # the CLI: a foreign file in the folder
+        assert main(["improve", ".", *extra, "--quiet"]) == 2
+        assert "evilnets.py" in one_error_line(capsys)
+    # improve() itself, the folder check aside: not named, then named but inside the folder
+    with pytest.raises(ValueError, match="pass --model evilnets:build"):
+        improve_mod.improve(".", progress=False)
+    with pytest.raises(ValueError, match="evilnets.py, inside the run folder"):
+        improve_mod.improve(".", progress=False, model="evilnets:build")
     assert not (run_dir / "RAN").exists() and "evilnets" not in sys.modules
     assert not (run_dir / "improve.json").exists()
 
