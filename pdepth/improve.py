@@ -277,7 +277,10 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
     the recorded one, and its module must not resolve to a file inside the run folder (e.g.
     a ``nets.py`` there, found because the current directory is the run folder). The
     dataset (:data:`pdepth.data.DATASETS`) and the training settings of ``config.json`` are
-    checked likewise, and every input (:func:`load_run`) before any training.
+    checked likewise, and every input (:func:`load_run`) before any training. The folder
+    must hold only pdepth's files, no symbolic link among them, and its lock is held
+    throughout (:func:`pdepth.protocol.outdir.open_for_writing`, the rules of every command
+    that writes into a run folder).
 
     ``improve.json``: one entry per name of :data:`VARIANTS` with ``test_accuracy`` (the mean
     over the seeds), ``test_accuracy_per_seed``, ``test_accuracy_std`` (sample standard
@@ -288,6 +291,14 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
     seeds, device, command and the training settings), ``test_split`` (what was evaluated
     on) and ``noise_known``.
     """
+    from .protocol.outdir import open_for_writing
+
+    with open_for_writing(run_dir, "pdepth improve"):
+        return _improve(run_dir, epochs=epochs, device=device, progress=progress,
+                        cleanlab=cleanlab, seeds=seeds, log=log, command=command, model=model)
+
+
+def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command, model):
     from .data import dataset_info, normalize_images
     from .models import make_model
     from .protocol.config import DEVICE, resolve_device

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -416,6 +417,11 @@ def no_training(monkeypatch):
     monkeypatch.setattr(train_mod, "train_model", trained)
 
 
+# improve()'s arguments but the folder and progress, for its body without the folder check
+_DEFAULTS = dict(epochs=None, device="cpu", cleanlab=True, seeds=(0,), log=None, command=None,
+                 model=None)
+
+
 @needs_fmnist
 def test_improve_never_imports_a_module_of_the_run_folder(noisy_run, tmp_path, monkeypatch,
                                                           capsys, no_training):
@@ -431,11 +437,11 @@ def test_improve_never_imports_a_module_of_the_run_folder(noisy_run, tmp_path, m
     for extra in ([], ["--model", "evilnets:build"]):  # the CLI: a foreign file in the folder
         assert main(["improve", ".", *extra, "--quiet"]) == 2
         assert "evilnets.py" in one_error_line(capsys)
-    # improve() itself, the folder check aside: not named, then named but inside the folder
+    # improve()'s body itself, the folder check aside: not named, then named but inside the folder
     with pytest.raises(ValueError, match="pass --model evilnets:build"):
-        improve_mod.improve(".", progress=False)
+        improve_mod._improve(".", progress=False, **_DEFAULTS)
     with pytest.raises(ValueError, match="evilnets.py, inside the run folder"):
-        improve_mod.improve(".", progress=False, model="evilnets:build")
+        improve_mod._improve(".", progress=False, **{**_DEFAULTS, "model": "evilnets:build"})
     assert not (run_dir / "RAN").exists() and "evilnets" not in sys.modules
     assert not (run_dir / "improve.json").exists()
 
@@ -550,3 +556,23 @@ def test_cleanlab_flagging_everything_is_skipped(noisy_run, monkeypatch):
     variants, skipped = plan_variants(load_run(noisy_run))
     assert "cleanlab_remove" not in variants
     assert skipped["cleanlab_remove"] == "cleanlab flagged every example"
+
+
+@needs_fmnist
+def test_improve_api_applies_the_run_folder_rules(noisy_run, tmp_path, no_training):
+    """improve() called from Python checks the folder as the CLI does (a file pdepth did not
+    write, a linked figures/) before any work."""
+    from pdepth.protocol import OutputExistsError
+
+    run_dir = copy_run(noisy_run, tmp_path)
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="notes.txt"):
+        improve(run_dir, progress=False, log=None)
+    (run_dir / "notes.txt").unlink()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    shutil.rmtree(run_dir / "figures", ignore_errors=True)
+    (run_dir / "figures").symlink_to(target)
+    with pytest.raises(OutputExistsError, match="figures"):
+        improve(run_dir, progress=False, log=None)
+    assert not (run_dir / "improve.json").exists()
