@@ -38,6 +38,14 @@ def test_cli_unknown_probe(tmp_path, capsys):
     assert not out.exists()
 
 
+@needs_fmnist
+def test_cli_probes_out_of_forward_order(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--probes", "block3,block1", "--out", str(out), "--quiet"]) == 2
+    assert "list them as ['block1', 'block3']" in one_error_line(capsys)
+    assert not out.exists()
+
+
 def test_cli_report_on_empty_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished pdepth run" in capsys.readouterr().err
