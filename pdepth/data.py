@@ -9,11 +9,13 @@ normalisation.
   ``root`` (laid out as torchvision expects them: ``MNIST/raw/``, ``cifar-10-batches-py/``,
   ``cifar-100-python/``, ``train_32x32.mat``); ``download=True`` lets torchvision fetch them.
   torchvision checks the md5 of the CIFAR and SVHN files.
-* ``imagefolder`` -- torchvision's ``ImageFolder`` on ``root`` (one folder per class; or
-  ``root/train`` and ``root/test`` holding such folders), decoded by a DataLoader with
-  ``workers`` processes, converted to RGB and resized to ``image_size`` x ``image_size``;
-  the class names are the folder names (:func:`dataset_info` with ``root``) and the
-  normalisation is computed from the run's images (:meth:`DatasetInfo.with_stats`).
+* ``imagefolder`` -- torchvision's ``ImageFolder`` rules on ``root`` (one folder per class,
+  at least 2; or ``root/train`` and ``root/test`` holding such folders, :func:`_split_layout`
+  says which), decoded by a DataLoader with ``workers`` processes, converted to RGB and
+  resized to ``image_size`` x ``image_size``; the class names are the folder names
+  (:func:`dataset_info` with ``root``) and the normalisation is computed from the run's
+  images (:meth:`DatasetInfo.with_stats`). Symbolic links are followed, but a folder or an
+  image reached twice is refused (:func:`_image_files`).
 
 Images are ``uint8``: ``[n, H, W]`` for one channel, ``[n, H, W, C]`` (channel last, as
 CIFAR stores them and matplotlib shows them) for colour; :func:`normalize_images` turns them
