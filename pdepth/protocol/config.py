@@ -20,7 +20,8 @@ from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
-           "flip_labels", "rank_settings", "resolve_device", "run_dependencies", "split_halves"]
+           "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",
+           "split_halves"]
 
 # Settings that never change a result: left out of the protocol key (so they may change on
 # resume, and the per-model files of a run stay valid) and of what the ranks of a distributed
@@ -90,6 +91,9 @@ class RunConfig:
     ``seeds[0]``, default 0) is scored with every example of the run in its training split
     (``epochs`` resolves to 0; ``checkpoint_sha256``, the file's hash, enters the protocol
     key). ``epochs`` / ``seeds`` None mean 6 / ``[0, 1]`` (0 / ``[0]`` with a checkpoint).
+
+    Every setting is checked here, before anything is read or written: a ValueError naming
+    the setting, its flag and the value (the numbers' ranges: :meth:`_check_numbers`).
     """
 
     dataset: str = "fashion-mnist"
