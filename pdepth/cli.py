@@ -10,6 +10,7 @@ distributed run failed; 130 on Ctrl-C. Anything else is a bug and shows its trac
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .data import DATASETS
@@ -18,9 +19,20 @@ from .ops import FILTERS
 
 __all__ = ["main"]
 
+MAX_SEED_COUNT = 1000  # --seeds N: at most 1,000 seeds (2,000 models); a list names any seeds
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one line ``pdepth: error: ...``, exit 2."""
+
+    def error(self, message: str):
+        _err(f"{self.prog}: {message} (see {self.prog} --help)")
+        sys.exit(2)
+
 
 def _seeds(text: str) -> list[int]:
-    """``"3"`` -> seeds 0, 1, 2; ``"0,5,7"`` (or ``"5,"``) -> those seeds."""
+    """``"3"`` -> seeds 0, 1, 2; ``"0,5,7"`` (or ``"5,"``) -> those seeds (their range is
+    checked by :func:`pdepth.protocol.config.check_seeds`)."""
     try:
         if "," in text:
             return [int(s) for s in text.split(",") if s.strip()]
@@ -29,22 +41,29 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"--seeds takes a count (e.g. 2) or a comma-separated list (e.g. 0,1), got {text!r}"
         ) from None
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"--seeds count must be >= 1, got {count}")
+    if not 1 <= count <= MAX_SEED_COUNT:
+        raise argparse.ArgumentTypeError(f"--seeds count must be in 1..{MAX_SEED_COUNT}, got "
+                                         f"{count} (a comma-separated list names the seeds)")
     return list(range(count))
 
 
-def _subset(text: str) -> int | None:
-    if text.lower() in ("all", "none", "0"):
+def _subset(text: str) -> int | str | None:
+    """``all`` (or ``none``) -> None, every example; else the number, checked by
+    :class:`~pdepth.protocol.RunConfig` (0 is refused there, not taken for ``all``)."""
+    if text.strip().lower() in ("all", "none"):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        return text  # refused by RunConfig, naming --subset
 
 
 def _parser() -> argparse.ArgumentParser:
     from .protocol import RunConfig
+    from .protocol.config import MAX_SEED, MIN_MEMORY_BUDGET
 
     d = RunConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pdepth", description="Prediction depth (Baldock et al. 2021), end to end.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
@@ -81,16 +100,18 @@ def _parser() -> argparse.ArgumentParser:
                         "split")
     r.add_argument("--probes", default=None,
                    help="a probe preset (auto, cnn, mlp, resnet, resnet18, vgg, vgg16) or "
-                        "comma-separated module names (default: the architecture's preset; "
-                        "auto for --model)")
+                        "comma-separated module names in the order the network's forward "
+                        "pass runs them (default: the architecture's preset; auto for "
+                        "--model)")
     r.add_argument("--seeds", type=_seeds, default=None,
-                   help="number of seeds, or a comma-separated list (default: 5 = seeds 0-4; "
-                        "each seed trains 2 models; one seed with --checkpoint)")
+                   help=f"number of seeds, or a comma-separated list of seeds in 0..{MAX_SEED} "
+                        "(default: 5 = seeds 0-4; each seed trains 2 models; one seed with "
+                        "--checkpoint)")
     r.add_argument("--epochs", type=int, default=None,
                    help=f"epochs (default: {d.epochs}; none with --checkpoint)")
     r.add_argument("--subset", type=_subset, default=d.subset,
-                   help="random subset of the training set ('all' for every example; "
-                        "default: %(default)s)")
+                   help="random subset of the training set, at least 4 examples ('all' "
+                        "for every example; default: %(default)s)")
     r.add_argument("--k", type=int, default=d.k, help="k-NN neighbours (default: %(default)s)")
     r.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: "
                                                           "%(default)s)")
@@ -102,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-budget", type=float, default=d.memory_budget / 2**20,
                    help="MiB of embeddings a model's scoring may hold in RAM; beyond it they "
                         "go to a disk cache in OUT/cache, read one probe at a time in blocks "
-                        "of this size (default: %(default).0f)")
+                        f"of this size; at least {MIN_MEMORY_BUDGET // 2**20} (smaller "
+                        "blocks never finish; default: %(default).0f)")
     r.add_argument("--keep-cache", action="store_true",
                    help="keep the disk cache of embeddings (OUT/cache/*.emb*.npy, one "
                         "float32 .npy file per probe and model, rows: training half then "
@@ -161,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "improve":
+            _check_improve(args)
             return _improve(args, argv)
         return _report(args.dir) if args.command == "report" else _run(args)
     except (OutputExistsError, MissingDependencyError, ValueError, OSError) as exc:
@@ -171,9 +194,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_improve(args) -> None:
+    """``improve``'s --epochs (>= 1) and --seeds (in 0..MAX_SEED), before any work."""
+    from .protocol.config import check_seeds
+
+    args.seeds = check_seeds(args.seeds)
+    if args.epochs is not None and not 1 <= args.epochs < 2**63:
+        raise ValueError(f"--epochs must be an integer >= 1, got {args.epochs}")
+
+
 def _run(args) -> int:
     from .protocol import OutputExistsError, RunConfig, run
 
+    if not math.isfinite(args.memory_budget):  # int() of it would raise, unnamed
+        raise ValueError(f"memory_budget (--memory-budget) must be a finite number of MiB, got "
+                         f"{args.memory_budget}")
     probes = args.probes
     if probes is not None and "," in probes:
         probes = [s.strip() for s in probes.split(",") if s.strip()]

@@ -9,11 +9,13 @@ normalisation.
   ``root`` (laid out as torchvision expects them: ``MNIST/raw/``, ``cifar-10-batches-py/``,
   ``cifar-100-python/``, ``train_32x32.mat``); ``download=True`` lets torchvision fetch them.
   torchvision checks the md5 of the CIFAR and SVHN files.
-* ``imagefolder`` -- torchvision's ``ImageFolder`` on ``root`` (one folder per class; or
-  ``root/train`` and ``root/test`` holding such folders), decoded by a DataLoader with
-  ``workers`` processes, converted to RGB and resized to ``image_size`` x ``image_size``;
-  the class names are the folder names (:func:`dataset_info` with ``root``) and the
-  normalisation is computed from the run's images (:meth:`DatasetInfo.with_stats`).
+* ``imagefolder`` -- torchvision's ``ImageFolder`` rules on ``root`` (one folder per class,
+  at least 2; or ``root/train`` and ``root/test`` holding such folders, :func:`_split_layout`
+  says which), decoded by a DataLoader with ``workers`` processes, converted to RGB and
+  resized to ``image_size`` x ``image_size``; the class names are the folder names
+  (:func:`dataset_info` with ``root``) and the normalisation is computed from the run's
+  images (:meth:`DatasetInfo.with_stats`). Symbolic links are followed, but a folder or an
+  image reached twice is refused (:func:`_image_files`).
 
 Images are ``uint8``: ``[n, H, W]`` for one channel, ``[n, H, W, C]`` (channel last, as
 CIFAR stores them and matplotlib shows them) for colour; :func:`normalize_images` turns them
@@ -141,10 +143,10 @@ def _torchvision(name: str, root: str, split: str, *, download: bool = False,
 
 
 def _image_folder_dir(root: str, split: str) -> str:
-    """``root/<split>`` when ``root`` has a ``train`` folder, else ``root`` itself (the
-    training split; such a root has no test split)."""
+    """``root/<split>`` in the split layout (:func:`_split_layout`), else ``root`` itself
+    (the training split; such a root has no test split)."""
     _check_split(split)
-    if os.path.isdir(os.path.join(root, "train")):
+    if _split_layout(root):
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"imagefolder: no {split} split: {folder} is not a folder")
@@ -156,6 +158,99 @@ def _image_folder_dir(root: str, split: str) -> str:
     return root
 
 
+def _split_layout(root: str) -> bool:
+    """Whether ``root`` holds splits (``train/`` and optionally ``test/``, each holding the
+    class folders) rather than class folders: its only folders are ``train`` and
+    ``test`` (or ``train`` alone), and each of them holds at least one folder and no image
+    file of its own. Otherwise its folders are the classes, a folder named ``train`` or
+    ``test`` included."""
+    folders = {e.name: e.path for e in os.scandir(root) if e.is_dir()}
+    if "train" not in folders or set(folders) - set(SPLITS):
+        return False
+    for path in folders.values():
+        entries = list(os.scandir(path))
+        if not any(e.is_dir() for e in entries) or any(
+                not e.is_dir() and _is_image(e.name) for e in entries):
+            return False
+    return True
+
+
+def _is_image(name: str) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _image_files(folder: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every image under ``folder/<class>`` for each of
+    ``classes``, in torchvision ``ImageFolder``'s order (class, then folder path, then file
+    name).
+
+    Symbolic links are followed, but every folder and every image file is read once: a
+    link that leads to a folder already read (a loop such as ``a/loop -> ..``, or a second
+    way into a folder), to a folder that holds ``folder`` itself, or to an image file already
+    listed is refused with a ValueError naming the link, so that no image is counted (or
+    labelled) twice. Classes without images raise FileNotFoundError."""
+    top = os.path.realpath(folder)
+    seen_dirs, seen_files = {top: folder}, {}
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        listing: list[tuple[str, list[str]]] = []
+        _walk(os.path.join(folder, name), top, seen_dirs, seen_files, listing)
+        found = [(os.path.join(d, f), index) for d, files in sorted(listing)
+                 for f in sorted(files)]
+        empty += [] if found else [name]
+        samples += found
+    if empty:
+        raise FileNotFoundError(f"imagefolder: no image in the class folder(s) {empty} of "
+                                f"{folder} (images end in .png, .jpg, ...)")
+    return samples
+
+
+def _walk(path: str, top: str, seen_dirs: dict, seen_files: dict, listing: list) -> None:
+    """Appends ``(folder, image file names)`` for ``path`` and every folder under it
+    (:func:`_image_files`'s rules on links)."""
+    real = os.path.realpath(path)
+    if real in seen_dirs:
+        raise ValueError(f"imagefolder: {path} and {seen_dirs[real]} are the same folder {real} "
+                         "(a symbolic link loop or a second link to it); every folder is read "
+                         "once: remove the link")
+    if top.startswith(real.rstrip(os.sep) + os.sep):
+        raise ValueError(f"imagefolder: {path} leads to {real}, which holds the image folder "
+                         f"{top} (a symbolic link loop): remove the link")
+    seen_dirs[real] = path
+    files = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_dir():
+            _walk(entry.path, top, seen_dirs, seen_files, listing)
+        elif _is_image(entry.name):
+            target = os.path.realpath(entry.path)
+            if target in seen_files:
+                raise ValueError(f"imagefolder: {entry.path} and {seen_files[target]} are the "
+                                 f"same image file {target} (through a symbolic link); every "
+                                 "image is read once: remove the link")
+            seen_files[target] = entry.path
+            files.append(entry.name)
+    listing.append((path, files))
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """``(image, label)`` of listed image files, each read by torchvision's loader and
+    ``transform`` (module level: DataLoader workers pickle it)."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from torchvision.datasets.folder import default_loader
+
+        path, label = self.samples[i]
+        return self.transform(default_loader(path)), label
+
+
 def _rgb(image):
     """A PIL image in RGB (a module-level function: DataLoader workers pickle it)."""
     return image.convert("RGB")
@@ -164,7 +259,9 @@ def _rgb(image):
 def load_image_folder(root: str, split: str = "train", *, image_size: int | None = None,
                       workers: int = 0, **_) -> tuple[torch.Tensor, torch.Tensor]:
     """An image folder's split (``root/<class>/<image>``, or ``root/train/<class>/...`` and
-    ``root/test/<class>/...``), decoded by a DataLoader with ``workers`` processes.
+    ``root/test/<class>/...``: :func:`_split_layout` says which), decoded by a DataLoader
+    with ``workers`` processes. Links are followed, each folder and image once
+    (:func:`_image_files`).
 
     Returns ``(uint8 [n, S, S, 3], int64 [n])`` with S = ``image_size`` (default
     :data:`IMAGE_FOLDER_SIZE`): every image converted to RGB and resized to S x S (bilinear,
@@ -172,27 +269,36 @@ def load_image_folder(root: str, split: str = "train", *, image_size: int | None
     split's class folders in sorted order (torchvision's rule; a test split lacking a class
     keeps the others' indices)."""
     from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import find_classes
 
     size = int(image_size or IMAGE_FOLDER_SIZE)
     tf = transforms.Compose([transforms.Lambda(_rgb), transforms.Resize((size, size)),
                              transforms.PILToTensor()])
-    ds = ImageFolder(_image_folder_dir(root, split), transform=tf)
+    folder = _image_folder_dir(root, split)
+    names = find_classes(folder)[0]
     classes = image_folder_classes(root)
-    unknown = sorted(set(ds.classes) - set(classes))
+    unknown = sorted(set(names) - set(classes))
     if unknown:
         raise ValueError(f"imagefolder: the {split} split has classes {unknown} that the "
                          f"training split lacks (training classes: {', '.join(classes)})")
-    images, labels = _read_all(ds, workers)
-    to_train = torch.tensor([classes.index(c) for c in ds.classes], dtype=torch.int64)
-    return images.permute(0, 2, 3, 1).contiguous(), to_train[labels]
+    to_train = [classes.index(c) for c in names]
+    samples = [(path, to_train[label]) for path, label in _image_files(folder, names)]
+    images, labels = _read_all(_ImageFiles(samples, tf), workers)
+    return images.permute(0, 2, 3, 1).contiguous(), labels
 
 
 def image_folder_classes(root: str) -> tuple[str, ...]:
-    """The class names of an image folder's training split: its sorted sub-folders."""
+    """The class names of an image folder's training split: its sorted sub-folders; at
+    least 2 (prediction depth compares classes)."""
     from torchvision.datasets.folder import find_classes
 
-    return tuple(find_classes(_image_folder_dir(root, "train"))[0])
+    folder = _image_folder_dir(root, "train")
+    classes = tuple(find_classes(folder)[0])
+    if len(classes) < 2:
+        raise ValueError(f"imagefolder: --root {root} holds {len(classes)} class folder "
+                         f"({', '.join(classes)} in {folder}); prediction depth needs at least "
+                         "2 classes, one folder of images each")
+    return classes
 
 
 # Per-pixel statistics of the Fashion-MNIST training images (scaled to [0, 1]).

@@ -270,19 +270,12 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
     ``"state_dict"`` or ``"model"``.
 
     Raises:
-        ValueError: the file needs pickle (refused, saying so), holds no state dict, or does
-            not fit ``model`` (naming the missing / unexpected keys or the mismatched shapes).
+        ValueError: the file cannot be read, is empty, is not a ``torch.save`` file (text, a
+            zip archive of something else, a truncated file), needs pickle (refused, saying
+            so), holds no state dict, or does not fit ``model`` (naming the missing /
+            unexpected keys or the mismatched shapes); each naming the file.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
-        first = lines[0].split(". Please")[0] if lines else type(exc).__name__
-        raise ValueError(
-            f"--checkpoint {path} is refused: loading it needs pickle to build Python objects, "
-            f"and pdepth loads checkpoints with torch.load(weights_only=True) only, since "
-            f"unpickling can run arbitrary code ({first}); save model.state_dict() instead"
-        ) from None
+    state = _read_checkpoint(path)
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -302,6 +295,52 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
             f"--checkpoint {path} does not fit {type(model).__name__} (another architecture?): "
             f"missing keys {_few(missing)}; unexpected keys {_few(unexpected)}")
     return model
+
+
+_ZIP = b"PK\x03\x04"  # torch.save's format is a zip archive; before torch 1.6 a pickle
+
+
+def _read_checkpoint(path: str):
+    """``torch.load(path, weights_only=True)``; a one-line ValueError naming ``path`` and
+    what is wrong instead of torch's KeyError / EOFError / RuntimeError for a file that is
+    not a checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ValueError(f"--checkpoint {path} cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise ValueError(f"--checkpoint {path} is empty (0 bytes), not a checkpoint; save one "
+                         "with torch.save(model.state_dict(), path)")
+    what = ("a zip archive but not a readable torch.save checkpoint (another archive, or a "
+            "damaged or truncated checkpoint)" if head == _ZIP else
+            "a pickle but not a readable torch.save checkpoint (damaged or truncated?)"
+            if head[0] == 0x80 else
+            "not a torch.save checkpoint (neither its zip format nor its older pickle format)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc).split("WeightsUnpickler error:", 1)
+        detail = " ".join(text[1].split("Check the documentation")[0].split()) if len(
+            text) == 2 else _first_line(exc)
+        if "Unsupported global" not in detail:  # a damaged pickle, not a refused object
+            raise ValueError(f"--checkpoint {path} is {what}: {detail}") from None
+        raise ValueError(
+            f"--checkpoint {path} is refused: loading it needs pickle to build Python objects, "
+            f"and pdepth loads checkpoints with torch.load(weights_only=True) only, since "
+            f"unpickling can run arbitrary code ({detail.split('. Please')[0]}); save "
+            f"model.state_dict() instead") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch's KeyError, EOFError, RuntimeError... for a foreign file
+        raise ValueError(f"--checkpoint {path} is {what}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException, most: int = 120) -> str:
+    """The first line of an exception's message, shortened; its type where it is empty."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def _few(names: Sequence[str], most: int = 8) -> str:

@@ -69,7 +69,9 @@ class ProbeSpec:
 
     Attributes:
         modules: names of the hooked modules (as in ``model.named_modules()``); each must run
-            exactly once per forward pass.
+            exactly once per forward pass, in this order (the order their outputs are
+            computed: :meth:`ProbeRecorder.run` refuses another one, since depth counts the
+            probes in this order).
         input: record the raw input as probe 0 (default True).
         softmax: record the softmax of the model's output as the last probe (default True).
         max_dim: pool conv maps to at most this many features (None: no pooling); see the
@@ -190,8 +192,10 @@ def _preset_modules(name: str, model: nn.Module) -> list[str]:
 
 def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None) -> ProbeSpec:
     """A :class:`ProbeSpec` from a spec, a preset name, or a sequence of module names (input
-    and softmax probes added); None means preset ``"auto"``. ``max_dim`` overrides the spec's
-    when given. The module names are validated against ``model``."""
+    and softmax probes added; an empty one is refused); None means preset ``"auto"``.
+    ``max_dim`` overrides the spec's when given. The module names are validated against
+    ``model``; their order against the forward pass when it runs (:class:`ProbeRecorder`:
+    a ValueError naming the forward order, at the first batch)."""
     if probes is None:
         probes = "auto"
     if isinstance(probes, ProbeSpec):
@@ -207,6 +211,9 @@ def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None)
         spec = ProbeSpec.from_preset(probes, model, max_dim=max_dim)
     else:
         spec = ProbeSpec(tuple(probes), max_dim=max_dim)
+        if not spec.modules:  # e.g. --probes "," -- only the input and softmax probes
+            raise ValueError(f"the probe list names no module: pass module names (in the order "
+                             f"the forward pass runs them) or a preset: {', '.join(PRESETS)}")
     spec.validate(model)
     return spec
 
@@ -329,6 +336,9 @@ class ProbeRecorder:
         missing = [m for m in self.spec.modules if m not in self._buffer]
         if missing:
             raise RuntimeError(f"probe module(s) {missing} did not run in the forward pass")
+        if list(self._buffer) != list(self.spec.modules):  # depth counts probes in this order
+            raise ValueError(f"probe modules {list(self.spec.modules)} are not in the order the "
+                             f"forward pass runs them: list them as {list(self._buffer)}")
         layers = []
         if self.spec.input:
             layers.append(self._store(x))

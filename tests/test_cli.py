@@ -38,6 +38,14 @@ def test_cli_unknown_probe(tmp_path, capsys):
     assert not out.exists()
 
 
+@needs_fmnist
+def test_cli_probes_out_of_forward_order(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--probes", "block3,block1", "--out", str(out), "--quiet"]) == 2
+    assert "list them as ['block1', 'block3']" in one_error_line(capsys)
+    assert not out.exists()
+
+
 def test_cli_report_on_empty_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished pdepth run" in capsys.readouterr().err
@@ -103,3 +111,76 @@ def test_report_is_refused_while_another_process_writes(tmp_path, capsys):
         os.close(fd)
     assert main(["report", str(out)]) == 0
     assert not (out / LOCK).exists()
+
+
+# every numeric flag: one line naming the flag and the value, exit 2, nothing written (the
+# settings of a tiny run around it, so that a flag let through shows as a finished run)
+SMALL = ["--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "1", "--quiet"]
+
+
+class _exit_code:
+    """``main()``'s return value, or the code of the SystemExit argparse raises."""
+
+    value = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is SystemExit:
+            self.value = exc.code
+            return True
+        return False
+
+
+@pytest.mark.parametrize("flag, value, shown", [
+    ("--batch-size", "-1", "-1"), ("--batch-size", "0", "0"), ("--lr", "nan", "nan"),
+    ("--lr", "0", "0"), ("--lr", "inf", "inf"), ("--k", "0", "0"),
+    ("--k", "99999999999999999999", "99999999999999999999"),
+    ("--seeds", "99999999999999999999,1", "99999999999999999999"),
+    ("--seeds", "99999999999999999999", "99999999999999999999"),
+    ("--memory-budget", "inf", "inf"), ("--memory-budget", "nan", "nan"),
+    ("--memory-budget", "0", "0 bytes"), ("--memory-budget", "-5", "-5 MiB"),
+    ("--memory-budget", "0.00001", "10 bytes"), ("--subset", "0", "0"),
+    ("--max-dim", "-5", "-5"), ("--epochs", "0", "0"), ("--workers", "-1", "-1"),
+    ("--image-size", "4", "4"), ("--label-noise", "nan", "nan"), ("--probes", ",", "[]"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(flag, value, shown, tmp_path,
+                                                            capsys):
+    out = tmp_path / "out"
+    with _exit_code() as code:
+        code.value = main(["run", *SMALL, f"{flag}={value}", "--out", str(out)])
+    assert code.value == 2
+    err = one_error_line(capsys)
+    assert flag in err and shown in err, err
+    assert not out.exists()
+
+
+def test_the_minimum_memory_budget_is_in_the_help(capsys):
+    from pdepth.protocol.config import MIN_MEMORY_BUDGET
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"at least {MIN_MEMORY_BUDGET // 2**20}" in help_text
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "" would be the current directory
+    assert main(["run", *SMALL, "--out", ""]) == 2
+    assert "--out ''" in one_error_line(capsys)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("extra, shown", [
+    (["--seeds", "99999999999999999999,1"], "--seeds"), (["--seeds", "0"], "--seeds"),
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"),
+])
+def test_improve_refuses_bad_epochs_and_seeds_before_any_work(extra, shown, tmp_path,
+                                                              capsys, monkeypatch):
+    import pdepth.improve
+
+    monkeypatch.setattr(pdepth.improve, "improve", lambda *a, **k: pytest.fail("ran"))
+    with _exit_code() as code:
+        code.value = main(["improve", str(tmp_path), *extra])
+    assert code.value == 2 and shown in one_error_line(capsys)

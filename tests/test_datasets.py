@@ -183,3 +183,76 @@ def test_image_folder_test_split_keeps_the_training_class_indices(tmp_path):
     shutil.copy(next((tmp_path / "test" / "dog").iterdir()), tmp_path / "test" / "yak")
     with pytest.raises(ValueError, match=r"classes \['yak'\] that the training split lacks"):
         data.load_subset("imagefolder", str(tmp_path), split="test", image_size=20)
+
+
+# --------------------------------------------------------------------------------------------
+# image folders: links, the train/test layout, too few classes
+# --------------------------------------------------------------------------------------------
+
+
+def _class_folder(tmp_path):
+    """An image folder of class folders (cat, dog, emu: 24 images), no split folders."""
+    write_image_folder(tmp_path / "w", CLASSES)
+    return tmp_path / "w" / "train"
+
+
+@pytest.mark.parametrize("link, target, message", [
+    ("cat/loop", "..", "are the same folder"),         # the issue's loop: 24 images -> 1,000+
+    ("cat/dogs", "../dog", "are the same folder"),     # a second way into a class folder
+    ("cat/up", "../../..", "which holds the image folder"),  # an ancestor of the folder
+    ("cat/again.png", "../dog/001.png", "are the same image file"),  # an image twice
+])
+def test_image_folder_reads_every_folder_and_image_once(tmp_path, capsys, link, target,
+                                                        message):
+    root = _class_folder(tmp_path)
+    (root / link).symlink_to(target)
+    with pytest.raises(ValueError, match=message) as exc:
+        data.load_subset("imagefolder", str(root), image_size=20)
+    assert str(root / link) in str(exc.value) or str(root / "dog") in str(exc.value)
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "imagefolder", "--root", str(root), "--out", str(out),
+                 "--quiet"]) == 2
+    assert message in one_error_line(capsys) and not out.exists()
+
+
+def test_image_folder_follows_links_to_folders_and_images_elsewhere(tmp_path):
+    """A class folder or an image that is a link to a place outside the folder, reached
+    once, is read like any other."""
+    root = _class_folder(tmp_path)
+    before, labels, _ = data.load_subset("imagefolder", str(root), image_size=20)
+    shutil.move(root / "emu", tmp_path / "emus")
+    (root / "emu").symlink_to(tmp_path / "emus")
+    shutil.move(root / "dog" / "001.png", tmp_path / "dog.png")
+    (root / "dog" / "001.png").symlink_to(tmp_path / "dog.png")
+    after, labels_after, _ = data.load_subset("imagefolder", str(root), image_size=20)
+    assert torch.equal(before, after) and torch.equal(labels, labels_after)
+
+
+def test_a_class_named_train_is_a_class_not_a_split(tmp_path):
+    """The train/test layout is root's only folders train (and test), each holding folders
+    and no images of its own; else train and test are class folders."""
+    root = _class_folder(tmp_path)
+    # the split layout (tmp_path / "w": train/ and test/ holding the class folders)
+    assert data.dataset_info("imagefolder", str(tmp_path / "w")).classes == CLASSES
+    (root / "cat").rename(root / "train")
+    assert data.dataset_info("imagefolder", str(root)).classes == ("dog", "emu", "train")
+    images, labels, _ = data.load_subset("imagefolder", str(root), image_size=20)
+    assert images.shape[0] == 24 and set(labels.tolist()) == {0, 1, 2}
+    (root / "dog").rename(root / "test")
+    (root / "emu").rename(tmp_path / "emu")
+    assert data.dataset_info("imagefolder", str(root)).classes == ("test", "train")
+    with pytest.raises(FileNotFoundError, match="holds one split"):
+        data.load_subset("imagefolder", str(root), split="test")
+
+
+def test_a_one_class_image_folder_needs_two_classes(tmp_path, capsys):
+    root = _class_folder(tmp_path)
+    for name in ("dog", "emu"):
+        shutil.rmtree(root / name)
+    with pytest.raises(ValueError, match="needs at least 2 classes"):
+        data.dataset_info("imagefolder", str(root))
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "imagefolder", "--root", str(root), "--out", str(out),
+                 "--quiet"]) == 2
+    err = one_error_line(capsys)
+    assert "needs at least 2 classes" in err and str(root) in err and not out.exists()

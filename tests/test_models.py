@@ -80,3 +80,42 @@ def test_the_protocol_key_changes_only_for_the_changed_architecture():
         RunConfig(dataset="imagefolder", root="x").protocol_key()
     assert RunConfig(dataset="imagefolder", root="x", image_size=32).protocol_key() == \
         RunConfig(dataset="imagefolder", root="x").protocol_key()  # 32: the default
+
+
+def _zip_of_text(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "not a checkpoint")
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("notes.pt", lambda p: p.write_text("hello world\n"), "is not a torch.save checkpoint"),
+    ("empty.pt", lambda p: p.write_bytes(b""), r"is empty \(0 bytes\)"),
+    ("other.zip", _zip_of_text, "is a zip archive but not a readable torch.save checkpoint"),
+    ("cut.pt", lambda p: p.write_bytes(_saved_cnn()[:3000]), "zip archive but not a readable"),
+    ("old-cut.pt", lambda p: p.write_bytes(_saved_cnn(zip=False)[:3000]),
+     "a pickle but not a readable"),
+    ("garbage.pt", lambda p: p.write_bytes(b"\x80\x02garbage"), "a pickle but not a readable"),
+    ("folder.pt", lambda p: p.mkdir(), "cannot be read"),
+])
+def test_a_checkpoint_that_is_not_one_names_the_file(tmp_path, name, write, message):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(ValueError, match=message) as exc:
+        models.load_checkpoint(models.cnn(), str(path))
+    assert f"--checkpoint {path} " in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _saved_cnn(zip: bool = True) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(models.cnn().state_dict(), buffer, _use_new_zipfile_serialization=zip)
+    return buffer.getvalue()
+
+
+def test_a_checkpoint_in_either_torch_save_format_loads(tmp_path):
+    for zip in (True, False):
+        (tmp_path / "ok.pt").write_bytes(_saved_cnn(zip))
+        models.load_checkpoint(models.cnn(), str(tmp_path / "ok.pt"))

@@ -221,3 +221,19 @@ def test_a_user_dataset_runs_through_the_python_api(tmp_path, pil):
     (out / "COMPLETE").unlink()
     with pytest.raises(pdepth.protocol.OutputExistsError, match="different settings"):
         pdepth.run(config, out, progress=False, dataset=_Squares(22, pil))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hello\n", "is not a torch.save checkpoint"), (b"", "is empty (0 bytes)"),
+    (b"PK\x03\x04" + b"\0" * 40, "is a zip archive but not a readable torch.save checkpoint"),
+])
+def test_a_checkpoint_file_that_is_not_one_is_one_line(net, mnist, tmp_path, capsys, content,
+                                                       message):
+    root, _ = mnist
+    (tmp_path / "weights.pt").write_bytes(content)
+    out = tmp_path / "run"
+    assert _run(root, out, "--model", "usernet:build", "--checkpoint",
+                str(tmp_path / "weights.pt")) == 2
+    err = one_error_line(capsys)
+    assert message in err and str(tmp_path / "weights.pt") in err
+    assert not out.exists()

@@ -194,3 +194,39 @@ def test_pinned_only_pins_for_cuda():
     assert pinned(x, "cpu") is x and pinned(x, torch.device("cpu")) is x
     if torch.cuda.is_available():  # the batches sliced from it copy asynchronously
         assert pinned(x, "cuda").is_pinned() and torch.equal(pinned(x, "cuda"), x)
+
+
+class _Backwards(nn.Module):
+    """Modules registered in the reverse of the order the forward pass runs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Linear(8, 8)
+        self.stem = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(torch.relu(self.stem(x)))))
+
+
+def test_probes_must_be_in_the_forward_order():
+    """Depth counts the probes in the spec's order: a list in another order than the forward
+    pass runs the modules is refused, naming that order (not the registration order)."""
+    model = models.cnn().eval()
+    x = torch.randn(5, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"list them as \['block1', 'block3'\]"):
+        extract(model, x, ["block3", "block1"])
+    with pytest.raises(ValueError, match=r"list them as \['block1', 'block3'\]"):
+        pdepth.stream_prediction_depth(model, x, torch.arange(5) % 2, x,
+                                       probes=["block3", "block1"], k=2)
+    backwards = _Backwards().eval()
+    emb = extract(backwards, torch.randn(3, 4), ["stem", "body"])
+    assert emb.names == ["input", "stem", "body", "softmax"]
+    with pytest.raises(ValueError, match=r"list them as \['stem', 'body'\]"):
+        extract(backwards, torch.randn(3, 4), ["body", "stem"])
+
+
+def test_an_empty_probe_list_is_refused():
+    with pytest.raises(ValueError, match="names no module"):
+        resolve_probes(models.cnn(), [])
+    assert resolve_probes(models.cnn(), ProbeSpec()).names == ["input", "softmax"]

@@ -159,6 +159,68 @@ def test_run_is_refused_while_another_process_writes_into_out(tiny_run, tmp_path
 
 
 # --------------------------------------------------------------------------------------------
+# settings checked before anything is read or written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"batch_size": -1}, r"batch_size \(--batch-size\) must be an integer >= 1, got -1"),
+    ({"eval_batch_size": 0}, r"eval_batch_size must be an integer >= 1, got 0"),
+    ({"k": 2.5}, r"k \(--k\) must be an integer >= 1, got 2.5"),
+    ({"lr": float("nan")}, r"lr \(--lr\) must be a finite number > 0, got nan"),
+    ({"weight_decay": -1e-4}, r"weight_decay must be a finite number >= 0, got -0.0001"),
+    ({"seeds": [0, 2**70]}, r"seeds \(--seeds\) must be an integer in 0..4294967295"),
+    ({"seeds": [-1]}, r"seeds \(--seeds\) must be an integer in 0..4294967295, got -1"),
+    ({"subset_seed": -1}, r"subset_seed must be an integer in 0..4294967295, got -1"),
+    ({"label_noise_seed": 2**40}, r"label_noise_seed must be an integer in 0..4294967295"),
+    ({"memory_budget": float("inf")}, r"memory_budget \(--memory-budget\) must be a number "
+                                      r"of bytes in 1048576\.\."),
+    ({"memory_budget": 2**19}, r"at least 1; a smaller budget .* got 524288 bytes"),
+    ({"subset": 0}, r"subset \(--subset\) must be an integer >= 4 \(or None: every"),
+    ({"max_dim": 0}, r"max_dim \(--max-dim\) must be an integer >= 1 \(or None: no pooling"),
+    ({"image_size": 4}, r"image_size \(--image-size\) must be an integer >= 8, got 4"),
+    ({"workers": True}, r"workers \(--workers\) must be an integer >= 0, got True"),
+    ({"thresholds": {"easy_depth": float("nan")}}, r"thresholds\['easy_depth'\] must be a "
+                                                   r"fraction in \[0, 1\], got nan"),
+    ({"probes": []}, r"probes \(--probes\) names no module"),
+])
+def test_every_numeric_setting_is_checked_by_run_config(setting, message):
+    """The Python API gets the checks the CLI's flags get: RunConfig refuses the value."""
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**setting)
+
+
+def test_run_config_keeps_valid_settings_as_given():
+    cfg = RunConfig(memory_budget=2**20, subset=None, max_dim=None, seeds=[0, 2**32 - 1],
+                    batch_size=64.0)
+    assert cfg.memory_budget == 2**20 and cfg.seeds == [0, 2**32 - 1]
+    assert cfg.batch_size == 64 and isinstance(cfg.batch_size, int)
+    assert cfg.protocol_key() == RunConfig(memory_budget=2**20, subset=None, max_dim=None,
+                                           seeds=[0, 2**32 - 1], batch_size=64).protocol_key()
+
+
+@pytest.mark.parametrize("where", ["data/run", "data", "link/run", "data/cat/run"])
+def test_an_out_inside_the_data_root_is_refused(where, tmp_path, capsys):
+    """Its report's PNGs would be a new class of the next run's image folder."""
+    from data_helpers import write_image_folder
+
+    from pdepth import run
+
+    write_image_folder(tmp_path / "data", ("cat", "dog"))
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    before = tree(tmp_path / "data")
+    args = ["run", "--dataset", "imagefolder", "--root", str(tmp_path / "data"), "--epochs",
+            "1", "--seeds", "1", "--k", "3", "--quiet", "--out", str(tmp_path / where)]
+    assert main(args) == 2
+    assert "inside the data's root folder" in one_error_line(capsys)
+    assert tree(tmp_path / "data") == before
+    with pytest.raises(ValueError, match="inside the data's root folder"):
+        run(RunConfig(dataset="imagefolder", root=str(tmp_path / "data")), tmp_path / where)
+    with pytest.raises(ValueError, match="--out '' names no folder"):
+        run(RunConfig(dataset="imagefolder", root=str(tmp_path / "data")), "")
+
+
+# --------------------------------------------------------------------------------------------
 # resuming from model files
 # --------------------------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +19,9 @@ from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
 from ..ops import FILTERS
 from ..report import REPORT_DEPENDENCIES
 
-__all__ = ["RUNTIME_KEYS", "RunConfig", "flip_labels", "rank_settings", "resolve_device",
-           "run_dependencies", "split_halves"]
+__all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
+           "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",
+           "split_halves"]
 
 # Settings that never change a result: left out of the protocol key (so they may change on
 # resume, and the per-model files of a run stay valid) and of what the ranks of a distributed
@@ -41,6 +44,20 @@ _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
                  "data_sha256": None}
 _EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
+# The smallest memory_budget (bytes; --memory-budget 1 MiB). A disk-cached probe is read in
+# blocks of half the budget each (pdepth.depth.cache.block_rows): below 1 MiB a block holds a
+# few rows (one 16 KiB row at the default --max-dim 4096) and the k-NN of one probe takes
+# millions of blocks -- the run looks hung.
+MIN_MEMORY_BUDGET = 2**20
+# Seeds (seeds, subset_seed, label_noise_seed) lie in 0..MAX_SEED: a model's training is
+# seeded with 1000 * seed + half (torch.manual_seed, 64 bits), and seeds name its files.
+MAX_SEED = 2**32 - 1
+_INT64_MAX = 2**63 - 1
+# The flag of each numeric setting that has one, for the messages.
+_FLAGS = {"seeds": "--seeds", "epochs": "--epochs", "subset": "--subset", "k": "--k",
+          "lr": "--lr", "batch_size": "--batch-size", "max_dim": "--max-dim",
+          "memory_budget": "--memory-budget", "image_size": "--image-size",
+          "workers": "--workers", "label_noise": "--label-noise"}
 
 
 @dataclass
@@ -81,6 +98,9 @@ class RunConfig:
     ``seeds[0]``, default 0) is scored with every example of the run in its training split
     (``epochs`` resolves to 0; ``checkpoint_sha256``, the file's hash, enters the protocol
     key). ``epochs`` / ``seeds`` None mean 6 / ``[0, 1]`` (0 / ``[0]`` with a checkpoint).
+
+    Every setting is checked here, before anything is read or written: a ValueError naming
+    the setting, its flag and the value (the numbers' ranges: :meth:`_check_numbers`).
     """
 
     dataset: str = "fashion-mnist"
@@ -113,34 +133,66 @@ class RunConfig:
     keep_cache: bool = False
 
     def __post_init__(self):
+        self._check_numbers()
         self._check_network()
         self._resolve_training()
         if self.dataset == "imagefolder" and self.image_size is None:
             self.image_size = IMAGE_FOLDER_SIZE  # resolved: one key for one size
-        if int(self.workers) < 0:
-            raise ValueError(f"workers (--workers) must be >= 0, got {self.workers!r}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.subset is not None and self.subset < 4:
-            raise ValueError(f"subset must be at least 4 examples, got {self.subset}")
         self.device = str(self.device)
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device (--device) must be cpu, cuda, cuda:N or auto, got "
                              f"{self.device!r}")
-        CategoryThresholds.from_dict(self.thresholds)  # validates the names
         if not isinstance(self.knn_filter, str) or self.knn_filter not in FILTERS:
             raise ValueError(f"knn_filter (--knn-filter) must be one of "
                              f"{', '.join(FILTERS)}, got {self.knn_filter!r}")
-        try:
-            noise = float(self.label_noise)
-        except (TypeError, ValueError):
-            noise = float("nan")
-        if not 0.0 <= noise < 1.0:  # also refuses NaN
+        self.label_noise_seed = (self.subset_seed if self.label_noise_seed is None
+                                 else self.label_noise_seed)
+
+    def _check_numbers(self) -> None:
+        """Every numeric setting in its range, before any file is read: a ValueError naming
+        the setting (and its flag) and the value. Integers: ``k``, ``batch_size``,
+        ``eval_batch_size`` >= 1; ``workers`` >= 0; ``subset`` >= 4, ``max_dim`` >= 1 and
+        ``image_size`` >= 8 or None; ``memory_budget`` >= :data:`MIN_MEMORY_BUDGET` bytes;
+        seeds in ``0..MAX_SEED`` (``seeds`` and ``epochs``: :meth:`_resolve_training`).
+        Reals: ``lr`` finite > 0, ``weight_decay`` finite >= 0, ``0 <= label_noise < 1``,
+        every threshold a fraction in [0, 1]. ``probes`` names at least one module."""
+        for name in ("k", "batch_size", "eval_batch_size"):
+            setattr(self, name, _integer(getattr(self, name), name, 1))
+        self.workers = _integer(self.workers, "workers", 0)
+        self.subset_seed = _integer(self.subset_seed, "subset_seed", 0, MAX_SEED)
+        if self.label_noise_seed is not None:
+            self.label_noise_seed = _integer(self.label_noise_seed, "label_noise_seed", 0,
+                                             MAX_SEED)
+        for name, low, hint in (("subset", 4, " (or None: every example; --subset all)"),
+                                ("max_dim", 1, " (or None: no pooling; --max-dim 0)"),
+                                ("image_size", 8, "")):
+            if getattr(self, name) is not None:
+                setattr(self, name, _integer(getattr(self, name), name, low, hint=hint))
+        budget = self.memory_budget
+        if not (_is_real(budget) and MIN_MEMORY_BUDGET <= budget <= _INT64_MAX):
+            shown = (f"{budget:.6g} bytes ({budget / 2**20:.6g} MiB)" if _is_real(budget)
+                     else repr(budget))
+            raise ValueError(
+                f"memory_budget (--memory-budget) must be a number of bytes in "
+                f"{MIN_MEMORY_BUDGET}..{_INT64_MAX} (--memory-budget in MiB: at least "
+                f"{MIN_MEMORY_BUDGET // 2**20}; a smaller budget reads the disk cache in blocks "
+                f"of a few rows and never finishes), got {shown}")
+        self.memory_budget = int(budget)
+        _real(self.lr, "lr", 0.0, above=True)
+        _real(self.weight_decay, "weight_decay", 0.0)
+        noise = self.label_noise
+        if not (_is_real(noise) and 0.0 <= noise < 1.0):  # also refuses NaN
             raise ValueError(f"label_noise (--label-noise) must be a fraction with 0 <= P < 1, "
-                             f"got {self.label_noise!r}")
-        self.label_noise = noise
-        self.label_noise_seed = int(self.subset_seed if self.label_noise_seed is None
-                                    else self.label_noise_seed)
+                             f"got {noise!r}")
+        self.label_noise = float(noise)
+        for name, value in CategoryThresholds.from_dict(self.thresholds).to_dict().items():
+            if not (_is_real(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"thresholds[{name!r}] must be a fraction in [0, 1], got "
+                                 f"{value!r}")
+        if (isinstance(self.probes, str) and not self.probes.strip()) or (
+                isinstance(self.probes, (list, tuple)) and not self.probes):
+            raise ValueError(f"probes (--probes) names no module, got {self.probes!r}: give a "
+                             "preset or module names in the network's forward order")
 
     def _check_network(self) -> None:
         """``arch`` xor ``model``; the checkpoint file exists (its hash is taken here)."""
@@ -162,15 +214,12 @@ class RunConfig:
     def _resolve_training(self) -> None:
         """Seeds and epochs: the defaults, or one model and no training with a checkpoint."""
         trained = self.checkpoint is None
-        self.seeds = [int(s) for s in (self.seeds if self.seeds is not None
-                                       else (_SEEDS if trained else _SEEDS[:1]))]
-        if not self.seeds:
-            raise ValueError("seeds must name at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {self.seeds}")
-        self.epochs = int((_EPOCHS if trained else 0) if self.epochs is None else self.epochs)
-        if trained and self.epochs < 1:
-            raise ValueError(f"epochs (--epochs) must be >= 1, got {self.epochs}")
+        seeds = self.seeds if self.seeds is not None else (_SEEDS if trained else _SEEDS[:1])
+        if not isinstance(seeds, (list, tuple)):
+            raise ValueError(f"seeds (--seeds) must be a list of seeds, got {seeds!r}")
+        self.seeds = check_seeds(seeds)
+        self.epochs = _integer((_EPOCHS if trained else 0) if self.epochs is None
+                               else self.epochs, "epochs", 1 if trained else 0)
         if not trained and (self.epochs != 0 or len(self.seeds) != 1):
             raise ValueError(f"a checkpoint (--checkpoint) is scored, not trained: one model, "
                              f"no epochs; got epochs {self.epochs} (--epochs), seeds "
@@ -225,6 +274,69 @@ class RunConfig:
 
 def _hash_settings(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_out(out, config: RunConfig) -> None:
+    """``out`` (``--out``) may be used for a run of ``config``: a ValueError for an empty
+    name (it would be the current directory; pass ``.`` to mean it) and for a folder that is
+    the data's root folder (``config.root``, else the dataset's default one) or inside it
+    (the run's files would become data: an image folder would read its PNGs as a new
+    class)."""
+    if not str(out).strip():
+        raise ValueError(f"--out {str(out)!r} names no folder: give the output folder (. for "
+                         "the current one)")
+    info = DATASETS.get(config.dataset)
+    root = config.root if config.root is not None else (info.root if info else None)
+    if root is None:
+        return
+    where, data = Path(out).resolve(), Path(root).resolve()
+    if where == data or data in where.parents:
+        raise ValueError(f"--out {out} is inside the data's root folder {root} (--root): the "
+                         "run's files would be read as data; choose an --out outside it")
+
+
+def check_seeds(seeds, flag: str = "--seeds") -> list[int]:
+    """``seeds`` as a list of distinct ints in ``0..MAX_SEED`` (at least one); else a
+    ValueError naming ``flag`` and the bad value."""
+    seeds = [_integer(s, f"seeds ({flag})", 0, MAX_SEED) for s in seeds]
+    if not seeds:
+        raise ValueError(f"seeds ({flag}) must name at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds ({flag}) must be distinct, got {seeds}")
+    return seeds
+
+
+def _named(name: str) -> str:
+    """A setting's name in messages: with its flag where it has one."""
+    return f"{name} ({_FLAGS[name]})" if name in _FLAGS else name
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def _integer(value, name: str, low: int, high: int = _INT64_MAX, hint: str = "") -> int:
+    """``value`` as an int in ``low..high`` (at most int64); else a ValueError naming the
+    setting ``name`` and the value. bools and non-integral numbers are refused."""
+    number = None
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        number = int(value)
+    elif _is_real(value) and float(value).is_integer():
+        number = int(value)
+    if number is None or not low <= number <= high:
+        limits = (f">= {low}" if high == _INT64_MAX and (number is None or number < low)
+                  else f"in {low}..{high}")
+        raise ValueError(f"{_named(name)} must be an integer {limits}{hint}, got {value!r}")
+    return number
+
+
+def _real(value, name: str, low: float, *, above: bool = False) -> None:
+    """ValueError naming the setting unless ``value`` is a finite number ``>= low`` (``>
+    low`` with ``above``)."""
+    if not (_is_real(value) and (value > low if above else value >= low)):
+        raise ValueError(f"{_named(name)} must be a finite number {'>' if above else '>='} "
+                         f"{low:g}, got {value!r}")
 
 
 def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

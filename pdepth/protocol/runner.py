@@ -30,7 +30,14 @@ from ..data import (
 from ..models import load_checkpoint, make_model
 from ..ops import check_filter, knn_plan
 from ..probes import pinned, probe_dims, resolve_probes
-from .config import RunConfig, flip_labels, rank_settings, resolve_device, run_dependencies
+from .config import (
+    RunConfig,
+    check_out,
+    flip_labels,
+    rank_settings,
+    resolve_device,
+    run_dependencies,
+)
 from .errors import require_modules
 from .model_run import RunData, check_support, data_identity, run_model
 from .outdir import load_model_file, lock_output, model_path, prepare_output
@@ -74,6 +81,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, overwrite: bool = False,
     on every rank before any work.
     """
     t_start = time.perf_counter()
+    check_out(out, config)  # "" (which Path makes ".") or a folder inside the data's root
     out = Path(out)
     log = log or (lambda msg: None)
     ranks = _Ranks.of(process_group)
