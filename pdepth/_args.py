@@ -1,7 +1,7 @@
 """Argument conversion for the k-NN ops: Python values and array-likes to what the op schemas
-take (int64 integers, int64 index tensors). Conversion only: the ops' rules (ranges, shapes,
-devices) are checked by the ops themselves (csrc/knn.cpp, and the fake kernels in
-:mod:`pdepth.ops`)."""
+take (int64 integers, int64 index tensors), and the class limit every vote shares
+(:data:`MAX_CLASSES`). Otherwise conversion only: the ops' rules (ranges, shapes, devices) are
+checked by the ops themselves (csrc/knn.cpp, and the fake kernels in :mod:`pdepth.ops`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import operator
 
 import torch
 
-__all__ = ["as_index", "check_int"]
+__all__ = ["MAX_CLASSES", "as_index", "check_class_ids", "check_int", "check_num_classes"]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# The most classes a vote takes (class ids 0 .. MAX_CLASSES - 1). A vote keeps one count per
+# class, sized by the largest id (the CPU kernel one int64 per class per thread: 128 MiB at
+# this cap; vote counts [M, C]), so an unmapped identifier such as 2**40 as a label would fail
+# in the allocator (std::bad_alloc). 2**24 is far above any classification data set
+# (ImageNet-21k has 21,841 classes); larger ids must be mapped to 0..C-1 first.
+MAX_CLASSES = 2**24
 
 
 def check_int(value, name: str, *, op: str | None = None, min_value: int | None = None) -> int:
@@ -58,3 +64,27 @@ def as_index(t, name: str) -> torch.Tensor | None:
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     return t.long()
+
+
+def check_num_classes(num_classes: int, op: str) -> int:
+    """``num_classes`` (an integer, see :func:`check_int`) unless it exceeds
+    :data:`MAX_CLASSES`; values below 1 are left to the op's own message."""
+    num_classes = check_int(num_classes, "num_classes", op=op)
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"{op}(): num_classes={num_classes} exceeds the limit of "
+                         f"MAX_CLASSES={MAX_CLASSES} classes (a vote keeps one count per "
+                         "class); map the labels to 0..C-1 first")
+    return num_classes
+
+
+def check_class_ids(labels: torch.Tensor, name: str, op: str | None = None) -> None:
+    """Raises ``ValueError`` naming ``name``, its largest value and :data:`MAX_CLASSES` when
+    a class id in ``labels`` is at or above the limit (the range's other rules are the
+    op's)."""
+    hi = int(labels.max()) if labels.numel() else -1
+    if hi >= MAX_CLASSES:
+        prefix = f"{op}(): " if op else ""
+        raise ValueError(f"{prefix}{name} holds class ids up to {hi}, above the limit "
+                         f"MAX_CLASSES={MAX_CLASSES} (ids 0..{MAX_CLASSES - 1}: a vote keeps "
+                         "one count per class); map the labels to 0..C-1 first (e.g. "
+                         "torch.unique(labels, return_inverse=True))")

@@ -19,8 +19,13 @@ import torch
 
 from . import reference
 from ._args import INT64_MAX as _INT64_MAX
+from ._args import (  # noqa: F401  (re-exported: the class limit is part of the ops' API)
+    MAX_CLASSES,
+    check_class_ids,
+    check_int,
+    check_num_classes,
+)
 from ._args import as_index as _as_index
-from ._args import check_int
 from ._extension import (  # noqa: F401  (re-exported: pdepth.ops / pdepth.knn names)
     _C,
     _LOAD_ERROR,
@@ -60,12 +65,6 @@ __all__ = [
 SELF_MATCH_POLICIES = ("exclude", "include", "drop_nearest")
 # The filter GEMM's formats (docs/design.md section 6); none changes the output.
 FILTERS = ("auto", "fp32", "bf16", "bf16x3", "tf32")
-# The most classes a vote takes (class ids 0 .. MAX_CLASSES - 1). A vote keeps one count per
-# class, sized by the largest id (the CPU kernel one int64 per class per thread: 128 MiB at
-# this cap; vote counts [M, C]), so an unmapped identifier such as 2**40 as a label would fail
-# in the allocator (std::bad_alloc). 2**24 is far above any classification data set
-# (ImageNet-21k has 21,841 classes); larger ids must be mapped to 0..C-1 first.
-MAX_CLASSES = 2**24
 
 _warned: set[str] = set()
 
@@ -167,30 +166,6 @@ def knn(
             offset=offset,
         )
     )
-
-
-def check_num_classes(num_classes: int, op: str) -> int:
-    """``num_classes`` (an integer, see :func:`check_int`) unless it exceeds
-    :data:`MAX_CLASSES`; values below 1 are left to the op's own message."""
-    num_classes = check_int(num_classes, "num_classes", op=op)
-    if num_classes > MAX_CLASSES:
-        raise ValueError(f"{op}(): num_classes={num_classes} exceeds the limit of "
-                         f"MAX_CLASSES={MAX_CLASSES} classes (a vote keeps one count per "
-                         "class); map the labels to 0..C-1 first")
-    return num_classes
-
-
-def check_class_ids(labels: torch.Tensor, name: str, op: str | None = None) -> None:
-    """Raises ``ValueError`` naming ``name``, its largest value and :data:`MAX_CLASSES` when
-    a class id in ``labels`` is at or above the limit (the range's other rules are the
-    op's)."""
-    hi = int(labels.max()) if labels.numel() else -1
-    if hi >= MAX_CLASSES:
-        prefix = f"{op}(): " if op else ""
-        raise ValueError(f"{prefix}{name} holds class ids up to {hi}, above the limit "
-                         f"MAX_CLASSES={MAX_CLASSES} (ids 0..{MAX_CLASSES - 1}: a vote keeps "
-                         "one count per class); map the labels to 0..C-1 first (e.g. "
-                         "torch.unique(labels, return_inverse=True))")
 
 
 def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:

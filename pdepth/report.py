@@ -19,49 +19,12 @@ import numpy as np
 
 from ._atomic import PendingFiles, names_file
 from .categories import CATEGORIES
+from .figures import FIGURE_CLAIMS, FIGURES, REPORT_DEPENDENCIES
 from .metrics import layer_accuracy
 from .report_html import report_html
 
 __all__ = ["FIGURES", "REPORT_DEPENDENCIES", "RunFilesError", "write_report"]
 
-REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
-
-FIGURES = {
-    "depth_hist.png": "Prediction depth per split (all models): examples in the model's "
-                      "training split vs held out.",
-    "metrics_vs_depth.png": "Held-out accuracy (the C-score), held-out agreement, confidence, "
-                            "margin, ensemble uncertainty (entropy) and iteration learned "
-                            "against (rounded) mean depth; mean with standard error per depth.",
-    "layer_knn.png": "k-NN accuracy (vs the given labels) at each probe, for examples in the "
-                     "training split (self excluded) and held out: early layers generalise, "
-                     "later layers memorise.",
-    "depth_2d.png": "Train-split depth vs held-out depth: counts (left) and the difficulty "
-                    "categories, the paper's three groups of difficult examples and the easy "
-                    "ones (right, jittered).",
-    "vote_shares.png": "Per category and probe, the mean share of the k-NN votes for the "
-                       "given label, the network's prediction and the most frequent other "
-                       "class; training split (top) and held out (bottom).",
-    "convergence.png": "k-NN accuracy of each probe on a fixed sample of the training split "
-                       "after each epoch (mean over the models; left) and the epoch at which "
-                       "it makes 95% of its gain (right).",
-    "label_noise.png": "Examples whose label was flipped (--label-noise): per probe, the share "
-                       "of k-NN votes for the flipped (given) and for the original label, "
-                       "training split vs held out. Drawn only where labels were flipped.",
-    "examples_by_depth.png": "Random examples at each (rounded) held-out depth.",
-    "examples_by_category.png": "Random examples of each category (title: label -> held-out "
-                                "networks' most frequent prediction).",
-    "training.png": "Training curves of every model.",
-}
-# the summary.json claims each figure shows (pdepth.summary)
-FIGURE_CLAIMS = {
-    "metrics_vs_depth.png": ("depth_vs_accuracy", "depth_vs_agreement", "depth_vs_confidence",
-                             "depth_vs_margin", "depth_vs_uncertainty",
-                             "depth_vs_speed_of_learning", "learns_easy_data_first"),
-    "layer_knn.png": ("early_layers_generalise",),
-    "vote_shares.png": ("groups_processed_differently",),
-    "convergence.png": ("early_layers_converge_faster",),
-    "label_noise.png": ("flipped_labels_memorised_late",),
-}
 _COLORS = {"easy": "#4c9f70", "ambiguous": "#e0a526", "looks_like_other_class": "#c44e52",
            "atypical": "#5b6fb5"}
 

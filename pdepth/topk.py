@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._args import as_index
+from ._args import as_index, check_num_classes
 
 __all__ = ["Neighbors", "Vote", "empty_topk", "merge_topk", "neighbor_labels", "vote_counts"]
 
@@ -136,8 +136,6 @@ def vote_counts(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor
     counts for no class; :func:`neighbor_labels`). int16 while ``k`` fits in it, else int32;
     on the labels' device. :func:`pdepth.vote`'s prediction is the first class of largest count
     (docs/design.md section 2); the counts say by how much it won."""
-    from .ops import check_num_classes  # pdepth.ops imports this module
-
     num_classes = check_num_classes(num_classes, "vote_counts")
     labels = as_index(neighbor_labels, "neighbor_labels")
     if labels.dim() != 2:

@@ -18,10 +18,10 @@ from run_helpers import tree
 
 from pdepth.protocol import RunConfig
 from pdepth.protocol.errors import OutputExistsError
-from pdepth.protocol.model_run import data_identity
 from pdepth.protocol.outdir import (
     LOCK,
     MARKER,
+    data_identity,
     folder_lock,
     open_for_writing,
     prepare_output,

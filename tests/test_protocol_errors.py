@@ -120,17 +120,27 @@ def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
 
 
 @needs_fmnist
-@pytest.mark.parametrize("bad", [["--lr", "-1"], "weight_decay"])
-def test_overwrite_validates_everything_before_deleting(tiny_run, tmp_path, capsys, bad):
+@pytest.mark.parametrize("bad", [["--lr", "-1"], "weight_decay", "untrainable"])
+def test_overwrite_validates_everything_before_deleting(tiny_run, tmp_path, capsys, bad,
+                                                        monkeypatch):
     """Issue 23: --overwrite deleted a finished run's results, then training refused the
-    settings. A training step is tried on a copy of the network before the folder is
-    touched; anything training refuses fails there."""
+    settings. The settings are checked, and a training step is tried on a copy of the network,
+    before the folder is touched: anything training refuses fails there ("untrainable": a
+    network whose training step raises, which no settings check can see)."""
     out = copy_run(tiny_run, tmp_path)
     before = tree(out)
     if bad == "weight_decay":  # no flag: through the Python API
-        with pytest.raises(ValueError, match="training with these settings fails"):
+        with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
             run(RunConfig(subset=200, epochs=1, k=3, seeds=[0, 1], weight_decay=-1.0), out,
                 overwrite=True, progress=False)
+    elif bad == "untrainable":
+        def untrainable(*args, **kwargs):
+            raise RuntimeError("this network cannot train")
+
+        monkeypatch.setattr("pdepth.protocol.runner.train_model", untrainable)
+        with pytest.raises(ValueError, match="training with these settings fails.*cannot train"):
+            run(RunConfig(subset=200, epochs=1, k=3, seeds=[0, 1]), out, overwrite=True,
+                progress=False)
     else:
         assert main(["run", *TINY, *bad, "--overwrite", "--out", str(out)]) == 2
         assert "-1" in one_error_line(capsys)

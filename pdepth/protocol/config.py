@@ -15,9 +15,9 @@ import torch
 
 from ..categories import CategoryThresholds
 from ..data import DATASETS, IMAGE_FOLDER_SIZE
+from ..figures import REPORT_DEPENDENCIES
 from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
 from ..ops import FILTERS
-from ..report import REPORT_DEPENDENCIES
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
            "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",

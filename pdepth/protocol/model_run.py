@@ -4,7 +4,6 @@ training half as the k-NN support set, :mod:`.scoring`) and save its per-model f
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from .scoring import CACHE_DIR, ModelCache, score_model, uses_disk
 from .stages import stage
 from .train import TrainOptions, train_model
 
-__all__ = ["RunData", "check_support", "data_identity", "run_model"]
+__all__ = ["RunData", "check_support", "run_model"]
 
 
 @dataclass
@@ -64,19 +63,6 @@ class RunData:
         """The dataset's classes (its table entry; a user Dataset's ``classes`` or one more
         than its largest label)."""
         return self.dataset.num_classes
-
-
-def data_identity(images, labels) -> str:
-    """The identity of a run's data: the sha256 of what was read -- the images (uint8, with
-    their shape) and the dataset's labels of the run's examples, in order. Every file of a
-    run folder that depends on the data is written with it, and a resume on other data is
-    refused (docs/protocol.md, "The run folder's rules")."""
-    images = np.ascontiguousarray(np.asarray(images))
-    labels = np.ascontiguousarray(np.asarray(labels), dtype=np.int64)
-    digest = hashlib.sha256(f"{images.shape} {images.dtype}\n".encode())
-    digest.update(images.data)
-    digest.update(labels.data)
-    return digest.hexdigest()
 
 
 def check_support(k: int, num_support: int) -> None:

@@ -6,6 +6,7 @@ back. The rules: docs/protocol.md, "The run folder's rules"."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -16,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import _atomic
-from ..report import FIGURES
+from ..figures import FIGURES
 from .config import RunConfig
 from .errors import ModelFileError, OutputExistsError
 from .scoring import CACHE_NAME
 
-__all__ = ["LOCK", "MARKER", "MODEL_ARRAYS", "RESULT_DIRS", "RESULT_FILES", "folder_lock",
+__all__ = ["LOCK", "MARKER", "MODEL_ARRAYS", "RESULT_DIRS", "RESULT_FILES", "data_identity",
+           "folder_lock",
            "load_model_file", "load_results", "model_path", "open_for_writing",
            "prepare_output"]
 
@@ -220,7 +222,7 @@ def check_output(out: Path, config: RunConfig, overwrite: bool,
     """Raises :class:`OutputExistsError` unless the non-empty directory ``out`` may be used:
     it must be a pdepth run (marker) holding only pdepth's files; a finished run, other
     settings (naming them) or other data (``data_sha256``: the identity of the data read,
-    :func:`pdepth.protocol.model_run.data_identity`) need ``overwrite``."""
+    :func:`data_identity`) need ``overwrite``."""
     marker = read_marker(out)
     if marker is None:
         _refuse_foreign_directory(out)
@@ -301,9 +303,20 @@ def _other_data(out: Path, marker: dict, data_sha256: str | None) -> str | None:
             f"are not the run's (sha256 {theirs[:12]}...{_run_root(out)})")
 
 
-def _data_npz_identity(out: Path) -> str | None:
-    from .model_run import data_identity
+def data_identity(images, labels) -> str:
+    """The identity of a run's data: the sha256 of what was read -- the images (uint8, with
+    their shape) and the dataset's labels of the run's examples, in order. Every file of a
+    run folder that depends on the data is written with it, and a resume on other data is
+    refused (docs/protocol.md, "The run folder's rules")."""
+    images = np.ascontiguousarray(np.asarray(images))
+    labels = np.ascontiguousarray(np.asarray(labels), dtype=np.int64)
+    digest = hashlib.sha256(f"{images.shape} {images.dtype}\n".encode())
+    digest.update(images.data)
+    digest.update(labels.data)
+    return digest.hexdigest()
 
+
+def _data_npz_identity(out: Path) -> str | None:
     try:
         with np.load(out / "data.npz", allow_pickle=False) as z:
             labels = z["original_labels"] if "original_labels" in z.files else z["labels"]

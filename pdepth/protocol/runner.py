@@ -39,8 +39,8 @@ from .config import (
     run_dependencies,
 )
 from .errors import require_modules
-from .model_run import RunData, check_support, data_identity, run_model
-from .outdir import load_model_file, lock_output, model_path, prepare_output
+from .model_run import RunData, check_support, run_model
+from .outdir import data_identity, load_model_file, lock_output, model_path, prepare_output
 from .results import write_results
 from .scoring import check_cache_space
 from .stages import peak_rss_bytes, stage_peaks
