@@ -13,6 +13,7 @@ names there). A temporary file is created with :func:`open`'s permissions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["TMP_NAME", "PendingFiles", "human_bytes", "json_default", "names_file", "naming",
+__all__ = ["TMP_NAME", "PendingFiles", "file_sha256", "human_bytes", "json_default", "names_file", "naming",
            "savez", "temp_path", "write_bytes", "write_json", "write_parquet", "write_with"]
 
 TMP_NAME = re.compile(r"\.pdepth\.tmp-\d+\.(.+)")  # temp_path()'s names; group 1: the target
@@ -145,3 +146,13 @@ class PendingFiles:
     def discard(self) -> None:
         for tmp, _ in self.files:
             tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's content, read in blocks (a checkpoint's identity in the
+    protocol key, a cache file's record)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -22,7 +22,6 @@ a state dict into a model (``--checkpoint``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import pickle
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["ARCHITECTURES", "ARCH_VERSIONS", "MLP", "SmallCNN", "VGG", "build_model", "cnn",
-           "file_sha256", "load_checkpoint", "load_factory", "make_model", "mlp", "resnet18",
+           "load_checkpoint", "load_factory", "make_model", "mlp", "resnet18",
            "vgg16"]
 
 
@@ -254,13 +253,6 @@ def make_model(arch: str | None, model: str | None = None, *, num_classes: int,
     return net
 
 
-def file_sha256(path: str) -> str:
-    """The sha256 of a file (a checkpoint's identity in the protocol key)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(model: nn.Module, path: str) -> nn.Module:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._atomic import naming, temp_path, write_json
+from .._atomic import file_sha256, naming, temp_path, write_json
 from ..ops import knn
 from ..probes import ProbeRecorder, ProbeSpec, pinned
 from ..topk import empty_topk
@@ -55,21 +55,13 @@ def record_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_record(path: str | os.PathLike, owner: dict, sha256: str | None = None) -> None:
     """Writes the record of the whole file ``path`` (atomically, after it): its size, its
     sha256 (read from the file unless given, e.g. hashed while it was written) and
     ``owner`` (JSON: what the file is, e.g. its run, model, probe and shape)."""
     path = Path(path)
     write_json(record_path(path), {"file": path.name, "bytes": path.stat().st_size,
-                                   "sha256": sha256 or _file_sha256(path), "owner": owner})
+                                   "sha256": sha256 or file_sha256(path), "owner": owner})
 
 
 def check_record(path: str | os.PathLike, owner: dict) -> str | None:
@@ -90,7 +82,7 @@ def check_record(path: str | os.PathLike, owner: dict) -> str | None:
     try:
         if path.stat().st_size != size:
             return f"has {path.stat().st_size} bytes, {size} when it was written"
-        if _file_sha256(path) != digest:
+        if file_sha256(path) != digest:
             return "was changed after it was written (its sha256 differs from its record's)"
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"

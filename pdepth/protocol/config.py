@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._atomic import file_sha256
 from ..categories import CategoryThresholds
 from ..data import DATASETS, IMAGE_FOLDER_SIZE
 from ..figures import REPORT_DEPENDENCIES
-from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
+from ..models import ARCH_VERSIONS, ARCHITECTURES
 from ..ops import FILTERS
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
