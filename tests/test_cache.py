@@ -425,7 +425,7 @@ def test_sub_spec_keeps_the_token_rule():
 
     spec = ProbeSpec(("a", "b"), token="mean", layout=TokenLayout(0, 2), max_dim=64,
                      preset="vit")
-    sub = sub_spec(spec, [1, 3])
+    sub = sub_spec(spec, [2, 3])  # input, a, b, softmax
     assert sub.modules == ("b",) and not sub.input and sub.softmax
     assert (sub.token, sub.layout, sub.max_dim, sub.preset) == ("mean", TokenLayout(0, 2), 64,
                                                                  "vit")
