@@ -290,3 +290,52 @@ def test_registry():
         families.register_family(families.FAMILIES["vit"])
     assert set(PRESETS) == set(families.family_names())
     assert {"vit", "swin", "convnext", "resnet", "vgg", "mlp", "cnn"} <= set(families.FAMILIES)
+
+
+def _hf(name, config, **kw):
+    transformers = pytest.importorskip("transformers")
+    return getattr(transformers, name)(getattr(transformers, config)(**kw)).eval()
+
+
+_HF_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=2)
+# Hugging Face models built like ViT: (model class, config class, config, family, prefix)
+HF_CASES = {
+    "deit with teacher": ("DeiTForImageClassificationWithTeacher", "DeiTConfig",
+                          dict(_HF_VIT, intermediate_size=64, num_labels=5), "vit", 2),
+    "dinov2 with registers": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig",
+                              dict(_HF_VIT, mlp_ratio=2, num_register_tokens=4), "vit", 5),
+    "clip vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(_HF_VIT, intermediate_size=64),
+                    "vit", 1),
+    "swin": ("SwinForImageClassification", "SwinConfig",
+             dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2],
+                  window_size=4, num_labels=5), "swin", 0),
+    "convnext": ("ConvNextForImageClassification", "ConvNextConfig",
+                 dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5),
+                 "convnext", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hugging_face_families(case):
+    name, config, kw, family, prefix = HF_CASES[case]
+    model = _hf(name, config, **kw)
+    spec = ProbeSpec.from_preset("auto", model, softmax=False)
+    assert spec.preset == family and len(spec.modules) == 2
+    block = spec.modules[-1]
+    with ProbeRecorder(model, spec, truncate=True) as rec:
+        layers, _ = rec.run(X)
+    out = _hooked(model, block)
+    if family == "convnext":  # conv maps, as they are
+        assert spec.token is None and out.dim() == 4
+        torch.testing.assert_close(layers[-1], out.reshape(3, -1))
+        return
+    assert spec.layout.prefix == prefix and out.dim() == 3
+    if family == "vit":
+        assert spec.token == "cls"
+        torch.testing.assert_close(layers[-1], out[:, 0])
+        spec = ProbeSpec.from_preset("vit", model, softmax=False, token="mean")
+        with ProbeRecorder(model, spec, truncate=True) as rec:
+            layers, _ = rec.run(X)
+    assert spec.token == "mean"  # swin's default: its tokens [B, L, C] have no prefix
+    torch.testing.assert_close(layers[-1], out[:, prefix:].mean(1))
