@@ -99,10 +99,14 @@ def _parser() -> argparse.ArgumentParser:
                         "computed without training, one model, every example in its training "
                         "split")
     r.add_argument("--probes", default=None,
-                   help="a probe preset (auto, cnn, mlp, resnet, resnet18, vgg, vgg16) or "
-                        "comma-separated module names in the order the network's forward "
-                        "pass runs them (default: the architecture's preset; auto for "
-                        "--model)")
+                   help="a probe preset (auto, cnn, convnext, mlp, resnet, resnet18, swin, "
+                        "vgg, vgg16, vit) or comma-separated module names in the order the "
+                        "network's forward pass runs them (default: the architecture's "
+                        "preset; auto for --model: an error for a model it does not know)")
+    r.add_argument("--token", default=None, choices=("cls", "mean", "all"),
+                   help="how transformer block outputs [B, tokens, C] are probed: the class "
+                        "token, the mean over the patch tokens, or all tokens (default: the "
+                        "preset's: cls where the model has a class token, else mean)")
     r.add_argument("--seeds", type=_seeds, default=None,
                    help=f"number of seeds, or a comma-separated list of seeds in 0..{MAX_SEED} "
                         "(default: 5 = seeds 0-4; each seed trains 2 models; one seed with "
@@ -220,7 +224,8 @@ def _run(args) -> int:
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
         knn_filter=args.knn_filter, label_noise=args.label_noise,
         image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
-        download=args.download, workers=args.workers, keep_cache=args.keep_cache)
+        download=args.download, workers=args.workers, keep_cache=args.keep_cache,
+        token=args.token)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))

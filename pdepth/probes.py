@@ -5,22 +5,28 @@ from input to output. By convention (docs/design.md section 1) probe 0 is the ra
 last probe is the softmax of the model's output; the hooked modules sit in between. Each hook
 copies its module's output at the moment the module runs (so an in-place activation that runs
 later, e.g. ``ReLU(inplace=True)`` after a batch norm, cannot change what was recorded),
-optionally pools it to at most ``max_dim`` features, flattens it to ``[B, D]`` and stores it.
+reads it under the token rule, optionally pools it to at most ``max_dim`` features, flattens
+it to ``[B, D]`` and stores it.
 
-Presets (``ProbeSpec.from_preset(name, model)``, see :data:`PRESETS`):
+Presets (``ProbeSpec.from_preset(name, model)``, see :data:`PRESETS`) are the model families
+of :mod:`pdepth.families` (its docstring lists each one's probes): ``cnn``, ``vit``, ``swin``,
+``convnext``, ``resnet`` / ``resnet18``, ``vgg`` / ``vgg16``, ``mlp``, and ``"auto"``: the
+family that recognises the model, or a ValueError naming the presets where none does.
 
-* ``"resnet18"`` / ``"resnet"`` -- the stem's normalisation (``bn1``) and the output of every
-  residual block (``layer1.0`` ... ``layer4.*``: the residual sum after the block's final
-  ReLU). ResNet-18: 11 probes (input, stem, 8 blocks, softmax). Works for torchvision and
-  timm ResNets (both name them ``bn1`` / ``layerI.J``).
-* ``"vgg16"`` / ``"vgg"`` -- after each ``Conv2d``: the first activation (``ReLU``, ``GELU``
-  ...) that follows the conv in module order, else its norm layer, else the conv. VGG-16: 15
-  probes (input, 13 convs, softmax).
-* ``"mlp"`` -- after each dense layer but the last (whose output is the softmax probe's
-  input): its following activation, else the ``Linear``. An MLP with H hidden layers: H + 2.
-* ``"cnn"`` -- :class:`pdepth.models.SmallCNN`: ``block1``, ``block2``, ``block3``, ``fc``: 6.
-* ``"auto"`` -- ``resnet`` when the model has ``layer1``, else ``vgg`` when it has a
-  ``Conv2d``, else ``mlp``.
+Token rule (``token=``, recorded as ``ProbeSpec.token``), for the hooked modules' outputs:
+
+* ``[B, T, C]`` token sequences: ``"cls"`` -- the class token's row (the family's
+  :class:`~pdepth.families.TokenLayout`; refused for a model without one), ``"mean"`` -- the
+  mean over the tokens after the family's prefix tokens (class, distillation, register), ``"all"``
+  -- every token (prefix included) as ``[B, C, T]``, pooled over tokens to ``max_dim`` and
+  flattened.
+* ``[B, H, W, C]`` maps of a channels-last family (timm / torchvision Swin): ``"mean"`` -- the
+  mean over positions, ``"all"`` -- the map as ``[B, C, H, W]`` (pooled like a conv map).
+* conv maps ``[B, C, H, W]`` and ``[B, D]`` outputs pass unchanged.
+
+The default is the family's for a transformer preset (``vit``: ``"cls"`` where the model has
+a class token, else ``"mean"``; ``swin``: ``"mean"``) and None (no token rule: outputs as they
+are) for the other presets and for module names. The input and softmax probes never take it.
 
 Pooling (``max_dim``): a probe output ``[B, C, H, W]`` with more than ``max_dim`` features is
 adaptive-average-pooled to ``[B, C, h, w]``, the largest ``h <= H`` (and ``w = W*h // H``)
@@ -31,6 +37,7 @@ unpooled. The rule applies to every probe, the input included.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,10 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .families import TOKENS, TokenLayout, auto_family, family_names, get_family, recognise
+
 __all__ = [
     "INPUT",
     "PRESETS",
     "SOFTMAX",
+    "TOKENS",
     "Embeddings",
     "ProbeRecorder",
     "ProbeSpec",
@@ -52,15 +62,13 @@ __all__ = [
     "pinned",
     "pool_embedding",
     "probe_dims",
+    "read_tokens",
     "resolve_probes",
 ]
 
 INPUT = "input"
 SOFTMAX = "softmax"
-PRESETS = ("auto", "cnn", "mlp", "resnet", "resnet18", "vgg", "vgg16")
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid,
-                nn.Hardswish, nn.Mish)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+PRESETS = family_names()  # the built-in families; pdepth.families.family_names() is live
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,12 @@ class ProbeSpec:
         softmax: record the softmax of the model's output as the last probe (default True).
         max_dim: pool conv maps to at most this many features (None: no pooling); see the
             module docstring.
-        preset: the preset the modules came from, if any (informational).
+        preset: the preset the modules came from, if any (informational; for ``"auto"`` the
+            family it chose).
+        token: the token rule of the hooked outputs, ``"cls"``, ``"mean"``, ``"all"`` or None
+            (outputs as they are); see the module docstring.
+        layout: where the class and prefix tokens sit (:class:`pdepth.families.TokenLayout`;
+            :func:`resolve_probes` fills it in from the model's family).
     """
 
     modules: tuple[str, ...] = ()
@@ -84,6 +97,8 @@ class ProbeSpec:
     softmax: bool = True
     max_dim: int | None = None
     preset: str | None = field(default=None, compare=False)
+    token: str | None = None
+    layout: TokenLayout | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "modules", tuple(self.modules))
@@ -91,6 +106,9 @@ class ProbeSpec:
             raise ValueError(f"max_dim must be a positive integer or None, got {self.max_dim}")
         if len(set(self.modules)) != len(self.modules):
             raise ValueError(f"probe modules must be distinct, got {list(self.modules)}")
+        if self.token is not None and self.token not in TOKENS:
+            raise ValueError(f"token must be one of {', '.join(TOKENS)} or None, got "
+                             f"{self.token!r}")
 
     @property
     def names(self) -> list[str]:
@@ -104,10 +122,18 @@ class ProbeSpec:
 
     @classmethod
     def from_preset(cls, name: str, model: nn.Module, *, max_dim: int | None = None,
-               input: bool = True, softmax: bool = True) -> ProbeSpec:
-        """The probes of a preset (:data:`PRESETS`) on ``model``."""
-        return cls(modules=_preset_modules(name, model), input=input, softmax=softmax,
-                   max_dim=max_dim, preset=name)
+                    input: bool = True, softmax: bool = True,
+                    token: str | None = None) -> ProbeSpec:
+        """The probes of a preset (:data:`PRESETS`) on ``model``, with the family's token
+        rule (``token`` None: its default) checked against the model."""
+        family = auto_family(model) if name == "auto" else get_family(name)
+        layout = family.tokens(model)
+        spec = cls(modules=family.modules(model), input=input, softmax=softmax,
+                   max_dim=max_dim, preset=family.name if name == "auto" else name,
+                   token=token if token is not None or layout is None else
+                   layout.default_token, layout=layout)
+        _check_token(spec, model)
+        return spec
 
     def validate(self, model: nn.Module) -> dict[str, nn.Module]:
         """Name -> module for every hooked probe; ValueError listing the valid names for an
@@ -118,104 +144,85 @@ class ProbeSpec:
             valid = [n for n in named if n]
             raise ValueError(
                 f"unknown probe module(s) {unknown}; valid module names of "
-                f"{type(model).__name__}: {', '.join(valid)}; or a preset: {', '.join(PRESETS)}"
+                f"{type(model).__name__}: {', '.join(valid)}; or a preset: "
+                f"{', '.join(family_names())}"
             )
         return {m: named[m] for m in self.modules}
 
 
-def _preset_modules(name: str, model: nn.Module) -> list[str]:
-    named = list(model.named_modules())
-    names = {n for n, _ in named}
-    if name == "auto":
-        if "layer1" in names:
-            name = "resnet"
-        elif any(isinstance(m, nn.Conv2d) for _, m in named):
-            name = "vgg"
-        else:
-            name = "mlp"
-    if name in ("resnet", "resnet18"):
-        stem = next((s for s in ("bn1", "stem.bn", "stem.norm", "stem.bn1") if s in names), None)
-        blocks = []
-        for i in range(1, 5):
-            layer = dict(named).get(f"layer{i}")
-            if layer is None:
-                continue
-            blocks += [f"layer{i}.{child}" for child, _ in layer.named_children()]
-        if not blocks:
-            raise ValueError(f"preset {name!r}: {type(model).__name__} has no layer1..layer4 "
-                             "(not a torchvision/timm-style ResNet)")
-        return ([stem] if stem else []) + blocks
-    if name in ("vgg", "vgg16"):
-        out, pending = [], None
-        for n, m in named:
-            if isinstance(m, nn.Conv2d):
-                if pending is not None:
-                    out.append(pending[0])
-                pending = [n, False]  # [probe name, saw a norm]
-            elif pending is not None and isinstance(m, _NORMS) and not pending[1]:
-                pending = [n, True]
-            elif pending is not None and isinstance(m, _ACTIVATIONS):
-                out.append(n)
-                pending = None
-        if pending is not None:
-            out.append(pending[0])
-        if not out:
-            raise ValueError(f"preset {name!r}: {type(model).__name__} has no Conv2d")
-        return out
-    if name == "mlp":
-        linears = [n for n, m in named if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError(f"preset 'mlp': {type(model).__name__} has no nn.Linear")
-        out = []
-        order = [n for n, _ in named]
-        modules = dict(named)
-        for lin in linears[:-1]:
-            probe = lin
-            for n in order[order.index(lin) + 1:]:
-                m = modules[n]
-                if isinstance(m, nn.Linear):
-                    break
-                if isinstance(m, _ACTIVATIONS):
-                    probe = n
-                    break
-            out.append(probe)
-        return out
-    if name == "cnn":
-        wanted = ["block1", "block2", "block3", "fc"]
-        missing = [w for w in wanted if w not in names]
-        if missing:
-            raise ValueError(f"preset 'cnn' is for pdepth.models.SmallCNN; "
-                             f"{type(model).__name__} lacks {missing}")
-        return wanted
-    raise ValueError(f"unknown probe preset {name!r}; valid presets: {', '.join(PRESETS)}")
+def _check_token(spec: ProbeSpec, model: nn.Module) -> None:
+    """``"cls"`` needs a class token: a ValueError naming the model where it has none."""
+    if spec.token == "cls" and (spec.layout is None or spec.layout.class_token is None):
+        family = f" ({spec.preset})" if spec.preset else ""
+        raise ValueError(f"token 'cls': {type(model).__name__}{family} has no class token; use "
+                         "token 'mean' (mean over its tokens) or 'all'")
 
 
-def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None) -> ProbeSpec:
+def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None,
+                   token: str | None = None) -> ProbeSpec:
     """A :class:`ProbeSpec` from a spec, a preset name, or a sequence of module names (input
     and softmax probes added; an empty one is refused); None means preset ``"auto"``.
-    ``max_dim`` overrides the spec's when given. The module names are validated against
-    ``model``; their order against the forward pass when it runs (:class:`ProbeRecorder`:
-    a ValueError naming the forward order, at the first batch)."""
+    ``max_dim`` and ``token`` (``"cls"``, ``"mean"``, ``"all"``: module docstring) override
+    the spec's when given; a preset's default token is its family's. The token layout comes
+    from the model's family (:func:`pdepth.families.recognise`; none: no prefix tokens, no
+    class token). The module names are validated against ``model``; their order against the
+    forward pass when it runs (:class:`ProbeRecorder`: a ValueError naming the forward
+    order, at the first batch)."""
     if probes is None:
         probes = "auto"
     if isinstance(probes, ProbeSpec):
-        spec = probes if max_dim is None else ProbeSpec(
-            probes.modules, probes.input, probes.softmax, max_dim, probes.preset)
+        spec = dataclasses.replace(
+            probes, max_dim=probes.max_dim if max_dim is None else max_dim,
+            token=probes.token if token is None else token)
     elif isinstance(probes, str):
-        if probes not in PRESETS:
+        if probes not in family_names():
             named = [n for n, _ in model.named_modules() if n]
             raise ValueError(
-                f"unknown probe preset {probes!r}; valid presets: {', '.join(PRESETS)}; or pass "
-                f"a list of module names: {', '.join(named)}"
+                f"unknown probe preset {probes!r}; valid presets: {', '.join(family_names())}; "
+                f"or pass a list of module names: {', '.join(named)}"
             )
-        spec = ProbeSpec.from_preset(probes, model, max_dim=max_dim)
+        return _validated(ProbeSpec.from_preset(probes, model, max_dim=max_dim, token=token),
+                          model)
     else:
-        spec = ProbeSpec(tuple(probes), max_dim=max_dim)
+        spec = ProbeSpec(tuple(probes), max_dim=max_dim, token=token)
         if not spec.modules:  # e.g. --probes "," -- only the input and softmax probes
             raise ValueError(f"the probe list names no module: pass module names (in the order "
-                             f"the forward pass runs them) or a preset: {', '.join(PRESETS)}")
+                             f"the forward pass runs them) or a preset: "
+                             f"{', '.join(family_names())}")
+    if spec.token is not None and spec.layout is None:
+        family = recognise(model)
+        spec = dataclasses.replace(spec, layout=family.tokens(model) if family else None)
+    _check_token(spec, model)
+    return _validated(spec, model)
+
+
+def _validated(spec: ProbeSpec, model: nn.Module) -> ProbeSpec:
     spec.validate(model)
     return spec
+
+
+def read_tokens(t: torch.Tensor, token: str | None,
+                layout: TokenLayout | None) -> torch.Tensor:
+    """A hooked output under the token rule (module docstring): ``[B, T, C]`` to ``[B, C]``
+    (``"cls"``, ``"mean"``) or ``[B, C, T]`` (``"all"``); a channels-last ``[B, H, W, C]``
+    map to ``[B, C]`` or ``[B, C, H, W]``; anything else unchanged."""
+    if token is None:
+        return t
+    # low-precision outputs (autocast) are averaged in float32
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    if t.dim() == 3:
+        if token == "cls":
+            return t[:, layout.class_token]
+        if token == "mean":
+            prefix = layout.prefix if layout is not None else 0
+            if t.shape[1] <= prefix:
+                raise ValueError(f"token 'mean': an output of {t.shape[1]} token(s) has none "
+                                 f"after the model's {prefix} prefix token(s)")
+            return t[:, prefix:].mean(1, dtype=acc)
+        return t.transpose(1, 2)
+    if t.dim() == 4 and layout is not None and layout.channels_last:
+        return t.mean((1, 2), dtype=acc) if token == "mean" else t.permute(0, 3, 1, 2)
+    return t
 
 
 def pool_embedding(t: torch.Tensor, max_dim: int | None) -> torch.Tensor:
@@ -289,6 +296,7 @@ class ProbeRecorder:
         self.dtype = dtype
         self.storage = None if storage is None else torch.device(storage)
         self._modules = spec.validate(model)
+        _check_token(spec, model)
         self._truncate = truncate and not spec.softmax
         self._skip_forward = truncate and not spec.softmax and not spec.modules
         self._handles: list = []
@@ -307,7 +315,8 @@ class ProbeRecorder:
                     f"probe module {name!r} ran more than once in one forward pass (a shared "
                     "module such as a ResNet block's ReLU); probe a module that runs once"
                 )
-            self._buffer[name] = self._store(_first_tensor(output))
+            t = read_tokens(_first_tensor(output), self.spec.token, self.spec.layout)
+            self._buffer[name] = self._store(t)
             if self._truncate and len(self._buffer) == len(self._modules):
                 raise _Truncated  # every probe has run: the rest of the network is not needed
         return hook
@@ -425,6 +434,7 @@ def extract(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     max_dim: int | None = None,
+    token: str | None = None,
     dtype: torch.dtype = torch.float32,
     storage: torch.device | str = "cpu",
     progress: bool = False,
@@ -441,6 +451,8 @@ def extract(
         batch_size: batch size when ``loader`` is a tensor or Dataset.
         device: where the model runs (default: where its parameters are).
         max_dim: pool conv maps to at most this many features (overrides the spec's).
+        token: the token rule of transformer block outputs, ``"cls"``, ``"mean"`` or ``"all"``
+            (overrides the spec's; default: the preset's, see :func:`resolve_probes`).
         dtype: storage dtype of the embeddings.
         storage: where the embeddings are kept (default CPU).
         progress: tqdm progress bar.
@@ -448,7 +460,7 @@ def extract(
     Returns:
         :class:`Embeddings` with one ``[N, D_l]`` tensor per probe, the logits and the labels.
     """
-    spec = resolve_probes(model, probes, max_dim=max_dim)
+    spec = resolve_probes(model, probes, max_dim=max_dim, token=token)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")

@@ -418,3 +418,14 @@ def test_a_store_file_is_trusted_only_as_its_record_says(tmp_path):
     assert "belongs to something else (run differ)" in lines[0]
     assert "was changed after it was written" in lines[1]
     assert not store.path(0).exists() and not record_path(store.path(0)).exists()
+
+
+def test_sub_spec_keeps_the_token_rule():
+    from pdepth.families import TokenLayout
+
+    spec = ProbeSpec(("a", "b"), token="mean", layout=TokenLayout(0, 2), max_dim=64,
+                     preset="vit")
+    sub = sub_spec(spec, [2, 3])  # input, a, b, softmax
+    assert sub.modules == ("b",) and not sub.input and sub.softmax
+    assert (sub.token, sub.layout, sub.max_dim, sub.preset) == ("mean", TokenLayout(0, 2), 64,
+                                                                 "vit")

@@ -184,3 +184,25 @@ def test_improve_refuses_bad_epochs_and_seeds_before_any_work(extra, shown, tmp_
     with _exit_code() as code:
         code.value = main(["improve", str(tmp_path), *extra])
     assert code.value == 2 and shown in one_error_line(capsys)
+
+
+def test_run_token_is_checked_and_enters_the_key_only_when_given():
+    from pdepth.protocol import RunConfig
+
+    base = RunConfig(subset=200)
+    assert base.token is None and "token" not in base.key_settings()  # old runs keep their key
+    assert RunConfig(subset=200, token="mean").protocol_key() != base.protocol_key()
+    with pytest.raises(ValueError, match=r"token \(--token\) must be one of cls, mean, all, "
+                                         "got 'first'"):
+        RunConfig(token="first")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--token", "first"])
+    assert exc.value.code == 2
+
+
+@needs_fmnist
+def test_cli_token_cls_on_a_network_without_a_class_token(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--token", "cls", "--subset", "200", "--out", str(out), "--quiet"]) == 2
+    assert "token 'cls': SmallCNN (cnn) has no class token" in one_error_line(capsys)
+    assert not out.exists()

@@ -230,3 +230,49 @@ def test_an_empty_probe_list_is_refused():
     with pytest.raises(ValueError, match="names no module"):
         resolve_probes(models.cnn(), [])
     assert resolve_probes(models.cnn(), ProbeSpec()).names == ["input", "softmax"]
+
+
+def test_auto_on_a_timm_vit_probes_its_blocks_at_the_class_token():
+    """Issue 24: "auto" on a timm ViT chose the MLP rule ([input, blocks.0.mlp.act, softmax]);
+    it is now the vit family, every block read at its class token."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28,
+                              patch_size=4, in_chans=1, depth=3, embed_dim=24, num_heads=2,
+                              num_classes=10).eval()
+    x = torch.randn(4, 1, 28, 28)
+    spec = resolve_probes(model, None)
+    assert spec.names == ["input", "blocks.0", "blocks.1", "blocks.2", "softmax"]
+    assert spec.preset == "vit" and spec.token == "cls" and spec.layout.prefix == 1
+    emb = extract(model, x)
+    assert [t.shape[1] for t in emb.layers.values()] == [784, 24, 24, 24, 10]
+    # module names take a token: the class token instead of 50 x 24 flattened features
+    assert extract(model, x, ["blocks.1"]).layers["blocks.1"].shape == (4, 50 * 24)
+    cls = extract(model, x, ["blocks.1"], token="cls").layers["blocks.1"]
+    torch.testing.assert_close(cls, emb.layers["blocks.1"])
+    res = pdepth.stream_prediction_depth(model, x, torch.arange(4) % 2, x, k=1,
+                                         token="mean")
+    assert res.depth.layer_names == emb.names
+
+
+def test_auto_refuses_what_it_does_not_recognise():
+    class Tokens(nn.Module):  # a class token of its own: not a network of plain layers
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.zeros(1, 4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x + self.cls)
+
+    with pytest.raises(ValueError, match=r"probes 'auto' does not recognise Tokens .*name a "
+                                         r"preset \(cnn, convnext, .*vit\) or the modules"):
+        resolve_probes(Tokens())
+    assert resolve_probes(Tokens(), ["fc"]).names == ["input", "fc", "softmax"]
+
+
+def test_probe_spec_records_the_token_rule():
+    spec = resolve_probes(models.cnn(), "cnn")
+    assert spec.token is None and spec.layout is None
+    assert resolve_probes(models.cnn(), spec, token="all").token == "all"
+    with pytest.raises(ValueError, match="token must be one of cls, mean, all"):
+        resolve_probes(models.cnn(), "cnn", token="CLS")

@@ -24,6 +24,7 @@ the file only where :func:`check_record` finds it unchanged and owned as expecte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -283,9 +284,8 @@ def sub_spec(spec: ProbeSpec, layers) -> ProbeSpec:
     names, chosen = spec.names, set(layers)
     first = 1 if spec.input else 0
     modules = [m for i, m in enumerate(spec.modules) if first + i in chosen]
-    return ProbeSpec(modules=modules, input=spec.input and 0 in chosen,
-                     softmax=spec.softmax and len(names) - 1 in chosen,
-                     max_dim=spec.max_dim, preset=spec.preset)
+    return dataclasses.replace(spec, modules=modules, input=spec.input and 0 in chosen,
+                               softmax=spec.softmax and len(names) - 1 in chosen)
 
 
 @torch.no_grad()

@@ -153,6 +153,7 @@ def stream_prediction_depth(
     memory_budget: int | None = 2**30,
     device: torch.device | str | None = None,
     max_dim: int | None = None,
+    token: str | None = None,
     dtype: torch.dtype = torch.float32,
     filter: str = "auto",
     progress: bool = False,
@@ -197,6 +198,8 @@ def stream_prediction_depth(
             batch per chunk). None: one chunk.
         device: where the model and the k-NN run (default: the model's device).
         max_dim: pool conv maps to at most this many features.
+        token: the token rule of transformer block outputs (``"cls"``, ``"mean"``, ``"all"``;
+            default: the preset's), :func:`pdepth.probes.resolve_probes`.
         dtype: embedding dtype.
         filter: the GEMM format the k-NN op filters candidates with (:func:`pdepth.knn`):
             ``"auto"`` (default), ``"fp32"``, ``"bf16"``, ``"bf16x3"`` or ``"tf32"`` (CUDA
@@ -240,7 +243,7 @@ def stream_prediction_depth(
                       example_index=example_index, k=k, num_classes=num_classes,
                       from_model=True, filter=filter, op="stream_prediction_depth",
                       device=device)
-    spec = resolve_probes(model, probes, max_dim=max_dim)
+    spec = resolve_probes(model, probes, max_dim=max_dim, token=token)
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")

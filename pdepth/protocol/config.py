@@ -16,6 +16,7 @@ import torch
 from .._atomic import file_sha256
 from ..categories import CategoryThresholds
 from ..data import DATASETS, IMAGE_FOLDER_SIZE
+from ..families import TOKENS
 from ..figures import REPORT_DEPENDENCIES
 from ..models import ARCH_VERSIONS, ARCHITECTURES
 from ..ops import FILTERS
@@ -42,7 +43,7 @@ _LEGACY_KEYS = ("memory_budget",)
 # Settings added after the first runs: left out of the key at these values, so that the runs
 # of earlier versions keep their key.
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
-                 "data_sha256": None}
+                 "data_sha256": None, "token": None}
 _EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 # The smallest memory_budget (bytes; --memory-budget 1 MiB). A disk-cached probe is read in
@@ -132,6 +133,7 @@ class RunConfig:
     workers: int = 0
     data_sha256: str | None = None
     keep_cache: bool = False
+    token: str | None = None
 
     def __post_init__(self):
         self._check_numbers()
@@ -156,7 +158,8 @@ class RunConfig:
         ``image_size`` >= 8 or None; ``memory_budget`` >= :data:`MIN_MEMORY_BUDGET` bytes;
         seeds in ``0..MAX_SEED`` (``seeds`` and ``epochs``: :meth:`_resolve_training`).
         Reals: ``lr`` finite > 0, ``weight_decay`` finite >= 0, ``0 <= label_noise < 1``,
-        every threshold a fraction in [0, 1]. ``probes`` names at least one module."""
+        every threshold a fraction in [0, 1]. ``probes`` names at least one module; ``token``
+        is a token rule (:data:`pdepth.families.TOKENS`) or None."""
         for name in ("k", "batch_size", "eval_batch_size"):
             setattr(self, name, _integer(getattr(self, name), name, 1))
         self.workers = _integer(self.workers, "workers", 0)
@@ -190,6 +193,9 @@ class RunConfig:
             if not (_is_real(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"thresholds[{name!r}] must be a fraction in [0, 1], got "
                                  f"{value!r}")
+        if self.token is not None and self.token not in TOKENS:
+            raise ValueError(f"token (--token) must be one of {', '.join(TOKENS)}, got "
+                             f"{self.token!r}")
         if (isinstance(self.probes, str) and not self.probes.strip()) or (
                 isinstance(self.probes, (list, tuple)) and not self.probes):
             raise ValueError(f"probes (--probes) names no module, got {self.probes!r}: give a "

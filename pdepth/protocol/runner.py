@@ -194,7 +194,7 @@ def load_run_data(config: RunConfig, progress: bool, dataset=None) -> RunData:
     if config.checkpoint is not None:
         load_checkpoint(network, config.checkpoint)
     spec = resolve_probes(network, config.probes if config.probes is not None else
-                          (config.arch or "auto"), max_dim=config.max_dim)
+                          (config.arch or "auto"), max_dim=config.max_dim, token=config.token)
     dims = probe_dims(network, spec, x[:1])
     train_size = min(len(config.split(int(labels.shape[0]), s, h)[0]) for s, h in config.jobs())
     check_support(config.k, train_size)
@@ -283,6 +283,7 @@ def _config_record(config: RunConfig, data: RunData) -> dict:
             "class_names": list(data.dataset.classes),
             "probes": data.spec.names,
             "probe_preset": data.spec.preset,
+            "probe_token": data.spec.token,
             "probe_dims": data.dims,
             "num_layers": data.spec.num_probes,
             "num_models": len(config.jobs()),
