@@ -16,7 +16,7 @@ import torch
 from ..categories import CategoryThresholds
 from ..data import DATASETS, IMAGE_FOLDER_SIZE
 from ..models import ARCH_VERSIONS, ARCHITECTURES, file_sha256
-from ..ops import FILTERS
+from ..ops import FILTERS, METRICS
 from ..report import REPORT_DEPENDENCIES
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
@@ -41,7 +41,7 @@ _LEGACY_KEYS = ("memory_budget",)
 # Settings added after the first runs: left out of the key at these values, so that the runs
 # of earlier versions keep their key.
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
-                 "data_sha256": None}
+                 "data_sha256": None, "metric": "euclidean"}
 _EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 # The smallest memory_budget (bytes; --memory-budget 1 MiB). A disk-cached probe is read in
@@ -77,6 +77,11 @@ class RunConfig:
     holds in RAM; where every probe's embeddings of the run's examples exceed it they go to
     the disk cache ``OUT/cache/``, removed after each model unless ``keep_cache``
     (``--keep-cache``, a runtime setting like ``device``; docs/design.md section 12).
+
+    ``metric`` (``--metric``) is the k-NN's metric, ``"euclidean"`` (default) or
+    ``"cosine"`` (:data:`pdepth.METRICS`; docs/design.md section 2): it changes results, so
+    it enters the protocol key, but only when it is not ``"euclidean"`` (:data:`_KEY_DEFAULTS`),
+    so that the runs of earlier versions keep their key.
 
     ``label_noise`` (``--label-noise P``, ``0 <= P < 1``) flips ``round(P * n)`` of the n
     labels of the run's examples to another class before the halves are drawn
@@ -131,6 +136,7 @@ class RunConfig:
     workers: int = 0
     data_sha256: str | None = None
     keep_cache: bool = False
+    metric: str = "euclidean"
 
     def __post_init__(self):
         self._check_numbers()
@@ -145,6 +151,9 @@ class RunConfig:
         if not isinstance(self.knn_filter, str) or self.knn_filter not in FILTERS:
             raise ValueError(f"knn_filter (--knn-filter) must be one of "
                              f"{', '.join(FILTERS)}, got {self.knn_filter!r}")
+        if not isinstance(self.metric, str) or self.metric not in METRICS:
+            raise ValueError(f"metric (--metric) must be one of {', '.join(METRICS)}, got "
+                             f"{self.metric!r}")
         self.label_noise_seed = (self.subset_seed if self.label_noise_seed is None
                                  else self.label_noise_seed)
 
