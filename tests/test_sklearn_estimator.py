@@ -211,7 +211,7 @@ def test_bad_params_are_stored_and_rejected_by_fit():
         ({"weights": "distance"}, "weights='distance'"),
         ({"weights": lambda d: d}, "weights="),
         ({"metric": "manhattan"}, "metric='manhattan'"),
-        ({"metric": "cosine"}, "metric='cosine'"),
+        ({"metric": "chebyshev"}, "metric='chebyshev'"),
         ({"p": 1}, "p=1"),
         ({"algorithm": "kd_tree"}, "algorithm='kd_tree'"),
         ({"algorithm": "ball_tree"}, "algorithm='ball_tree'"),
