@@ -130,12 +130,13 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     result the float32 rounding of ``x / |x|`` (up to a tie at a rounding boundary); the
     first scaling keeps float64 rows in range too. A zero row stays zero. Each row is
     normalised alone, so chunks, blocks and streams give the same bits as one call. Other
-    tensors (integers, non-tensors) are returned as they are, for the op to refuse.
+    tensors (integers, non-tensors) are returned as they are, for the op to refuse. Not
+    differentiable (the k-NN is not).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
         return x
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    x64 = x.to(torch.float64)
+    x64 = x.detach().to(torch.float64)  # the k-NN is not differentiable
     top = x64.abs().amax(dim=1, keepdim=True) if x.shape[1] else x64.new_zeros((x.shape[0], 1))
     y = x64 / torch.where(top > 0, top, torch.ones_like(top))  # zero rows: divided by 1
     norm = y.square().sum(dim=1, keepdim=True).sqrt()

@@ -812,28 +812,28 @@ def test_cosine_matches_sklearn_brute_force_on_fashion_mnist():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cosine_is_the_euclidean_rule_on_normalize_rows(dtype):
+def test_cosine_is_the_euclidean_rule_on_normalize_rows(dtype, device):
     """Every op entry point under metric="cosine" gives the bits of the Euclidean call on
     hand-normalised rows, streamed chunks included."""
     q, s = float_data(60, 230, 17, dtype=dtype, key=("cosine",))
-    q, s = q * 50, s - 3  # not unit rows
-    si = torch.randint(-1, 230, (60,), generator=gen("cos-si"))
-    labels = torch.randint(0, 5, (230,), generator=gen("cos-labels"))
+    q, s = (q * 50).to(device), (s - 3).to(device)  # not unit rows
+    si = torch.randint(-1, 230, (60,), generator=gen("cos-si")).to(device)
+    labels = torch.randint(0, 5, (230,), generator=gen("cos-labels")).to(device)
     nq, ns = pdepth.normalize_rows(q), pdepth.normalize_rows(s)
     assert nq.dtype == compute_dtype(dtype)
     want = pdepth.knn(nq, ns, 9, self_index=si)
     assert_same_topk(pdepth.knn(q, s, 9, self_index=si, metric="cosine"), want)
     vote = pdepth.knn_vote(q, s, labels, 9, 5, self_index=si, metric="cosine")
     assert torch.equal(vote.pred, pdepth.knn_vote(nq, ns, labels, 9, 5, self_index=si).pred)
-    top = pdepth.empty_topk(60, 9, compute_dtype(dtype))
+    top = pdepth.empty_topk(60, 9, compute_dtype(dtype), device)
     for s0 in range(0, 230, 64):
         top = pdepth.knn(q, s[s0:s0 + 64], 9, self_index=si, prev=top, offset=s0,
                          metric="cosine")
     assert_same_topk(top, want)
     # the oracle normalises with its own code, in float64
     if dtype == torch.float64:
-        ref = reference.knn(q, s, 9, self_index=si, metric="cosine")
-        assert torch.equal(want.index, ref[1])
+        ref = reference.knn(q.cpu(), s.cpu(), 9, self_index=si.cpu(), metric="cosine")
+        assert torch.equal(want.index.cpu(), ref[1])
 
 
 def test_normalize_rows_rule():
