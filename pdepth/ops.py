@@ -124,22 +124,27 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """The rows of ``x [M, D]`` scaled to unit L2 norm: the input of the cosine k-NN.
 
     The rule (docs/design.md section 2, "The cosine metric"): a row is divided by its
-    largest ``|x_d|``, then by the L2 norm of the result, in float64, and rounded once to the
-    op's compute dtype (float32 for float16, bfloat16 and float32 rows; float64 stays
-    float64). The float64 steps cannot overflow or underflow a float32 row and leave the
-    result the float32 rounding of ``x / |x|`` (up to a tie at a rounding boundary); the
-    first scaling keeps float64 rows in range too. A zero row stays zero. Each row is
-    normalised alone, so chunks, blocks and streams give the same bits as one call. Other
-    tensors (integers, non-tensors) are returned as they are, for the op to refuse. Not
-    differentiable (the k-NN is not).
+    largest ``|x_d|``, then by the L2 norm of the result (squares summed in index order), in
+    float64, and rounded once to the op's compute dtype (float32 for float16, bfloat16 and
+    float32 rows; float64 stays float64). The float64 steps cannot overflow or underflow a
+    float32 row and leave the result the float32 rounding of ``x / |x|`` (up to a tie at a
+    rounding boundary); the first scaling keeps float64 rows in range too. A zero row stays
+    zero. Each row is normalised alone, in a fixed order, so chunks, blocks and streams give
+    the same bits as one call. Anything but a 2-D floating tensor is returned as it is, for
+    the op to refuse. Not differentiable (the k-NN is not).
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
         return x
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     x64 = x.detach().to(torch.float64)  # the k-NN is not differentiable
-    top = x64.abs().amax(dim=1, keepdim=True) if x.shape[1] else x64.new_zeros((x.shape[0], 1))
-    y = x64 / torch.where(top > 0, top, torch.ones_like(top))  # zero rows: divided by 1
-    norm = y.square().sum(dim=1, keepdim=True).sqrt()
+    if x.shape[1] == 0:
+        return x64.to(compute)
+    top = x64.abs().amax(dim=1, keepdim=True)  # a maximum is exact in any order
+    y = x64 / torch.where(top > 0, top, 1.0)  # zero rows: divided by 1
+    # The sum of squares in index order (cumsum: one sequential pass per row), so that a
+    # row's norm never depends on its batch or the threads (torch's sum may split one long
+    # row across threads, and reduces a batch otherwise).
+    norm = torch.cumsum(y.square(), dim=1)[:, -1:].sqrt()
     return torch.where(norm > 0, y / torch.where(norm > 0, norm, 1.0), y).to(compute)
 
 

@@ -853,6 +853,10 @@ def test_normalize_rows_rule():
                                torch.tensor([[0.6, -0.8], [0.6, 0.8]], dtype=torch.float64))
     one_hot = torch.eye(4) * 7
     assert torch.equal(pdepth.normalize_rows(one_hot), torch.eye(4))
+    # a lone long row (torch's sum splits it across threads) as in its batch, to the bit
+    long = torch.randn(6, 40_000, generator=gen("long"), dtype=torch.float64)
+    u = pdepth.normalize_rows(long)
+    assert all(torch.equal(pdepth.normalize_rows(long[i:i + 1])[0], u[i]) for i in range(6))
 
 
 def test_cosine_zero_rows():
