@@ -27,7 +27,17 @@ from .depth import (
     depth_from_predictions,
     prediction_depth,
 )
-from .ops import FILTERS, SELF_MATCH_POLICIES, knn, knn_plan, knn_stats, knn_vote, vote
+from .ops import (
+    FILTERS,
+    METRICS,
+    SELF_MATCH_POLICIES,
+    knn,
+    knn_plan,
+    knn_stats,
+    knn_vote,
+    normalize_rows,
+    vote,
+)
 from .pipeline import RunConfig, run
 from .probes import PRESETS, Embeddings, ProbeRecorder, ProbeSpec, extract
 from .stream import StreamResult, stream_prediction_depth
@@ -42,6 +52,7 @@ sys.modules[__name__ + ".extract"] = probes
 __all__ = [
     "CATEGORIES",
     "FILTERS",
+    "METRICS",
     "PRESETS",
     "REFERENCE_MODES",
     "SELF_MATCH_POLICIES",
@@ -75,6 +86,7 @@ __all__ = [
     "merge_topk",
     "models",
     "neighbor_labels",
+    "normalize_rows",
     "prediction_depth",
     "reference",
     "run",

@@ -15,7 +15,7 @@ import sys
 
 from .data import DATASETS
 from .models import ARCHITECTURES
-from .ops import FILTERS
+from .ops import FILTERS, METRICS
 
 __all__ = ["main"]
 
@@ -139,6 +139,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the GEMM format the k-NN filters candidates with (tf32: CUDA only); "
                         "speed only: the results are identical, and a run may be resumed "
                         "with another one (default: %(default)s, the fastest exact one)")
+    r.add_argument("--metric", default=d.metric, choices=list(METRICS),
+                   help="the k-NN metric: euclidean (squared L2) or cosine (rows L2-normalised "
+                        "first, then squared L2; docs/design.md section 2); it changes the "
+                        "results and the protocol key (default: %(default)s)")
     r.add_argument("--label-noise", type=float, default=d.label_noise, metavar="P",
                    help="flip a fraction P (0 <= P < 1) of the labels to another class before "
                         "the halves are drawn (seeded; results.parquet keeps original_label "
@@ -222,7 +226,7 @@ def _run(args) -> int:
         seeds=args.seeds, epochs=args.epochs, subset=args.subset, k=args.k, lr=args.lr,
         batch_size=args.batch_size, max_dim=args.max_dim or None,
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
-        knn_filter=args.knn_filter, label_noise=args.label_noise,
+        knn_filter=args.knn_filter, metric=args.metric, label_noise=args.label_noise,
         image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
         download=args.download, workers=args.workers, keep_cache=args.keep_cache,
         token=args.token)

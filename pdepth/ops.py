@@ -48,8 +48,10 @@ __all__ = [
     "backend",
     "build_info",
     "check_int",
+    "check_metric",
     "FILTERS",
     "MAX_CLASSES",
+    "METRICS",
     "check_class_ids",
     "check_num_classes",
     "empty_topk",
@@ -59,12 +61,17 @@ __all__ = [
     "knn_vote",
     "merge_topk",
     "neighbor_labels",
+    "normalize_rows",
     "vote",
 ]
 
 SELF_MATCH_POLICIES = ("exclude", "include", "drop_nearest")
 # The filter GEMM's formats (docs/design.md section 6); none changes the output.
 FILTERS = ("auto", "fp32", "bf16", "bf16x3", "tf32")
+# The k-NN metrics (docs/design.md section 2, "The cosine metric"): "cosine" ranks the
+# L2-normalised rows (normalize_rows) by the op's squared-L2 rule. One spelling each, so a
+# recorded metric (results, protocol keys) has one value.
+METRICS = ("euclidean", "cosine")
 
 _warned: set[str] = set()
 
@@ -104,6 +111,54 @@ def _policy(self_match: str, self_index: torch.Tensor | None):
     return None, (1 if self_match == "drop_nearest" else 0)
 
 
+def check_metric(metric, op: str) -> str:
+    """``metric`` when it is one of :data:`METRICS`, else a one-line ``ValueError`` naming
+    ``metric`` and the value."""
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise ValueError(f"{op}(): metric must be 'euclidean' or 'cosine', got {metric!r}")
+    return metric
+
+
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x [M, D]`` scaled to unit L2 norm: the input of the cosine k-NN.
+
+    The rule (docs/design.md section 2, "The cosine metric"): a row is divided by its
+    largest ``|x_d|``, then by the L2 norm of the result (squares summed in index order), in
+    float64, and rounded once to the op's compute dtype (float32 for float16, bfloat16 and
+    float32 rows; float64 stays float64). The float64 steps cannot overflow or underflow a
+    float32 row and leave the result the float32 rounding of ``x / |x|`` (up to a tie at a
+    rounding boundary); the first scaling keeps float64 rows in range too. A zero row stays
+    zero. Each row is normalised alone, in a fixed order, so chunks, blocks and streams give
+    the same bits as one call. Anything but a 2-D floating tensor is returned as it is, for
+    the op to refuse. Not differentiable (the k-NN is not).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
+        return x
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x64 = x.detach().to(torch.float64)  # the k-NN is not differentiable
+    if x.shape[1] == 0:
+        return x64.to(compute)
+    top = x64.abs().amax(dim=1, keepdim=True)  # a maximum is exact in any order
+    y = x64 / torch.where(top > 0, top, 1.0)  # zero rows: divided by 1
+    # The sum of squares in index order (cumsum: one sequential pass per row), so that a
+    # row's norm never depends on its batch or the threads (torch's sum may split one long
+    # row across threads, and reduces a batch otherwise).
+    norm = torch.cumsum(y.square(), dim=1)[:, -1:].sqrt()
+    return torch.where(norm > 0, y / torch.where(norm > 0, norm, 1.0), y).to(compute)
+
+
+def metric_rows(metric: str, queries, support=None, *, op: str = "knn"):
+    """``(queries, support)`` as the k-NN op ranks them under ``metric`` (checked): as given
+    for ``"euclidean"``, :func:`normalize_rows` for ``"cosine"`` (once when both are the
+    same tensor). The one path every entry point takes."""
+    if check_metric(metric, op) == "euclidean":
+        return queries, support
+    q = normalize_rows(queries)
+    if support is None:
+        return q, None
+    return q, (q if support is queries else normalize_rows(support))
+
+
 def knn(
     queries: torch.Tensor,
     support: torch.Tensor,
@@ -114,6 +169,7 @@ def knn(
     prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     offset: int = 0,
     filter: str = "auto",
+    metric: str = "euclidean",
 ) -> Neighbors:
     """The k nearest support points of every query, by squared L2 distance.
 
@@ -135,6 +191,11 @@ def knn(
             high and residual parts, three products), ``"tf32"`` (CUDA tensor cores) or
             ``"auto"`` (the fastest exact one here: :func:`knn_plan`). The result is the
             same bits in every mode; only the speed differs.
+        metric: ``"euclidean"`` (default) or ``"cosine"``: the rows are L2-normalised first
+            (:func:`normalize_rows`) and ranked by the same squared-L2 rule; the distances
+            returned are then the squared L2 distances of the normalised rows, ``2 - 2 cos``
+            between nonzero rows (the cosine distance is half of it). docs/design.md
+            section 2.
 
     Returns:
         :class:`Neighbors` ``(dist[M, k], index[M, k])``: distances ascending, equal
@@ -151,6 +212,7 @@ def knn(
     k = check_int(k, "k", op="knn")
     offset = check_int(offset, "offset", op="knn")
     self_index, skip = _policy(self_match, self_index)
+    queries, support = metric_rows(metric, queries, support, op="knn")
     prev_dist, prev_index = (None, None) if prev is None else prev
     if _use_extension(queries.device):
         return Neighbors(
@@ -185,11 +247,12 @@ def knn_vote(
     self_index: torch.Tensor | None = None,
     self_match: str = "exclude",
     filter: str = "auto",
+    metric: str = "euclidean",
 ) -> Vote:
     """k-NN classification: the uniform vote of each query's k nearest support labels.
 
     Args:
-        queries, support, k, self_index, self_match, filter: as in :func:`knn`.
+        queries, support, k, self_index, self_match, filter, metric: as in :func:`knn`.
         support_labels: ``[N]`` integer labels in ``[0, num_classes)``.
         num_classes: number of classes; default ``support_labels.max() + 1``. At most
             :data:`MAX_CLASSES` (2**24): larger class ids must be mapped to ``0..C-1``.
@@ -203,6 +266,7 @@ def knn_vote(
     labels = _as_index(support_labels, "support_labels")
     num_classes = _num_classes(labels, num_classes)
     self_index, skip = _policy(self_match, self_index)
+    queries, support = metric_rows(metric, queries, support, op="knn_vote")
     if _use_extension(queries.device):
         return Vote(
             *torch.ops.pdepth.knn_vote(

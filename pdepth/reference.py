@@ -11,7 +11,9 @@ checks, and its merge, are its own):
 - neighbours: a stable sort on (distance, index), empty slots (index -1) last; the first k;
 - self match: ``exclude`` skips each query's own support index, ``include`` ignores it,
   ``drop_nearest`` takes k+1 and drops the first (no streaming);
-- vote: uniform counts, ties to the lowest class, -1 labels (missing neighbours) not voting.
+- vote: uniform counts, ties to the lowest class, -1 labels (missing neighbours) not voting;
+- ``metric="cosine"``: the rows divided by their L2 norm in float64 first (a zero row stays
+  zero), with its own code (:func:`cosine_rows`), then the same rules.
 
 Of the inputs the op rejects, these are rejected here too: k < 1 or above the usable
 support, an unknown self-match policy, streaming with ``drop_nearest``, a negative offset,
@@ -26,7 +28,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["knn", "knn_vote", "vote", "distance_tolerance"]
+__all__ = ["cosine_rows", "knn", "knn_vote", "vote", "distance_tolerance"]
 
 # Elements of one chunk's [rows, N] distance block (float64: 128 MiB).
 _CHUNK_ELEMENTS = 2**24
@@ -187,12 +189,14 @@ def knn(
     self_match: str = "exclude",
     prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     offset: int = 0,
+    metric: str = "euclidean",
 ):
     """Reference k nearest neighbours; same signature and rules as :func:`pdepth.knn`.
 
     Returns ``(dist[M, k] float64, index[M, k] int64)``. Not differentiable (computed under
     ``torch.no_grad``, as the op's outputs never require grad).
     """
+    queries, support = _rows(metric, queries, support)
     k, offset = _check(queries, support, k, offset, self_match=self_match,
                        streaming=prev is not None)
     skip = 1 if self_match == "drop_nearest" else 0
@@ -220,6 +224,21 @@ def knn(
         )
         out_d[rows], out_i[rows] = d[:, skip:], idx[:, skip:]
     return out_d, out_i
+
+
+def cosine_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, D]`` in float64 with each row divided by its L2 norm; a zero row stays zero."""
+    x = x.to(torch.float64)
+    norm = torch.sqrt((x * x).sum(dim=1, keepdim=True))
+    return torch.where(norm > 0, x / norm.clamp_min(torch.finfo(torch.float64).tiny), x)
+
+
+def _rows(metric: str, queries, support):
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if metric == "euclidean":
+        return queries, support
+    return cosine_rows(queries), cosine_rows(support)
 
 
 @torch.no_grad()
@@ -255,6 +274,7 @@ def knn_vote(
     *,
     self_index: torch.Tensor | None = None,
     self_match: str = "exclude",
+    metric: str = "euclidean",
 ):
     """Reference k-NN vote; returns ``(pred[M], dist[M, k], index[M, k])``."""
     labels = support_labels.long()
@@ -263,5 +283,6 @@ def knn_vote(
     num_classes = _int_arg(num_classes, "num_classes", "knn_vote")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"knn_vote(): support_labels must lie in [0, num_classes={num_classes})")
-    dist, index = knn(queries, support, k, self_index=self_index, self_match=self_match)
+    dist, index = knn(queries, support, k, self_index=self_index, self_match=self_match,
+                      metric=metric)
     return vote(labels[index], num_classes), dist, index

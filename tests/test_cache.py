@@ -429,3 +429,32 @@ def test_sub_spec_keeps_the_token_rule():
     assert sub.modules == ("b",) and not sub.input and sub.softmax
     assert (sub.token, sub.layout, sub.max_dim, sub.preset) == ("mean", TokenLayout(0, 2), 64,
                                                                  "vit")
+
+
+@pytest.mark.parametrize("budget", [None, 20_000])
+def test_cosine_store_normalises_rows_as_written(tmp_path, budget):
+    """metric="cosine": each row is stored normalised (written in two batches, read in
+    blocks of a tiny budget), so the k-NN over the store is the vote over hand-normalised
+    rows; the records say which metric a file holds."""
+    g = torch.Generator().manual_seed(5)
+    n, n_support, d, k = 150, 90, 40, 7
+    emb = torch.randn(n, d, generator=g) * 3 + 1
+    emb[10] = 0
+    labels = torch.randint(0, 4, (n_support,), generator=g)
+    self_index = torch.cat([torch.arange(n_support), torch.full((n - n_support,), -1)])
+    store = LayerStore(n, [d], tmp_path, "m", owner={"run": "x"}, metric="cosine")
+    store.open(0)
+    store.write(0, emb[:61])
+    store.write(0, emb[61:])
+    store.commit(0)
+    unit = pdepth.normalize_rows(emb)
+    assert torch.equal(store.rows(0, 0, n), unit)
+    got = layer_knn(store, 0, labels, k=k, num_classes=4, self_index=self_index,
+                    memory_budget=budget)
+    want = pdepth.knn_vote(unit, unit[:n_support], labels, k, 4, self_index=self_index).pred
+    assert torch.equal(got.pred, want)
+    assert json.loads((tmp_path / "m.emb00.npy.json").read_text())["owner"]["metric"] == "cosine"
+    # a Euclidean store does not take the cosine file as its own
+    assert not LayerStore(n, [d], tmp_path, "m", owner={"run": "x"}).has(0)
+    with pytest.raises(ValueError, match="metric .* got 'cos'"):
+        LayerStore(n, [d], metric="cos")

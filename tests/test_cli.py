@@ -205,4 +205,57 @@ def test_cli_token_cls_on_a_network_without_a_class_token(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", "--token", "cls", "--subset", "200", "--out", str(out), "--quiet"]) == 2
     assert "token 'cls': SmallCNN (cnn) has no class token" in one_error_line(capsys)
+
+
+@needs_fmnist
+def test_run_metric_cosine_equals_prediction_depth_over_hand_normalised_embeddings(tmp_path):
+    """`pdepth run --metric cosine` (embeddings through the disk store, 1 MiB budget): each
+    model's probe predictions and depths are prediction_depth(metric="euclidean") over the
+    trained model's embeddings normalised by hand; config.json records the metric."""
+    import json
+
+    import numpy as np
+    import torch
+
+    import pdepth
+    from pdepth.data import load_subset, normalize_images
+    from pdepth.models import build_model
+    from pdepth.protocol.config import split_halves
+
+    out = tmp_path / "run"
+    assert main(["run", "--subset", "200", "--epochs", "1", "--k", "3", "--seeds", "1",
+                 "--quiet", "--memory-budget", "1", "--keep-cache", "--metric", "cosine",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["metric"] == "cosine"
+    images, labels, _ = load_subset(subset=200, seed=0)
+    x = normalize_images(images)
+    with np.load(out / "per_model.npz") as z:
+        per_model = {k: z[k] for k in ("layer_pred", "depth", "halves")}
+    for i, half in enumerate(per_model["halves"]):
+        train, held = split_halves(200, 0)[half], split_halves(200, 0)[1 - half]
+        rows = torch.as_tensor(np.concatenate([train, held]))
+        prefix = out / "cache" / f"seed0-half{half}"
+        model = build_model("cnn")
+        model.load_state_dict(torch.load(f"{prefix}.train.pt", weights_only=True)["state"])
+        emb = pdepth.extract(model, x[rows], "cnn", batch_size=1000, max_dim=4096)
+        unit = [pdepth.normalize_rows(t) for t in emb.layers.values()]
+        # the store holds the normalised rows
+        assert np.array_equal(np.load(f"{prefix}.emb01.npy"), unit[1].numpy())
+        n = len(train)
+        self_index = torch.cat([torch.arange(n), torch.full((len(held),), -1)])
+        want = pdepth.prediction_depth([u[:n] for u in unit], labels[rows[:n]], unit,
+                                       network_pred=emb.logits, k=3, self_index=self_index,
+                                       num_classes=10)
+        order = np.argsort(rows.numpy())
+        assert np.array_equal(per_model["layer_pred"][i], want.layer_pred.numpy()[:, order])
+        assert np.array_equal(per_model["depth"][i], want.depth.numpy()[order])
+
+
+def test_run_bad_metric_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--metric", "dot", "--out", str(out)])
+    assert exit_.value.code == 2
+    err = one_error_line(capsys)
+    assert "--metric" in err and "'dot'" in err
     assert not out.exists()

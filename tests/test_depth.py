@@ -1119,3 +1119,47 @@ def test_shard_keyword_local_equals_default_and_rejects_mixed_spellings():
     with pytest.raises((ValueError, RuntimeError), match="process group"):
         prediction_depth(layers, labels, k=5, reference="labels", shard=ShardedSupport(0),
                          query_layers=layers, query_labels=labels, num_classes=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# metric="cosine" (docs/design.md section 2, "The cosine metric")
+# ---------------------------------------------------------------------------------------------
+
+
+def _normalised(layers):
+    return [pdepth.normalize_rows(torch.as_tensor(t).reshape(t.shape[0], -1).float())
+            for t in layers]
+
+
+@pytest.mark.parametrize("scoring_support", [True, False])
+def test_cosine_equals_prediction_depth_over_hand_normalised_embeddings(scoring_support):
+    """metric="cosine" is prediction_depth over rows normalised by pdepth.normalize_rows
+    (conv-shaped, integer and zero rows included), and differs from the Euclidean depth."""
+    g = torch.Generator().manual_seed(11)
+    n, m = 150, 50
+    support = [torch.randn(n, 3, 2, 2, generator=g) * 4 + 1,
+               torch.randint(0, 5, (n, 7), generator=g), torch.rand(n, 5, generator=g)]
+    support[2][::17] = 0  # zero rows stay zero
+    labels = torch.randint(0, 4, (n,), generator=g)
+    queries = None if scoring_support else [torch.randn(m, *t.shape[1:], generator=g).to(
+        t.dtype) for t in support]
+    net = torch.randint(0, 4, (n if scoring_support else m,), generator=g)
+    kw = dict(network_pred=net, k=6, num_classes=4, vote_counts=True)
+    got = prediction_depth(support, labels, queries, metric="cosine", **kw)
+    want = prediction_depth(_normalised(support), labels,
+                            None if queries is None else _normalised(queries), **kw)
+    assert got.equals(want)
+    assert not torch.equal(got.layer_pred, prediction_depth(support, labels, queries,
+                                                            **kw).layer_pred)
+
+
+def test_bad_metric_refused_before_any_layer_is_read():
+    read = []
+
+    def layers():
+        read.append(1)
+        yield torch.zeros(4, 2)
+
+    with pytest.raises(ValueError, match="prediction_depth\\(\\): metric .* got 'dot'"):
+        prediction_depth(layers(), torch.zeros(4, dtype=torch.long), k=1, metric="dot")
+    assert not read

@@ -79,6 +79,10 @@ def _cases(world: int) -> dict:
     # k larger than every shard but one; k = N - 1 with exclusion (the whole support set).
     cases["k-large"] = dict(queries=queries, support=support, labels=labels, k=n - 1,
                             self_index=self_index, self_match="exclude", sizes=sizes_even)
+    # metric="cosine": each rank normalises its own shard (pdepth.normalize_rows)
+    cases["cosine"] = dict(queries=queries * 3, support=support + 0.5, labels=labels, k=7,
+                           self_index=self_index, self_match="exclude", sizes=sizes_uneven,
+                           metric="cosine")
     return cases
 
 
@@ -142,7 +146,7 @@ def _parity_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         for name, case in _cases(world).items():
             s, lab, off = _shard(case, rank)
             kw = dict(shard_offset=off, self_index=case["self_index"],
-                      self_match=case["self_match"])
+                      self_match=case["self_match"], metric=case.get("metric", "euclidean"))
             nb = pdist.knn(case["queries"], s, case["k"], **kw)
             vt = pdist.knn_vote(case["queries"], s, lab, case["k"], 5, **kw)
             vt_auto = pdist.knn_vote(case["queries"], s, lab, case["k"], **kw)
@@ -292,7 +296,8 @@ def test_needs_process_group():
 
 
 def _expected(case: dict):
-    kw = dict(self_index=case["self_index"], self_match=case["self_match"])
+    kw = dict(self_index=case["self_index"], self_match=case["self_match"],
+              metric=case.get("metric", "euclidean"))
     nb = pdepth.knn(case["queries"], case["support"], case["k"], **kw)
     vt = pdepth.knn_vote(case["queries"], case["support"], case["labels"], case["k"], 5, **kw)
     vt_auto = pdepth.knn_vote(case["queries"], case["support"], case["labels"], case["k"], **kw)

@@ -340,7 +340,7 @@ def test_run_config_filter_is_not_in_the_protocol_key():
     # exist then)
     new_keys = ("device", "root", "knn_filter", "label_noise", "label_noise_seed",
                 "image_size", "model", "checkpoint", "checkpoint_sha256", "download",
-                "workers", "data_sha256", "keep_cache")
+                "workers", "data_sha256", "keep_cache", "metric")
     new_keys += ("token",)  # issue 24: --token, in the key only when given
     old = {k: v for k, v in base.to_dict().items() if k not in new_keys}
     old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]

@@ -768,3 +768,117 @@ def test_few_queries_many_tiles_matches_reference(restore_num_threads):
     s[2500, 3] = float("inf")
     with pytest.raises(ValueError, match=r"support contains NaN or Inf \(first at row 2500\)"):
         pdepth.knn(q, s, 40)
+
+
+# --------------------------------------------------------------------------------------
+# metric="cosine" (docs/design.md section 2, "The cosine metric")
+# --------------------------------------------------------------------------------------
+
+
+def _fmnist_rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` Fashion-MNIST test images as float32 rows in [0, 1], and labels."""
+    from run_helpers import FMNIST_MISSING, HAVE_FMNIST
+
+    if not HAVE_FMNIST:
+        pytest.skip(FMNIST_MISSING)
+    images, labels = pdepth.load_fashion_mnist(split="test")
+    return images[:n].reshape(n, -1).float() / 255, labels[:n].long()
+
+
+def test_cosine_matches_sklearn_brute_force_on_fashion_mnist():
+    """Neighbours, distances (1 - cos = d2 / 2) and votes of scikit-learn's brute-force
+    cosine k-NN on real images, up to near ties (cosine distances within 1e-6)."""
+    sk = pytest.importorskip("sklearn.neighbors")
+    x, y = _fmnist_rows(900)
+    s, q, ys, k = x[:700], x[700:], y[:700], 7
+    nn = sk.NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute")
+    sk_d, sk_i = nn.fit(s.double().numpy()).kneighbors(q.double().numpy())
+    got = pdepth.knn(q, s, k, metric="cosine")
+    torch.testing.assert_close(got.dist.double() / 2, torch.from_numpy(sk_d[:, :k]),
+                               atol=1e-6, rtol=0)
+    # sklearn's exact cosine distance of every support point, to judge near ties
+    qd, sd = q.double(), s.double()
+    true = 1 - (qd / qd.norm(dim=1, keepdim=True)) @ (sd / sd.norm(dim=1, keepdim=True)).T
+    kth = torch.from_numpy(sk_d[:, k - 1])
+    assert (true.gather(1, got.index) <= kth[:, None] + 1e-6).all()
+    clear = torch.from_numpy(sk_d[:, k] - sk_d[:, k - 1] > 1e-6)  # no tie at the k-th place
+    assert clear.sum() > 150
+    same = torch.sort(got.index, 1).values == torch.sort(torch.from_numpy(sk_i[:, :k]), 1).values
+    assert same[clear].all()
+    clf = sk.KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute")
+    want = torch.from_numpy(clf.fit(s.double().numpy(), ys.numpy()).predict(q.double().numpy()))
+    pred = pdepth.knn_vote(q, s, ys, k, 10, metric="cosine").pred
+    assert torch.equal(pred[clear], want[clear])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cosine_is_the_euclidean_rule_on_normalize_rows(dtype, device):
+    """Every op entry point under metric="cosine" gives the bits of the Euclidean call on
+    hand-normalised rows, streamed chunks included."""
+    q, s = float_data(60, 230, 17, dtype=dtype, key=("cosine",))
+    q, s = (q * 50).to(device), (s - 3).to(device)  # not unit rows
+    si = torch.randint(-1, 230, (60,), generator=gen("cos-si")).to(device)
+    labels = torch.randint(0, 5, (230,), generator=gen("cos-labels")).to(device)
+    nq, ns = pdepth.normalize_rows(q), pdepth.normalize_rows(s)
+    assert nq.dtype == compute_dtype(dtype)
+    want = pdepth.knn(nq, ns, 9, self_index=si)
+    assert_same_topk(pdepth.knn(q, s, 9, self_index=si, metric="cosine"), want)
+    vote = pdepth.knn_vote(q, s, labels, 9, 5, self_index=si, metric="cosine")
+    assert torch.equal(vote.pred, pdepth.knn_vote(nq, ns, labels, 9, 5, self_index=si).pred)
+    top = pdepth.empty_topk(60, 9, compute_dtype(dtype), device)
+    for s0 in range(0, 230, 64):
+        top = pdepth.knn(q, s[s0:s0 + 64], 9, self_index=si, prev=top, offset=s0,
+                         metric="cosine")
+    assert_same_topk(top, want)
+    # the oracle normalises with its own code, in float64
+    if dtype == torch.float64:
+        ref = reference.knn(q.cpu(), s.cpu(), 9, self_index=si.cpu(), metric="cosine")
+        assert torch.equal(want.index.cpu(), ref[1])
+
+
+def test_normalize_rows_rule():
+    """Unit rows, row by row (a batch never changes a row), zero rows stay zero, float64
+    rows far out of float32 range stay in range; close to the oracle's x / |x|."""
+    x = float_data(1, 300, 33, key=("norm",))[1] * 1e3
+    x[5] = 0
+    u = pdepth.normalize_rows(x)
+    assert torch.equal(u[5], torch.zeros(33))
+    assert ((u.double().norm(dim=1) - 1).abs()[torch.arange(300) != 5] < 1e-6).all()
+    for i in (0, 5, 151, 299):
+        assert torch.equal(pdepth.normalize_rows(x[i:i + 1])[0], u[i])
+    assert torch.equal(pdepth.normalize_rows(x[100:250]), u[100:250])
+    torch.testing.assert_close(u.double(), reference.cosine_rows(x), atol=1e-7, rtol=0)
+    big = torch.tensor([[3e300, -4e300], [3e-310, 4e-310]], dtype=torch.float64)
+    torch.testing.assert_close(pdepth.normalize_rows(big),
+                               torch.tensor([[0.6, -0.8], [0.6, 0.8]], dtype=torch.float64))
+    one_hot = torch.eye(4) * 7
+    assert torch.equal(pdepth.normalize_rows(one_hot), torch.eye(4))
+    # a lone long row (torch's sum splits it across threads) as in its batch, to the bit
+    long = torch.randn(6, 40_000, generator=gen("long"), dtype=torch.float64)
+    u = pdepth.normalize_rows(long)
+    assert all(torch.equal(pdepth.normalize_rows(long[i:i + 1])[0], u[i]) for i in range(6))
+
+
+def test_cosine_zero_rows():
+    """A zero row stays zero: its squared distance to a unit row is |u|^2 (exactly 1 for a
+    one-hot row), to another zero row 0; ties go to the lower index as always."""
+    s = torch.cat([torch.eye(5) * 3, torch.zeros(2, 5)])  # rows 5 and 6 are zero
+    q = torch.cat([torch.zeros(1, 5), torch.tensor([[0.0, 2.0, 0.0, 0.0, 0.0]])])
+    out = pdepth.knn(q, s, 7, self_match="include", metric="cosine")
+    assert out.index[0].tolist() == [5, 6, 0, 1, 2, 3, 4]
+    assert out.dist[0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert out.index[1].tolist() == [1, 5, 6, 0, 2, 3, 4]
+    assert out.dist[1].tolist() == [0, 1, 1, 2, 2, 2, 2]
+    ref_d, ref_i = reference.knn(q, s, 7, self_match="include", metric="cosine")
+    assert torch.equal(ref_i, out.index) and torch.equal(ref_d.float(), out.dist)
+
+
+@pytest.mark.parametrize("metric", ["l1", "COSINE", None, 2])
+def test_bad_metric_is_one_line_naming_it(metric):
+    q, s = float_data(3, 10, 4)
+    for call in (lambda: pdepth.knn(q, s, 2, metric=metric),
+                 lambda: pdepth.knn_vote(q, s, torch.zeros(10, dtype=torch.long), 2,
+                                         metric=metric)):
+        with pytest.raises(ValueError, match="metric") as err:
+            call()
+        assert repr(metric) in str(err.value) and "\n" not in str(err.value)

@@ -206,3 +206,18 @@ def test_resume_with_a_lower_memory_budget_and_named_settings(tiny_run, tmp_path
     assert (out / "COMPLETE").exists()
     with np.load(tiny_run / "per_model.npz") as a, np.load(out / "per_model.npz") as b:
         assert np.array_equal(a["depth"], b["depth"])
+
+
+def test_metric_enters_the_protocol_key_only_when_not_euclidean():
+    """RunConfig.metric: "euclidean" (the default) leaves the key of earlier runs as it was;
+    "cosine" changes it; anything else is one ValueError naming --metric."""
+    from pdepth.protocol.config import RunConfig
+
+    base = RunConfig(subset=200)
+    assert "metric" not in base.key_settings()
+    assert RunConfig(subset=200, metric="euclidean").protocol_key() == base.protocol_key()
+    cosine = RunConfig(subset=200, metric="cosine")
+    assert cosine.key_settings()["metric"] == "cosine"
+    assert cosine.protocol_key() != base.protocol_key()
+    with pytest.raises(ValueError, match=r"metric \(--metric\) must be one of .* got 'l2'"):
+        RunConfig(metric="l2")

@@ -55,7 +55,8 @@ if _SK_VERSION >= (1, 8):
 
 
 @parametrize_with_checks(
-    [KNeighborsClassifier(), KNeighborsClassifier(3, dtype=None, metric="euclidean")],
+    [KNeighborsClassifier(), KNeighborsClassifier(3, dtype=None, metric="euclidean"),
+     KNeighborsClassifier(metric="cosine")],
     **_CHECK_OPTIONS,
 )
 def test_sklearn_estimator_checks(estimator, check):
@@ -211,7 +212,7 @@ def test_bad_params_are_stored_and_rejected_by_fit():
         ({"weights": "distance"}, "weights='distance'"),
         ({"weights": lambda d: d}, "weights="),
         ({"metric": "manhattan"}, "metric='manhattan'"),
-        ({"metric": "cosine"}, "metric='cosine'"),
+        ({"metric": "chebyshev"}, "metric='chebyshev'"),
         ({"p": 1}, "p=1"),
         ({"algorithm": "kd_tree"}, "algorithm='kd_tree'"),
         ({"algorithm": "ball_tree"}, "algorithm='ball_tree'"),
@@ -356,3 +357,26 @@ def test_import_pdepth_without_sklearn():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cosine_matches_sklearn(dtype):
+    """metric="cosine": scikit-learn's neighbours, cosine distances (1 - cos), predictions
+    and probabilities, with and without X (the fitted points leave themselves out)."""
+    x, y = _blobs(n=200, d=6)
+    x = x - x.mean(0)  # directions differ (blobs far from the origin are all alike)
+    xq = x[:50] * 3 + 0.01
+    ours = KNeighborsClassifier(5, metric="cosine", dtype=dtype).fit(x, y)
+    theirs = SKLearnKNN(5, metric="cosine", algorithm="brute").fit(x, y)
+    assert ours.effective_metric_ == "cosine"
+    tol = 1e-12 if dtype == "float64" else 1e-6
+    for args in ((xq,), (None,)):
+        d, i = ours.kneighbors(*args)
+        sd, si = theirs.kneighbors(*args)
+        np.testing.assert_array_equal(i, si)
+        np.testing.assert_allclose(d, sd, atol=tol, rtol=0)
+        np.testing.assert_array_equal(ours.predict(*args), theirs.predict(*args))
+        np.testing.assert_array_equal(ours.predict_proba(*args), theirs.predict_proba(*args))
+    # torch in, torch out, the same neighbours
+    d, i = ours.kneighbors(torch.from_numpy(xq))
+    np.testing.assert_array_equal(i.numpy(), theirs.kneighbors(xq)[1])

@@ -66,3 +66,25 @@ def test_stream_scores_support_itself_like_prediction_depth():
     assert res.num_chunks == 3  # one batch per chunk at a tiny budget
     with pytest.raises(ValueError, match="k=120 is larger"):
         pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=120)
+
+
+@pytest.mark.parametrize("budget", [None, 1])
+def test_stream_cosine_equals_prediction_depth_over_hand_normalised_embeddings(budget):
+    """metric="cosine" normalises each batch's rows as recorded: chunks and support batches
+    give prediction_depth over the hand-normalised embeddings."""
+    model = _model()
+    g = torch.Generator().manual_seed(4)
+    xs, ys = torch.randn(100, 1, 28, 28, generator=g), torch.randint(0, 10, (100,), generator=g)
+    xq = torch.randn(30, 1, 28, 28, generator=g)
+    res = pdepth.stream_prediction_depth(model, xs, ys, xq, probes="cnn", k=5, batch_size=40,
+                                         memory_budget=budget, metric="cosine")
+    sup = pdepth.extract(model, xs, "cnn", batch_size=40)
+    qry = pdepth.extract(model, xq, "cnn", batch_size=40)
+    norm = pdepth.normalize_rows
+    want = pdepth.prediction_depth([norm(t) for t in sup.layers.values()], ys,
+                                   [norm(t) for t in qry.layers.values()],
+                                   network_pred=qry.logits, k=5, num_classes=10)
+    assert torch.equal(res.depth.layer_pred, want.layer_pred)
+    assert torch.equal(res.depth.depth, want.depth)
+    with pytest.raises(ValueError, match="metric must be .* got 'l2'"):
+        pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=5, metric="l2")

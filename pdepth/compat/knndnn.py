@@ -38,16 +38,17 @@ Where this deliberately differs from the original:
    nearest; ``self_match="drop_nearest"``), which drops the wrong point when duplicates or
    float32 rounding put another point at distance <= the query's own. Pass
    ``self_index=`` (each query's own index in the bank) to exclude exactly that point instead.
-5. ``dist="cosine"`` normalises both sides (as the original intended) and ranks by L2
-   distance between the unit vectors, which orders like the cosine. Other values raise
-   ``ValueError`` (the original raised ``NotImplementedError``).
+5. ``dist="cosine"`` normalises both sides (as the original intended), with pdepth's one
+   cosine rule (:func:`pdepth.normalize_rows`), and ranks by L2 distance between the unit
+   vectors, which orders like the cosine. Other values raise ``ValueError`` (the original
+   raised ``NotImplementedError``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..ops import knn
+from ..ops import knn, metric_rows
 
 __all__ = ["knn_predict"]
 
@@ -132,9 +133,8 @@ def _queries_support(feature, feature_bank, dist):
         else queries.dtype
     queries = queries.to(dtype)
     support = support.to(device=queries.device, dtype=dtype)
-    if dist == "cosine":
-        queries = torch.nn.functional.normalize(queries, dim=1, p=2.0)
-        support = torch.nn.functional.normalize(support, dim=1, p=2.0)
+    if dist == "cosine":  # pdepth's one normalisation (pdepth.normalize_rows)
+        queries, support = metric_rows("cosine", queries, support, op="knn_predict")
     return queries, support
 
 

@@ -1,4 +1,5 @@
-"""A drop-in for scikit-learn's ``KNeighborsClassifier`` (uniform vote, Euclidean distance).
+"""A drop-in for scikit-learn's ``KNeighborsClassifier`` (uniform vote, Euclidean or cosine
+distance).
 
 Before::
 
@@ -18,7 +19,8 @@ class; ``predict`` on the fitted data counts each point as its own neighbour; ``
 and ``predict()`` without ``X`` leave each point out). The search runs in the pdepth k-NN op.
 
 Supported: ``n_neighbors``, ``weights="uniform"`` (or None), ``metric`` ``"minkowski"`` with
-``p=2``, ``"euclidean"`` or ``"l2"``, ``algorithm`` ``"auto"`` or ``"brute"``; ``leaf_size``
+``p=2``, ``"euclidean"``, ``"l2"`` or ``"cosine"``, ``algorithm`` ``"auto"`` or ``"brute"``
+(scikit-learn itself takes ``"cosine"`` only with ``"brute"``; ``"auto"`` is brute here); ``leaf_size``
 and ``n_jobs`` are accepted and ignored. pdepth's own parameters: ``dtype``, ``device`` and
 ``filter`` (the k-NN op's filter format, :func:`pdepth.knn`; speed only). As in
 scikit-learn, the constructor and ``set_params`` only store parameters; ``fit`` validates
@@ -40,6 +42,14 @@ input's floating dtype (float32 is about twice as fast; neighbours may then diff
 scikit-learn's between points whose distances differ by less than the tolerance documented
 in :func:`pdepth.reference.distance_tolerance`). Points at exactly equal distance are ordered
 by lower index (pdepth's rule); scikit-learn's order between exact ties is unspecified.
+
+``metric="cosine"``: the rows are L2-normalised by :func:`pdepth.normalize_rows` (in the
+compute dtype) and ranked by the squared L2 distance of the normalised rows, which orders
+them as scikit-learn's cosine distance ``1 - cos`` does; ``kneighbors`` returns that cosine
+distance (half the squared distance of the normalised rows), as scikit-learn does. One
+difference: pdepth keeps a zero row zero, at squared distance 1 (cosine distance 0.5) from
+every nonzero row, where scikit-learn puts it at cosine distance 1 (docs/design.md
+section 2, "The cosine metric").
 """
 
 from __future__ import annotations
@@ -106,6 +116,9 @@ if _SKLEARN_IMPORT_ERROR is None:
             "filter": [StrOptions(set(FILTERS))],
         }
 
+    # scikit-learn's spellings of the metrics this shim runs -> pdepth's metric
+    _METRICS = {"minkowski": "euclidean", "euclidean": "euclidean", "l2": "euclidean",
+                "cosine": "cosine"}
     _DTYPES = {"float64": torch.float64, "float32": torch.float32,
                torch.float64: torch.float64, torch.float32: torch.float32,
                np.float64: torch.float64, np.float32: torch.float32}
@@ -129,7 +142,7 @@ if _SKLEARN_IMPORT_ERROR is None:
                 exactly).
             leaf_size: ignored.
             p: 2 (with ``metric="minkowski"``; None means 2).
-            metric: ``"minkowski"`` (p=2), ``"euclidean"`` or ``"l2"``.
+            metric: ``"minkowski"`` (p=2), ``"euclidean"``, ``"l2"`` or ``"cosine"``.
             metric_params: must be None or empty.
             n_jobs: ignored (the op uses torch's intra-op threads).
             dtype: compute dtype, ``"float64"`` (default: scikit-learn's precision) or
@@ -147,7 +160,7 @@ if _SKLEARN_IMPORT_ERROR is None:
 
         Attributes (after ``fit``): ``classes_``, ``n_features_in_``, ``feature_names_in_``
         (only for input with string column names, e.g. a DataFrame), ``n_samples_fit_``,
-        ``effective_metric_`` (``"euclidean"``), ``effective_metric_params_``,
+        ``effective_metric_`` (``"euclidean"`` or ``"cosine"``), ``effective_metric_params_``,
         ``outputs_2d_`` (False).
         """
 
@@ -201,7 +214,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             def unsupported(what: str) -> ValueError:
                 return ValueError(
                     "pdepth.compat.sklearn.KNeighborsClassifier supports only uniform weights "
-                    f"and the Euclidean distance; got {what}. Use sklearn.neighbors."
+                    f"and the Euclidean or cosine distance; got {what}. Use sklearn.neighbors."
                     "KNeighborsClassifier for other settings."
                 )
 
@@ -211,7 +224,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             ):
                 raise unsupported(f"weights={self.weights!r}")
             metric = self.metric
-            if not isinstance(metric, str) or metric not in ("minkowski", "euclidean", "l2"):
+            if not isinstance(metric, str) or metric not in _METRICS:
                 raise unsupported(f"metric={metric!r}")
             if metric == "minkowski" and self.p is not None and self.p != 2:
                 raise unsupported(f"metric='minkowski' with p={self.p!r} (only p=2)")
@@ -368,7 +381,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             self._fit_torch = fit_torch
             self._fit_out_device = out_device
             self.n_samples_fit_ = int(fit_x.shape[0])
-            self.effective_metric_ = "euclidean"
+            self.effective_metric_ = _METRICS[self.metric]
             self.effective_metric_params_ = {}
             self.outputs_2d_ = False
             self._fit_method = "brute"
@@ -376,17 +389,19 @@ if _SKLEARN_IMPORT_ERROR is None:
 
         def kneighbors(self, X=None, n_neighbors: int | None = None,
                        return_distance: bool = True):
-            """The ``n_neighbors`` nearest fitted points of each row of ``X``: Euclidean
-            distances ``[m, k]`` (float64, ascending) and indices ``[m, k]`` (int64). Without
+            """The ``n_neighbors`` nearest fitted points of each row of ``X``: Euclidean (or,
+            with ``metric="cosine"``, cosine) distances ``[m, k]`` (float64, ascending) and indices ``[m, k]`` (int64). Without
             ``X``, the fitted points' neighbours, each point left out of its own list."""
             q, self_index, policy, as_torch, device = self._queries(X)
             k = self._k(n_neighbors, X is None, q.shape[0])
             dist, index = knn(q, self._fit_X, k, self_index=self_index, self_match=policy,
-                              filter=self.filter)
+                              filter=self.filter, metric=self.effective_metric_)
             index = self._array_out(index, as_torch, device)
             if not return_distance:
                 return index
-            dist = dist.to(torch.float64).clamp_min_(0.0).sqrt_()
+            dist = dist.to(torch.float64).clamp_min_(0.0)
+            # scikit-learn's distances: Euclidean, or the cosine distance 1 - cos = d2 / 2
+            dist = dist.sqrt_() if self.effective_metric_ == "euclidean" else dist.mul_(0.5)
             return self._array_out(dist, as_torch, device), index
 
         def predict(self, X=None):
@@ -396,7 +411,8 @@ if _SKLEARN_IMPORT_ERROR is None:
             q, self_index, policy, as_torch, device = self._queries(X)
             k = self._k(None, X is None, q.shape[0])
             pred = knn_vote(q, self._fit_X, self._y, k, len(self.classes_),
-                            self_index=self_index, self_match=policy, filter=self.filter).pred
+                            self_index=self_index, self_match=policy, filter=self.filter,
+                            metric=self.effective_metric_).pred
             return self._labels_out(pred, as_torch, device)
 
         def predict_proba(self, X=None):
@@ -405,7 +421,7 @@ if _SKLEARN_IMPORT_ERROR is None:
             q, self_index, policy, as_torch, device = self._queries(X)
             k = self._k(None, X is None, q.shape[0])
             index = knn(q, self._fit_X, k, self_index=self_index, self_match=policy,
-                        filter=self.filter).index
+                        filter=self.filter, metric=self.effective_metric_).index
             neighbor_labels = self._y[index]
             counts = torch.zeros(q.shape[0], len(self.classes_), dtype=torch.float64,
                                  device=q.device)

@@ -7,7 +7,9 @@ labels' range inside the op) are checked by the op and, for a sharded support se
 :mod:`pdepth.distributed`; nothing here repeats them. The ``filter=`` name is checked here,
 before any layer is read or any model runs, with the op's own rule
 (:func:`pdepth.ops.check_filter`); what depends on the embeddings' dtype and device is left to
-the op (or checked by the driver once it knows them).
+the op (or checked by the driver once it knows them). ``metric=`` is checked here too
+(:func:`pdepth.ops.check_metric`); the drivers normalise the rows with the op's own
+:func:`pdepth.ops.metric_rows`, the one normalisation path of every entry point.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..ops import MAX_CLASSES, check_filter
+from ..ops import MAX_CLASSES, check_filter, check_metric
 from .rule import REFERENCE_MODES
 from .support import Support
 
@@ -34,7 +36,8 @@ class DepthArgs:
     model's prediction / a loader's labels). ``num_classes`` counts every class id seen so
     far (the given value when there is one). ``filter`` is the k-NN op's filter format
     (:data:`pdepth.FILTERS`), passed to every k-NN call of the driver; it never changes
-    a result."""
+    a result. ``metric`` is ``"euclidean"`` or ``"cosine"`` (:data:`pdepth.METRICS`): the
+    rows the driver hands to the op are normalised for ``"cosine"``."""
 
     k: int
     labels: torch.Tensor
@@ -50,6 +53,7 @@ class DepthArgs:
     num_classes: int
     scoring_support: bool
     filter: str = "auto"
+    metric: str = "euclidean"
 
     def check_lengths(self, m: int, where: str = "", *, reference=None, reference_name=None,
                       query_labels=None) -> None:
@@ -83,7 +87,8 @@ class DepthArgs:
 def depth_args(support_labels, *, support: Support, scoring_support: bool, queries_arg: str,
                reference, query_labels, self_index, example_index, k, num_classes,
                network_pred=None, from_model: bool = False, filter: str = "auto",
-               op: str = "prediction_depth", device=None) -> DepthArgs:
+               op: str = "prediction_depth", device=None,
+               metric: str = "euclidean") -> DepthArgs:
     """Checks the arguments both drivers share and fills in the defaults of scoring the
     support set itself (``self_index``, ``example_index`` ``arange(N)``, the query labels the
     support labels).
@@ -97,9 +102,10 @@ def depth_args(support_labels, *, support: Support, scoring_support: bool, queri
 
     ``filter`` is checked first (:func:`check_filter_arg`, ``op`` names the driver in the
     message; ``device``, when the caller already knows it, also rules out ``"tf32"`` off
-    CUDA).
+    CUDA), then ``metric``.
     """
     filter = check_filter_arg(op, filter, device=device)
+    metric = check_metric(metric, op)
     k = _check_k(k)
     support.check_call(scoring_support=scoring_support, num_classes=num_classes,
                        queries_arg=queries_arg)
@@ -141,7 +147,7 @@ def depth_args(support_labels, *, support: Support, scoring_support: bool, queri
                      reference_name=ref_name, query_labels=q_labels, query_labels_arg=q_arg,
                      self_index=self_index, example_index=example_index,
                      num_classes_given=num_classes, num_classes=classes,
-                     scoring_support=scoring_support, filter=filter)
+                     scoring_support=scoring_support, filter=filter, metric=metric)
 
 
 def check_filter_arg(op: str, filter, *, dtype: torch.dtype | None = None,

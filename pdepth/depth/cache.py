@@ -16,6 +16,12 @@ The file reads and writes are plain ``read``/``write`` calls, not memory maps: p
 mapped file count in the process's resident set, so a mapped 12 GB probe would break the
 budget that the blocks keep.
 
+Under ``metric="cosine"`` a store holds the rows as the op ranks them: each row is
+L2-normalised (:func:`pdepth.normalize_rows`) as it is written, once, and every block read
+is used as it is. Normalising row by row on write gives the same bits as normalising the
+whole probe at once (the rule reads one row at a time), and a block read later is never
+normalised twice or in another grouping: the stored file *is* the k-NN's input.
+
 A file that a later process may read back (a resumed run) gets a *record*
 (:func:`write_record`): ``<file>.json``, written after the file is whole, with its size, its
 sha256 and its owner (which run, model and probe it belongs to, its shape). A reader trusts
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from .._atomic import file_sha256, naming, temp_path, write_json
-from ..ops import knn
+from ..ops import check_metric, knn, metric_rows
 from ..probes import ProbeRecorder, ProbeSpec, pinned
 from ..topk import empty_topk
 from .support import LayerVote, LocalSupport
@@ -113,10 +119,15 @@ class LayerStore:
         prefix: file name prefix (e.g. the model's name).
         owner: what the files belong to (None: no records, a file is trusted as it is).
         log: called with one line for each file found damaged or not this owner's.
+        metric: ``"euclidean"`` (rows stored as given) or ``"cosine"`` (each row stored
+            L2-normalised, :func:`pdepth.normalize_rows`; the records' owner says so, so a
+            file of one metric is never read as the other).
     """
 
     def __init__(self, n: int, dims, folder: str | os.PathLike | None = None,
-                 prefix: str = "store", owner: dict | None = None, log=None):
+                 prefix: str = "store", owner: dict | None = None, log=None,
+                 metric: str = "euclidean"):
+        self.metric = check_metric(metric, "LayerStore")
         self.n, self.dims = int(n), [int(d) for d in dims]
         self.folder = None if folder is None else Path(folder)
         self.prefix = prefix
@@ -137,8 +148,11 @@ class LayerStore:
 
     def file_owner(self, layer: int) -> dict:
         """The owner in the record of probe ``layer``'s file."""
-        return {**(self.owner or {}), "file": f"emb{layer:02d}",
-                "shape": [self.n, self.dims[layer]], "dtype": _DTYPE.str}
+        owner = {**(self.owner or {}), "file": f"emb{layer:02d}",
+                 "shape": [self.n, self.dims[layer]], "dtype": _DTYPE.str}
+        if self.metric != "euclidean":  # the records of euclidean stores stay as they were
+            owner["metric"] = self.metric
+        return owner
 
     def has(self, layer: int) -> bool:
         """Whether probe ``layer`` is stored whole (and, with an owner, its file checks
@@ -186,8 +200,9 @@ class LayerStore:
         self._writing[layer] = (f, tmp, digest)
 
     def write(self, layer: int, rows: torch.Tensor) -> None:
-        """Appends ``rows [B, D_l]`` to probe ``layer``."""
-        a = np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=_DTYPE)
+        """Appends ``rows [B, D_l]`` to probe ``layer`` (normalised under ``"cosine"``)."""
+        rows = metric_rows(self.metric, rows.detach().to(torch.float32), op="LayerStore")[0]
+        a = np.ascontiguousarray(rows.cpu().numpy(), dtype=_DTYPE)
         target, pos, *digest = self._writing[layer]
         if self.on_disk:
             target.write(a.data)

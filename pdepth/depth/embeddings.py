@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..ops import metric_rows
 from .args import DepthArgs, depth_args
 from .placement import resolve_support
 from .result import DepthResult, build_result
@@ -37,6 +38,7 @@ def prediction_depth(
     num_classes: int | None = None,
     device: torch.device | str | None = None,
     filter: str = "auto",
+    metric: str = "euclidean",
     example_index=None,
     progress: bool = False,
     shard=None,
@@ -89,6 +91,11 @@ def prediction_depth(
             ``"bf16"``, ``"bf16x3"`` or ``"tf32"`` (CUDA only); float64 embeddings take only
             ``"auto"`` or ``"fp32"``. Only the speed depends on it: the result is the same
             bits. An unknown value raises ``ValueError`` before any layer is read.
+        metric: ``"euclidean"`` (default) or ``"cosine"``: each layer's rows are
+            L2-normalised (:func:`pdepth.normalize_rows`: float32, float64 for float64
+            embeddings; a zero row stays zero) and ranked by the same squared-L2 rule, which
+            orders them as cosine distance does (docs/design.md section 2, "The cosine
+            metric"). An unknown value raises ``ValueError`` before any layer is read.
         example_index: ``[M]`` dataset indices of the queries, stored in the result for
             :func:`aggregate`. Defaults to ``arange(N)`` when ``query_layers`` is None.
         progress: show a tqdm progress bar over layers.
@@ -124,7 +131,7 @@ def prediction_depth(
                       query_labels=query_labels, self_index=self_index,
                       example_index=example_index, k=k, num_classes=num_classes,
                       network_pred=network_pred, filter=filter, op="prediction_depth",
-                      device=device)
+                      device=device, metric=metric)
     names, layers = _layer_pairs(support_layers, query_layers)
     bar = _progress_bar(progress, support_layers, query_layers)
     try:
@@ -194,6 +201,7 @@ def _layer_votes(args: DepthArgs, layers, names, *, device, self_match: str, bar
                 None if args.self_index is None else args.self_index.to(s.device),
             )
         lab, sidx = on_device[s.device]
+        q, s = metric_rows(args.metric, q, s, op="prediction_depth")  # q is s: normalised once
         try:
             votes.append(args.support.knn_vote(q, s, lab, args.k, args.num_classes,
                                                self_index=sidx, self_match=self_match,

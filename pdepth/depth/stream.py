@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops import empty_topk, knn
+from ..ops import empty_topk, knn, metric_rows
 from ..probes import ProbeRecorder, iter_batches, resolve_probes
 from .args import DepthArgs, _int_vector, check_filter_arg, depth_args
 from .placement import resolve_support
@@ -156,6 +156,7 @@ def stream_prediction_depth(
     token: str | None = None,
     dtype: torch.dtype = torch.float32,
     filter: str = "auto",
+    metric: str = "euclidean",
     progress: bool = False,
     shard=None,
     shard_offset: int | None = None,
@@ -206,6 +207,10 @@ def stream_prediction_depth(
             only; float64 ``dtype`` takes only ``"auto"`` or ``"fp32"``). Only the speed
             depends on it: the result is the same bits. Checked against ``dtype`` and
             ``device`` before the model runs (``ValueError`` naming the valid values).
+        metric: ``"euclidean"`` (default) or ``"cosine"`` (each probe's rows L2-normalised
+            in float32 -- float64 for a float64 ``dtype`` -- as they are recorded, then
+            ranked by the squared-L2 rule; as :func:`pdepth.prediction_depth`, the same
+            result). Checked before the model runs.
         progress: tqdm progress bars.
         shard: where the support set lives: None (here, all of it) or a
             :class:`pdepth.ShardedSupport` (``support`` and ``support_labels``
@@ -242,7 +247,7 @@ def stream_prediction_depth(
                       reference=reference, query_labels=query_labels, self_index=self_index,
                       example_index=example_index, k=k, num_classes=num_classes,
                       from_model=True, filter=filter, op="stream_prediction_depth",
-                      device=device)
+                      device=device, metric=metric)
     spec = resolve_probes(model, probes, max_dim=max_dim, token=token)
     if device is None:
         p = next(model.parameters(), None)
@@ -340,6 +345,7 @@ class _Stream:
             self._query_labels(yq, q_row, xq.shape[0])
             q_row += xq.shape[0]
             q_layers, q_logits = self.rec.run(xq.to(self.device, non_blocking=True))
+            q_layers = self._rows(q_layers)
             self.logits_seen.append(q_logits.cpu())
             if self.chunk_rows is None:
                 self.chunk_rows = self._chunk_rows(q_layers, xq.shape[0], m, memory_budget)
@@ -351,6 +357,12 @@ class _Stream:
                 pending_rows = 0
         if pending:
             yield _concat(pending), row0
+
+    def _rows(self, layers: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A batch's probe embeddings as the op ranks them (normalised for ``"cosine"``:
+        row by row, so batches and chunks never change a row)."""
+        return [metric_rows(self.args.metric, t, op="stream_prediction_depth")[0]
+                for t in layers]
 
     def _query_labels(self, yq, row0: int, rows: int) -> None:
         if yq is None:
@@ -409,6 +421,7 @@ class _Stream:
                 _check_loader_labels(ys, self.labels[row:row + xs.shape[0]], row, "support",
                                      "support_labels")
             s_layers, _ = self.rec.run(xs.to(self.device, non_blocking=True))
+            s_layers = self._rows(s_layers)
             self.peak = max(self.peak, resident + _nbytes(s_layers))
             for layer, (q, s) in enumerate(zip(q_layers, s_layers, strict=True)):
                 tops[layer] = knn(q, s, self.args.k, self_index=sidx, self_match="exclude",

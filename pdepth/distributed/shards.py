@@ -13,6 +13,7 @@ from ..ops import (
     _as_index,
     empty_topk,
     merge_topk,
+    metric_rows,
     neighbor_labels,
     vote,
 )
@@ -96,9 +97,11 @@ def _check_table(op: str, table: torch.Tensor, world: int, k: int, skip: int,
 
 
 def _sharded(op, queries, support_shard, labels_shard, k, *, num_classes, shard_offset,
-             self_index, self_match, process_group, filter="auto"):
+             self_index, self_match, process_group, filter="auto", metric="euclidean"):
     """The local step, the handshake, the gather and the merge. Returns ``(Neighbors,
-    labels[M, k] or None, num_classes)``."""
+    labels[M, k] or None, num_classes)``. ``metric="cosine"`` normalises the rows first,
+    inside the local step (a bad value fails every rank alike), so the handshake compares
+    the normalised queries: ranks that disagree on the metric differ in their queries."""
     _group_info(process_group)  # before any work: needs an initialised process group
     fields = dict.fromkeys(_FIELDS, -1)
     fields["failed"] = 0
@@ -106,6 +109,8 @@ def _sharded(op, queries, support_shard, labels_shard, k, *, num_classes, shard_
     local = lab_k = None
     error: BaseException | None = None
     try:
+        queries, support_shard = metric_rows(metric, queries, support_shard,
+                                             op=op.removesuffix("()"))
         if self_match not in SELF_MATCH_POLICIES:
             raise ValueError(
                 f"self_match must be one of {SELF_MATCH_POLICIES}, got {self_match!r}")
@@ -264,6 +269,7 @@ def knn(
     self_match: str = "exclude",
     process_group=None,
     filter: str = "auto",
+    metric: str = "euclidean",
 ) -> Neighbors:
     """:func:`pdepth.knn` over a support set sharded across the ranks of a process group.
 
@@ -285,6 +291,8 @@ def knn(
         filter: the filter format of this rank's local search (:func:`pdepth.knn`); it never
             changes the result, so it is not compared across ranks. An invalid value fails
             this rank's local step (every rank then raises, as for any local failure).
+        metric: ``"euclidean"`` or ``"cosine"`` (:func:`pdepth.knn`), the same on every rank
+            (a rank that differs sees other queries, and every rank raises).
 
     Returns:
         :class:`pdepth.Neighbors` ``(dist[M, k], index[M, k])`` with global indices, on every
@@ -296,7 +304,8 @@ def knn(
     """
     return _sharded("pdepth.distributed.knn()", queries, support_shard, None, k,
                     num_classes=None, shard_offset=shard_offset, self_index=self_index,
-                    self_match=self_match, process_group=process_group, filter=filter)[0]
+                    self_match=self_match, process_group=process_group, filter=filter,
+                    metric=metric)[0]
 
 
 def knn_vote(
@@ -311,14 +320,15 @@ def knn_vote(
     self_match: str = "exclude",
     process_group=None,
     filter: str = "auto",
+    metric: str = "euclidean",
     return_labels: bool = False,
 ):
     """:func:`pdepth.knn_vote` over a sharded support set (see :func:`knn`).
 
     ``labels_shard[n_r]`` are the labels of this rank's rows. Each rank gathers its
     neighbours' labels along with their distances and indices, so no rank needs the other
-    shards' labels. ``num_classes`` defaults to the global ``max(label) + 1``. ``filter``: as
-    in :func:`knn`.
+    shards' labels. ``num_classes`` defaults to the global ``max(label) + 1``. ``filter``,
+    ``metric``: as in :func:`knn`.
 
     Returns:
         :class:`pdepth.Vote` ``(pred[M], dist[M, k], index[M, k])`` on every rank, equal to
@@ -328,6 +338,6 @@ def knn_vote(
     nbrs, labels, num_classes = _sharded(
         "pdepth.distributed.knn_vote()", queries, support_shard, labels_shard, k,
         num_classes=num_classes, shard_offset=shard_offset, self_index=self_index,
-        self_match=self_match, process_group=process_group, filter=filter)
+        self_match=self_match, process_group=process_group, filter=filter, metric=metric)
     result = Vote(vote(labels, max(num_classes, 1)), nbrs.dist, nbrs.index)
     return (result, labels) if return_labels else result

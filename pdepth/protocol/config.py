@@ -19,7 +19,7 @@ from ..data import DATASETS, IMAGE_FOLDER_SIZE
 from ..families import TOKENS
 from ..figures import REPORT_DEPENDENCIES
 from ..models import ARCH_VERSIONS, ARCHITECTURES
-from ..ops import FILTERS
+from ..ops import FILTERS, METRICS
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
            "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",
@@ -43,7 +43,7 @@ _LEGACY_KEYS = ("memory_budget",)
 # Settings added after the first runs: left out of the key at these values, so that the runs
 # of earlier versions keep their key.
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
-                 "data_sha256": None, "token": None}
+                 "data_sha256": None, "token": None, "metric": "euclidean"}
 _EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 # The smallest memory_budget (bytes; --memory-budget 1 MiB). A disk-cached probe is read in
@@ -79,6 +79,11 @@ class RunConfig:
     holds in RAM; where every probe's embeddings of the run's examples exceed it they go to
     the disk cache ``OUT/cache/``, removed after each model unless ``keep_cache``
     (``--keep-cache``, a runtime setting like ``device``; docs/design.md section 12).
+
+    ``metric`` (``--metric``) is the k-NN's metric, ``"euclidean"`` (default) or
+    ``"cosine"`` (:data:`pdepth.METRICS`; docs/design.md section 2): it changes results, so
+    it enters the protocol key, but only when it is not ``"euclidean"`` (:data:`_KEY_DEFAULTS`),
+    so that the runs of earlier versions keep their key.
 
     ``label_noise`` (``--label-noise P``, ``0 <= P < 1``) flips ``round(P * n)`` of the n
     labels of the run's examples to another class before the halves are drawn
@@ -134,6 +139,7 @@ class RunConfig:
     data_sha256: str | None = None
     keep_cache: bool = False
     token: str | None = None
+    metric: str = "euclidean"
 
     def __post_init__(self):
         self._check_numbers()
@@ -148,6 +154,9 @@ class RunConfig:
         if not isinstance(self.knn_filter, str) or self.knn_filter not in FILTERS:
             raise ValueError(f"knn_filter (--knn-filter) must be one of "
                              f"{', '.join(FILTERS)}, got {self.knn_filter!r}")
+        if not isinstance(self.metric, str) or self.metric not in METRICS:
+            raise ValueError(f"metric (--metric) must be one of {', '.join(METRICS)}, got "
+                             f"{self.metric!r}")
         self.label_noise_seed = (self.subset_seed if self.label_noise_seed is None
                                  else self.label_noise_seed)
 

@@ -45,6 +45,7 @@ class ProbeCurve:
     device: torch.device
     batch_size: int = 1000
     filter: str = "auto"
+    metric: str = "euclidean"
 
     @torch.no_grad()
     def __call__(self, model) -> np.ndarray:
@@ -52,5 +53,6 @@ class ProbeCurve:
                       storage=self.device)  # eval mode, restored
         res = prediction_depth(emb.layers, self.y.to(self.device), reference="labels",
                                k=min(self.k, self.y.shape[0] - 1),
-                               num_classes=self.num_classes, filter=self.filter)
+                               num_classes=self.num_classes, filter=self.filter,
+                               metric=self.metric)
         return res.layer_accuracy.numpy()

@@ -219,5 +219,6 @@ def _probe_curve(config: RunConfig, data: RunData, train_idx, seed: int) -> Prob
     sample = torch.as_tensor(probe_curve_sample(train_idx, seed))
     return ProbeCurve(data.spec, data.x[sample], data.labels[sample], k=config.k,
                       num_classes=data.num_classes, device=data.device,
-                      batch_size=config.eval_batch_size, filter=config.knn_filter)
+                      batch_size=config.eval_batch_size, filter=config.knn_filter,
+                      metric=config.metric)
 

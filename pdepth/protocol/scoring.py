@@ -215,7 +215,8 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
     n_train, L = len(train_idx), len(data.dims)
     n = len(rows)
     store = LayerStore(n, data.dims, cache.folder, cache.prefix,
-                       owner={**cache.owner, "model": cache.prefix}, log=cache.log)
+                       owner={**cache.owner, "model": cache.prefix}, log=cache.log,
+                       metric=config.metric)
     labels = data.labels[torch.as_tensor(train_idx)]
     self_index = torch.cat([torch.arange(n_train), torch.full((len(held_idx),), -1)])
     C = data.num_classes
