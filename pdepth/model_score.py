@@ -168,7 +168,8 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
     te = None if x_te is None else stream_prediction_depth(model, x_tr, y_tr, x_te,
                                                            query_labels=y_te, **common)
     settings = {"k": int(k), "reference": ref, "token": token, "metric": metric,
-                "num_classes": classes, "self_match": {"train": "exclude", "test": "none"}}
+                "num_classes": classes,
+                "self_index": {"train": "its own row (excluded)", "test": "none"}}
     stats = {"train": tr.stats(), **({"test": te.stats()} if te is not None else {})}
     return ScoreResult(tr.result, None if te is None else te.result, tr.logits,
                        None if te is None else te.logits, list(tr.result.layer_names or []),
@@ -387,6 +388,8 @@ def score_to_folder(settings: ScoreSettings, out, *, overwrite: bool = False,
                    timing={"load_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1})
         _atomic.write_json(out / "config.json", cfg)
         _atomic.write_bytes(out / "COMPLETE", f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        if (out / "models").is_dir() and not any((out / "models").iterdir()):
+            (out / "models").rmdir()  # prepare_output's folder for pdepth run's models
     return out
 
 
@@ -438,7 +441,7 @@ def _config(p: _Prepared, sha: str) -> dict:
             "metric": s.metric or "euclidean",
             "reference": s.reference,
             "support": "the training split, given labels",
-            "self_match": {"train": "exclude", "test": "none"},
+            "self_index": {"train": "its own row (excluded)", "test": "none"},
             "data_sha256": sha,
         },
         "versions": versions(),

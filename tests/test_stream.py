@@ -91,4 +91,4 @@ def test_stream_result_depth_is_the_tensor_and_the_old_spelling_warns():
     with pytest.warns(DeprecationWarning, match=r"res\.result\.layer_pred"):
         assert res.depth.layer_pred is res.result.layer_pred
     with pytest.raises(AttributeError):
-        res.depth.no_such_attribute
+        _ = res.depth.no_such_attribute
