@@ -93,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                    help="your own network: a callable in an importable module returning an "
                         "nn.Module, called with the keywords it takes among num_classes, "
-                        "in_channels, image_size (instead of --arch)")
+                        "in_channels, image_size (or in_chans, img_size) (instead of --arch)")
+    r.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword for --model's factory (repeatable; VALUE a Python literal, "
+                        "else a string), e.g. drop_rate=0.1")
     r.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="already-trained weights (a state dict, loaded with "
                         "torch.load(weights_only=True)) for --arch / --model: depth is "
@@ -279,6 +282,7 @@ def _check_improve(args) -> None:
 
 
 def _run(args) -> int:
+    from .builders import parse_model_args
     from .protocol import OutputExistsError, RunConfig, run
 
     if not math.isfinite(args.memory_budget):  # int() of it would raise, unnamed
@@ -295,6 +299,7 @@ def _run(args) -> int:
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
         knn_filter=args.knn_filter, label_noise=args.label_noise,
         image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
+        model_args=parse_model_args(args.model_arg) or None,
         download=args.download, workers=args.workers, keep_cache=args.keep_cache)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import pickle
 from collections.abc import Callable, Sequence
 
@@ -231,27 +230,22 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 def make_model(arch: str | None, model: str | None = None, *, num_classes: int,
-               in_channels: int, image_size: int) -> nn.Module:
+               in_channels: int, image_size: int, model_args: dict | None = None) -> nn.Module:
     """The run's network: ``build_model(arch, ...)``, or with ``model`` (``module:factory``)
     the user's factory called with the keywords among ``num_classes``, ``in_channels`` and
-    ``image_size`` that its signature names (all three where it takes ``**kwargs``), nothing
-    else; it must return an ``nn.Module`` mapping ``[B, in_channels, image_size,
-    image_size]`` float32 inputs to ``[B, num_classes]`` logits."""
+    ``image_size`` that its signature names -- or timm's names for them, ``in_chans`` and
+    ``img_size``, where it takes those instead -- (all three where it takes ``**kwargs``),
+    and ``model_args`` (``--model-arg``, which win), nothing else
+    (:func:`pdepth.builders.call_factory`); it must return an ``nn.Module`` mapping ``[B,
+    in_channels, image_size, image_size]`` float32 inputs to ``[B, num_classes]`` logits."""
     if model is None:
+        if model_args:
+            raise ValueError(f"--model-arg {sorted(model_args)} is for --model, not --arch")
         return build_model(arch, num_classes, in_channels, image_size)
-    factory = load_factory(model)
+    from .builders import call_factory
+
     given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: call it bare
-        params = {}
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        given = {k: v for k, v in given.items() if k in params}
-    net = factory(**given)
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"--model {model}: the factory returned a {type(net).__name__}, not "
-                         "a torch.nn.Module")
-    return net
+    return call_factory(load_factory(model), given, model_args, model)
 
 
 def file_sha256(path: str) -> str:

@@ -124,21 +124,21 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "train_seconds": trained["seconds"], "depth_seconds": res.seconds,
         "seconds": time.perf_counter() - t0,
         "final_train_accuracy": final[0], "final_held_out_accuracy": final[1],
-        "layer_accuracy": res.result.layer_accuracy.tolist(),
+        "layer_accuracy": res.depth.layer_accuracy.tolist(),
         "memory": res.stats(),
         "stages": {"train": trained, **res.stages},
     }
     in_train = np.zeros(data.n, bool)
     in_train[train_idx] = True
-    pred = res.result.reference.numpy()[order]  # the network's prediction
+    pred = res.depth.reference.numpy()[order]  # the network's prediction
     arrays = {
         "seed": np.array(seed), "half": np.array(half),
         "train_index": np.asarray(train_idx), "held_out_index": np.asarray(held_idx),
         "in_train": in_train,
-        "depth": res.result.depth.numpy()[order].astype(np.int16),
-        "layer_pred": res.result.layer_pred.numpy()[:, order].astype(np.int16),
+        "depth": res.depth.depth.numpy()[order].astype(np.int16),
+        "layer_pred": res.depth.layer_pred.numpy()[:, order].astype(np.int16),
         "probs": probs,
-        "knn_vote_share": vote_shares(res.result.vote_counts.numpy()[:, order],
+        "knn_vote_share": vote_shares(res.depth.vote_counts.numpy()[:, order],
                                       data.labels.numpy(), pred),
         "probe_accuracy_epochs": np.asarray(history["snapshots"], np.float64).reshape(
             len(history["snapshots"]), data.spec.num_probes),
@@ -176,7 +176,8 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
                 {"seconds": 0.0, "peak_rss_bytes": 0, "peak_is_stage": False})
     seed, half = job
     torch.manual_seed(1000 * seed + half)
-    model = make_model(config.arch, config.model, num_classes=data.num_classes,
+    model = make_model(config.arch, config.model, model_args=config.model_args,
+                       num_classes=data.num_classes,
                        in_channels=data.dataset.channels,
                        image_size=data.dataset.image_size).to(data.device)
     key = config.protocol_key()
