@@ -200,7 +200,10 @@ def _hf(folder: str, args: dict, spec: str) -> nn.Module:
         raise ValueError(f"--model {spec}: {folder} is not a folder written by "
                          "save_pretrained (no config.json)")
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
 
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is not pdepth's progress
     try:
         model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True,
                                                                 **args)
@@ -209,6 +212,9 @@ def _hf(folder: str, args: dict, spec: str) -> nn.Module:
                          f"({' '.join(str(exc).split())[:200]})") from None
     except TypeError as exc:
         raise ValueError(f"--model {spec} rejects --model-arg {args}: {exc}") from None
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     model.register_forward_hook(_logits_only)
     return model
 

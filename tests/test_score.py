@@ -210,6 +210,7 @@ def test_cli_score_hf_model_and_hf_dataset(tmp_path, capsys):
     assert "'image' (--image-column)" in err and "img, y" in err and not out.exists()
     assert main([*base, "--image-column", "img", "--label-column", "y",
                  "--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""  # --quiet: no progress bar of transformers either
     df = pd.read_parquet(out / "results.parquet")
     assert df.split.value_counts().to_dict() == {"train": 24, "test": 8}
     cfg = json.loads((out / "config.json").read_text())
