@@ -217,9 +217,9 @@ def _score_parser(sub, d) -> None:
     s.add_argument("--probes", default=None,
                    help="a probe preset or comma-separated module names in forward order "
                         "(default: auto)")
-    s.add_argument("--token", default=None,
+    s.add_argument("--token", default=None, choices=["cls", "mean", "all"],
                    help="block outputs [B, T, C]: cls, mean or all (default: the preset's)")
-    s.add_argument("--metric", default=None,
+    s.add_argument("--metric", default=None, choices=["euclidean", "cosine"],
                    help="the k-NN metric: euclidean (default) or cosine")
     s.add_argument("--k", type=int, default=d.k, help="k-NN neighbours (default: %(default)s)")
     s.add_argument("--reference", default="network",

@@ -318,6 +318,7 @@ def prepare_score(s: ScoreSettings, progress: bool = False) -> _Prepared:
     from .protocol.config import resolve_device
     from .protocol.model_run import check_support
 
+    _check_supported(s)
     run_deps, model_deps = score_dependencies(s, progress)
     require_modules(run_deps, "pdepth score")
     require_modules(model_deps, "pdepth score", MODELS_HINT)
@@ -344,6 +345,21 @@ def prepare_score(s: ScoreSettings, progress: bool = False) -> _Prepared:
     check_support(s.k, int(train.labels.shape[0]))
     return _Prepared(s, built, train, test, x_train, x_test, pre, spec, dims, num_classes,
                      head, device)
+
+
+def _check_supported(s: ScoreSettings) -> None:
+    """``--token`` / ``--metric`` need a pdepth whose probes / k-NN take them: a one-line
+    ValueError before any work where this one does not."""
+    import inspect
+
+    from .probes import resolve_probes
+
+    for flag, value, fn in (("--token", s.token, resolve_probes),
+                            ("--metric", s.metric, stream_prediction_depth)):
+        name, params = flag.lstrip("-"), inspect.signature(fn).parameters
+        takes = name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if value is not None and not takes:
+            raise ValueError(f"{flag} {value}: this pdepth's {fn.__name__} takes no {name}=")
 
 
 def _data_sha256(p: _Prepared) -> str:

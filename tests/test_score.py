@@ -261,3 +261,52 @@ def test_cli_score_output_folder_rules(tmp_path, capsys):
     assert main([*cmd[:-1], str(foreign), "--overwrite"]) == 2
     assert "not a pdepth run directory" in one_error_line(capsys)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_cli_score_passes_token_and_metric_on(tmp_path, monkeypatch):
+    # --token / --metric reach resolve_probes / stream_prediction_depth, and only when given
+    # (the spies drop what the real functions do not take yet)
+    import inspect
+    from pathlib import Path
+
+    import pdepth.probes as probes_mod
+
+    pytest.importorskip("pandas")
+    seen = {"resolve": [], "stream": []}
+    real_resolve, real_stream = probes_mod.resolve_probes, model_score.stream_prediction_depth
+
+    def takes(fn, name):
+        return name in inspect.signature(fn).parameters
+
+    def resolve(model, probes=None, **kw):
+        seen["resolve"].append(kw.get("token", "absent"))
+        if not takes(real_resolve, "token"):
+            kw.pop("token", None)
+        return real_resolve(model, probes, **kw)
+
+    def stream(*args, **kw):
+        seen["stream"].append((kw.get("token", "absent"), kw.get("metric", "absent")))
+        for name in ("token", "metric"):
+            if not takes(real_stream, name):
+                kw.pop(name, None)
+        return real_stream(*args, **kw)
+
+    monkeypatch.setattr(probes_mod, "resolve_probes", resolve)
+    monkeypatch.setattr(model_score, "stream_prediction_depth", stream)
+    _, data = _hf_folders(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    base = ["score", "--model", "test_score:_hf_head", "--dataset", f"hf:{data}", "--k", "3",
+            "--probes", "1,3", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert seen == {"resolve": ["absent"], "stream": [("absent", "absent")] * 2}
+    assert main([*base, "--token", "mean", "--metric", "cosine",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert seen["resolve"][1:] == ["mean"] and seen["stream"][2:] == [("mean", "cosine")] * 2
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["settings"]["token"] == "mean" and cfg["resolved"]["metric"] == "cosine"
+
+
+def _hf_head(num_classes, in_channels, image_size):
+    """A factory for the test above (imported by name as test_score:_hf_head)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(
+        in_channels * image_size ** 2, 8), torch.nn.ReLU(), torch.nn.Linear(8, num_classes))
