@@ -196,7 +196,7 @@ def test_stream_same_for_every_filter(filter):
     qry = pdepth.extract(model, xq, "cnn", batch_size=32)
     emb = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits, k=5,
                                   self_index=kw["self_index"], filter=filter)
-    assert got.depth.equals(emb)
+    assert got.result.equals(emb)
 
 
 @needs_extension
@@ -340,7 +340,7 @@ def test_run_config_filter_is_not_in_the_protocol_key():
     # exist then)
     new_keys = ("device", "root", "knn_filter", "label_noise", "label_noise_seed",
                 "image_size", "model", "checkpoint", "checkpoint_sha256", "download",
-                "workers", "data_sha256", "keep_cache")
+                "workers", "data_sha256", "keep_cache", "model_args")
     old = {k: v for k, v in base.to_dict().items() if k not in new_keys}
     old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert base.accepted_keys()[1] == old_key  # still resumed (issue 23: the key of today
