@@ -102,3 +102,22 @@ def test_model_dependencies():
     assert model_dependencies("timm:resnet18") == ("timm",)
     assert model_dependencies("hf:/x") == ("transformers",)
     assert model_dependencies("mynets:build") == ()
+
+
+def test_call_factory_finds_the_keywords_of_a_kwargs_builder():
+    # timm.models:resnet18 / torchvision.models:resnet18 take **kwargs: pdepth's names are
+    # refused, so timm's are tried, then in_chans alone, then num_classes alone
+    timm = pytest.importorskip("timm")
+    given = {"num_classes": 10, "in_channels": 1, "image_size": 28}
+    net = call_factory(timm.models.resnet18, given, None, "timm.models:resnet18")
+    assert net.conv1[0].in_channels == 1 if isinstance(net.conv1, nn.Sequential) else \
+        net.conv1.in_channels == 1
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    vit = call_factory(timm.models.vit_tiny_patch16_224, given, {"patch_size": 7, "depth": 1},
+                       "timm.models:vit_tiny_patch16_224")
+    assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # in_chans=1, img_size=28
+    torchvision = pytest.importorskip("torchvision")
+    tv = call_factory(torchvision.models.resnet18, given, None, "torchvision.models:resnet18")
+    assert tv.fc.out_features == 10
+    with pytest.raises(ValueError, match="rejects --model-arg bogus=1"):
+        call_factory(timm.models.resnet18, given, {"bogus": 1}, "timm.models:resnet18")
