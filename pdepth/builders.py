@@ -12,24 +12,21 @@ checked before any work (:func:`model_dependencies`).
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .models import _call, call_factory, load_checkpoint, load_factory
 
 __all__ = ["MODELS_HINT", "BuiltModel", "build_named_model", "call_factory",
            "model_dependencies", "output_width", "parse_model_args", "preprocess"]
 
 MODELS_HINT = 'pip install "pdepth[models]"'
 KINDS = ("timm", "torchvision", "hf")
-
-# What pdepth calls a factory's input shape, and the names timm (and some others) use.
-_ALIASES = {"in_channels": ("in_chans",), "image_size": ("img_size",)}
-
 
 def parse_model_args(items: Sequence[str] | None) -> dict:
     """``["KEY=VALUE", ...]`` (``--model-arg``) -> a dict; a VALUE is a Python literal where
@@ -88,8 +85,6 @@ def build_named_model(spec: str, model_args: dict | None = None, *, checkpoint: 
 
     Raises ValueError (one line, naming ``--model`` / ``--model-arg``) for an unknown name,
     a folder that is not a saved model, or an argument the builder rejects."""
-    from .models import load_checkpoint, load_factory
-
     args = dict(model_args or {})
     kind, name = model_kind(spec), str(spec).partition(":")[2]
     if kind != "module" and not name:
@@ -111,75 +106,6 @@ def build_named_model(spec: str, model_args: dict | None = None, *, checkpoint: 
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return BuiltModel(model.eval(), str(spec), kind, args, pre)
-
-
-def call_factory(factory: Callable[..., nn.Module], given: dict, model_args: dict | None,
-                 spec: str) -> nn.Module:
-    """``factory(**keywords)``: of ``given`` (pdepth's ``num_classes``, ``in_channels``,
-    ``image_size``) the keywords its signature names -- under timm's names ``in_chans`` /
-    ``img_size`` where it takes those instead -- then ``model_args`` (``--model-arg``, which
-    win). It must return an ``nn.Module``.
-
-    A factory that takes ``**kwargs`` and names none of them (timm's and torchvision's
-    builders, e.g. ``timm.models:resnet18``) is tried with pdepth's names, then timm's, then
-    ``in_chans`` alone, then ``num_classes`` alone: each next one only where the builder
-    refused a keyword of the one before (a TypeError naming it)."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a builtin without a signature
-        params = {}
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    keywords = {}
-    for key, value in given.items():
-        names = [n for n in (key, *_ALIASES.get(key, ())) if n in params]
-        if names:
-            keywords[names[0]] = value
-    model_args = model_args or {}
-    named_shape = any(n in params for key in ("in_channels", "image_size")
-                      for n in (key, *_ALIASES[key]))
-    if var_kw and not named_shape:
-        net = _call_kwargs(factory, given, keywords, model_args, spec)
-    else:
-        net = _call(factory, {**keywords, **model_args}, spec, model_args)
-    if not isinstance(net, nn.Module):
-        raise ValueError(f"--model {spec}: the factory returned a {type(net).__name__}, not "
-                         "a torch.nn.Module")
-    return net
-
-
-def _call_kwargs(factory, given: dict, named: dict, model_args: dict, spec: str):
-    """:func:`call_factory` for a ``**kwargs`` builder: the keyword sets in turn."""
-    shape = {k: given[k] for k in ("in_channels", "image_size") if k in given}
-    timm_names = {_ALIASES[k][0]: v for k, v in shape.items()}
-    tries = [shape, timm_names, {k: v for k, v in timm_names.items() if k == "in_chans"}, {}]
-    base = {**({"num_classes": given["num_classes"]} if "num_classes" in given else {}),
-            **named}
-    for i, extra in enumerate(tries):
-        keywords = {**base, **extra, **model_args}
-        try:
-            return factory(**keywords)
-        except TypeError as exc:
-            if i < len(tries) - 1 and any(repr(k) in str(exc) for k in extra):
-                continue  # a shape keyword refused: the next set
-            raise _rejected(spec, keywords, model_args, exc) from None
-        except (ValueError, AssertionError) as exc:
-            raise _rejected(spec, keywords, model_args, exc) from None
-
-
-def _call(builder, keywords: dict, spec: str, model_args: dict):
-    """``builder(**keywords)``; the TypeError / ValueError / AssertionError of a builder
-    that rejects its arguments becomes a one-line ValueError naming ``--model-arg``."""
-    try:
-        return builder(**keywords)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise _rejected(spec, keywords, model_args, exc) from None
-
-
-def _rejected(spec: str, keywords: dict, model_args: dict, exc: BaseException) -> ValueError:
-    what = (f"--model-arg {' '.join(f'{k}={v!r}' for k, v in model_args.items())}"
-            if model_args else f"the keywords {sorted(keywords)}")
-    text = " ".join(str(exc).split())[:300]
-    return ValueError(f"--model {spec} rejects {what}: {type(exc).__name__}: {text}")
 
 
 def _timm(name: str, args: dict, spec: str) -> nn.Module:
