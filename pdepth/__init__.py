@@ -8,6 +8,9 @@
 - The paper's protocol: probes and extraction (:func:`extract`), model-level streaming
   (:func:`stream_prediction_depth`), models, training and metrics (:func:`run`),
   difficulty categories (:func:`categorize`); the CLI is ``pdepth run``.
+- A model trained elsewhere (:func:`score`, ``pdepth score``; :mod:`pdepth.model_score`): both
+  splits' depth, models by name (:mod:`pdepth.builders`), Hugging Face datasets
+  (:mod:`pdepth.hf_data`).
 """
 
 import sys
@@ -27,6 +30,7 @@ from .depth import (
     depth_from_predictions,
     prediction_depth,
 )
+from .model_score import ScoreResult, score
 from .ops import (
     FILTERS,
     METRICS,
@@ -65,6 +69,7 @@ __all__ = [
     "ProbeRecorder",
     "ProbeSpec",
     "RunConfig",
+    "ScoreResult",
     "ShardedSupport",
     "StreamResult",
     "Vote",
@@ -90,6 +95,7 @@ __all__ = [
     "prediction_depth",
     "reference",
     "run",
+    "score",
     "stream_prediction_depth",
     "vote",
     "vote_counts",

@@ -1,4 +1,5 @@
-"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.protocol`), ``pdepth report DIR``
+"""Command line: ``pdepth run`` (the protocol, :mod:`pdepth.protocol`), ``pdepth score``
+(a model trained elsewhere, :mod:`pdepth.model_score`), ``pdepth report DIR``
 and ``pdepth improve DIR`` (:mod:`pdepth.improve`).
 
 Exit status: 0 on success; 2 on an error the user can fix (bad arguments, a missing dataset or
@@ -92,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, metavar="MODULE:FACTORY",
                    help="your own network: a callable in an importable module returning an "
                         "nn.Module, called with the keywords it takes among num_classes, "
-                        "in_channels, image_size (instead of --arch)")
+                        "in_channels, image_size (or in_chans, img_size) (instead of --arch)")
+    r.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword for --model's factory (repeatable; VALUE a Python literal, "
+                        "else a string), e.g. drop_rate=0.1")
     r.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="already-trained weights (a state dict, loaded with "
                         "torch.load(weights_only=True)) for --arch / --model: depth is "
@@ -154,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
                         "wrote (an unfinished run with the same settings is resumed without "
                         "it; a directory with other files is always refused)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    _score_parser(sub, d)
     rep = sub.add_parser("report", help="redraw the figures and report.html of a run directory")
     rep.add_argument("dir", help="a directory written by `pdepth run`")
     imp = sub.add_parser(
@@ -180,6 +185,77 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _score_parser(sub, d) -> None:
+    """``pdepth score``'s flags (docs/score.md)."""
+    from .protocol.config import MIN_MEMORY_BUDGET
+
+    s = sub.add_parser(
+        "score", help="prediction depth of a model trained elsewhere, train and test splits",
+        description="Score every example of a dataset's training and test splits with a "
+                    "model trained elsewhere: the support set is the training split with its "
+                    "labels (training examples scored with their own row excluded, test "
+                    "examples against the same support). Writes results.parquet (one row per "
+                    "example, split train/test) and config.json. See docs/score.md.")
+    s.add_argument("--model", required=True,
+                   metavar="timm:NAME|torchvision:NAME|hf:DIR|MODULE:FACTORY",
+                   help="timm / torchvision model by name (random weights unless "
+                        "--checkpoint; nothing is downloaded), a local save_pretrained folder "
+                        "of a Hugging Face image classifier, or your own factory")
+    s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a keyword for the model's builder (repeatable; VALUE a Python "
+                        "literal, else a string), e.g. num_classes=10, img_size=32")
+    s.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="the model's weights (a state dict, torch.load(weights_only=True))")
+    s.add_argument("--dataset", default=d.dataset, metavar="NAME|hf:DIR",
+                   help=f"one of {', '.join(DATASETS)} (read as pdepth run reads them), or "
+                        "hf:DIR, a datasets.save_to_disk folder with train and test splits "
+                        "(default: %(default)s)")
+    s.add_argument("--root", default=None, help="dataset folder (as pdepth run's --root)")
+    s.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="imagefolder: resize every image to S x S (default: 32)")
+    s.add_argument("--image-column", default="image", help="hf:DIR: the image column "
+                                                           "(default: %(default)s)")
+    s.add_argument("--label-column", default="label", help="hf:DIR: the label column "
+                                                           "(default: %(default)s)")
+    s.add_argument("--subset", type=_subset, default=None,
+                   help="random subset of the training split ('all', the default: every "
+                        "example)")
+    s.add_argument("--test-subset", type=_subset, default=None,
+                   help="random subset of the test split (default: all)")
+    s.add_argument("--probes", default=None,
+                   help="a probe preset or comma-separated module names in forward order "
+                        "(default: auto)")
+    s.add_argument("--token", default=None, choices=["cls", "mean", "all"],
+                   help="block outputs [B, T, C]: cls, mean or all (default: the preset's)")
+    s.add_argument("--metric", default=None, choices=["euclidean", "cosine"],
+                   help="the k-NN metric: euclidean (default) or cosine")
+    s.add_argument("--k", type=int, default=d.k, help="k-NN neighbours (default: %(default)s)")
+    s.add_argument("--reference", default="network",
+                   choices=["network", "labels", "last-probe"],
+                   help="what depth is measured against: the model's prediction (its head "
+                        "must predict the dataset's classes), the labels, or the last probe "
+                        "(default: %(default)s)")
+    s.add_argument("--max-dim", type=int, default=d.max_dim,
+                   help="pool conv maps to at most this many features (0: no pooling; "
+                        "default: %(default)s)")
+    s.add_argument("--memory-budget", type=float, default=d.memory_budget / 2**20,
+                   help="MiB of query embeddings held at once (more queries: more passes "
+                        f"over the support set; at least {MIN_MEMORY_BUDGET // 2**20}; "
+                        "default: %(default).0f)")
+    s.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    s.add_argument("--batch-size", type=int, default=256,
+                   help="forward-pass batch size (default: %(default)s)")
+    s.add_argument("--workers", type=int, default=0,
+                   help="DataLoader processes decoding imagefolder images (default: 0)")
+    s.add_argument("--out", default="runs/pdepth-score",
+                   help="output directory (default: %(default)s)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the pdepth results in --out, deleting only the files pdepth "
+                        "wrote (a directory with other files is always refused)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
 def _err(msg) -> None:
     """Prints ``msg`` as one line (a multi-line message, e.g. from several ranks, joined)."""
     print(f"pdepth: error: {' '.join(str(msg).split())}", file=sys.stderr)
@@ -193,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "improve":
             _check_improve(args)
             return _improve(args, argv)
+        if args.command == "score":
+            return _score(args)
         return _report(args.dir) if args.command == "report" else _run(args)
     except (OutputExistsError, MissingDependencyError, ValueError, OSError) as exc:
         _err(exc)  # errors the user can fix, caught before anything is half-written
@@ -212,6 +290,7 @@ def _check_improve(args) -> None:
 
 
 def _run(args) -> int:
+    from .builders import parse_model_args
     from .protocol import OutputExistsError, RunConfig, run
 
     if not math.isfinite(args.memory_budget):  # int() of it would raise, unnamed
@@ -228,6 +307,7 @@ def _run(args) -> int:
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
         knn_filter=args.knn_filter, metric=args.metric, label_noise=args.label_noise,
         image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
+        model_args=parse_model_args(args.model_arg) or None,
         download=args.download, workers=args.workers, keep_cache=args.keep_cache,
         token=args.token)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
@@ -252,6 +332,29 @@ def _run(args) -> int:
             dist.destroy_process_group()
     if rank == 0 and args.quiet:
         print(args.out)
+    return 0
+
+
+def _score(args) -> int:
+    """``pdepth score``: :func:`pdepth.model_score.score_to_folder` (every check before the output
+    folder is touched), then the folder's path."""
+    from .model_score import ScoreSettings, _finite_mib, score_to_folder
+
+    probes = args.probes
+    if probes is not None and "," in probes:
+        probes = [p.strip() for p in probes.split(",") if p.strip()]
+    settings = ScoreSettings(
+        model=args.model, dataset=args.dataset, root=args.root, model_args=args.model_arg,
+        checkpoint=args.checkpoint, image_column=args.image_column,
+        label_column=args.label_column, subset=args.subset, test_subset=args.test_subset,
+        probes=probes, token=args.token, metric=args.metric, k=args.k,
+        reference=args.reference, max_dim=args.max_dim or None,
+        memory_budget=_finite_mib(args.memory_budget), device=args.device,
+        batch_size=args.batch_size, image_size=args.image_size, workers=args.workers)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = score_to_folder(settings, args.out, overwrite=args.overwrite,
+                          progress=not args.quiet, log=log)
+    print(out)
     return 0
 
 

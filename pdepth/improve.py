@@ -375,6 +375,7 @@ def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command
         for seed in seeds:
             torch.manual_seed(seed)  # one seed: the same initial weights for every variant
             model = make_model(arch, user_model, num_classes=num_classes,
+                               model_args=run.config.get("config", {}).get("model_args"),
                                in_channels=info.channels,
                                image_size=info.image_size).to(dev)
             _, history = train_model(model, x_all[idx], torch.as_tensor(v.labels),

@@ -230,29 +230,93 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 def make_model(arch: str | None, model: str | None = None, *, num_classes: int,
-               in_channels: int, image_size: int) -> nn.Module:
+               in_channels: int, image_size: int, model_args: dict | None = None) -> nn.Module:
     """The run's network: ``build_model(arch, ...)``, or with ``model`` (``module:factory``)
     the user's factory called with the keywords among ``num_classes``, ``in_channels`` and
-    ``image_size`` that its signature names (all three where it takes ``**kwargs``), nothing
-    else; it must return an ``nn.Module`` mapping ``[B, in_channels, image_size,
-    image_size]`` float32 inputs to ``[B, num_classes]`` logits."""
+    ``image_size`` that its signature names -- or timm's names for them, ``in_chans`` and
+    ``img_size``, where it takes those instead -- (all three where it takes ``**kwargs``),
+    and ``model_args`` (``--model-arg``, which win), nothing else
+    (:func:`call_factory`); it must return an ``nn.Module`` mapping ``[B,
+    in_channels, image_size, image_size]`` float32 inputs to ``[B, num_classes]`` logits."""
     if model is None:
+        if model_args:
+            raise ValueError(f"--model-arg {sorted(model_args)} is for --model, not --arch")
         return build_model(arch, num_classes, in_channels, image_size)
-    factory = load_factory(model)
     given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    return call_factory(load_factory(model), given, model_args, model)
+
+
+# What pdepth calls a factory's input shape, and the names timm (and some others) use.
+_ALIASES = {"in_channels": ("in_chans",), "image_size": ("img_size",)}
+
+
+def call_factory(factory: Callable[..., nn.Module], given: dict, model_args: dict | None,
+                 spec: str) -> nn.Module:
+    """``factory(**keywords)``: of ``given`` (pdepth's ``num_classes``, ``in_channels``,
+    ``image_size``) the keywords its signature names -- under timm's names ``in_chans`` /
+    ``img_size`` where it takes those instead -- then ``model_args`` (``--model-arg``, which
+    win). It must return an ``nn.Module``.
+
+    A factory that takes ``**kwargs`` and names none of them (timm's and torchvision's
+    builders, e.g. ``timm.models:resnet18``) is tried with pdepth's names, then timm's, then
+    ``in_chans`` alone, then ``num_classes`` alone: each next one only where the builder
+    refused a keyword of the one before (a TypeError naming it)."""
     try:
         params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a builtin without a signature: call it bare
+    except (TypeError, ValueError):  # a builtin without a signature
         params = {}
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        given = {k: v for k, v in given.items() if k in params}
-    net = factory(**given)
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    keywords = {}
+    for key, value in given.items():
+        names = [n for n in (key, *_ALIASES.get(key, ())) if n in params]
+        if names:
+            keywords[names[0]] = value
+    model_args = model_args or {}
+    named_shape = any(n in params for key in ("in_channels", "image_size")
+                      for n in (key, *_ALIASES[key]))
+    if var_kw and not named_shape:
+        net = _call_kwargs(factory, given, keywords, model_args, spec)
+    else:
+        net = _call(factory, {**keywords, **model_args}, spec, model_args)
     if not isinstance(net, nn.Module):
-        raise ValueError(f"--model {model}: the factory returned a {type(net).__name__}, not "
+        raise ValueError(f"--model {spec}: the factory returned a {type(net).__name__}, not "
                          "a torch.nn.Module")
     return net
 
 
+def _call_kwargs(factory, given: dict, named: dict, model_args: dict, spec: str):
+    """:func:`call_factory` for a ``**kwargs`` builder: the keyword sets in turn."""
+    shape = {k: given[k] for k in ("in_channels", "image_size") if k in given}
+    timm_names = {_ALIASES[k][0]: v for k, v in shape.items()}
+    tries = [shape, timm_names, {k: v for k, v in timm_names.items() if k == "in_chans"}, {}]
+    base = {**({"num_classes": given["num_classes"]} if "num_classes" in given else {}),
+            **named}
+    for i, extra in enumerate(tries):
+        keywords = {**base, **extra, **model_args}
+        try:
+            return factory(**keywords)
+        except TypeError as exc:
+            if i < len(tries) - 1 and any(repr(k) in str(exc) for k in extra):
+                continue  # a shape keyword refused: the next set
+            raise _rejected(spec, keywords, model_args, exc) from None
+        except (ValueError, AssertionError) as exc:
+            raise _rejected(spec, keywords, model_args, exc) from None
+
+
+def _call(builder, keywords: dict, spec: str, model_args: dict):
+    """``builder(**keywords)``; the TypeError / ValueError / AssertionError of a builder
+    that rejects its arguments becomes a one-line ValueError naming ``--model-arg``."""
+    try:
+        return builder(**keywords)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise _rejected(spec, keywords, model_args, exc) from None
+
+
+def _rejected(spec: str, keywords: dict, model_args: dict, exc: BaseException) -> ValueError:
+    what = (f"--model-arg {' '.join(f'{k}={v!r}' for k, v in model_args.items())}"
+            if model_args else f"the keywords {sorted(keywords)}")
+    text = " ".join(str(exc).split())[:300]
+    return ValueError(f"--model {spec} rejects {what}: {type(exc).__name__}: {text}")
 
 
 def load_checkpoint(model: nn.Module, path: str) -> nn.Module:

@@ -127,7 +127,7 @@ def test_store_engine_equals_stream_prediction_depth():
     want = pdepth.stream_prediction_depth(
         model, x[rt[:n_s]], support_labels, x[rt], probes=spec, k=5, self_index=self_index,
         query_labels=labels[rt], num_classes=10, example_index=rt, batch_size=32,
-        memory_budget=None).depth
+        memory_budget=None).result
     dims = [t.shape[1] for t in extract(model, x[:1], spec).layers.values()]
     store = LayerStore(140, dims)
     logits = extract_to_store(model, x, rows, spec, range(6), store, logits=True,

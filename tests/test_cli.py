@@ -258,4 +258,48 @@ def test_run_bad_metric_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = one_error_line(capsys)
     assert "--metric" in err and "'dot'" in err
+
+
+def test_score_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["score", "--help"])
+    assert exc.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--model", "--model-arg", "--checkpoint", "--dataset", "--image-column",
+                 "--label-column", "--subset", "--test-subset", "--probes", "--token",
+                 "--metric", "--k", "--reference", "--memory-budget", "--device",
+                 "--batch-size", "--out", "--overwrite", "--quiet"):
+        assert flag in help_text, flag
+
+
+@pytest.mark.parametrize("args, shown", [
+    ([], "--model"),  # required
+    (["--model", "timm:resnet18", "--reference", "consensus"], "consensus"),
+])
+def test_score_argument_errors_are_one_line(args, shown, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["score", *args])
+    assert exc.value.code == 2
+    assert shown in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["--k", "0"], "k (--k) must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size (--batch-size)"),
+    (["--memory-budget", "nan"], "memory_budget (--memory-budget)"),
+    (["--model-arg", "oops"], "--model-arg takes KEY=VALUE"),
+    (["--dataset", "hf:/nowhere"], "hf:/nowhere: no such folder"),
+])
+def test_score_bad_settings_write_nothing(args, shown, tmp_path, capsys):
+    pytest.importorskip("pandas")
+    out = tmp_path / "out"
+    code = main(["score", "--model", "usernet_absent:build", *args, "--out", str(out)])
+    assert code == 2 and shown in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_run_takes_model_args_only_with_a_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--model-arg", "width=8", "--out", str(out), "--quiet"]) == 2
+    assert "--model-arg ['width'] is for --model, not --arch" in one_error_line(capsys)
     assert not out.exists()

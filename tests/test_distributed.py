@@ -162,8 +162,8 @@ def _parity_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         a, b = pdist.shard_range(xs.shape[0], rank, world)
         res = pdepth.stream_prediction_depth(model, xs[a:b], ys[a:b], xq, shard_offset=a,
                                              vote_counts=True, **kw)
-        results["stream"] = (res.depth.depth, res.depth.layer_pred, res.num_chunks,
-                             res.depth.vote_counts)
+        results["stream"] = (res.result.depth, res.result.layer_pred, res.num_chunks,
+                             res.result.vote_counts)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     _finish()
@@ -333,9 +333,9 @@ def test_sharded_equals_single_process(world, tmp_path):
     assert want.num_chunks > 1
     for rank, results in enumerate(per_rank):
         depth, layer_pred, chunks, counts = results["stream"]
-        assert torch.equal(depth, want.depth.depth), rank
-        assert torch.equal(layer_pred, want.depth.layer_pred), rank
-        assert torch.equal(counts, want.depth.vote_counts), rank
+        assert torch.equal(depth, want.result.depth), rank
+        assert torch.equal(layer_pred, want.result.layer_pred), rank
+        assert torch.equal(counts, want.result.vote_counts), rank
         assert chunks == want.num_chunks
 
 

@@ -118,8 +118,8 @@ def test_cuda_every_filter_including_tf32():
     model = model.to(device)
     want = pdepth.stream_prediction_depth(model, xs, ys, xq, filter="fp32", **kw)
     for filter in filters:
-        _same(pdepth.stream_prediction_depth(model, xs, ys, xq, filter=filter, **kw).depth,
-              want.depth)
+        _same(pdepth.stream_prediction_depth(model, xs, ys, xq, filter=filter, **kw).result,
+              want.result)
 
 
 @needs_extension
@@ -189,14 +189,14 @@ def test_stream_same_for_every_filter(filter):
     want = _stream_fp32()
     got = pdepth.stream_prediction_depth(model, xs, ys, xq, filter=filter, **kw)
     assert want.num_chunks > 1  # the running top-k is streamed over several passes
-    _same(got.depth, want.depth)
+    _same(got.result, want.result)
     assert torch.equal(got.logits, want.logits)
     # and equal to the embeddings-level driver with the same filter
     sup = pdepth.extract(model, xs, "cnn", batch_size=32)
     qry = pdepth.extract(model, xq, "cnn", batch_size=32)
     emb = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits, k=5,
                                   self_index=kw["self_index"], filter=filter)
-    assert got.depth.equals(emb)
+    assert got.result.equals(emb)
 
 
 @needs_extension
@@ -275,7 +275,7 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         res = pdepth.stream_prediction_depth(model, xs[a:b], ys[a:b], xq, num_classes=10,
                                              shard=pdepth.ShardedSupport(a), filter="bf16",
                                              **kw)
-        results["stream"] = (res.depth.depth, res.depth.layer_pred)
+        results["stream"] = (res.result.depth, res.result.layer_pred)
         # a bad filter on every rank: ValueError before any collective
         try:
             pdepth.prediction_depth([x[a:b] for x in sup], labels[a:b], qry,
@@ -317,8 +317,8 @@ def test_sharded_with_bf16_filter_equals_single_process(tmp_path):
         for key in ("depth", "mixed"):
             assert torch.equal(res[key][0], want.depth), (rank, key)
             assert torch.equal(res[key][1], want.layer_pred), (rank, key)
-        assert torch.equal(res["stream"][0], want_stream.depth.depth), rank
-        assert torch.equal(res["stream"][1], want_stream.depth.layer_pred), rank
+        assert torch.equal(res["stream"][0], want_stream.result.depth), rank
+        assert torch.equal(res["stream"][1], want_stream.result.layer_pred), rank
         kind, msg = res["bad"]
         assert kind == "ValueError" and "filter must be one of" in msg, res["bad"]
 
@@ -340,7 +340,7 @@ def test_run_config_filter_is_not_in_the_protocol_key():
     # exist then)
     new_keys = ("device", "root", "knn_filter", "label_noise", "label_noise_seed",
                 "image_size", "model", "checkpoint", "checkpoint_sha256", "download",
-                "workers", "data_sha256", "keep_cache", "metric")
+                "workers", "data_sha256", "keep_cache", "metric", "model_args")
     new_keys += ("token",)  # issue 24: --token, in the key only when given
     old = {k: v for k, v in base.to_dict().items() if k not in new_keys}
     old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]

@@ -45,6 +45,13 @@ NET = textwrap.dedent('''
         return Net(num_classes, in_channels)
 
 
+    def timm_style(num_classes=1000, in_chans=3, img_size=224, width=4):
+        # timm's / torchvision's keyword names, and a builder argument of its own
+        CALLS.append({"num_classes": num_classes, "in_chans": in_chans, "img_size": img_size,
+                      "width": width})
+        return Net(num_classes, in_chans)
+
+
     class Optimizer:  # a Python object: torch.load(weights_only=True) refuses it
         lr = 0.1
 ''')
@@ -91,6 +98,22 @@ def test_a_model_factory_trains_and_is_probed_by_name(net, mnist, tmp_path):
     assert cfg["resolved"]["probes"] == ["input", "act", "pool", "softmax"]
     with np.load(out / "per_model.npz") as pm:
         assert pm["depth"].shape == (2, 24) and pm["layer_pred"].shape == (2, 4, 24)
+
+
+def test_a_timm_style_factory_gets_its_keyword_names_and_model_args(net, mnist, tmp_path,
+                                                                   capsys):
+    # --model module:factory for a builder taking in_chans / img_size (timm's names) instead
+    # of in_channels / image_size; --model-arg passes its other arguments
+    root, _ = mnist
+    out = tmp_path / "run"
+    assert _run(root, out, "--model", "usernet:timm_style", "--model-arg", "width=8",
+                "--probes", "act,pool", "--epochs", "1", "--seeds", "1") == 0
+    assert net.CALLS[0] == {"num_classes": 10, "in_chans": 1, "img_size": 28, "width": 8}
+    assert _strict_json(out / "config.json")["config"]["model_args"] == {"width": 8}
+    assert _run(root, tmp_path / "bad", "--model", "usernet:timm_style", "--model-arg",
+                "depth=3") == 2
+    assert "rejects --model-arg depth=3" in one_error_line(capsys)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_checkpoint_is_scored_without_training(net, mnist, tmp_path):

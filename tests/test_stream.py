@@ -45,8 +45,8 @@ def test_stream_equals_embedding_level_depth(budget, device):
     want = pdepth.prediction_depth(sup.layers, ys, qry.layers, network_pred=qry.logits.cpu(),
                                    k=7, self_index=self_index, query_labels=yq, vote_counts=True,
                                    example_index=torch.arange(90) + 1000, device=device)
-    assert res.depth.equals(want)  # the vote counts too, chunk by chunk
-    assert res.depth.vote_counts is not None and res.depth.vote_counts.shape == (6, 90, 10)
+    assert res.result.equals(want)  # the vote counts too, chunk by chunk
+    assert res.result.vote_counts is not None and res.result.vote_counts.shape == (6, 90, 10)
     assert res.num_chunks == (1 if budget is None else 3)
     assert res.peak_bytes > 0 and res.peak_rss_bytes > 0
     torch.testing.assert_close(res.logits, qry.logits.cpu())
@@ -62,7 +62,7 @@ def test_stream_scores_support_itself_like_prediction_depth():
                                          memory_budget=1)
     sup = pdepth.extract(model, xs, "cnn", batch_size=50)
     want = pdepth.prediction_depth(sup.layers, ys, network_pred=sup.logits, k=5)
-    assert res.depth.equals(want)
+    assert res.result.equals(want)
     assert res.num_chunks == 3  # one batch per chunk at a tiny budget
     with pytest.raises(ValueError, match="k=120 is larger"):
         pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=120)
@@ -84,7 +84,33 @@ def test_stream_cosine_equals_prediction_depth_over_hand_normalised_embeddings(b
     want = pdepth.prediction_depth([norm(t) for t in sup.layers.values()], ys,
                                    [norm(t) for t in qry.layers.values()],
                                    network_pred=qry.logits, k=5, num_classes=10)
-    assert torch.equal(res.depth.layer_pred, want.layer_pred)
-    assert torch.equal(res.depth.depth, want.depth)
+    assert torch.equal(res.result.layer_pred, want.layer_pred)
+    assert torch.equal(res.depth, want.depth)
     with pytest.raises(ValueError, match="metric must be .* got 'l2'"):
         pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=5, metric="l2")
+
+
+def test_stream_result_depth_is_the_tensor_and_the_old_spelling_warns():
+    # res.depth is the depth tensor (as prediction_depth's); the DepthResult is res.result.
+    # Before, res.depth was the DepthResult: res.depth.depth (and its other attributes) still
+    # read the DepthResult's, with a DeprecationWarning.
+    import copy
+    import warnings
+
+    g = torch.Generator().manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))
+    xs, ys = torch.randn(40, 16, generator=g), torch.arange(40) % 3
+    res = pdepth.stream_prediction_depth(model, xs, ys, probes=["1", "3"], k=3)
+    assert isinstance(res.result, pdepth.DepthResult)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        depth = res.depth
+        assert isinstance(depth, torch.Tensor) and torch.equal(depth, res.result.depth)
+        assert type(depth + 1) is torch.Tensor and type(copy.deepcopy(depth)) is torch.Tensor
+    with pytest.warns(DeprecationWarning, match=r"res\.result\.depth"):
+        assert torch.equal(res.depth.depth, res.result.depth)
+    with pytest.warns(DeprecationWarning, match=r"res\.result\.layer_pred"):
+        assert res.depth.layer_pred is res.result.layer_pred
+    with pytest.raises(AttributeError):
+        _ = res.depth.no_such_attribute

@@ -77,7 +77,7 @@ def test_loader_labels_are_checked_against_support_labels():
     loader = DataLoader(TensorDataset(xs, ys), batch_size=16)
     res = stream_prediction_depth(model, loader, ys, xq, probes=PROBES, k=5, query_labels=yq,
                                   batch_size=16)
-    assert res.depth.equals(_want(model, xs, ys, xq, yq, 5))
+    assert res.result.equals(_want(model, xs, ys, xq, yq, 5))
     # other labels on purpose (e.g. consensus labels): allowed with check_loader_labels=False
     consensus = ys.clone()
     consensus[:10] = (consensus[:10] + 1) % 3
@@ -86,7 +86,7 @@ def test_loader_labels_are_checked_against_support_labels():
                                 query_labels=yq)
     res = stream_prediction_depth(model, loader, consensus, xq, probes=PROBES, k=5,
                                   query_labels=yq, check_loader_labels=False)
-    assert res.depth.equals(_want(model, xs, consensus, xq, yq, 5))
+    assert res.result.equals(_want(model, xs, consensus, xq, yq, 5))
     # the query loader's labels are checked against query_labels when both are given
     queries = DataLoader(TensorDataset(xq, yq.flip(0)), batch_size=8)
     with pytest.raises(ValueError, match=r"^queries yields labels that differ from "
@@ -95,7 +95,7 @@ def test_loader_labels_are_checked_against_support_labels():
     # ... and used when query_labels is not given
     queries = DataLoader(TensorDataset(xq, yq), batch_size=8)
     res = stream_prediction_depth(model, xs, ys, queries, probes=PROBES, k=5)
-    assert torch.equal(res.depth.labels, yq)
+    assert torch.equal(res.result.labels, yq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +159,9 @@ def test_classes_absent_from_the_support_set():
     qry = extract(model, xq, PROBES)
     want = pdepth.prediction_depth(sup.layers, ys, qry.layers, reference="labels",
                                    query_labels=yq, k=5)
-    assert res.depth.equals(want) and res.depth.num_classes == 2
-    assert res.depth.layer_pred.eq(0).all()
-    assert res.depth.depth.tolist() == [0 if y == 0 else 3 for y in yq.tolist()]
+    assert res.result.equals(want) and res.result.num_classes == 2
+    assert res.result.layer_pred.eq(0).all()
+    assert res.result.depth.tolist() == [0 if y == 0 else 3 for y in yq.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,4 +192,4 @@ def test_empty_slots_never_reach_the_vote(monkeypatch):
                                          r"one point excluded as self match\)"):
         stream_prediction_depth(model, xs, ys, probes=PROBES, k=60)
     res = stream_prediction_depth(model, xs, ys, probes=PROBES, k=59, batch_size=7)
-    assert res.depth.num_examples == 60
+    assert res.result.num_examples == 60

@@ -21,6 +21,7 @@ import math
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +37,50 @@ from .support import LayerVote, _class_count, stack_votes
 __all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
 
 
+class _DeprecatedDepth(torch.Tensor):
+    """The depth tensor that :attr:`StreamResult.depth` returns. Before 0.2 that attribute
+    was the :class:`DepthResult`; reading a DepthResult attribute off it (``res.depth.depth``,
+    ``res.depth.layer_pred``...) still works, with a DeprecationWarning, and gives the
+    DepthResult's. Operations on it return plain tensors (torch functions are not
+    overridden), so the subclass goes no further than the attribute."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __getattr__(self, name):  # only for names a tensor does not have
+        result = self.__dict__.get("_result")
+        if result is None or name.startswith("__") or not hasattr(result, name):
+            raise AttributeError(f"'Tensor' object has no attribute {name!r}")
+        _warn_old_depth(name)
+        return getattr(result, name)
+
+    @property
+    def depth(self):  # a tensor's own attribute lookup would not reach __getattr__
+        _warn_old_depth("depth")
+        return self._result.depth
+
+    def __deepcopy__(self, memo):  # copies and pickles are plain tensors
+        return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol):
+        return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _warn_old_depth(name: str) -> None:
+    warnings.warn(f"StreamResult.depth is now the depth tensor; read the DepthResult as "
+                  f"StreamResult.result (res.result.{name}, not res.depth.{name})",
+                  DeprecationWarning, stacklevel=3)
+
+
 @dataclass(eq=False)
 class StreamResult:
     """Result of :func:`stream_prediction_depth`.
 
     Attributes:
-        depth: the :class:`pdepth.DepthResult` (``layer_names`` are the probe names).
+        result: the :class:`pdepth.DepthResult` (``layer_names`` are the probe names).
+        depth: ``[M]`` int64, the depth tensor (``result.depth``), as
+            :func:`pdepth.prediction_depth`'s ``.depth``. (It used to be the DepthResult:
+            ``res.depth.depth`` and the DepthResult's other attributes read off it still
+            work, with a DeprecationWarning.)
         logits: ``[M, C]`` float32 model outputs for the queries (eval mode).
         peak_bytes: the largest number of bytes of embeddings, running top-k and support
             batch embeddings held at once (what ``memory_budget`` bounds).
@@ -51,7 +90,7 @@ class StreamResult:
         seconds: wall time of the call.
     """
 
-    depth: DepthResult
+    result: DepthResult
     logits: torch.Tensor
     peak_bytes: int
     peak_rss_bytes: int
@@ -59,6 +98,12 @@ class StreamResult:
     chunk_size: int
     num_chunks: int
     seconds: float
+
+    @property
+    def depth(self) -> torch.Tensor:
+        t = self.result.depth.as_subclass(_DeprecatedDepth)
+        t._result = self.result
+        return t
 
     @property
     def probs(self) -> torch.Tensor:
@@ -229,7 +274,7 @@ def stream_prediction_depth(
             the labels). Pass False when the given labels differ on purpose (e.g. ensemble
             consensus labels); the loader's order must still be fixed.
         vote_counts: also return, per probe and query, how many of the k neighbours carry
-            each class (``result.depth.vote_counts [L, M, C]``, int16; as
+            each class (``res.result.vote_counts [L, M, C]``, int16; as
             :func:`pdepth.prediction_depth`).
 
     Returns:
@@ -272,7 +317,7 @@ def stream_prediction_depth(
     result = stream.result(spec.names)
     cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return StreamResult(
-        depth=result,
+        result=result,
         logits=stream.logits,
         peak_bytes=int(stream.peak),
         peak_rss_bytes=peak_rss_bytes(),

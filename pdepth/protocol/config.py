@@ -43,7 +43,8 @@ _LEGACY_KEYS = ("memory_budget",)
 # Settings added after the first runs: left out of the key at these values, so that the runs
 # of earlier versions keep their key.
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
-                 "data_sha256": None, "token": None, "metric": "euclidean"}
+                 "data_sha256": None, "token": None, "metric": "euclidean",
+                 "model_args": None}
 _EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 # The smallest memory_budget (bytes; --memory-budget 1 MiB). A disk-cached probe is read in
@@ -132,6 +133,7 @@ class RunConfig:
     label_noise_seed: int | None = None
     image_size: int | None = None
     model: str | None = None
+    model_args: dict | None = None  # --model-arg: more keywords for the model's factory
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     download: bool = False

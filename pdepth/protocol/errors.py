@@ -30,9 +30,10 @@ class MissingDependencyError(ImportError):
     """An optional dependency of ``pdepth run`` / ``pdepth report`` is not installed."""
 
 
-def require_modules(modules, what: str) -> None:
+def require_modules(modules, what: str, hint: str = INSTALL_HINT) -> None:
     """Raises :class:`MissingDependencyError` naming every module of ``modules`` that cannot
-    be imported, so that a run fails before any work instead of half-way."""
+    be imported (and ``hint``, how to install them), so that a run fails before any work
+    instead of half-way."""
     missing = []
     for name in modules:
         try:
@@ -41,4 +42,4 @@ def require_modules(modules, what: str) -> None:
             missing.append(name)
     if missing:
         raise MissingDependencyError(
-            f"{what} needs {', '.join(missing)}, not installed: {INSTALL_HINT}")
+            f"{what} needs {', '.join(missing)}, not installed: {hint}")

@@ -162,7 +162,8 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
                 {"seconds": 0.0, "peak_rss_bytes": 0, "peak_is_stage": False})
     seed, half = job
     torch.manual_seed(1000 * seed + half)
-    model = make_model(config.arch, config.model, num_classes=data.num_classes,
+    model = make_model(config.arch, config.model, model_args=config.model_args,
+                       num_classes=data.num_classes,
                        in_channels=data.dataset.channels,
                        image_size=data.dataset.image_size).to(data.device)
     key = config.protocol_key()

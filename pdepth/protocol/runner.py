@@ -189,7 +189,8 @@ def load_run_data(config: RunConfig, progress: bool, dataset=None) -> RunData:
     # label noise: after the subset is drawn, before the halves (the same flips for every model)
     labels, _ = flip_labels(original, config.label_noise, info.num_classes,
                             config.label_noise_seed)
-    network = make_model(config.arch, config.model, num_classes=info.num_classes,
+    network = make_model(config.arch, config.model, model_args=config.model_args,
+                         num_classes=info.num_classes,
                          in_channels=info.channels, image_size=info.image_size)
     if config.checkpoint is not None:
         load_checkpoint(network, config.checkpoint)

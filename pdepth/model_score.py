@@ -1,0 +1,454 @@
+"""Prediction depth of a model trained elsewhere, on the paper's two splits
+(:func:`score`, and ``pdepth score``, :func:`score_to_folder`; docs/score.md).
+
+The support set is the training split with its given labels. Training examples are scored
+against it with their own row excluded (``self_match="exclude"``); test examples against the
+same support. Both are :func:`pdepth.stream_prediction_depth` calls, so the result equals
+:func:`pdepth.prediction_depth` over the embeddings :func:`pdepth.extract` gives (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .depth import DepthResult
+from .depth.stream import stream_prediction_depth
+
+__all__ = ["ScoreResult", "ScoreSettings", "score", "score_to_folder"]
+
+REFERENCES = ("network", "labels", "last_probe")
+
+
+@dataclass(eq=False)
+class ScoreResult:
+    """What :func:`score` returns: ``train`` and ``test`` (None without a test split) are the
+    two splits' :class:`DepthResult`; ``train_logits`` / ``test_logits`` the model's outputs
+    (``train_pred`` / ``test_pred`` their argmax, the model's predictions); ``probes`` the
+    probe names; ``settings`` the k, reference, token and metric used (None: the library's
+    default); ``stats`` the two streaming calls' memory and time."""
+
+    train: DepthResult
+    test: DepthResult | None
+    train_logits: torch.Tensor
+    test_logits: torch.Tensor | None
+    probes: list[str]
+    settings: dict
+    stats: dict
+
+    @property
+    def train_pred(self) -> torch.Tensor:
+        return self.train_logits.argmax(1)
+
+    @property
+    def test_pred(self) -> torch.Tensor | None:
+        return None if self.test_logits is None else self.test_logits.argmax(1)
+
+    def splits(self):
+        """``(name, DepthResult, logits)`` of each split scored."""
+        yield "train", self.train, self.train_logits
+        if self.test is not None:
+            yield "test", self.test, self.test_logits
+
+
+def _reference(reference) -> str:
+    """``network``, ``labels`` or ``last_probe`` (``last-probe`` is the CLI's spelling)."""
+    ref = str(reference).replace("-", "_")
+    if ref not in REFERENCES:
+        raise ValueError(f"reference (--reference) must be one of network, labels, last-probe, "
+                         f"got {reference!r}")
+    return ref
+
+
+def _labels(data, name: str) -> tuple[object, torch.Tensor]:
+    """``(inputs, labels [n] int64)`` of a split: an ``(x, y)`` pair of tensors, a Dataset of
+    ``(x, y, ...)`` items (its ``targets`` where it has them, else read item by item) or a
+    DataLoader yielding ``(x, y, ...)`` batches in a fixed order."""
+    if (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"{name}: x has {x.shape[0]} rows but y has {y.shape[0]}")
+        return x, y
+    if isinstance(data, torch.utils.data.DataLoader):
+        ys = [torch.as_tensor(b[1]) for b in data if isinstance(b, (tuple, list)) and len(b) > 1]
+        if not ys:
+            raise ValueError(f"{name}: the DataLoader must yield (x, y) batches")
+        return data, torch.cat([y.reshape(-1) for y in ys])
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        targets = getattr(data, "targets", None)
+        if targets is not None and len(targets) == len(data):
+            return data, torch.as_tensor(targets)
+        items = [data[i] for i in range(len(data))]
+        if not all(isinstance(it, (tuple, list)) and len(it) > 1 for it in items):
+            raise ValueError(f"{name}: the Dataset's items must be (x, y) pairs")
+        return data, torch.as_tensor([int(it[1]) for it in items])
+    raise ValueError(f"{name} must be an (x, y) pair of tensors, a Dataset or a DataLoader, "
+                     f"got {type(data).__name__}")
+
+
+def _first_input(data) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data[:1]
+    if isinstance(data, torch.utils.data.DataLoader):
+        return next(iter(data))[0][:1]
+    item = data[0]
+    x = item[0] if isinstance(item, (tuple, list)) else item
+    return torch.as_tensor(x).unsqueeze(0)
+
+
+def check_head(model: nn.Module, example: torch.Tensor, num_classes: int, reference: str,
+               device=None) -> int:
+    """The model's number of outputs; with reference ``network`` it must equal the data's
+    ``num_classes`` (the network's prediction is then a class of the data), else ValueError
+    saying to use ``labels`` or ``last-probe``."""
+    from .builders import output_width
+
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    width = output_width(model, example.to(device))
+    if reference == "network" and width != num_classes:
+        raise ValueError(
+            f"--reference network: the model's head has {width} outputs but the data has "
+            f"{num_classes} classes, so its predictions are not the data's classes; use "
+            "--reference labels or --reference last-probe (reference='labels' / "
+            "'last_probe'), or a model whose head predicts the data's classes")
+    return width
+
+
+def score(model: nn.Module, train, test=None, *, probes=None, token: str | None = None,
+          metric: str | None = None, k: int = 30, reference: str = "network",
+          num_classes: int | None = None, max_dim: int | None = None, batch_size: int = 256,
+          device=None, memory_budget: int | None = 2**30, progress: bool = False
+          ) -> ScoreResult:
+    """Prediction depth of every training and test example for a trained ``model``.
+
+    Args:
+        model: the network (run in eval mode); its output is the logits ``[B, C]``.
+        train: the training split, the support set: an ``(x, y)`` pair of tensors, a
+            Dataset of ``(x, y)`` items or a DataLoader of ``(x, y)`` batches in a fixed
+            order (no shuffling). Its labels are the support labels.
+        test: the test split, same kinds, or None (then only ``train`` is scored).
+        probes: a :class:`ProbeSpec`, a preset name or module names (None: ``"auto"``).
+        token: how block outputs ``[B, T, C]`` become one row (``"cls"``, ``"mean"``,
+            ``"all"``; None: the probes' default); passed on only when given.
+        metric: the k-NN metric (``"euclidean"``, ``"cosine"``; None: the default); passed
+            on only when given.
+        k: neighbours per example.
+        reference: ``"network"`` (the model's prediction: its head must predict the data's
+            classes, else ValueError), ``"labels"`` or ``"last_probe"`` (``"last-probe"``).
+        num_classes: the data's classes (default: one more than the largest label).
+        max_dim, batch_size, device, memory_budget, progress: as
+            :func:`pdepth.stream_prediction_depth`.
+
+    Returns:
+        :class:`ScoreResult` (``.train``, ``.test``: DepthResults; the training examples'
+        with ``self_match="exclude"``).
+    """
+    ref = _reference(reference)
+    x_tr, y_tr = _labels(train, "train")
+    x_te, y_te = _labels(test, "test") if test is not None else (None, None)
+    labels = y_tr if y_te is None else torch.cat([y_tr.reshape(-1), y_te.reshape(-1)])
+    classes = int(num_classes) if num_classes is not None else (
+        int(labels.max()) + 1 if labels.numel() else 1)
+    check_head(model, _first_input(x_tr), classes, ref, device)
+    extra = {name: v for name, v in (("token", token), ("metric", metric)) if v is not None}
+    common = dict(probes=probes, k=k, reference=ref, num_classes=classes, max_dim=max_dim,
+                  batch_size=batch_size, device=device, memory_budget=memory_budget,
+                  progress=progress, **extra)
+    tr = stream_prediction_depth(model, x_tr, y_tr, **common)
+    te = None if x_te is None else stream_prediction_depth(model, x_tr, y_tr, x_te,
+                                                           query_labels=y_te, **common)
+    settings = {"k": int(k), "reference": ref, "token": token, "metric": metric,
+                "num_classes": classes,
+                "self_index": {"train": "its own row (excluded)", "test": "none"}}
+    stats = {"train": tr.stats(), **({"test": te.stats()} if te is not None else {})}
+    return ScoreResult(tr.result, None if te is None else te.result, tr.logits,
+                       None if te is None else te.logits, list(tr.result.layer_names or []),
+                       settings, stats)
+
+
+# --------------------------------------------------------------------------------------------
+# pdepth score: the command (data by name, a model by name, the output folder)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """The settings of ``pdepth score`` (the CLI's flags). Its key (the marker's
+    ``protocol_key``) hashes the ones that change results, as ``RunConfig``'s does for
+    ``pdepth run``, so the output folder's rules are the same."""
+
+    model: str
+    dataset: str = "fashion-mnist"
+    root: str | None = None
+    model_args: dict = dataclasses.field(default_factory=dict)
+    checkpoint: str | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    subset: int | None = None
+    test_subset: int | None = None
+    probes: str | list[str] | None = None
+    token: str | None = None
+    metric: str | None = None
+    k: int = 30
+    reference: str = "network"
+    max_dim: int | None = None
+    memory_budget: int = 2**30
+    device: str = "cpu"
+    batch_size: int = 256
+    image_size: int | None = None
+    workers: int = 0
+    subset_seed: int = 0
+
+    RUNTIME = ("device", "memory_budget", "batch_size", "workers", "root")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def key_settings(self) -> dict:
+        return {"command": "score", **{k: v for k, v in self.to_dict().items()
+                                       if k not in self.RUNTIME}}
+
+    def protocol_key(self) -> str:
+        import json
+
+        text = json.dumps(self.key_settings(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def accepted_keys(self) -> tuple[str]:
+        return (self.protocol_key(),)
+
+    def check(self) -> ScoreSettings:
+        """Checks the numbers and names, naming the flag; returns self with the reference
+        in its library spelling."""
+        for name, flag, low in (("k", "--k", 1), ("batch_size", "--batch-size", 1),
+                                ("subset", "--subset", 2), ("test_subset", "--test-subset", 1)):
+            v = getattr(self, name)
+            if v is None and name in ("subset", "test_subset"):
+                continue
+            if type(v) is not int or v < low:
+                raise ValueError(f"{name} ({flag}) must be an integer >= {low}, got {v!r}")
+        if not (isinstance(self.memory_budget, int) and self.memory_budget >= 2**20):
+            raise ValueError(f"memory_budget (--memory-budget) must be at least 1 MiB, got "
+                             f"{self.memory_budget!r} bytes")
+        return dataclasses.replace(self, reference=_reference(self.reference))
+
+
+@dataclass
+class _Split:
+    images: torch.Tensor  # uint8 [n, H, W(, C)]
+    labels: torch.Tensor
+    index: torch.Tensor
+    classes: tuple
+
+
+def score_dependencies(s: ScoreSettings, progress: bool) -> tuple[list[str], list[str]]:
+    """``(modules of the run extra, modules of the models extra)`` a score needs."""
+    from .builders import model_dependencies
+
+    run = ["pandas", "pyarrow"] + (["tqdm"] if progress else [])
+    if s.dataset not in ("fashion-mnist",) and not s.dataset.startswith("hf:"):
+        run.append("torchvision")
+    models = [m for m in model_dependencies(s.model) if m != "torchvision"]
+    if model_dependencies(s.model) == ("torchvision",):
+        run.append("torchvision")
+    if s.dataset.startswith("hf:"):
+        models.append("datasets")
+    return run, models
+
+
+def _load_split(s: ScoreSettings, split: str, subset: int | None) -> _Split:
+    from .data import dataset_info, load_subset
+
+    if s.dataset.startswith("hf:"):
+        from .hf_data import load_hf_split
+
+        images, labels, index, classes = load_hf_split(
+            s.dataset[3:], split, image_column=s.image_column, label_column=s.label_column,
+            subset=subset, seed=s.subset_seed)
+        return _Split(images, labels, index, classes)
+    info = dataset_info(s.dataset, s.root, s.image_size)
+    images, labels, index = load_subset(s.dataset, s.root, subset, s.subset_seed, split=split,
+                                        workers=s.workers, image_size=s.image_size)
+    return _Split(images, labels, index, info.classes or tuple(
+        str(i) for i in range(int(labels.max()) + 1)))
+
+
+def _dataset_stats(s: ScoreSettings, train: _Split):
+    from .data import DATASETS, channel_stats
+
+    info = DATASETS.get(s.dataset)
+    if info is not None and info.mean is not None:
+        return info.mean, info.std
+    return channel_stats(train.images)
+
+
+@dataclass
+class _Prepared:
+    settings: ScoreSettings
+    built: object
+    train: _Split
+    test: _Split
+    x_train: torch.Tensor
+    x_test: torch.Tensor
+    preprocessing: dict
+    spec: object
+    dims: list[int]
+    num_classes: int
+    head: int
+    device: torch.device
+
+
+def prepare_score(s: ScoreSettings, progress: bool = False) -> _Prepared:
+    """Everything that can fail on bad input, before the output folder is touched:
+    dependencies, settings, both splits, the model, its checkpoint and preprocessing, the
+    head against ``--reference``, the probes and k."""
+    from .builders import MODELS_HINT, build_named_model, parse_model_args, preprocess
+    from .probes import probe_dims, resolve_probes
+    from .protocol import require_modules
+    from .protocol.config import resolve_device
+    from .protocol.model_run import check_support
+
+    run_deps, model_deps = score_dependencies(s, progress)
+    require_modules(run_deps, "pdepth score")
+    require_modules(model_deps, "pdepth score", MODELS_HINT)
+    s = s.check()
+    if isinstance(s.model_args, (list, tuple)):
+        s = dataclasses.replace(s, model_args=parse_model_args(s.model_args))
+    device = resolve_device(s.device)
+    train = _load_split(s, "train", s.subset)
+    test = _load_split(s, "test", s.test_subset)
+    classes = train.classes if len(train.classes) >= len(test.classes) else test.classes
+    num_classes = max(len(classes), int(torch.cat([train.labels, test.labels]).max()) + 1)
+    channels = 1 if train.images.dim() == 3 else int(train.images.shape[3])
+    built = build_named_model(s.model, s.model_args, checkpoint=s.checkpoint,
+                              num_classes=num_classes, in_channels=channels,
+                              image_size=int(train.images.shape[1]))
+    mean, std = _dataset_stats(s, train)
+    x_train, pre = preprocess(train.images, built.model, built.preprocessing, mean, std)
+    x_test, _ = preprocess(test.images, built.model, built.preprocessing, mean, std)
+    built.model.to(device)
+    head = check_head(built.model, x_train[:1], num_classes, s.reference, device)
+    spec = resolve_probes(built.model, s.probes, max_dim=s.max_dim, token=s.token)
+    dims = probe_dims(built.model, spec, x_train[:1].to(device))
+    check_support(s.k, int(train.labels.shape[0]))
+    return _Prepared(s, built, train, test, x_train, x_test, pre, spec, dims, num_classes,
+                     head, device)
+
+
+def _data_sha256(p: _Prepared) -> str:
+    digest = hashlib.sha256()
+    for split in (p.train, p.test):
+        digest.update(split.images.numpy().tobytes())
+        digest.update(split.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def score_to_folder(settings: ScoreSettings, out, *, overwrite: bool = False,
+                    progress: bool = False, log=None) -> Path:
+    """``pdepth score``: :func:`prepare_score` (every check, nothing written), then the
+    output folder prepared under the rules of ``pdepth run`` (its marker, its lock,
+    ``--overwrite`` deleting only pdepth's files), :func:`score`, and ``results.parquet``
+    (one row per example, ``split`` train / test), ``config.json`` and ``COMPLETE``."""
+    from . import _atomic
+    from .protocol.outdir import lock_output, prepare_output
+
+    t0 = time.perf_counter()
+    log = log or (lambda msg: None)
+    if not str(out).strip():
+        raise ValueError(f"--out {str(out)!r} names no folder")
+    p = prepare_score(settings, progress)
+    s = p.settings
+    out = Path(out)
+    sha = _data_sha256(p)
+    with lock_output(out):
+        prepare_output(out, s, overwrite, data_sha256=sha, log=log)
+        cfg = _config(p, sha)
+        _atomic.write_json(out / "config.json", cfg)
+        log(f"pdepth score: {s.model} on {p.train.labels.shape[0]} train + "
+            f"{p.test.labels.shape[0]} test {s.dataset} examples, {p.spec.num_probes} probes")
+        t1 = time.perf_counter()
+        res = score(p.built.model, (p.x_train, p.train.labels), (p.x_test, p.test.labels),
+                    probes=p.spec, token=s.token, metric=s.metric, k=s.k,
+                    reference=s.reference, num_classes=p.num_classes,
+                    batch_size=s.batch_size, device=p.device,
+                    memory_budget=s.memory_budget, progress=progress)
+        _atomic.write_parquet(out / "results.parquet", results_table(res, p))
+        cfg.update(status="complete", stats=res.stats,
+                   timing={"load_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1})
+        _atomic.write_json(out / "config.json", cfg)
+        _atomic.write_bytes(out / "COMPLETE", f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
+        if (out / "models").is_dir() and not any((out / "models").iterdir()):
+            (out / "models").rmdir()  # prepare_output's folder for pdepth run's models
+    return out
+
+
+def results_table(res: ScoreResult, p: _Prepared):
+    """One row per example: ``split``, ``dataset_index``, ``label``, ``prediction`` (the
+    model's), ``reference``, ``depth``, ``correct``, and ``pred_<i>`` per probe."""
+    import numpy as np
+    import pandas as pd
+
+    frames = []
+    for (name, r, logits), split in zip(res.splits(), (p.train, p.test), strict=True):
+        cols = {"split": name, "dataset_index": split.index.numpy(),
+                "label": split.labels.numpy(), "prediction": logits.argmax(1).numpy(),
+                "reference": r.reference.numpy(), "depth": r.depth.numpy()}
+        cols["correct"] = cols["prediction"] == cols["label"]
+        for i in range(r.num_layers):
+            cols[f"pred_{i}"] = r.layer_pred[i].numpy().astype(np.int64)
+        frames.append(pd.DataFrame(cols))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _config(p: _Prepared, sha: str) -> dict:
+    from .models import file_sha256
+    from .protocol.runner import versions
+
+    s = p.settings
+    return {
+        "command": "pdepth score",
+        "status": "running",
+        "protocol_key": s.protocol_key(),
+        "settings": s.to_dict(),
+        "resolved": {
+            "model": {"spec": s.model, "kind": p.built.kind, "args": p.built.args,
+                      "checkpoint": s.checkpoint,
+                      "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None,
+                      "weights": "checkpoint" if s.checkpoint else (
+                          "as saved" if p.built.kind == "hf" else "random (none loaded)"),
+                      "outputs": p.head},
+            "device": str(p.device),
+            "preprocessing": p.preprocessing,
+            "num_classes": p.num_classes,
+            "class_names": list(p.train.classes),
+            "num_train": int(p.train.labels.shape[0]),
+            "num_test": int(p.test.labels.shape[0]),
+            "probes": p.spec.names,
+            "probe_preset": getattr(p.spec, "preset", None),
+            "probe_dims": p.dims,
+            "token": getattr(p.spec, "token", s.token),
+            "metric": s.metric or "euclidean",
+            "reference": s.reference,
+            "support": "the training split, given labels",
+            "self_index": {"train": "its own row (excluded)", "test": "none"},
+            "data_sha256": sha,
+        },
+        "versions": versions(),
+    }
+
+
+def _finite_mib(value: float) -> int:
+    if not math.isfinite(value):
+        raise ValueError(f"memory_budget (--memory-budget) must be a finite number of MiB, "
+                         f"got {value}")
+    return int(value * 2**20)
