@@ -411,7 +411,7 @@ def results_table(res: ScoreResult, p: _Prepared):
 
 
 def _config(p: _Prepared, sha: str) -> dict:
-    from .models import file_sha256
+    from ._atomic import file_sha256
     from .protocol.runner import versions
 
     s = p.settings
