@@ -27,17 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _machine import describe_machine, machine_info  # noqa: E402
 
-# (name, --model, --model-arg, --probes) of the full run and of --quick
+# (name, --model, --model-arg, --probes: a preset or module names) of the full run and of
+# --quick. The presets: every block (ViT at its class token, docs/design.md section 1).
 FULL = [
-    ("vit_s16_224", "timm:vit_small_patch16_224", ["num_classes=10"],
-     ",".join(f"blocks.{i}" for i in range(0, 12, 2))),
-    ("resnet50_224", "torchvision:resnet50", ["num_classes=10"],
-     "layer1,layer2,layer3,layer4"),
+    ("vit_s16_224", "timm:vit_small_patch16_224", ["num_classes=10"], "vit"),
+    ("resnet50_224", "torchvision:resnet50", ["num_classes=10"], "resnet"),
 ]
 QUICK = [
     ("vit_tiny_32", "timm:vit_tiny_patch16_224",
      ["num_classes=10", "img_size=32", "patch_size=8", "depth=2", "embed_dim=64",
-      "num_heads=2"], "blocks.0,blocks.1"),
+      "num_heads=2"], "vit"),
     ("resnet18_32", "torchvision:resnet18", ["num_classes=10"], "layer1,layer4"),
 ]
 
@@ -64,7 +63,7 @@ def run_one(name, model, model_args, probes, data: Path, size: int, args, tmp: P
 
     settings = ScoreSettings(
         model=model, dataset="imagefolder", root=str(data), model_args=model_args,
-        image_size=size, probes=probes.split(","), k=args.k, reference="network",
+        image_size=size, probes=probes.split(",") if "," in probes else probes, k=args.k, reference="network",
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
         batch_size=args.batch_size, max_dim=args.max_dim or None)
     t0 = time.perf_counter()
@@ -95,7 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--k", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-dim", type=int, default=0, help="0: unpooled probes")
+    p.add_argument("--max-dim", type=int, default=4096,
+                   help="pool conv maps to at most this many features, as pdepth run's default "
+                        "(0: unpooled; ResNet-50's layer1 is then 802,816 wide)")
     p.add_argument("--memory-budget", type=float, default=4096, help="MiB")
     p.add_argument("--out", default=str(Path(__file__).with_name("bench_score.json")))
     args = p.parse_args(argv)
