@@ -264,9 +264,8 @@ def test_cli_score_output_folder_rules(tmp_path, capsys):
 
 
 def test_cli_score_passes_token_and_metric_on(tmp_path, monkeypatch):
-    # --token / --metric reach resolve_probes / stream_prediction_depth, and only when given
-    # (the spies drop what the real functions do not take yet)
-    import inspect
+    # --token / --metric reach resolve_probes / stream_prediction_depth (None / left out when
+    # not given: the library's defaults)
     from pathlib import Path
 
     import pdepth.probes as probes_mod
@@ -275,20 +274,12 @@ def test_cli_score_passes_token_and_metric_on(tmp_path, monkeypatch):
     seen = {"resolve": [], "stream": []}
     real_resolve, real_stream = probes_mod.resolve_probes, model_score.stream_prediction_depth
 
-    def takes(fn, name):
-        return name in inspect.signature(fn).parameters
-
     def resolve(model, probes=None, **kw):
         seen["resolve"].append(kw.get("token", "absent"))
-        if not takes(real_resolve, "token"):
-            kw.pop("token", None)
         return real_resolve(model, probes, **kw)
 
     def stream(*args, **kw):
         seen["stream"].append((kw.get("token", "absent"), kw.get("metric", "absent")))
-        for name in ("token", "metric"):
-            if not takes(real_stream, name):
-                kw.pop(name, None)
         return real_stream(*args, **kw)
 
     monkeypatch.setattr(probes_mod, "resolve_probes", resolve)
@@ -298,7 +289,7 @@ def test_cli_score_passes_token_and_metric_on(tmp_path, monkeypatch):
     base = ["score", "--model", "test_score:_hf_head", "--dataset", f"hf:{data}", "--k", "3",
             "--probes", "1,3", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
-    assert seen == {"resolve": ["absent"], "stream": [("absent", "absent")] * 2}
+    assert seen == {"resolve": [None], "stream": [("absent", "absent")] * 2}
     assert main([*base, "--token", "mean", "--metric", "cosine",
                  "--out", str(tmp_path / "b")]) == 0
     assert seen["resolve"][1:] == ["mean"] and seen["stream"][2:] == [("mean", "cosine")] * 2
