@@ -251,7 +251,7 @@ def test_auto_on_a_timm_vit_probes_its_blocks_at_the_class_token():
     torch.testing.assert_close(cls, emb.layers["blocks.1"])
     res = pdepth.stream_prediction_depth(model, x, torch.arange(4) % 2, x, k=1,
                                          token="mean")
-    assert res.depth.layer_names == emb.names
+    assert res.result.layer_names == emb.names
 
 
 def test_auto_refuses_what_it_does_not_recognise():
