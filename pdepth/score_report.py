@@ -15,7 +15,6 @@ temporary names and renamed once all are drawn. Every value on the page goes thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -25,15 +24,14 @@ import numpy as np
 from ._atomic import PendingFiles, names_file
 from .figures import SCORE_FIGURES
 from .metrics import layer_accuracy
-from .report import RunFilesError, _binned
-from .report_html import _STYLE, _dict, _list, _number, _probe_rows, _rows, _text, e
+from .report import RunFilesError, _binned, all_or_nothing
+from .report import _edited as edited
+from .report_html import _dict, _list, _number, _probe_rows, _rows, _text, e, page_head
 
 __all__ = ["SCORE_COMMAND", "draw_score_report", "is_score_folder", "write_score_report"]
 
 SCORE_COMMAND = "pdepth score"  # config.json's "command" in a score folder
 SPLITS = (("train", "training split (self excluded)"), ("test", "test split"))
-# what an edited file that no pdepth score writes makes pandas, numpy or matplotlib raise
-_EDITED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
 def is_score_folder(out: str | os.PathLike) -> bool:
@@ -61,18 +59,7 @@ def draw_score_report(out: str | os.PathLike) -> Path:
     writes is a :class:`pdepth.report.RunFilesError` naming it, with nothing written."""
     out = Path(out)
     df, cfg = _load(out)
-    figdir = out / "figures"
-    created = not figdir.exists()
-    figdir.mkdir(exist_ok=True)
-    pending = PendingFiles()
-    try:
-        _draw(out, pending, df, cfg)
-        pending.replace_all()
-    except BaseException:
-        pending.discard()
-        if created and not any(figdir.iterdir()):
-            figdir.rmdir()
-        raise
+    all_or_nothing(out / "figures", lambda pending: _draw(out, pending, df, cfg))
     return out / "report.html"
 
 
@@ -96,17 +83,11 @@ def _load(out: Path):
 _REDO = "to score again, rerun the same `pdepth score --out {out} --overwrite ...` command"
 
 
-@contextlib.contextmanager
 def _edited(out: Path, what: str):
-    """Turns the errors of a value no pdepth score writes into one RunFilesError line."""
-    try:
-        yield
-    except _EDITED as exc:
-        msg = " ".join(str(exc).split())[:200]
-        raise RunFilesError(
-            f"{out}: cannot draw {what} from results.parquet and config.json "
-            f"({type(exc).__name__}: {msg}): a file holds values no pdepth score writes; "
-            f"{_REDO.format(out=out)}") from exc
+    """The run report's rule (:func:`pdepth.report._edited`): a value no pdepth score writes
+    is one RunFilesError line."""
+    return edited(out, what, "results.parquet and config.json", SCORE_COMMAND,
+                  _REDO.format(out=out))
 
 
 class _Score:
@@ -126,6 +107,7 @@ class _Score:
         self.correct = df["correct"].to_numpy(bool)
         self.labels = df["label"].to_numpy(np.int64)
         self.layer_pred = df[cols].to_numpy(np.int64).T[None]  # [1, L, n]
+        self.top = max(self.num_layers, int(self.depth.max(initial=0)))  # the deepest depth
 
     def knn_accuracy(self, split: str) -> np.ndarray:
         return layer_accuracy(self.layer_pred, self.labels, self.masks[split][None])
@@ -153,9 +135,18 @@ def _draw(out: Path, pending: PendingFiles, df, cfg: dict) -> None:
         pending.tmp(out / "report.html").write_text(page)
 
 
+def _finish(fig, ax, title: str, ylabel: str):
+    """The labels, grid and legend every score figure has; returns ``fig``."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def _depth_hist(plt, s: _Score):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    top = max(s.num_layers, int(s.depth.max(initial=0)))
+    top = s.top
     bins = np.arange(top + 1)
     for i, (split, label) in enumerate(SPLITS):
         counts = np.bincount(s.depth[s.masks[split]], minlength=top + 1)
@@ -163,10 +154,7 @@ def _depth_hist(plt, s: _Score):
                label=f"{label} ({int(counts.sum())})")
     ax.set_xticks(bins)
     ax.set_xlabel("prediction depth (0 = every probe agrees)")
-    ax.set_ylabel("fraction of the split")
-    ax.set_title("Prediction depth per split")
-    ax.legend()
-    return fig
+    return _finish(fig, ax, "Prediction depth per split", "fraction of the split")
 
 
 def _layer_knn(plt, s: _Score):
@@ -176,16 +164,12 @@ def _layer_knn(plt, s: _Score):
     ax.set_xticks(range(s.num_layers))
     ax.set_xticklabels(s.names, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("probe")
-    ax.set_ylabel("k-NN accuracy (given labels)")
-    ax.set_title("Per-probe k-NN accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
+    return _finish(fig, ax, "Per-probe k-NN accuracy", "k-NN accuracy (given labels)")
 
 
 def _accuracy_vs_depth(plt, s: _Score):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    top = max(s.num_layers, int(s.depth.max(initial=0)))
+    top = s.top
     for (split, label), style in zip(SPLITS, ("o-", "s--"), strict=True):
         mask = s.masks[split]
         depth = s.depth[mask]
@@ -198,11 +182,7 @@ def _accuracy_vs_depth(plt, s: _Score):
     ax.set_xticks(range(top + 1))
     ax.set_ylim(-0.05, 1.1)
     ax.set_xlabel("prediction depth")
-    ax.set_ylabel("accuracy of the model")
-    ax.set_title("Accuracy against prediction depth")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return fig
+    return _finish(fig, ax, "Accuracy against prediction depth", "accuracy of the model")
 
 
 def score_html(df, cfg: dict, s: _Score) -> str:
@@ -217,12 +197,8 @@ def score_html(df, cfg: dict, s: _Score) -> str:
                    for name, caption in SCORE_FIGURES.items())
     classes = ", ".join(str(c) for c in _list(res.get("class_names")))  # _rows escapes
     versions = _dict(cfg.get("versions"))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>pdepth score: {model} on {dataset}</title>
-<style>{_STYLE}</style></head><body>
-<h1>Prediction depth: {model} on {dataset}</h1>
-<p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
-NeurIPS 2021. A model trained elsewhere, scored by <code>pdepth score</code>: the support set
+    return f"""{page_head("pdepth score", model, dataset)} A model trained elsewhere, scored
+by <code>pdepth score</code>: the support set
 is the training split with its given labels; training examples are scored against it with
 their own row excluded, test examples against the same support (docs/score.md).</p>
 <h2>Summary</h2><table><tr><th></th><th>train</th><th>test</th></tr>{_split_rows(s)}</table>
