@@ -53,7 +53,7 @@ SCORE_FIGURES = {
                      "split (self excluded) and the test split.",
     "accuracy_vs_depth.png": "The model's accuracy (its prediction vs the given label) at each "
                              "prediction depth, per split; the number of examples at each "
-                             "depth is written above its point.",
+                             "each depth next to its point.",
 }
 
 

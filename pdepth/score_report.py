@@ -153,7 +153,8 @@ def _depth_hist(plt, s: _Score):
         ax.bar(bins + (i - 0.5) * 0.4, counts / max(1, counts.sum()), width=0.4,
                label=f"{label} ({int(counts.sum())})")
     ax.set_xticks(bins)
-    ax.set_xlabel("prediction depth (0 = every probe agrees)")
+    ax.set_xlabel(f"prediction depth (0 = every probe agrees, {s.num_layers} = the last "
+                  "disagrees)")
     return _finish(fig, ax, "Prediction depth per split", "fraction of the split")
 
 
@@ -170,7 +171,7 @@ def _layer_knn(plt, s: _Score):
 def _accuracy_vs_depth(plt, s: _Score):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     top = s.top
-    for (split, label), style in zip(SPLITS, ("o-", "s--"), strict=True):
+    for (split, label), style, up in zip(SPLITS, ("o-", "s--"), (5, -11), strict=True):
         mask = s.masks[split]
         depth = s.depth[mask]
         centers, means, _ = _binned(depth.astype(float), s.correct[mask].astype(float), top)
@@ -178,7 +179,7 @@ def _accuracy_vs_depth(plt, s: _Score):
         counts = np.bincount(depth, minlength=top + 1)
         for c, m in zip(centers, means, strict=True):
             ax.annotate(str(int(counts[c])), (c, m), textcoords="offset points",
-                        xytext=(0, 5), ha="center", fontsize=7)
+                        xytext=(0, up), ha="center", fontsize=7)  # train above, test below
     ax.set_xticks(range(top + 1))
     ax.set_ylim(-0.05, 1.1)
     ax.set_xlabel("prediction depth")
