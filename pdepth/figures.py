@@ -52,7 +52,7 @@ SCORE_FIGURES = {
     "layer_knn.png": "k-NN accuracy (vs the given labels) at each probe, for the training "
                      "split (self excluded) and the test split.",
     "accuracy_vs_depth.png": "The model's accuracy (its prediction vs the given label) at each "
-                             "prediction depth, per split; the number of examples at each "
+                             "prediction depth, per split, with the number of examples at "
                              "each depth next to its point.",
 }
 
