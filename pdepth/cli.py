@@ -381,7 +381,8 @@ def _distributed(device: str):
 
 
 def _report(path: str) -> int:
-    """``pdepth report DIR``: the run's figures and report.html drawn again, under the rules
+    """``pdepth report DIR``: the run's figures and report.html drawn again (a ``pdepth
+    score`` folder's: :mod:`pdepth.score_report`, by its config.json), under the rules
     of every command that writes into a run folder (:func:`open_for_writing`: pdepth's
     files only, no symbolic links, the folder's lock)."""
     from pathlib import Path
@@ -389,14 +390,19 @@ def _report(path: str) -> int:
     from .protocol import require_modules
     from .protocol.outdir import open_for_writing
     from .report import REPORT_DEPENDENCIES, write_report
+    from .score_report import is_score_folder, write_score_report
 
     out = Path(path)
-    needed = ["results.parquet", "per_model.npz", "data.npz", "config.json"]
+    command, needed = "pdepth run", ["results.parquet", "per_model.npz", "data.npz",
+                                     "config.json"]
+    if is_score_folder(out):  # config.json says `pdepth score`: its own report
+        command, needed = "pdepth score", ["results.parquet", "config.json"]
+        write_report = write_score_report
     missing = [f for f in needed if not (out / f).exists()]
     if missing or not (out / "COMPLETE").exists():
         raise FileNotFoundError(
             f"{out} holds no finished pdepth run (missing: {', '.join(missing) or 'COMPLETE'});"
-            f" run `pdepth run --out {out}` first")
+            f" run `{command} --out {out}` first")
     require_modules(REPORT_DEPENDENCIES, "pdepth report")
     with open_for_writing(out, "pdepth report"):
         print(write_report(out))

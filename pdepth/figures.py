@@ -3,7 +3,7 @@ the modules drawing them needs. Data only, imported by the report that draws the
 run folder's rules (:mod:`pdepth.protocol.outdir`: which file names are pdepth's), which the
 report applies in turn: so it imports nothing of pdepth's."""
 
-__all__ = ["FIGURES", "FIGURE_CLAIMS", "REPORT_DEPENDENCIES"]
+__all__ = ["FIGURES", "FIGURE_CLAIMS", "REPORT_DEPENDENCIES", "SCORE_FIGURES", "is_figure_name"]
 
 REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
 
@@ -43,3 +43,20 @@ FIGURE_CLAIMS = {
     "convergence.png": ("early_layers_converge_faster",),
     "label_noise.png": ("flipped_labels_memorised_late",),
 }
+
+# the figures of a `pdepth score` folder (pdepth.score_report): one model, its training split
+# (self excluded) and its test split; no ensemble, no epochs, no images stored
+SCORE_FIGURES = {
+    "depth_hist.png": "Prediction depth per split: training examples (self excluded) vs test "
+                      "examples, as a fraction of each split.",
+    "layer_knn.png": "k-NN accuracy (vs the given labels) at each probe, for the training "
+                     "split (self excluded) and the test split.",
+    "accuracy_vs_depth.png": "The model's accuracy (its prediction vs the given label) at each "
+                             "prediction depth, per split, with the number of examples at "
+                             "each depth next to its point.",
+}
+
+
+def is_figure_name(name: str) -> bool:
+    """Whether ``figures/name`` is a figure pdepth draws (a run's or a score's)."""
+    return name in FIGURES or name in SCORE_FIGURES

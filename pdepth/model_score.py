@@ -255,7 +255,7 @@ def score_dependencies(s: ScoreSettings, progress: bool) -> tuple[list[str], lis
     """``(modules of the run extra, modules of the models extra)`` a score needs."""
     from .builders import model_dependencies
 
-    run = ["pandas", "pyarrow"] + (["tqdm"] if progress else [])
+    run = ["pandas", "pyarrow", "matplotlib"] + (["tqdm"] if progress else [])  # the report
     if s.dataset not in ("fashion-mnist",) and not s.dataset.startswith("hf:"):
         run.append("torchvision")
     models = [m for m in model_dependencies(s.model) if m != "torchvision"]
@@ -358,9 +358,11 @@ def score_to_folder(settings: ScoreSettings, out, *, overwrite: bool = False,
     """``pdepth score``: :func:`prepare_score` (every check, nothing written), then the
     output folder prepared under the rules of ``pdepth run`` (its marker, its lock,
     ``--overwrite`` deleting only pdepth's files), :func:`score`, and ``results.parquet``
-    (one row per example, ``split`` train / test), ``config.json`` and ``COMPLETE``."""
+    (one row per example, ``split`` train / test), ``config.json``, ``report.html`` with
+    ``figures/`` (:mod:`pdepth.score_report`) and ``COMPLETE``."""
     from . import _atomic
     from .protocol.outdir import lock_output, prepare_output
+    from .score_report import draw_score_report
 
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
@@ -386,6 +388,7 @@ def score_to_folder(settings: ScoreSettings, out, *, overwrite: bool = False,
         cfg.update(status="complete", stats=res.stats,
                    timing={"load_seconds": t1 - t0, "score_seconds": time.perf_counter() - t1})
         _atomic.write_json(out / "config.json", cfg)
+        draw_score_report(out)  # before COMPLETE: a finished score has its report
         _atomic.write_bytes(out / "COMPLETE", f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode())
         if (out / "models").is_dir() and not any((out / "models").iterdir()):
             (out / "models").rmdir()  # prepare_output's folder for pdepth run's models

@@ -116,19 +116,25 @@ def write_report(out: str | os.PathLike) -> Path:
 
 def _write_report(out: Path) -> Path:
     loaded = _load(out)
-    figdir = out / "figures"
+    all_or_nothing(out / "figures", lambda pending: _draw(out / "figures", pending, loaded))
+    return out / "report.html"
+
+
+def all_or_nothing(figdir: Path, draw) -> None:
+    """``draw(pending)`` writes the report's files under temporary names
+    (:class:`PendingFiles`); they are renamed into place once all are written, or removed
+    (with ``figdir``, where this made it and it is left empty) when anything fails."""
     created = not figdir.exists()
     figdir.mkdir(exist_ok=True)
     pending = PendingFiles()
     try:
-        _draw(figdir, pending, loaded)
+        draw(pending)
         pending.replace_all()
     except BaseException:
         pending.discard()
         if created and not any(figdir.iterdir()):
             figdir.rmdir()
         raise
-    return out / "report.html"
 
 
 # what each figure reads, for the error naming the file an edit made undrawable
@@ -167,19 +173,21 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
 
 
 @contextlib.contextmanager
-def _edited(out: Path, what: str, inputs: str):
-    """Turns the errors of a value no pdepth run writes into one RunFilesError line."""
+def _edited(out: Path, what: str, inputs: str, command: str = "pdepth run",
+            redo: str | None = None):
+    """Turns the errors of a value no ``command`` writes into one RunFilesError line,
+    ending with ``redo`` (how to write the files again)."""
     try:
         yield
     except RunFilesError:
         raise
     except _EDITED as exc:
         msg = " ".join(str(exc).split())[:200]
+        redo = redo or (f"to rebuild the results from models/, delete {out / 'COMPLETE'} "
+                        f"and rerun the same `pdepth run --out {out} ...` command")
         raise RunFilesError(
             f"{out}: cannot draw {what} from {inputs} ({type(exc).__name__}: {msg}): a file "
-            f"holds values no pdepth run writes; to rebuild the results from models/, delete "
-            f"{out / 'COMPLETE'} and rerun the same `pdepth run --out {out} ...` command"
-        ) from exc
+            f"holds values no {command} writes; {redo}") from exc
 
 
 class _Drawing:

@@ -19,7 +19,7 @@ import numbers
 from .categories import CATEGORIES
 from .metrics import mean_or_none
 
-__all__ = ["claim_line", "report_html"]
+__all__ = ["claim_line", "page_head", "report_html"]
 
 e = html.escape
 
@@ -103,12 +103,8 @@ def report_html(d, figures, acc_tr, acc_ho) -> str:
         + f'<img src="figures/{e(name)}" style="max-width:100%">'
         for name, caption, keys in figures)
     versions = _dict(cfg.get("versions"))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>pdepth report: {network} on {dataset}</title>
-<style>{_STYLE}</style></head><body>
-<h1>Prediction depth: {network} on {dataset}</h1>
-<p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
-NeurIPS 2021. {_PROTOCOL[res.get("trained", True) is not False]}</p>
+    protocol = _PROTOCOL[res.get("trained", True) is not False]
+    return f"""{page_head("pdepth report", network, dataset)} {protocol}</p>
 <h2>Summary</h2><table>{_stat_rows(_stats(df, cfg))}</table>
 <h2>Claims</h2><p>Each claim of the paper as one number on this run (summary.json).</p>
 {_claims_table(claims)}
@@ -127,6 +123,17 @@ Per-example results: results.parquet; per-model arrays: per_model.npz, models/; 
 summary.json.</p>
 </body></html>
 """
+
+
+def page_head(kind: str, network: str, dataset: str) -> str:
+    """A report page up to the paper's reference, its paragraph left open for the protocol
+    (``network`` and ``dataset`` already escaped)."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{kind}: {network} on {dataset}</title>
+<style>{_STYLE}</style></head><body>
+<h1>Prediction depth: {network} on {dataset}</h1>
+<p>Baldock, Maennel, Neyshabur, <i>Deep Learning Through the Lens of Example Difficulty</i>,
+NeurIPS 2021."""
 
 
 def _rows(pairs, as_json: bool = False) -> str:

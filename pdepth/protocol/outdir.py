@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _atomic
-from ..figures import FIGURES
+from ..figures import is_figure_name
 from .config import RunConfig
 from .errors import ModelFileError, OutputExistsError
 from .scoring import CACHE_NAME
@@ -47,7 +47,7 @@ def is_pdepth_name(folder: str, name: str) -> bool:
     if folder == "models":
         return MODEL_NAME.fullmatch(name) is not None
     if folder == "figures":
-        return name in FIGURES
+        return is_figure_name(name)
     if folder == "cache":
         return CACHE_NAME.fullmatch(name) is not None
     return folder == "" and (name in RESULT_FILES or name in (MARKER, LOCK))
