@@ -195,7 +195,7 @@ def _score_parser(sub, d) -> None:
                     "model trained elsewhere: the support set is the training split with its "
                     "labels (training examples scored with their own row excluded, test "
                     "examples against the same support). Writes results.parquet (one row per "
-                    "example, split train/test) and config.json. See docs/score.md.")
+                    "example, split train/test), config.json and report.html. See docs/score.md.")
     s.add_argument("--model", required=True,
                    metavar="timm:NAME|torchvision:NAME|hf:DIR|MODULE:FACTORY",
                    help="timm / torchvision model by name (random weights unless "
