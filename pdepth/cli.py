@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--checkpoint)")
     r.add_argument("--epochs", type=int, default=None,
                    help=f"epochs (default: {d.epochs}; none with --checkpoint)")
+    r.add_argument("--el2n-epoch", type=int, default=None,
+                   help="the epoch (1..--epochs) whose EL2N the el2n score reads "
+                        "(docs/scores.md; default: a fifth of --epochs, rounded half up, at "
+                        "least 1); changes no model")
     r.add_argument("--subset", type=_subset, default=d.subset,
                    help="random subset of the training set, at least 4 examples ('all' "
                         "for every example; default: %(default)s)")
@@ -309,7 +313,7 @@ def _run(args) -> int:
         image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
         model_args=parse_model_args(args.model_arg) or None,
         download=args.download, workers=args.workers, keep_cache=args.keep_cache,
-        token=args.token)
+        token=args.token, el2n_epoch=args.el2n_epoch)
     group, rank = _distributed(args.device)  # under torchrun: the models spread over ranks
     tag = "" if group is None else f"[rank {rank}] "
     log = None if args.quiet else (lambda msg: print(tag + msg, file=sys.stderr, flush=True))

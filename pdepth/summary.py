@@ -13,6 +13,11 @@ entry of ``claims`` holds:
 * ``holds`` -- the value has that sign (``None`` where it cannot be computed, e.g. the
   flipped-label entry of a run without label noise); some entries add per-probe lists.
 
+``score_correlations`` (the Spearman matrix of the difficulty scores over the examples) and
+``score_reliability`` (per score, the Spearman correlation between the score computed from
+two disjoint halves of the seeds, and its Spearman-Brown estimate for all seeds) compare
+prediction depth with the field's scores (docs/scores.md).
+
 ``label_errors`` compares the ``label_error`` flags (:mod:`pdepth.label_errors`) with the
 flips of ``--label-noise`` where there are flips: counts, precision, recall and F1.
 Rules: docs/design.md section 11.
@@ -27,7 +32,17 @@ import numpy as np
 from .categories import CATEGORIES
 from .metrics import CONVERGED, VOTE_SHARES, convergence_epoch, early_probes, json_floats
 
-__all__ = ["claims_summary", "spearman"]
+__all__ = ["SCORE_COLUMNS", "claims_summary", "score_correlations", "score_reliability",
+           "spearman"]
+
+# the difficulty scores compared (results.parquet columns) and whether a higher value means
+# a harder example (pdepth.scores.SCORES and docs/scores.md say why)
+SCORE_COLUMNS = {
+    "held_out_depth": True, "train_depth": True, "held_out_accuracy": False, "margin": False,
+    "iteration_learned": True, "el2n": True, "forgetting_events": True,
+    "first_learned": True, "aum": False, "data_map_confidence": False,
+    "data_map_variability": True, "train_loss": True, "held_out_loss": True,
+}
 
 
 def spearman(x, y) -> tuple[float, int]:
@@ -97,7 +112,77 @@ def claims_summary(table, per_model: dict, *, early_fraction: float = 0.5) -> di
     claims["early_layers_converge_faster"] = _convergence(per_model)
     return {"n_examples": int(len(table)), "n_models": r_models,
             "num_layers": int(np.asarray(per_model["layer_pred"]).shape[1]),
-            "claims": claims, "label_errors": _label_errors(table)}
+            "claims": claims, "label_errors": _label_errors(table),
+            "score_correlations": score_correlations(table),
+            "score_reliability": score_reliability(per_model, early_fraction=early_fraction)}
+
+
+def score_correlations(table) -> dict:
+    """The Spearman correlation (:func:`spearman`, pairwise over the examples where both are
+    finite) of every two columns of :data:`SCORE_COLUMNS` the table has: ``{"scores":
+    [names], "higher_is_harder": [bools], "matrix": [[r or None]], "n_examples": [[n]]}``."""
+    names = [c for c in SCORE_COLUMNS if c in table]
+    pairs = [[spearman(table[a], table[b]) for b in names] for a in names]
+    return {"scores": names, "higher_is_harder": [SCORE_COLUMNS[c] for c in names],
+            "matrix": [[_finite(r) for r, _ in row] for row in pairs],
+            "n_examples": [[n for _, n in row] for row in pairs],
+            "computed_on": "every example; Spearman over the examples where both scores are "
+                           "finite (average ranks for ties)"}
+
+
+def score_reliability(per_model: dict, *, early_fraction: float = 0.5) -> dict:
+    """How stable each score of :data:`SCORE_COLUMNS` is across training seeds: the seeds
+    (sorted) are split into two disjoint halves, those at even and at odd positions (each
+    seed trains both halves of the data, so each half of the seeds scores every example from
+    training and held-out models); every score is recomputed from each half's models
+    (:func:`pdepth.metrics.summarize`, :func:`pdepth.scores.score_columns`) and
+    ``split_half`` is the Spearman correlation of the two over the examples;
+    ``spearman_brown`` = 2 r / (1 + r) estimates the correlation of the score from all seeds
+    with its value from as many new seeds. With one seed every value is None and ``reason``
+    says why."""
+    seeds = np.asarray(per_model.get("seeds", np.zeros(0)))
+    unique = sorted({int(s) for s in seeds})
+    out = {"seeds_a": unique[0::2], "seeds_b": unique[1::2], "scores": None, "reason": None,
+           "computed_on": "per score: Spearman over the examples between the score from the "
+                          "models of seeds_a and from those of seeds_b; Spearman-Brown "
+                          "2r/(1+r) for all seeds"}
+    if len(unique) < 2:
+        out["reason"] = (f"the run has {len(unique)} seed{'s' if len(unique) != 1 else ''}: "
+                         "two disjoint halves of the seeds need at least 2")
+        return out
+    halves = [_score_table(per_model, np.isin(seeds, part), early_fraction)
+              for part in (out["seeds_a"], out["seeds_b"])]
+    out["scores"] = {}
+    for name in SCORE_COLUMNS:
+        if name not in halves[0]:
+            continue
+        r, n = spearman(halves[0][name], halves[1][name])
+        brown = 2 * r / (1 + r) if math.isfinite(r) and r > -1 else float("nan")
+        out["scores"][name] = {"split_half": _finite(r), "spearman_brown": _finite(brown),
+                               "n_examples": n}
+    return out
+
+
+def _score_table(per_model: dict, models: np.ndarray, early_fraction: float) -> dict:
+    """The score columns (:data:`SCORE_COLUMNS`) from the models ``models [R]`` (bool) only;
+    the scores of :mod:`pdepth.scores` only where the run recorded their per-epoch arrays."""
+    from .metrics import summarize
+    from .scores import default_el2n_epoch, score_columns
+
+    pick = {name: np.asarray(per_model[name])[models]
+            for name in ("depth", "in_train", "probs", "layer_pred", "epoch_pred")}
+    table = summarize(pick["depth"], pick["in_train"], pick["probs"], pick["layer_pred"],
+                      pick["epoch_pred"], per_model["labels"], early_fraction=early_fraction)
+    cols = {name: table[name].to_numpy() for name in SCORE_COLUMNS if name in table}
+    epoch_arrays = ("epoch_label_prob", "epoch_margin", "epoch_el2n")
+    if all(name in per_model for name in epoch_arrays):
+        chosen = int(per_model.get("el2n_epoch", -1))
+        el2n_epoch = (chosen if chosen >= 0
+                      else default_el2n_epoch(pick["epoch_pred"].shape[1] - 1))
+        cols.update(score_columns(
+            {**pick, **{name: np.asarray(per_model[name])[models] for name in epoch_arrays},
+             "labels": per_model["labels"]}, el2n_epoch))
+    return cols
 
 
 def _entry(claim, statistic, value, computed_on, n_examples, n_models, direction,

@@ -20,6 +20,7 @@ from ..families import TOKENS
 from ..figures import REPORT_DEPENDENCIES
 from ..models import ARCH_VERSIONS, ARCHITECTURES
 from ..ops import FILTERS, METRICS
+from ..scores import default_el2n_epoch
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
            "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",
@@ -34,9 +35,11 @@ __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_
 # run folder's marker records: docs/protocol.md, "The run folder's rules"). keep_cache only
 # keeps the disk cache's files; memory_budget only decides where the embeddings are held and
 # in how many blocks the exact k-NN reads them (so a run that ran out of memory resumes with
-# a lower one).
+# a lower one). el2n_epoch only picks which recorded epoch the el2n column reads (every
+# epoch's EL2N is saved per model): it changes no model, so a finished run's scores may be
+# recomputed with another one.
 RUNTIME_KEYS = ("device", "root", "knn_filter", "download", "workers", "checkpoint",
-                "keep_cache", "memory_budget")
+                "keep_cache", "memory_budget", "el2n_epoch")
 # Runtime settings that earlier versions counted in the key: accepted_keys() also gives the
 # key with them, so the files of those runs stay valid.
 _LEGACY_KEYS = ("memory_budget",)
@@ -60,7 +63,8 @@ _INT64_MAX = 2**63 - 1
 _FLAGS = {"seeds": "--seeds", "epochs": "--epochs", "subset": "--subset", "k": "--k",
           "lr": "--lr", "batch_size": "--batch-size", "max_dim": "--max-dim",
           "memory_budget": "--memory-budget", "image_size": "--image-size",
-          "workers": "--workers", "label_noise": "--label-noise"}
+          "workers": "--workers", "label_noise": "--label-noise",
+          "el2n_epoch": "--el2n-epoch"}
 
 
 @dataclass
@@ -107,6 +111,11 @@ class RunConfig:
     (``epochs`` resolves to 0; ``checkpoint_sha256``, the file's hash, enters the protocol
     key). ``epochs`` / ``seeds`` None mean 6 / ``[0, 1]`` (0 / ``[0]`` with a checkpoint).
 
+    ``el2n_epoch`` (``--el2n-epoch``, ``1..epochs``) is the epoch the ``el2n`` score reads
+    (docs/scores.md); None resolves to a fifth of ``epochs``, rounded half up, at least 1
+    (:func:`pdepth.scores.default_el2n_epoch`; None with a checkpoint). It changes no model,
+    so it is not in the protocol key (:data:`RUNTIME_KEYS`).
+
     Every setting is checked here, before anything is read or written: a ValueError naming
     the setting, its flag and the value (the numbers' ranges: :meth:`_check_numbers`).
     """
@@ -124,6 +133,7 @@ class RunConfig:
     eval_batch_size: int = 1000
     lr: float = 2e-3
     weight_decay: float = 0.0
+    el2n_epoch: int | None = None  # --el2n-epoch; None: pdepth.scores.default_el2n_epoch
     max_dim: int | None = 4096
     memory_budget: int = 2**30
     device: str = "cpu"
@@ -242,6 +252,15 @@ class RunConfig:
             raise ValueError(f"a checkpoint (--checkpoint) is scored, not trained: one model, "
                              f"no epochs; got epochs {self.epochs} (--epochs), seeds "
                              f"{self.seeds} (--seeds)")
+        # the epoch of the el2n score (docs/scores.md): resolved, so config.json records it
+        if self.el2n_epoch is None:
+            self.el2n_epoch = default_el2n_epoch(self.epochs)
+        elif not trained:
+            raise ValueError(f"el2n_epoch (--el2n-epoch) needs training epochs; a checkpoint "
+                             f"trains none, got {self.el2n_epoch!r}")
+        else:
+            self.el2n_epoch = _integer(self.el2n_epoch, "el2n_epoch", 1, self.epochs,
+                                       hint=" (at most --epochs)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,7 @@ from .convergence import ProbeCurve, probe_curve_sample
 from .outdir import save_model_file
 from .scoring import CACHE_DIR, ModelCache, score_model, uses_disk
 from .stages import stage
-from .train import TrainOptions, train_model
+from .train import EPOCH_SCORES, TrainOptions, train_model
 
 __all__ = ["RunData", "check_support", "run_model"]
 
@@ -129,6 +129,8 @@ def run_model(config: RunConfig, data: RunData, seed: int, half: int, *, path: P
         "probe_accuracy_epochs": np.asarray(history["snapshots"], np.float64).reshape(
             len(history["snapshots"]), data.spec.num_probes),
         "epoch_pred": np.asarray(epoch_pred).astype(np.int16),
+        **{f"epoch_{name}": np.asarray(history["epoch_scores"][name]).astype(np.float16)
+           .reshape(-1, data.n) for name in EPOCH_SCORES},
         "loss": np.array(history["loss"]),
         "train_accuracy": np.array(history["train_accuracy"]),
         "held_out_accuracy": np.array(history["held_out_accuracy"]),
@@ -156,7 +158,8 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
     interrupted run left it. For a checkpoint the loaded network, no epochs (``epoch_pred
     [0, n]``, empty histories: the learning-speed columns become NaN)."""
     if data.checkpoint_model is not None:
-        history = {"loss": [], "train_accuracy": [], "held_out_accuracy": [], "snapshots": []}
+        history = {"loss": [], "train_accuracy": [], "held_out_accuracy": [], "snapshots": [],
+                   "epoch_scores": {name: torch.zeros(0, data.n) for name in EPOCH_SCORES}}
         return (data.checkpoint_model.to(data.device),
                 torch.zeros(0, data.n, dtype=torch.int64), history,
                 {"seconds": 0.0, "peak_rss_bytes": 0, "peak_is_stage": False})
@@ -179,7 +182,7 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
         epoch_pred, history = train_model(model, data.x, data.labels, train_idx, options,
                                           device=data.device, progress=progress,
                                           desc=f"train seed {seed} half {half}",
-                                          held_out_labels=data.original_labels,
+                                          held_out_labels=data.original_labels, scores=True,
                                           snapshot=_probe_curve(config, data, train_idx, seed))
     # plain lists: the cache is read back with weights_only=True, which refuses numpy arrays
     history["snapshots"] = [np.asarray(a).tolist() for a in history["snapshots"]]
@@ -191,7 +194,9 @@ def _trained(config: RunConfig, data: RunData, job: tuple[int, int], train_idx: 
 def _saved_training(cache: ModelCache, key: str, model: nn.Module, epoch_pred_shape):
     """The training an interrupted run saved in the cache (:meth:`ModelCache.load_train`),
     loaded into ``model``; None where there is none or it does not fit this model and run
-    (the file is then deleted and the model trained again)."""
+    (the file is then deleted and the model trained again): also a file of an older version,
+    without the per-epoch scores (``history["epoch_scores"]``, one ``[E+1, n]`` tensor per
+    :data:`EPOCH_SCORES` name)."""
     saved = cache.load_train(key)
     if saved is None:
         return None
@@ -202,6 +207,8 @@ def _saved_training(cache: ModelCache, key: str, model: nn.Module, epoch_pred_sh
                 and all(len(saved["history"][name]) == epochs for name in
                         ("loss", "train_accuracy", "held_out_accuracy"))
                 and len(saved["history"]["snapshots"]) == epochs + 1
+                and all(tuple(saved["history"]["epoch_scores"][name].shape)
+                        == tuple(epoch_pred_shape) for name in EPOCH_SCORES)
                 and isinstance(saved["stage"], dict))
     except (RuntimeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         fits, problem = False, f"does not fit this model ({type(exc).__name__})"

@@ -13,10 +13,14 @@ from .. import _atomic
 from ..categories import CATEGORIES, categorize
 from ..label_errors import label_error_evidence
 from ..metrics import json_floats, layer_accuracy, mean_or_none, summarize
+from ..scores import SCORES, default_el2n_epoch, score_columns
 from ..summary import claims_summary
 from .model_run import RunData
 
 __all__ = ["write_results"]
+
+# per model, [E+1, n] float16: p(given label), logit margin and EL2N after each epoch
+_EPOCH_ARRAYS = ("epoch_label_prob", "epoch_margin", "epoch_el2n")
 
 
 def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
@@ -28,8 +32,10 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
                             "probe_accuracy_epochs")}
     for name in ("depth", "layer_pred", "epoch_pred"):
         stacked[name] = stacked[name].astype(np.int64)
+    stacked.update(_epoch_scores(per_model, stacked["epoch_pred"].shape))
     y = data.labels.numpy()
-    df = _results_table(stacked, data)
+    el2n_epoch = _el2n_epoch(data, stacked["epoch_pred"].shape[1] - 1)
+    df = _results_table(stacked, data, el2n_epoch)
     arrays = dict(
         depth=stacked["depth"], in_train=stacked["in_train"],
         probs=stacked["probs"].astype(np.float32),
@@ -44,6 +50,8 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
         held_out_accuracy=stacked["held_out_accuracy"],
         knn_vote_share=stacked["knn_vote_share"],
         probe_accuracy_epochs=stacked["probe_accuracy_epochs"],
+        **{name: stacked[name] for name in _EPOCH_ARRAYS},
+        el2n_epoch=np.array(-1 if el2n_epoch is None else el2n_epoch),
     )
     _atomic.write_parquet(out / "results.parquet", df)
     _atomic.savez(out / "per_model.npz", **arrays)
@@ -63,10 +71,27 @@ def write_results(out: Path, per_model: list[dict], data: RunData) -> dict:
     }
 
 
-def _results_table(stacked: dict, data: RunData):
+def _epoch_scores(per_model: list[dict], shape) -> dict:
+    """The per-epoch score arrays (:data:`_EPOCH_ARRAYS`), stacked ``[R, E+1, n]`` float16; a
+    model file of an older version, which lacks them, gives NaN rows (its score columns are
+    NaN, nothing is guessed)."""
+    nan = np.full(shape[1:], np.nan, np.float16)
+    return {name: np.stack([np.asarray(m.get(name, nan), np.float16) for m in per_model])
+            for name in _EPOCH_ARRAYS}
+
+
+def _el2n_epoch(data: RunData, epochs: int) -> int | None:
+    """The epoch the ``el2n`` column reads: the run's ``el2n_epoch`` (``--el2n-epoch``),
+    else its default for ``epochs`` (:func:`pdepth.scores.default_el2n_epoch`)."""
+    chosen = getattr(data.config, "el2n_epoch", None)
+    return default_el2n_epoch(epochs) if chosen is None else int(chosen)
+
+
+def _results_table(stacked: dict, data: RunData, el2n_epoch: int | None):
     """The per-example table: :func:`pdepth.metrics.summarize` with the category, the
-    dataset index and the label's name in front and the label-error evidence
-    (:func:`pdepth.label_errors.label_error_evidence`) after the label columns."""
+    dataset index and the label's name in front, the label-error evidence
+    (:func:`pdepth.label_errors.label_error_evidence`) after the label columns and the
+    difficulty scores (:func:`pdepth.scores.score_columns`) after ``iteration_learned``."""
     y = data.labels.numpy()
     df = summarize(stacked["depth"], stacked["in_train"], stacked["probs"],
                    stacked["layer_pred"], stacked["epoch_pred"], y,
@@ -80,6 +105,10 @@ def _results_table(stacked: dict, data: RunData):
     at = df.columns.get_loc("label_flipped") + 1
     for i, name in enumerate(("label_error", "label_error_score", "suggested_label")):
         df.insert(at + i, name, evidence[name])
+    scores = score_columns({**stacked, "labels": y}, el2n_epoch)
+    at = df.columns.get_loc("held_out_iteration_learned") + 1
+    for i, name in enumerate(SCORES):
+        df.insert(at + i, name, scores[name])
     df.insert(0, "dataset_index", data.dataset_index.numpy())
     df.insert(2, "label_name", [data.dataset.classes[i] for i in y])
     cat = df.pop("category")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["TrainOptions", "train_model"]
+__all__ = ["EPOCH_SCORES", "TrainOptions", "train_model"]
 
 
 @dataclass(frozen=True)
@@ -23,20 +23,47 @@ class TrainOptions:
     seed: int = 0  # of the batch order
 
 
+EPOCH_SCORES = ("label_prob", "margin", "el2n")  # history["epoch_scores"], scores=True
+
+
 @torch.no_grad()
-def predict(model, x, batch_size, device) -> torch.Tensor:
-    """The argmax prediction of ``model`` (in eval mode) on every row of ``x``."""
+def predict(model, x, batch_size, device, labels=None):
+    """The argmax prediction of ``model`` (in eval mode) on every row of ``x`` (``[n]``
+    int64). With ``labels [n]``: ``(prediction, {name: [n] float32})`` with, from the same
+    logits, the softmax probability of the label, the logit margin (the label's logit minus
+    the largest other) and the EL2N ``|softmax - onehot(label)|_2`` (:data:`EPOCH_SCORES`)."""
     was = model.training
     model.eval()
-    out = [model(x[i:i + batch_size].to(device, non_blocking=True)).argmax(1).cpu()
-           for i in range(0, x.shape[0], batch_size)]
+    preds, scores = [], []
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i:i + batch_size].to(device, non_blocking=True))
+        preds.append(logits.argmax(1).cpu())
+        if labels is not None:
+            scores.append(_label_scores(logits.float(), labels[i:i + batch_size].to(device)))
     model.train(was)
-    return torch.cat(out)
+    if labels is None:
+        return torch.cat(preds)
+    return torch.cat(preds), {name: torch.cat([s[j] for s in scores])
+                              for j, name in enumerate(EPOCH_SCORES)}
+
+
+def _label_scores(logits, labels) -> tuple[torch.Tensor, ...]:
+    """``logits [b, C]`` float32, ``labels [b]`` -> the :data:`EPOCH_SCORES`, ``[b]`` float32
+    each, on the CPU."""
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    probs = torch.softmax(logits, 1)
+    p_label = probs[rows, labels]
+    other = logits.clone()
+    other[rows, labels] = -torch.inf
+    margin = logits[rows, labels] - other.max(1).values
+    onehot = torch.nn.functional.one_hot(labels, logits.shape[1]).float()
+    el2n = (probs - onehot).norm(dim=1)
+    return p_label.cpu(), margin.cpu(), el2n.cpu()
 
 
 def train_model(model, x, y, train_index, options: TrainOptions | None = None, *,
                 device="cpu", progress=False, desc="train", held_out_labels=None,
-                snapshot=None, **settings):
+                snapshot=None, scores=False, **settings):
     """Trains ``model`` on ``x[train_index]`` and records the prediction on every row of ``x``
     at initialisation and after each epoch.
 
@@ -52,6 +79,12 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     (e.g. :class:`pdepth.protocol.convergence.ProbeCurve`); its ``epochs + 1`` results are
     ``history["snapshots"]``. It must leave the model as it found it and draw no random
     number (eval mode, ``no_grad``), so that it never changes training.
+
+    ``scores``: also record, from the same forward pass that gives ``epoch_pred``, every
+    example's probability of its label ``y``, logit margin and EL2N at initialisation and
+    after each epoch (:func:`predict`): ``history["epoch_scores"]``, ``{name: [epochs + 1,
+    n] float32}`` (the inputs of :mod:`pdepth.scores`). It reads only the logits, so it
+    never changes training either.
     """
     if options is None:
         options = TrainOptions(**settings)
@@ -71,7 +104,8 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(
         opt, T_max=options.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(int(options.seed))
-    preds = [predict(model, x, options.eval_batch_size, device)]
+    record = _Recorder(model, x, y if scores else None, options.eval_batch_size, device)
+    preds = [record()]
     history = {"loss": [], "train_accuracy": [], "held_out_accuracy": []}
     if snapshot is not None:
         history["snapshots"] = [snapshot(model)]
@@ -83,7 +117,7 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
     for _ in epochs_iter:
         perm = torch.randperm(xt.shape[0], generator=gen).to(device)
         loss = _epoch(model, (xt, yt), perm, (opt, sched), options.batch_size)
-        pred = predict(model, x, options.eval_batch_size, device)
+        pred = record()
         preds.append(pred)
         if snapshot is not None:
             history["snapshots"].append(snapshot(model))
@@ -95,7 +129,27 @@ def train_model(model, x, y, train_index, options: TrainOptions | None = None, *
             epochs_iter.set_postfix(loss=f"{history['loss'][-1]:.3f}",
                                     train=f"{history['train_accuracy'][-1]:.3f}",
                                     held_out=f"{history['held_out_accuracy'][-1]:.3f}")
+    if scores:
+        history["epoch_scores"] = {name: torch.stack(v) for name, v in record.scores.items()}
     return torch.stack(preds), history
+
+
+class _Recorder:
+    """``record()``: the prediction on every row of ``x`` (:func:`predict`), keeping the
+    :data:`EPOCH_SCORES` of each call in ``scores`` where ``labels`` are given."""
+
+    def __init__(self, model, x, labels, batch_size, device):
+        self.model, self.x, self.labels = model, x, labels
+        self.batch_size, self.device = batch_size, device
+        self.scores = {name: [] for name in EPOCH_SCORES}
+
+    def __call__(self) -> torch.Tensor:
+        if self.labels is None:
+            return predict(self.model, self.x, self.batch_size, self.device)
+        pred, scores = predict(self.model, self.x, self.batch_size, self.device, self.labels)
+        for name, v in scores.items():
+            self.scores[name].append(v)
+        return pred
 
 
 def _epoch(model, data, perm, optimizer, batch_size) -> float:
