@@ -32,6 +32,15 @@ FIGURES = {
     "examples_by_category.png": "Random examples of each category (title: label -> held-out "
                                 "networks' most frequent prediction).",
     "training.png": "Training curves of every model.",
+    "score_correlations.png": "Spearman correlation over the examples between every two "
+                              "difficulty scores (summary.json score_correlations; "
+                              "docs/scores.md); a '*' marks a score where higher means "
+                              "easier, so a negative cell between a starred and an unstarred "
+                              "score means agreement.",
+    "score_reliability.png": "Each score's stability across training seeds (summary.json "
+                             "score_reliability): the Spearman correlation between the score "
+                             "from two disjoint halves of the seeds, and its Spearman-Brown "
+                             "estimate for all seeds. Drawn only with at least 2 seeds.",
 }
 # the summary.json claims each figure shows (pdepth.summary)
 FIGURE_CLAIMS = {

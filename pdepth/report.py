@@ -145,7 +145,8 @@ FIGURE_INPUTS = {
     "label_noise.png": "summary.json",
     "examples_by_depth.png": "results.parquet, per_model.npz, data.npz or config.json",
     "examples_by_category.png": "results.parquet, per_model.npz, data.npz or config.json",
-    "training.png": "per_model.npz"}
+    "training.png": "per_model.npz", "score_correlations.png": "summary.json",
+    "score_reliability.png": "summary.json"}
 # what an edited file that no pdepth run writes makes numpy, pandas or the figures raise
 _EDITED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
@@ -469,3 +470,54 @@ class _Drawing:
         a1.legend(fontsize=7)
         fig.tight_layout()
         self.save(fig, "training.png")
+
+    def score_correlations(self) -> None:
+        entry = self.summary.get("score_correlations")
+        if not isinstance(entry, dict) or not entry.get("scores"):
+            return  # a run from before the difficulty scores
+        names = [str(n) for n in entry["scores"]]
+        harder = [bool(h) for h in entry["higher_is_harder"]]
+        matrix = np.array([[np.nan if v is None else float(v) for v in row]
+                           for row in entry["matrix"]], dtype=float)
+        size = max(5.0, 0.5 * len(names) + 2)
+        fig, ax = self.plt.subplots(figsize=(size + 1, size))
+        im = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+        labels = [n + ("" if h else " *") for n, h in zip(names, harder, strict=True)]
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(labels, fontsize=8)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6)
+        fig.colorbar(im, ax=ax, shrink=0.8, label="Spearman r")
+        ax.set_title("Difficulty scores: rank correlation over the examples\n"
+                     "(* higher = easier)", fontsize=10)
+        fig.tight_layout()
+        self.save(fig, "score_correlations.png")
+
+    def score_reliability(self) -> None:
+        entry = self.summary.get("score_reliability")
+        scores = entry.get("scores") if isinstance(entry, dict) else None
+        if not isinstance(scores, dict) or not scores:
+            return  # one seed (or a run from before the scores): nothing to compare
+        names = list(scores)
+        value = lambda v: np.nan if v is None else float(v)  # noqa: E731
+        half = [value(scores[n]["split_half"]) for n in names]
+        brown = [value(scores[n]["spearman_brown"]) for n in names]
+        x = np.arange(len(names))
+        fig, ax = self.plt.subplots(figsize=(max(6.5, 0.6 * len(names) + 2), 4))
+        ax.bar(x - 0.2, half, 0.4, label=f"split half (seeds {entry['seeds_a']} vs "
+                                        f"{entry['seeds_b']})", color="#5b6fb5")
+        ax.bar(x + 0.2, brown, 0.4, label="Spearman-Brown, all seeds", color="#e0a040")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("Spearman r")
+        ax.set_ylim(min(-0.05, np.nanmin(half + brown + [0.0]) - 0.05), 1.0)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title("Difficulty scores: stability across seeds")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        self.save(fig, "score_reliability.png")

@@ -114,6 +114,7 @@ def report_html(d, figures, acc_tr, acc_ho) -> str:
 <h2>Probes</h2><table><tr><th>#</th><th>probe</th><th>dim</th><th>k-NN acc. train</th>
 <th>k-NN acc. held out</th></tr>{_probe_rows(names, res, acc_tr, acc_ho)}</table>
 <h2>Time and memory per stage</h2>{_stages_html(cfg)}
+<h2>Difficulty scores</h2>{_scores_section(_dict(d.summary))}
 <h2>Figures</h2>{figs}
 <h2>Label errors</h2>{_label_errors(_dict(d.summary).get('label_errors'), d.improve)}
 <h2>Settings</h2><table>{_rows(c.items(), as_json=True)}</table>
@@ -256,6 +257,40 @@ def _stages_html(cfg) -> str:
 _VARIANT_COLUMNS = (("test_accuracy", ".4f"), ("test_accuracy_std", ".4f"),
                     ("train_examples", "d"), ("flagged", "d"), ("precision", ".3f"),
                     ("recall", ".3f"), ("f1", ".3f"))
+
+
+def _scores_section(summary: dict) -> str:
+    """Prediction depth among the field's difficulty scores (docs/scores.md): per score its
+    orientation, its Spearman correlation with the held-out depth (``score_correlations``)
+    and its stability across seeds (``score_reliability``), every value escaped."""
+    corr, rel = _dict(summary.get("score_correlations")), _dict(summary.get("score_reliability"))
+    names = _list(corr.get("scores"))
+    if not names:
+        return "<p>This run has no difficulty scores (a run of an older version).</p>"
+    harder, matrix = _list(corr.get("higher_is_harder")), _list(corr.get("matrix"))
+    at = names.index("held_out_depth") if "held_out_depth" in names else None
+    per = _dict(rel.get("scores"))
+    rows = ""
+    for i, name in enumerate(names):
+        row = _list(matrix[i]) if i < len(matrix) else []
+        with_depth = row[at] if at is not None and at < len(row) else None
+        orient = harder[i] if i < len(harder) else None
+        shown = ("harder" if orient else "easier") if isinstance(orient, bool) else orient
+        r = _dict(per.get(name)) if isinstance(name, str) else {}
+        rows += (f"<tr><td>{_text(name)}</td><td>{_text(shown)}</td>"
+                 f"<td>{_number(with_depth, '+.3f')}</td>"
+                 f"<td>{_number(r.get('split_half'), '+.3f')}</td>"
+                 f"<td>{_number(r.get('spearman_brown'), '+.3f')}</td></tr>")
+    reason = rel.get("reason")
+    note = (f"<p>Stability across seeds: {_text(reason)}.</p>" if reason else
+            f"<p>Stability: the score from seeds {_text(rel.get('seeds_a'))} against seeds "
+            f"{_text(rel.get('seeds_b'))} (Spearman over the examples), and the Spearman-Brown "
+            "estimate for all seeds.</p>")
+    return ("<p>The field's per-example difficulty scores next to prediction depth "
+            "(results.parquet columns; definitions, orientation and the models each uses: "
+            "docs/scores.md).</p>" + note
+            + "<table><tr><th>score</th><th>higher =</th><th>Spearman with held_out_depth</th>"
+              "<th>split-half r</th><th>Spearman-Brown</th></tr>" + rows + "</table>")
 
 
 def _label_errors(errors: dict | None, improve: dict | None) -> str:
