@@ -65,6 +65,34 @@ def test_html_has_every_section_and_figure(synthetic_run):
     assert "Prediction depth: cnn on fashion-mnist" in page
 
 
+def test_difficulty_scores_section(synthetic_run):
+    """The scores' table: per score its orientation, its correlation with the held-out depth
+    and its stability across seeds, from summary.json."""
+    page = (synthetic_run / "report.html").read_text()
+    summary = json.loads((synthetic_run / "summary.json").read_text())
+    assert "<h2>Difficulty scores</h2>" in page
+    corr, rel = summary["score_correlations"], summary["score_reliability"]
+    at = corr["scores"].index("held_out_depth")
+    for i, name in enumerate(corr["scores"]):
+        orient = "harder" if corr["higher_is_harder"][i] else "easier"
+        r = corr["matrix"][i][at]
+        shown = "n/a" if r is None else format(r, "+.3f")
+        half = rel["scores"][name]["split_half"]
+        assert (f"<tr><td>{name}</td><td>{orient}</td><td>{shown}</td>"
+                f"<td>{'n/a' if half is None else format(half, '+.3f')}</td>") in page, name
+
+
+def test_one_seed_reliability_says_why(synthetic_run, tmp_path):
+    out = copy_run(synthetic_run, tmp_path)
+    _edit_json(out, "summary.json", lambda s: s["score_reliability"].update(
+        scores=None, reason="the run has 1 seed: two disjoint halves need at least 2"))
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "Stability across seeds: the run has 1 seed" in page
+    assert 'src="figures/score_reliability.png"' not in page  # not drawn: nothing to show
+    assert 'src="figures/score_correlations.png"' in page
+
+
 def test_each_claim_figure_has_its_summary_caption(synthetic_run):
     page = (synthetic_run / "report.html").read_text()
     claims = json.loads((synthetic_run / "summary.json").read_text())["claims"]
@@ -286,6 +314,10 @@ def _hostile_summary(summary):
     summary["label_errors"] = {"flagged": JS, "flipped": {"n": JS}, "precision": JS,
                                "recall": [JS], "f1": JS, "relabel_correct": JS,
                                "true_positives": JS}
+    # the difficulty scores: a name, the seeds and a row the figures still draw
+    summary["score_correlations"]["scores"][0] = JS
+    summary["score_correlations"]["higher_is_harder"][1] = JS
+    summary["score_reliability"].update(seeds_a=[JS], reason=JS)
 
 
 def _hostile_improve(improve):

@@ -14,7 +14,13 @@ from scipy.stats import spearmanr
 import pdepth
 from pdepth.label_errors import label_error_evidence
 from pdepth.metrics import summarize
-from pdepth.summary import claims_summary, spearman
+from pdepth.summary import (
+    SCORE_COLUMNS,
+    claims_summary,
+    score_correlations,
+    score_reliability,
+    spearman,
+)
 
 CORRELATIONS = {  # entry -> (x column, y column, paper direction)
     "depth_vs_accuracy": ("held_out_depth", "held_out_accuracy_original", "negative"),
@@ -186,3 +192,85 @@ def test_spearman_helper():
     assert n == 4 and rho == pytest.approx(spearmanr(x[:4], y[:4]).statistic)
     assert np.isnan(spearman([1, 2, 3], [5, 5, 5])[0])
     assert np.isnan(spearman([1, 2], [3, 4])[0])
+
+
+@needs_fmnist
+def test_score_correlations_match_scipy(run):
+    df, _, summary = _load(run)
+    corr = summary["score_correlations"]
+    assert corr["scores"] == list(SCORE_COLUMNS)  # a run has every score column
+    assert corr["higher_is_harder"] == [SCORE_COLUMNS[c] for c in corr["scores"]]
+    for i, a in enumerate(corr["scores"]):
+        for j, b in enumerate(corr["scores"]):
+            ok = np.isfinite(df[a].to_numpy(float)) & np.isfinite(df[b].to_numpy(float))
+            x, y = df.loc[ok, a], df.loc[ok, b]
+            value = corr["matrix"][i][j]
+            if x.nunique() < 2 or y.nunique() < 2:  # constant (e.g. 1 epoch: no forgetting)
+                assert value is None, (a, b)
+            else:
+                assert value == pytest.approx(spearmanr(x, y).statistic, abs=1e-9), (a, b)
+                assert corr["n_examples"][i][j] == ok.sum()
+    rel = summary["score_reliability"]
+    assert rel["seeds_a"] == [0] and rel["seeds_b"] == [1] and rel["reason"] is None
+    assert set(rel["scores"]) == set(SCORE_COLUMNS)
+
+
+def _with_epoch_scores(n=40):
+    """The synthetic ensemble (4 models: seeds 0, 0, 1, 1) with per-epoch scores where each
+    seed's value is known for every example: el2n ranks the examples 0..n-1 under seed 0 and
+    with neighbours swapped under seed 1; the margin reverses them; p(y) is a monotone map
+    of the same order; it never varies across epochs."""
+    depth, in_train, probs, layer_pred, epoch_pred, labels = ensemble(n)
+    a = np.arange(n, dtype=np.float64)
+    b = a.reshape(-1, 2)[:, ::-1].reshape(-1)  # 1, 0, 3, 2, ...
+    per_seed = lambda v0, v1: np.stack([v0, v0, v1, v1])[:, None, :].repeat(  # noqa: E731
+        epoch_pred.shape[1], 1)
+    p = 0.05 + 0.9 * a / n
+    arrays = {"depth": depth, "in_train": in_train, "probs": probs, "layer_pred": layer_pred,
+              "epoch_pred": epoch_pred, "labels": labels, "seeds": np.array([0, 0, 1, 1]),
+              "epoch_el2n": per_seed(a, b), "epoch_margin": per_seed(a, -a),
+              "epoch_label_prob": per_seed(p, p**2), "el2n_epoch": np.array(2)}
+    return arrays, a, b
+
+
+def test_score_reliability_on_a_constructed_case():
+    arrays, a, b = _with_epoch_scores()
+    rel = score_reliability(arrays)
+    assert rel["seeds_a"] == [0] and rel["seeds_b"] == [1] and rel["reason"] is None
+    got = rel["scores"]
+    r = spearmanr(a, b).statistic  # 1 - 6 * 40 / (40 * 1599): every neighbour swapped
+    assert r == pytest.approx(1 - 6 / 1599)
+    assert got["el2n"]["split_half"] == pytest.approx(r)
+    assert got["el2n"]["spearman_brown"] == pytest.approx(2 * r / (1 + r))
+    assert got["el2n"]["n_examples"] == 40
+    # reversed under the other seeds: r = -1, whose Spearman-Brown estimate is undefined
+    assert got["aum"]["split_half"] == pytest.approx(-1.0)
+    assert got["aum"]["spearman_brown"] is None
+    # a monotone map of the same order: perfectly stable
+    assert got["data_map_confidence"]["split_half"] == pytest.approx(1.0)
+    assert got["data_map_confidence"]["spearman_brown"] == pytest.approx(1.0)
+    # no variation over the epochs: a constant score has no rank correlation
+    assert got["data_map_variability"] == {"split_half": None, "spearman_brown": None,
+                                           "n_examples": 40}
+    json.dumps(rel)
+
+
+def test_score_reliability_halves_and_one_seed():
+    arrays, _, _ = _with_epoch_scores()
+    arrays["seeds"] = np.array([3, 3, 1, 1])  # sorted: seeds 1 then 3
+    assert (score_reliability(arrays)["seeds_a"], score_reliability(arrays)["seeds_b"]) == \
+        ([1], [3])
+    one = {k: (v[:2] if k not in ("labels", "el2n_epoch") else v) for k, v in arrays.items()}
+    rel = score_reliability(one)
+    assert rel["scores"] is None and rel["seeds_b"] == []
+    assert "1 seed" in rel["reason"] and "at least 2" in rel["reason"]
+
+
+def test_score_correlations_of_a_table_without_the_scores():
+    """A table of an older run: only the columns it has, each with itself 1."""
+    import pandas as pd
+
+    table = pd.DataFrame({"held_out_depth": [0.0, 1, 2, 3], "margin": [0.9, 0.5, 0.7, 0.1]})
+    corr = score_correlations(table)
+    assert corr["scores"] == ["held_out_depth", "margin"]
+    assert corr["matrix"] == [[1.0, pytest.approx(-0.8)], [pytest.approx(-0.8), 1.0]]
