@@ -135,7 +135,8 @@ def test_improve_results_and_runs_without_summary(synthetic_run, tmp_path):
     assert "Paper:" not in page and "has no summary.json" in page
     for name in FIGURES:
         assert (f'<img src="figures/{name}"' in page) == (name not in (
-            "vote_shares.png", "convergence.png", "label_noise.png")), name
+            "vote_shares.png", "convergence.png", "label_noise.png",
+            "score_correlations.png", "score_reliability.png")), name
 
 
 def test_no_temporary_files_are_left(synthetic_run):
