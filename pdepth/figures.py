@@ -32,6 +32,11 @@ FIGURES = {
     "examples_by_category.png": "Random examples of each category (title: label -> held-out "
                                 "networks' most frequent prediction).",
     "training.png": "Training curves of every model.",
+    "pruning.png": "Pruning curves (pdepth prune, prune.json): test accuracy after retraining "
+                   "on the fraction of the examples each score keeps, per mode (easiest or "
+                   "hardest removed, stratified), mean and std over the retraining seeds; "
+                   "the random baseline dashed, all examples in gray. Drawn only where "
+                   "pdepth prune ran.",
 }
 # the summary.json claims each figure shows (pdepth.summary)
 FIGURE_CLAIMS = {

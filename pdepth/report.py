@@ -145,7 +145,7 @@ FIGURE_INPUTS = {
     "label_noise.png": "summary.json",
     "examples_by_depth.png": "results.parquet, per_model.npz, data.npz or config.json",
     "examples_by_category.png": "results.parquet, per_model.npz, data.npz or config.json",
-    "training.png": "per_model.npz"}
+    "training.png": "per_model.npz", "pruning.png": "prune.json"}
 # what an edited file that no pdepth run writes makes numpy, pandas or the figures raise
 _EDITED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
@@ -469,3 +469,14 @@ class _Drawing:
         a1.legend(fontsize=7)
         fig.tight_layout()
         self.save(fig, "training.png")
+
+    def pruning(self) -> None:
+        """figures/pruning.png and the report's section, where pdepth prune ran."""
+        from .prune_report import draw_pruning, prune_html
+
+        path = self.figdir.parent / "prune.json"
+        prune = json.loads(path.read_text()) if path.exists() else None
+        self.prune_html = prune_html(prune)
+        if prune is not None and draw_pruning(prune, self.figdir / "pruning.png",
+                                              self.pending):
+            self.drawn.append("pruning.png")
