@@ -3,7 +3,8 @@ the modules drawing them needs. Data only, imported by the report that draws the
 run folder's rules (:mod:`pdepth.protocol.outdir`: which file names are pdepth's), which the
 report applies in turn: so it imports nothing of pdepth's."""
 
-__all__ = ["FIGURES", "FIGURE_CLAIMS", "REPORT_DEPENDENCIES", "SCORE_FIGURES", "is_figure_name"]
+__all__ = ["FIGURES", "FIGURE_CLAIMS", "PRUNE_FIGURES", "REPORT_DEPENDENCIES", "SCORE_FIGURES",
+           "is_figure_name"]
 
 REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
 
@@ -32,11 +33,13 @@ FIGURES = {
     "examples_by_category.png": "Random examples of each category (title: label -> held-out "
                                 "networks' most frequent prediction).",
     "training.png": "Training curves of every model.",
+}
+# drawn into a run's report only where `pdepth prune` ran (pdepth.prune_report)
+PRUNE_FIGURES = {
     "pruning.png": "Pruning curves (pdepth prune, prune.json): test accuracy after retraining "
                    "on the fraction of the examples each score keeps, per mode (easiest or "
                    "hardest removed, stratified), mean and std over the retraining seeds; "
-                   "the random baseline dashed, all examples in gray. Drawn only where "
-                   "pdepth prune ran.",
+                   "the random baseline dashed, all examples in gray.",
 }
 # the summary.json claims each figure shows (pdepth.summary)
 FIGURE_CLAIMS = {
@@ -64,4 +67,4 @@ SCORE_FIGURES = {
 
 def is_figure_name(name: str) -> bool:
     """Whether ``figures/name`` is a figure pdepth draws (a run's or a score's)."""
-    return name in FIGURES or name in SCORE_FIGURES
+    return name in FIGURES or name in SCORE_FIGURES or name in PRUNE_FIGURES

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._atomic import PendingFiles, names_file
 from .categories import CATEGORIES
-from .figures import FIGURE_CLAIMS, FIGURES, REPORT_DEPENDENCIES
+from .figures import FIGURE_CLAIMS, FIGURES, PRUNE_FIGURES, REPORT_DEPENDENCIES
 from .metrics import layer_accuracy
 from .report_html import report_html
 
@@ -145,7 +145,7 @@ FIGURE_INPUTS = {
     "label_noise.png": "summary.json",
     "examples_by_depth.png": "results.parquet, per_model.npz, data.npz or config.json",
     "examples_by_category.png": "results.parquet, per_model.npz, data.npz or config.json",
-    "training.png": "per_model.npz", "pruning.png": "prune.json"}
+    "training.png": "per_model.npz"}
 # what an edited file that no pdepth run writes makes numpy, pandas or the figures raise
 _EDITED = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
@@ -163,9 +163,13 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
         with _edited(out, f"figures/{name}", FIGURE_INPUTS[name]):
             drawn = getattr(d, name.removesuffix(".png"))()
         acc = drawn if name == "layer_knn.png" else acc
+    with _edited(out, "figures/pruning.png", "prune.json", "pdepth prune",
+                 f"rerun `pdepth prune {out} ...`"):
+        d.pruning()  # where pdepth prune ran
     acc_tr, acc_ho = acc
     html_path = pending.tmp(figdir.parent / "report.html")
-    figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
+    captions = {**FIGURES, **PRUNE_FIGURES}
+    figures = [(name, captions[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
     with _edited(out, "report.html", "the run's files"):
         page = report_html(d, figures, acc_tr, acc_ho)
     with names_file(figdir.parent / "report.html"):  # a full disk names no file

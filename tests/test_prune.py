@@ -158,15 +158,25 @@ ARGS = dict(scores="held_out_depth,margin,random", keep=(0.5,), modes=("remove_e
             seeds=(0,), progress=False, log=None)
 
 
-def test_prune_writes_prune_json_npy_and_figure(tiny_run, tmp_path, events):
+def test_prune_writes_prune_json_npy_and_figure(tiny_run, tmp_path, events, monkeypatch):
     run_dir = copy_run(tiny_run, tmp_path)
+    real_split = improve_mod.load_test_split
+    written = []  # the subsets on disk when the test split is read
+
+    def split(r):
+        written.extend(sorted(p.name for p in (run_dir / "prune").iterdir()))
+        return real_split(r)
+
+    monkeypatch.setattr(improve_mod, "load_test_split", split)
     res = prune_mod.prune(run_dir, **ARGS)
     df = pd.read_parquet(run_dir / "results.parquet")
     n = len(df)
-    # the test split is read once, after every subset is written, and before the 1st training
-    assert [e for e in events if isinstance(e, str)] == ["load train", "load test"]
-    assert events.index("load test") == 1 and events[0] == "load train"
-    assert [e[1] for e in events[2:]] == [n, 100, 100]  # full, held_out_depth, margin, random
+    # the test split is read once, after every subset is written, before the 1st training
+    assert events[:2] == ["load train", "load test"]
+    assert [e for e in events[2:] if isinstance(e, str)] == []
+    assert written == ["held_out_depth-remove_easy-0.5.npy", "margin-remove_easy-0.5.npy",
+                       "random-uniform-0.5.npy"]
+    assert [e[1] for e in events[2:]] == [n, 100, 100, 100]  # full, the 2 scores, random
     # prune/*.npy: the dataset_index values the score and mode select, recomputed here
     for col, harder in (("held_out_depth", "higher"), ("margin", "lower")):
         rows = _by_sort(df[col].to_numpy(float), harder, "remove_easy", 100, 0)
