@@ -71,6 +71,13 @@ HARDER = {
     "first_learned": "higher", "data_map_confidence": "lower",
 }
 NAME = re.compile(r"[A-Za-z0-9_]+")  # a score's name: safe in a file name
+SELECTION_RULE = (
+    "keep m = round(f * n) (at least 1); hardness h = score (higher = harder) or -score "
+    "(lower = harder), NaN the hardest; ties by the draw u = place in "
+    "numpy.random.default_rng(selection_seed).permutation(n); remove_easy keeps the m "
+    "largest (h, u), remove_hard the m smallest, random the m smallest u; stratified: "
+    "bins equal-width bins of [min, max] (NaN one more bin), visited smallest first, each "
+    "giving min(size, M // bins left) of smallest u (docs/prune.md)")
 
 
 @dataclass(frozen=True)
@@ -274,7 +281,7 @@ def _prune(out: Path, *, scores, keep, modes, seeds, epochs, device, model, bins
                     "initial weights, Adam with a cosine schedule for the epochs "
                     "(pdepth.protocol.train_model), batch order seeded with seed",
     }
-    result["selection"] = __doc__.split("Selection of ", 1)[1].split("\n\nEach (score", 1)[0]
+    result["selection"] = SELECTION_RULE
     result["test_split"] = {"dataset": r.info.name, "split": "test", "root": str(r.root),
                             "used_for": "evaluation only: every subset comes from the run's "
                                         "examples (training split) and results.parquet"}

@@ -203,7 +203,7 @@ def test_prune_resumes_per_job(tiny_run, tmp_path, events, monkeypatch):
     real = improve_mod.train_and_test
 
     def interrupted(*args, **kwargs):
-        if sum(isinstance(e, tuple) for e in events) == 2:
+        if sum(isinstance(e, tuple) for e in events) == 1:  # after one job
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -294,3 +294,45 @@ def test_cli_end_to_end(tiny_run, tmp_path, capsys, events):
     from pdepth.protocol.outdir import foreign_entries
 
     assert foreign_entries(run_dir) == [] and (run_dir / "figures" / "pruning.png").exists()
+
+
+# --- the report's section and figure, from a hand-built prune.json ---------------------------
+
+PRUNE_JSON = {
+    "full": {"kept": 10, "test_accuracy": 0.8, "test_accuracy_std": 0.01},
+    "scores": {
+        "held_out_depth": {"harder": "higher", "modes": {"remove_easy": {
+            "0.9": {"fraction": 0.9, "test_accuracy": 0.79, "test_accuracy_std": 0.02},
+            "0.5": {"fraction": 0.5, "test_accuracy": 0.7, "test_accuracy_std": 0.03}}}},
+        "random": {"harder": None, "modes": {"uniform": {
+            "0.5": {"fraction": 0.5, "test_accuracy": 0.72, "test_accuracy_std": 0.0}}}}},
+    "settings": {"seeds": [0, 1], "epochs": 2}}
+
+
+def test_prune_report_curves_table_and_figure(tmp_path):
+    from pdepth._atomic import PendingFiles
+    from pdepth.prune_report import curves, draw_pruning, prune_html
+
+    lines = curves(PRUNE_JSON)
+    assert lines == {"remove_easy": [("held_out_depth", [0.5, 0.9], [0.7, 0.79], [0.03, 0.02])],
+                     "random": [("random", [0.5], [0.72], [0.0])]}
+    page = prune_html(PRUNE_JSON)
+    assert "<td>held_out_depth</td><td>remove_easy</td><td>0.7000 ± 0.0300</td>" in page
+    assert "All 10 examples: 0.8000 ± 0.0100" in page
+    pending = PendingFiles()
+    assert draw_pruning(PRUNE_JSON, tmp_path / "pruning.png", pending)
+    pending.replace_all()
+    assert (tmp_path / "pruning.png").read_bytes().startswith(b"\x89PNG")
+    assert not draw_pruning({"scores": {}}, tmp_path / "none.png", PendingFiles())
+
+
+def test_prune_html_escapes_an_edited_file():
+    from pdepth.prune_report import curves, prune_html
+
+    edited = {"scores": {"<script>x</script>": {"modes": {"<b>": {
+        "0.5": {"fraction": "0.5<", "test_accuracy": "<i>", "test_accuracy_std": {}}}}}},
+        "full": {"kept": "<u>"}, "settings": {"seeds": "<s>"}}
+    page = prune_html(edited)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<i>" not in page
+    assert curves(edited) == {}  # no number, no curve
+    assert "pdepth prune RUN_DIR" in prune_html(None)
