@@ -250,7 +250,8 @@ def test_prune_missing_default_scores_skipped_in_one_line(tiny_run, tmp_path, mo
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--scores", "el2n_typo"], "has no column el2n_typo"),
+    (["--scores", "el2n_typo:higher"], "has no column el2n_typo"),
+    (["--scores", "el2n_typo"], "el2n_typo:higher (higher = harder)"),
     (["--scores", "label_name:higher"], "not numeric"),
     (["--keep", "0.5,2"], "--keep"),
     (["--remove", "middle"], "--remove"),
