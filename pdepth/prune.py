@@ -251,10 +251,12 @@ def _prune(out: Path, *, scores, keep, modes, seeds, epochs, device, model, bins
     t0 = time.perf_counter()
     warn = log or (lambda msg: print(msg, file=sys.stderr, flush=True))  # even when quiet
     log = log or (lambda msg: None)
-    plan = _plan(out, scores, keep, modes, bins, selection_seed, warn)
+    plan = _plan(out, scores, keep, modes, bins, selection_seed)
     seeds = check_seeds([seeds] if isinstance(seeds, int) else list(seeds))
     r = _improve.retraining(plan.run, epochs=epochs, device=device, model=model,
                             command="pdepth prune")
+    if plan.skipped_line:  # every input is checked now: a warning, not an error
+        warn(plan.skipped_line)
     data_sha256 = data_identity(r.images.numpy(), plan.run.labels)
     base = _settings_key(r, data_sha256)
     # Every subset is fixed now, from results.parquet alone; written before any training.
@@ -298,9 +300,10 @@ class _Plan:
     keep: list[float]
     modes: list[str]
     subsets: dict  # job name -> kept rows (int64, ascending), the baseline first
+    skipped_line: str | None = None  # the one line saying which default scores are missing
 
 
-def _plan(out: Path, scores, keep, modes, bins, selection_seed, warn) -> _Plan:
+def _plan(out: Path, scores, keep, modes, bins, selection_seed) -> _Plan:
     """Every subset, from the run's files alone; every input checked first."""
     default = scores is None
     scores = parse_scores(DEFAULT_SCORES if default else scores)
@@ -323,12 +326,12 @@ def _plan(out: Path, scores, keep, modes, bins, selection_seed, warn) -> _Plan:
     if missing and not default:
         raise ValueError(f"--scores: {out / 'results.parquet'} has no column "
                          f"{', '.join(missing)}; its numeric columns: {', '.join(numeric)}")
-    skipped = {}
+    skipped, line = {}, None
     if missing:
         known = [c for c in numeric if c in HARDER]
-        warn(f"pdepth prune: skipping {', '.join(missing)} (not in this run's "
-             f"results.parquet, from an earlier pdepth); score columns here: "
-             f"{', '.join(known)}")
+        line = (f"pdepth prune: skipping {', '.join(missing)} (not in this run's "
+                f"results.parquet, from an earlier pdepth); score columns here: "
+                f"{', '.join(known)}")
         skipped = {name: "not in results.parquet" for name in missing}
         scores = [s for s in scores if s.name not in missing]
     for s in scores:
@@ -345,7 +348,7 @@ def _plan(out: Path, scores, keep, modes, bins, selection_seed, warn) -> _Plan:
             for f in keep:
                 subsets[_name(s.name, mode, f)] = select(values, s.harder, mode, f,
                                                          seed=selection_seed, bins=bins)
-    return _Plan(run, scores, skipped, keep, modes, subsets)
+    return _Plan(run, scores, skipped, keep, modes, subsets, line)
 
 
 def _name(score: str, mode: str, fraction: float) -> str:
