@@ -186,7 +186,50 @@ def _parser() -> argparse.ArgumentParser:
                      help="a run of your own --model: name it again (it must equal the "
                           "run's; nothing named in a run folder is imported on its own)")
     imp.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    _prune_parser(sub)
     return p
+
+
+def _prune_parser(sub) -> None:
+    """``pdepth prune``'s flags (docs/prune.md)."""
+    from .prune import DEFAULT_BINS, DEFAULT_KEEP, DEFAULT_SCORES
+
+    pr = sub.add_parser(
+        "prune", help="pruning curves: retrain on the examples a score keeps; test accuracy",
+        description="Retrain the run's architecture on subsets of the run's examples chosen "
+                    "by score columns of results.parquet (the easiest or hardest removed, or "
+                    "a stratified draw), and on all of them, once per seed; evaluate each on "
+                    "the dataset's test split and write DIR/prune.json, DIR/prune/*.npy "
+                    "(the kept dataset_index values) and figures/pruning.png. Resumable. "
+                    "See docs/prune.md.")
+    pr.add_argument("dir", help="a finished directory written by `pdepth run`")
+    pr.add_argument("--scores", default=None,
+                    help="comma-separated score columns of results.parquet, each optionally "
+                         "NAME:higher or NAME:lower (which end is hard), and random (default: "
+                         f"{','.join(DEFAULT_SCORES)}; those missing from the run skipped)")
+    pr.add_argument("--keep", default=",".join(map(str, DEFAULT_KEEP)),
+                    help="fractions of the examples kept, in (0, 1] (default: %(default)s)")
+    pr.add_argument("--remove", default="easy,hard",
+                    help="which end each score removes: easy, hard, easy,hard or none "
+                         "(default: %(default)s)")
+    pr.add_argument("--stratified", action="store_true",
+                    help="also a coverage-preserving selection: equal draws over --bins "
+                         "equal-width bins of the score (CCS-style; docs/prune.md)")
+    pr.add_argument("--bins", type=int, default=DEFAULT_BINS,
+                    help="--stratified's bins (default: %(default)s)")
+    pr.add_argument("--seeds", type=_seeds, default=[0, 1, 2],
+                    help="retraining seeds: a count (3 = seeds 0,1,2) or a comma-separated "
+                         "list (default: 3)")
+    pr.add_argument("--selection-seed", type=int, default=0,
+                    help="the seeded draw breaking ties in a score and drawing the random "
+                         "baseline (default: %(default)s)")
+    pr.add_argument("--epochs", type=int, default=None,
+                    help="training epochs of every subset (default: the run's)")
+    pr.add_argument("--device", default="cpu",
+                    help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    pr.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                    help="a run of your own --model: name it again (as pdepth improve)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
 def _score_parser(sub, d) -> None:
@@ -275,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             return _improve(args, argv)
         if args.command == "score":
             return _score(args)
+        if args.command == "prune":
+            return _prune(args, argv)
         return _report(args.dir) if args.command == "report" else _run(args)
     except (OutputExistsError, MissingDependencyError, ValueError, OSError) as exc:
         _err(exc)  # errors the user can fix, caught before anything is half-written
@@ -435,6 +480,26 @@ def _improve(args, argv) -> int:
 
             write_report(args.dir)
     print(Path(args.dir) / IMPROVE_FILE)
+    return 0
+
+
+def _prune(args, argv) -> int:
+    """``pdepth prune DIR``: :func:`pdepth.prune.prune` (every input checked before anything
+    is written, the folder's lock held throughout), then the path of prune.json."""
+    import shlex
+    from pathlib import Path
+
+    from .prune import PRUNE_FILE, parse_modes, prune
+
+    _check_improve(args)  # --epochs, --seeds: as improve's
+    modes = parse_modes(args.remove, args.stratified)
+    words = sys.argv[1:] if argv is None else list(argv)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    prune(args.dir, scores=args.scores, keep=args.keep, modes=modes, seeds=args.seeds,
+          epochs=args.epochs, device=args.device, model=args.model, bins=args.bins,
+          selection_seed=args.selection_seed, progress=not args.quiet, log=log,
+          command=shlex.join(["pdepth", *words]))
+    print(Path(args.dir) / PRUNE_FILE)
     return 0
 
 

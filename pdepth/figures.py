@@ -3,7 +3,8 @@ the modules drawing them needs. Data only, imported by the report that draws the
 run folder's rules (:mod:`pdepth.protocol.outdir`: which file names are pdepth's), which the
 report applies in turn: so it imports nothing of pdepth's."""
 
-__all__ = ["FIGURES", "FIGURE_CLAIMS", "REPORT_DEPENDENCIES", "SCORE_FIGURES", "is_figure_name"]
+__all__ = ["FIGURES", "FIGURE_CLAIMS", "PRUNE_FIGURES", "REPORT_DEPENDENCIES", "SCORE_FIGURES",
+           "is_figure_name"]
 
 REPORT_DEPENDENCIES = ("pandas", "pyarrow", "matplotlib")
 
@@ -42,6 +43,13 @@ FIGURES = {
                              "from two disjoint halves of the seeds, and its Spearman-Brown "
                              "estimate for all seeds. Drawn only with at least 2 seeds.",
 }
+# drawn into a run's report only where `pdepth prune` ran (pdepth.prune_report)
+PRUNE_FIGURES = {
+    "pruning.png": "Pruning curves (pdepth prune, prune.json): test accuracy after retraining "
+                   "on the fraction of the examples each score keeps, per mode (easiest or "
+                   "hardest removed, stratified), mean and std over the retraining seeds; "
+                   "the random baseline dashed, all examples in gray.",
+}
 # the summary.json claims each figure shows (pdepth.summary)
 FIGURE_CLAIMS = {
     "metrics_vs_depth.png": ("depth_vs_accuracy", "depth_vs_agreement", "depth_vs_confidence",
@@ -68,4 +76,4 @@ SCORE_FIGURES = {
 
 def is_figure_name(name: str) -> bool:
     """Whether ``figures/name`` is a figure pdepth draws (a run's or a score's)."""
-    return name in FIGURES or name in SCORE_FIGURES
+    return name in FIGURES or name in SCORE_FIGURES or name in PRUNE_FIGURES

@@ -38,8 +38,9 @@ import torch
 
 from . import _atomic
 
-__all__ = ["IMPROVE_FILE", "REQUIRED_FILES", "VARIANTS", "Variant", "flag_metrics",
-           "heldout_probs", "improve", "load_run", "plan_variants"]
+__all__ = ["IMPROVE_FILE", "REQUIRED_FILES", "VARIANTS", "Retraining", "Variant",
+           "flag_metrics", "heldout_probs", "improve", "load_run", "load_test_split",
+           "plan_variants", "retraining", "train_and_test"]
 
 IMPROVE_FILE = "improve.json"
 REQUIRED_FILES = ("results.parquet", "per_model.npz", "config.json")
@@ -298,31 +299,40 @@ def improve(run_dir: str | os.PathLike, *, epochs: int | None = None, device: st
                         cleanlab=cleanlab, seeds=seeds, log=log, command=command, model=model)
 
 
-def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command, model):
-    from .data import dataset_info, normalize_images
-    from .models import make_model
-    from .protocol.config import DEVICE, resolve_device
-    from .protocol.errors import require_modules
-    from .protocol.train import predict, train_model
+@dataclass
+class Retraining:
+    """What retraining the run's network on rows of its examples needs (:func:`retraining`):
+    the run, its training settings (``options``), the device, the network (``arch`` or the
+    user's ``model``), the dataset (``info``, ``root``, ``loader_options``) and the run's
+    examples' images (uint8 ``[N, H, W]`` or ``[N, H, W, C]``, rows of ``run``)."""
 
-    t0 = time.perf_counter()
-    seeds = [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(x) for x in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds (--seeds) must name distinct training seeds, got {seeds}")
+    run: RunFiles
+    options: object  # pdepth.protocol.train.TrainOptions
+    device: torch.device
+    arch: str | None
+    model: str | None
+    info: object  # pdepth.data.DatasetInfo
+    root: str
+    loader_options: dict
+    images: torch.Tensor
+
+
+def retraining(run: RunFiles, *, epochs: int | None, device: str, model: str | None,
+               command: str = "pdepth improve") -> Retraining:
+    """Every check of retraining ``run``'s network (``epochs``, default the run's;
+    ``device``; the user's ``model`` named again, :func:`_network`; the dataset and its
+    classes) and the run's examples read from the dataset's training split (checked against
+    data.npz). Reads nothing of the test split (:func:`load_test_split` does, later)."""
+    from .data import dataset_info
+    from .protocol.config import DEVICE, resolve_device
+
     if not DEVICE.fullmatch(str(device)):
         raise ValueError(f"device (--device) must be cpu, cuda, cuda:N or auto, got {device!r}")
-    user_log = log
-    warn = log or (lambda msg: print(msg, file=sys.stderr, flush=True))  # even when quiet
-    log = log or (lambda msg: None)
-    run = load_run(run_dir)
     cfg = run.config.get("config", {})
     options = _train_options(run, epochs)
-    epochs = options.epochs
     dev = resolve_device(device)
-    if progress:
-        require_modules(["tqdm"], "pdepth improve")
     if cfg.get("data_sha256"):
-        raise ValueError(f"{run.out}: the run's data came from a Python Dataset; pdepth improve "
+        raise ValueError(f"{run.out}: the run's data came from a Python Dataset; {command} "
                          "needs a dataset of the table (its test split)")
     dataset, root, image_size, loader_options = _dataset_settings(run)
     info = dataset_info(dataset, root, image_size)
@@ -330,16 +340,69 @@ def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command
     if info.classes and info.num_classes != run.num_classes:
         raise ValueError(f"{run.out}: the run has {run.num_classes} classes (per_model.npz "
                          f"probs) but {info.name} at {root} has {info.num_classes}")
-    arch, user_model = _network(run, model)  # the last check: it imports the user's module
-    train_images, train_labels = info.load(root, "train", **loader_options)
-
+    arch, user_model = _network(run, model, command)  # the last check: imports the user's module
+    train_images, _ = info.load(root, "train", **loader_options)
     # The run's examples: images of the training split, by dataset_index (checked against
     # the run's own copy in data.npz where there is one).
     if run.dataset_index.min() < 0 or run.dataset_index.max() >= train_images.shape[0]:
         raise ValueError(f"{run.out}: dataset_index outside the {info.name} training split")
     images = train_images[torch.as_tensor(run.dataset_index)]
     _check_run_images(run, images)
-    num_classes = run.num_classes
+    return Retraining(run, options, dev, arch, user_model, info, root, loader_options, images)
+
+
+def load_test_split(r: Retraining):
+    """``(x_all, x_test, test_labels, info)``: the run's examples and the dataset's test
+    split normalised with the run's statistics (float32 ``[n, C, H, W]``), the test labels
+    (int64) and the dataset entry with those statistics. Call it only once every training
+    set is fixed: it reads the test split."""
+    from .data import normalize_images
+
+    test_images, test_labels = r.info.load(r.root, "test", **r.loader_options)
+    info = r.info.with_stats(r.images)  # imagefolder: the run's statistics, from its examples
+    return (normalize_images(r.images, info.mean, info.std),
+            normalize_images(test_images, info.mean, info.std), test_labels, info)
+
+
+def train_and_test(r: Retraining, x_all, rows, labels, seed: int, x_test, test_labels, *,
+                   progress: bool, desc: str) -> tuple[float, float]:
+    """Trains the run's network from ``torch.manual_seed(seed)``'s initial weights (so every
+    training set of one seed starts alike) on ``x_all[rows]`` with ``labels`` (one per row),
+    batch order seeded with ``seed``, and returns ``(test accuracy, final training
+    accuracy)``."""
+    from .models import make_model
+    from .protocol.train import predict, train_model
+
+    torch.manual_seed(seed)
+    net = make_model(r.arch, r.model, num_classes=r.run.num_classes,
+                     model_args=r.run.config.get("config", {}).get("model_args"),
+                     in_channels=r.info.channels, image_size=r.info.image_size).to(r.device)
+    rows = torch.as_tensor(rows)
+    _, history = train_model(net, x_all[rows], torch.as_tensor(labels),
+                             torch.arange(len(rows)),
+                             dataclasses.replace(r.options, seed=seed), device=r.device,
+                             progress=progress, desc=desc)
+    pred = predict(net, x_test, r.options.eval_batch_size, r.device)
+    return float((pred == test_labels).float().mean()), float(history["train_accuracy"][-1])
+
+
+def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command, model):
+    from .protocol.errors import require_modules
+
+    t0 = time.perf_counter()
+    seeds = [int(seeds)] if isinstance(seeds, (int, np.integer)) else [int(x) for x in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds (--seeds) must name distinct training seeds, got {seeds}")
+    user_log = log
+    warn = log or (lambda msg: print(msg, file=sys.stderr, flush=True))  # even when quiet
+    log = log or (lambda msg: None)
+    run = load_run(run_dir)
+    cfg = run.config.get("config", {})
+    if progress:
+        require_modules(["tqdm"], "pdepth improve")
+    r = retraining(run, epochs=epochs, device=device, model=model)
+    epochs, arch, user_model, options, dev = (r.options.epochs, r.arch, r.model, r.options,
+                                              r.device)
 
     variants, skipped = plan_variants(run, cleanlab=cleanlab)
     for name, reason in skipped.items():
@@ -352,11 +415,7 @@ def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command
         assert len(v.labels) == len(v.index)
     flags_before = {k: v.flags.copy() for k, v in variants.items() if v.flags is not None}
 
-    test_images, test_labels = info.load(root, "test", **loader_options)  # only to evaluate
-    info = info.with_stats(images)  # imagefolder: the run's statistics, from its examples
-    x_test = normalize_images(test_images, info.mean, info.std)
-    x_all = normalize_images(images, info.mean, info.std)
-    del train_images, train_labels
+    x_all, x_test, test_labels, info = load_test_split(r)  # only to evaluate
 
     result: dict = {}
     names = [v for v in VARIANTS if v in variants]
@@ -370,21 +429,13 @@ def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command
     for name in bar:
         v = variants[name]
         t = time.perf_counter()
-        idx = torch.as_tensor(v.index)
         accuracy, train_accuracy = [], []
-        for seed in seeds:
-            torch.manual_seed(seed)  # one seed: the same initial weights for every variant
-            model = make_model(arch, user_model, num_classes=num_classes,
-                               model_args=run.config.get("config", {}).get("model_args"),
-                               in_channels=info.channels,
-                               image_size=info.image_size).to(dev)
-            _, history = train_model(model, x_all[idx], torch.as_tensor(v.labels),
-                                     torch.arange(len(v.index)),
-                                     dataclasses.replace(options, seed=seed), device=dev,
-                                     progress=progress, desc=f"train {name} seed {seed}")
-            pred = predict(model, x_test, options.eval_batch_size, dev)
-            accuracy.append(float((pred == test_labels).float().mean()))
-            train_accuracy.append(float(history["train_accuracy"][-1]))
+        for seed in seeds:  # one seed: the same initial weights for every variant
+            acc, train_acc = train_and_test(r, x_all, v.index, v.labels, seed, x_test,
+                                            test_labels, progress=progress,
+                                            desc=f"train {name} seed {seed}")
+            accuracy.append(acc)
+            train_accuracy.append(train_acc)
         entry = {"test_accuracy": float(np.mean(accuracy)),
                  "test_accuracy_per_seed": accuracy,
                  "test_accuracy_std": float(np.std(accuracy, ddof=1)) if len(seeds) > 1
@@ -431,7 +482,7 @@ def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command
         "cleanlab": _cleanlab_version(),
         "seconds": time.perf_counter() - t0,
     }
-    result["test_split"] = {"dataset": info.name, "split": "test", "root": str(root),
+    result["test_split"] = {"dataset": info.name, "split": "test", "root": str(r.root),
                             "examples": int(test_labels.shape[0]),
                             "used_for": "evaluation only: every training set and every flag "
                                         "comes from the run's examples (training split)"}
@@ -439,7 +490,8 @@ def _improve(run_dir, *, epochs, device, progress, cleanlab, seeds, log, command
     return result
 
 
-def _network(run: RunFiles, model: str | None) -> tuple[str | None, str | None]:
+def _network(run: RunFiles, model: str | None,
+             command: str = "pdepth improve") -> tuple[str | None, str | None]:
     """``(arch, model)`` to rebuild the run's network, never taken from the run folder alone:
     a built-in ``arch`` of :data:`pdepth.models.ARCHITECTURES`, or the user's ``model``
     (``--model``), which must equal the one ``config.json`` records and may not be a module
@@ -459,17 +511,17 @@ def _network(run: RunFiles, model: str | None) -> tuple[str | None, str | None]:
         return arch, None
     if model is None:
         raise ValueError(f"{run.out} was made with the user's network --model {recorded} "
-                         "(config.json); pdepth improve imports no code a run folder names: "
+                         f"(config.json); {command} imports no code a run folder names: "
                          f"pass --model {recorded} yourself if you trust that code")
     if model != recorded:
         raise ValueError(f"--model {model} is not the run's network: {path} records --model "
                          f"{recorded}")
-    _module_outside(model, run.out)
+    _module_outside(model, run.out, command)
     load_factory(model)  # an import error now, not after the data is read
     return None, model
 
 
-def _module_outside(spec: str, out: Path) -> None:
+def _module_outside(spec: str, out: Path, command: str = "pdepth improve") -> None:
     """ValueError where the module of ``spec`` (``module:factory``), or a package on its way,
     would be imported from a file inside the run folder ``out`` (e.g. the current directory
     is the run folder, and ``''`` or it is on ``sys.path``). Each dotted prefix is resolved
@@ -492,7 +544,7 @@ def _module_outside(spec: str, out: Path) -> None:
         for place in places:
             if place and Path(place).resolve().is_relative_to(folder):
                 raise ValueError(f"--model {spec}: module {name} would be imported from "
-                                 f"{place}, inside the run folder {folder}; pdepth improve runs "
+                                 f"{place}, inside the run folder {folder}; {command} runs "
                                  "no code from a run folder (move the module out, or run from "
                                  "another directory)")
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._atomic import PendingFiles, names_file
 from .categories import CATEGORIES
-from .figures import FIGURE_CLAIMS, FIGURES, REPORT_DEPENDENCIES
+from .figures import FIGURE_CLAIMS, FIGURES, PRUNE_FIGURES, REPORT_DEPENDENCIES
 from .metrics import layer_accuracy
 from .report_html import report_html
 
@@ -164,9 +164,13 @@ def _draw(figdir: Path, pending: PendingFiles, loaded: tuple) -> None:
         with _edited(out, f"figures/{name}", FIGURE_INPUTS[name]):
             drawn = getattr(d, name.removesuffix(".png"))()
         acc = drawn if name == "layer_knn.png" else acc
+    with _edited(out, "figures/pruning.png", "prune.json", "pdepth prune",
+                 f"rerun `pdepth prune {out} ...`"):
+        d.pruning()  # where pdepth prune ran
     acc_tr, acc_ho = acc
     html_path = pending.tmp(figdir.parent / "report.html")
-    figures = [(name, FIGURES[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
+    captions = {**FIGURES, **PRUNE_FIGURES}
+    figures = [(name, captions[name], FIGURE_CLAIMS.get(name, ())) for name in d.drawn]
     with _edited(out, "report.html", "the run's files"):
         page = report_html(d, figures, acc_tr, acc_ho)
     with names_file(figdir.parent / "report.html"):  # a full disk names no file
@@ -521,3 +525,14 @@ class _Drawing:
         ax.legend(fontsize=8)
         fig.tight_layout()
         self.save(fig, "score_reliability.png")
+
+    def pruning(self) -> None:
+        """figures/pruning.png and the report's section, where pdepth prune ran."""
+        from .prune_report import draw_pruning, prune_html
+
+        path = self.figdir.parent / "prune.json"
+        prune = json.loads(path.read_text()) if path.exists() else None
+        self.prune_html = prune_html(prune)
+        if prune is not None and draw_pruning(prune, self.figdir / "pruning.png",
+                                              self.pending):
+            self.drawn.append("pruning.png")

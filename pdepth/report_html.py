@@ -117,6 +117,7 @@ def report_html(d, figures, acc_tr, acc_ho) -> str:
 <h2>Difficulty scores</h2>{_scores_section(_dict(d.summary))}
 <h2>Figures</h2>{figs}
 <h2>Label errors</h2>{_label_errors(_dict(d.summary).get('label_errors'), d.improve)}
+<h2>Pruning curves</h2>{getattr(d, 'prune_html', '')}
 <h2>Settings</h2><table>{_rows(c.items(), as_json=True)}</table>
 <p>Versions: {e(json.dumps(versions.get('pdepth')))} (pdepth),
 {e(json.dumps(versions.get('torch')))} (torch). Full settings: config.json.

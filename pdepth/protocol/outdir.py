@@ -28,11 +28,14 @@ __all__ = ["LOCK", "MARKER", "MODEL_ARRAYS", "RESULT_DIRS", "RESULT_FILES", "dat
            "prepare_output"]
 
 RESULT_FILES = ("results.parquet", "per_model.npz", "data.npz", "config.json", "summary.json",
-                "improve.json", "report.html", "COMPLETE")
-RESULT_DIRS = ("models", "figures", "cache")
+                "improve.json", "prune.json", "report.html", "COMPLETE")
+RESULT_DIRS = ("models", "figures", "cache", "prune")
 MARKER = ".pdepth-run.json"  # written first into every run directory: {"protocol_key": ...}
 LOCK = ".pdepth-run.lock"  # flock()ed by the one process writing into the run directory
 MODEL_NAME = re.compile(r"seed-?\d+-half[01]\.npz")
+# pdepth prune's subsets and per-job results (pdepth.prune): <score>-<mode>-<fraction>...
+PRUNE_NAME = re.compile(r"[A-Za-z0-9_]+-(remove_easy|remove_hard|stratified|uniform|all)"
+                        r"-[0-9.e+-]+(\.npy|\.seed\d+\.json)")
 MODEL_ARRAYS = ("seed", "half", "train_index", "held_out_index", "in_train", "depth",
                 "layer_pred", "probs", "epoch_pred", "loss", "train_accuracy",
                 "held_out_accuracy", "knn_vote_share", "probe_accuracy_epochs")
@@ -50,6 +53,8 @@ def is_pdepth_name(folder: str, name: str) -> bool:
         return is_figure_name(name)
     if folder == "cache":
         return CACHE_NAME.fullmatch(name) is not None
+    if folder == "prune":
+        return PRUNE_NAME.fullmatch(name) is not None
     return folder == "" and (name in RESULT_FILES or name in (MARKER, LOCK))
 
 
