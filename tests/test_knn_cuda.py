@@ -133,7 +133,10 @@ def test_cuda_every_mode_equals_fp32_shifted():
 
 @needs_cuda
 def test_cuda_fallback_forced(fallback_always):
-    q, s = float_data(100, 6000, 300, key=("cuda-fallback",))
+    q, s = float_data(100, 300, 300, key=("cuda-fallback",))
+    # 20 near-copies of each support row: many pairs within any format's margin of the k-th
+    s = torch.cat([s + 1e-3 * torch.randn(s.shape, generator=gen("cuda-fb", i))
+                   for i in range(20)])
     ref = pdepth.knn(q.cuda(), s.cuda(), 20, filter="fp32")
     for f in ("tf32", "bf16", "bf16x3"):
         pdepth.knn_stats(reset=True)
@@ -175,7 +178,9 @@ def test_cuda_auto_runs_the_documented_format():
     pdepth.knn_stats(reset=True)
     pdepth.knn(q.cuda(), s.cuda(), 10)
     st = pdepth.knn_stats()
-    assert st[f"pairs_{CUDA_AUTO_FILTER}"] + st["pairs_fp32"] >= 64 * 3000, st
+    per_format = sum(st[f"pairs_{f}"] for f in ("fp32", "tf32", "bf16", "bf16x3"))
+    assert per_format == st["pairs"] == 64 * 3000, st
+    assert st[f"pairs_{CUDA_AUTO_FILTER}"] > 0, st
 
 
 @needs_cuda
