@@ -34,6 +34,10 @@ constexpr int64_t kTileElems = 1 << 25;  // cross-term tile: 128 MiB of float32
 // per support tile, but at least kMinRows rows.
 constexpr int64_t kConvBytes = int64_t(256) << 20;
 constexpr int64_t kMinRows = 128;
+// The whole support set is converted once per format (on first use) when that takes at most
+// this many bytes; else tile by tile, once per query block (re-converting it for every
+// query block is what the limit avoids).
+constexpr int64_t kWholeSupportBytes = int64_t(8) << 30;
 // The fallback probe (docs/design.md 6.6): the first kProbeRows rows of a block against the
 // first kProbeCols columns of the tile.
 constexpr int kProbeRows = 32;
@@ -507,17 +511,31 @@ bool too_loose(Scan<scalar_t, T>& sc, Filter f, const T* dot, int64_t m0, int64_
 
 // Rows per query block and per support tile: the cross-term tile bounded by kTileElems, the
 // rows converted to the chain's formats by kConvBytes each.
-std::pair<int64_t, int64_t> block_sizes(const std::vector<Filter>& chain, at::ScalarType in,
-                                        bool shifted, int64_t m, int64_t n, int64_t d) {
+struct Blocks {
+  int64_t qb, tile;
+  bool whole_support;  // the support converted once per format (kWholeSupportBytes)
+};
+
+Blocks block_sizes(const std::vector<Filter>& chain, at::ScalarType in, bool shifted,
+                   int64_t m, int64_t n, int64_t d) {
   int64_t bytes = 0;
   for (const Filter f : chain) {
     bytes = std::max(bytes, cuda::gemm_rows_bytes(f, in, shifted));
   }
-  const int64_t conv_rows = bytes == 0 ? std::numeric_limits<int64_t>::max()
-                                       : std::max(kMinRows, kConvBytes / (bytes * std::max<int64_t>(d, 1)));
+  const int64_t big = std::numeric_limits<int64_t>::max();
+  const int64_t dd = std::max<int64_t>(d, 1);
+  const int64_t conv_rows = bytes == 0 ? big : std::max(kMinRows, kConvBytes / (bytes * dd));
+  const bool whole = bytes == 0 || n <= kWholeSupportBytes / (bytes * dd);
   const int64_t qb = std::max<int64_t>(1, std::min({m, kQueryBlock, conv_rows}));
-  const int64_t tile = std::max<int64_t>(1, std::min({n, kTileElems / qb, conv_rows}));
-  return {qb, tile};
+  const int64_t tile = std::max<int64_t>(1, std::min({n, kTileElems / qb, whole ? big : conv_rows}));
+  return {qb, tile, whole};
+}
+
+// Rows n0.. of rows converted as a whole (a view: same format and row stride).
+cuda::GemmRows rows_from(const cuda::GemmRows& all, int64_t n0) {
+  cuda::GemmRows out = all;
+  out.ptr = static_cast<const char*>(all.ptr) + n0 * all.ld * at::elementSize(all.dtype);
+  return out;
 }
 
 // Runs the tiles. `labels`/`pred` set: vote on the last tile (knn_vote).
@@ -551,7 +569,11 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
   unsigned long long* cand =
       reinterpret_cast<unsigned long long*>(sc.counters.template mutable_data_ptr<int64_t>());
 
-  const auto [qb, tile] = block_sizes(sc.chain, q.scalar_type(), sc.center.defined(), m, n, d);
+  const Blocks bs = block_sizes(sc.chain, q.scalar_type(), sc.center.defined(), m, n, d);
+  const int64_t qb = bs.qb;
+  const int64_t tile = bs.tile;
+  cuda::GemmRows s_all[kNumFilters];  // the whole support per format (bs.whole_support)
+  bool s_made[kNumFilters] = {};
   at::Tensor dot = at::empty({qb * tile}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
   T* dp = dot.mutable_data_ptr<T>();
   const size_t smem = static_cast<size_t>(kk + kRound) * (sizeof(T) + sizeof(int64_t));
@@ -574,7 +596,13 @@ void knn_cuda_run(const char* op, const at::Tensor& q, const at::Tensor& s, cons
           qrows[int(f)] = cuda::gemm_rows(f, q, m0, mb, sc.center, false, sc.stream);
           made[int(f)] = true;
         }
-        const cuda::GemmRows srows = cuda::gemm_rows(f, s, n0, nb, sc.center, true, sc.stream);
+        if (bs.whole_support && !s_made[int(f)]) {
+          s_all[int(f)] = cuda::gemm_rows(f, s, 0, n, sc.center, true, sc.stream);
+          s_made[int(f)] = true;
+        }
+        const cuda::GemmRows srows = bs.whole_support
+            ? rows_from(s_all[int(f)], n0)
+            : cuda::gemm_rows(f, s, n0, nb, sc.center, true, sc.stream);
         cuda::filter_gemm(f, qrows[int(f)], mb, srows, nb, d, dp, sc.stream);
       };
       // Candidate control (docs/design.md 6.5): the first format of the chain whose probe
