@@ -33,8 +33,14 @@ def _data(n, seed, classes=3):
 
 
 def test_score_on_cuda_equals_cpu():
+    """Integer weights and inputs: every activation exact on both devices (TF32 included)."""
     model = _net()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape, generator=g).float())
     train, test = _data(60, 1), _data(20, 2)
+    train, test = (train[0].round().clamp(-3, 3), train[1]), (test[0].round().clamp(-3, 3), test[1])
     kw = dict(probes=["1", "4"], k=3, memory_budget=None)
     cpu = pdepth.score(model, train, test, device="cpu", **kw)
     gpu = pdepth.score(model, train, test, device="cuda", **kw)
