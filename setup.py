@@ -204,6 +204,22 @@ def _cudart_library_dirs(home):
     return [link_dir]
 
 
+def _cublaslt_link_args(home):
+    """Link flags for cuBLASLt (pdepth's own filter GEMM handle): -lcublasLt when the toolkit
+    has libcublasLt.so, else the exact versioned file of the toolkit or of the nvidia pip
+    wheel torch loads (-l:libcublasLt.so.N, with its folder as -L)."""
+    dirs = [os.path.join(home, "lib64"), os.path.join(home, "lib")]
+    dirs += sorted(glob.glob(os.path.join(home, "targets", "*", "lib")))
+    for d in dirs:
+        if os.path.exists(os.path.join(d, "libcublasLt.so")):
+            return [f"-L{d}", "-lcublasLt"]
+    for d in dirs + _pip_cuda_lib_dirs():
+        versioned = sorted(glob.glob(os.path.join(d, "libcublasLt.so.*")))
+        if versioned:
+            return [f"-L{d}", f"-l:{os.path.basename(versioned[0])}", f"-Wl,-rpath,{d}"]
+    sys.exit(f"pdepth: no libcublasLt in {home} or the nvidia pip wheels; set CUDA_HOME to a full toolkit")
+
+
 def _extension(torch):
     with_cuda, reason, home = _choose_cuda(torch)
     # imported only now: it reads $CUDA_HOME at import time
@@ -213,6 +229,7 @@ def _extension(torch):
     sources = ["csrc/knn.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", f'-DPDEPTH_TORCH_VERSION="{torch.__version__}"']
     extra = {"cxx": cxx}
+    link = ["-fopenmp"]
     if with_cuda:
         cpp_extension.CUDA_HOME = home  # in case it was imported before $CUDA_HOME was set
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
@@ -226,6 +243,7 @@ def _extension(torch):
         ext = cpp_extension.CUDAExtension
         include_dirs = _cuda_include_dirs(home)
         library_dirs = _cudart_library_dirs(home)
+        link += _cublaslt_link_args(home)
     else:
         print(f"pdepth: building CPU only ({reason})")
         ext = cpp_extension.CppExtension
@@ -235,7 +253,7 @@ def _extension(torch):
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link,
     )
 
 

@@ -1,5 +1,7 @@
-"""A small CUDA workload for compute-sanitizer: every op, several tile and k shapes,
-streaming, drop_nearest, every dtype. Exits non-zero if CUDA and CPU disagree."""
+"""A small CUDA workload for compute-sanitizer: every op and kernel (norms, the shift, the
+format conversions, the filter GEMMs, the fallback probe, the select kernel, the vote),
+several tile and k shapes, streaming, drop_nearest, every dtype and every filter mode.
+Exits non-zero if CUDA and CPU disagree."""
 
 import torch
 
@@ -29,8 +31,27 @@ def main() -> None:
             run = pdepth.knn(q.to(dev), s[o : o + 97].to(dev), k, prev=run, offset=o)
         assert torch.equal(run.index.cpu(), pdepth.knn(q, s, k).index)
         assert torch.equal(pdepth.vote(a.index.to(dev) % 5, 5).cpu(), pdepth.vote(a.index % 5, 5))
+    filter_modes(dev)
     torch.cuda.synchronize()
     print("sanitize case: ok")
+
+
+def filter_modes(dev: str) -> None:
+    """Every filter mode equals fp32: shifted rows (the centring kernels), D across a
+    reduction block (8192), a forced fallback (the probe kernel), knn_vote."""
+    g = torch.Generator().manual_seed(1)
+    cases = [(40, 900, 70, 9, 3.0), (6, 300, 8200, 4, 0.0), (33, 2100, 16, 40, 0.0)]
+    for m, n, d, k, shift in cases:
+        q = (torch.randn(m, d, generator=g) + shift).to(dev)
+        s = (torch.randn(n, d, generator=g) + shift).to(dev)
+        lab = torch.randint(0, 4, (n,), generator=g).to(dev)
+        ref = pdepth.knn_vote(q, s, lab, k, 4, filter="fp32")
+        for budget in (-1.0, 0.0):  # the default rule, then every probed tile falls back
+            pdepth._C._knn_test_hooks("", budget)
+            for f in ("tf32", "bf16", "bf16x3"):
+                out = pdepth.knn_vote(q, s, lab, k, 4, filter=f)
+                assert torch.equal(out.index, ref.index) and torch.equal(out.pred, ref.pred), f
+        pdepth._C._knn_test_hooks("", -1.0)
 
 
 if __name__ == "__main__":

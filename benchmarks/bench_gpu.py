@@ -1,18 +1,27 @@
-"""GPU benchmark of ``pdepth.knn_vote`` against the plain torch pipeline (float32, TF32 off).
+"""GPU benchmark of ``pdepth.knn_vote`` in every filter mode against the plain torch pipeline
+(float32, TF32 off), and the paper-scale k-NN stage.
 
-    python benchmarks/bench_gpu.py                     # N=50000, Q=10000, D 64/512/4096
+    python benchmarks/bench_gpu.py                     # N=50000, Q=10000, k=30, D 512/4096
     python benchmarks/bench_gpu.py --quick             # sanity run, seconds
+    python benchmarks/bench_gpu.py --paper-scale       # ResNet-18 unpooled widths, 60,000 x 30,000
     python benchmarks/bench_gpu.py --json out/bench_gpu.json
 
-Times with CUDA events (median of --repeat runs after one warm-up) pdepth against
-``torch.addmm`` expanded distances over query chunks + ``topk(largest=False)`` + a bincount
-vote, reports the float32 matmul rate at 8192^3 and pdepth's useful rate 2*Q*N*D/t, the
-agreement of the predictions and the extra peak GPU memory of each method; the compact
-table is printed last. Without a CUDA device it prints a message and exits with status 0.
-``--device cpu`` runs the same code on the CPU; it exists only to test this script.
+Times with CUDA events (median of --repeat runs after one warm-up) pdepth in each filter mode
+(--filters) against ``torch.addmm`` expanded distances over query chunks +
+``topk(largest=False)`` + a bincount vote, reports the float32 matmul rate at 8192^3 and
+pdepth's useful rate 2*Q*N*D/t, whether every mode gives fp32's neighbours bit for bit, the
+agreement with the torch pipeline's predictions and the extra peak GPU memory of each method;
+the compact table is printed last. Without a CUDA device it prints a message and exits with
+status 0. ``--device cpu`` runs the same code on the CPU; it exists only to test this script.
 
-Exit status 1 when pdepth and the torch pipeline disagree on more than 1% of the queries,
-or when pdepth's CUDA path is the pure-torch reference (unless --allow-reference).
+``--paper-scale``: the k-NN of one full-set model of the paper protocol on synthetic ReLU
+features of the ResNet-18 unpooled probe widths (60,000 queries against the 30,000 of the
+first half, self excluded, k = 30, 11 probes, 8.75e14 flop), per probe and mode: time, rate
+and peak memory (the CPU took 74 min on 2 cores).
+
+Exit status 1 when a mode's neighbours differ from fp32's, when pdepth and the torch pipeline
+disagree on more than 1% of the queries, or when pdepth's CUDA path is the pure-torch
+reference (unless --allow-reference).
 """
 
 from __future__ import annotations
@@ -37,12 +46,17 @@ MIN_AGREEMENT = 0.99
 # Distances the torch pipeline materialises per query chunk (2**28 float32 = 1 GiB).
 TORCH_CHUNK_ELEMENTS = 2**28
 
+FILTERS = ("fp32", "tf32", "bf16", "bf16x3", "auto")
+# ResNet-18, every probe unpooled, on 28x28 inputs (benchmarks/RESULTS.md, issue 15).
+PAPER_DIMS = (784, 50176, 50176, 50176, 25088, 25088, 12544, 12544, 8192, 8192, 10)
+PAPER_N = 60_000
+
 SIZES = {
     "full": {
         "n": 50_000,
         "m": 10_000,
-        "dims": (64, 512, 4096),
-        "classes": (10, 100),
+        "dims": (512, 4096),
+        "classes": (10,),
         "matmul": 8192,
         "repeat": 5,
     },
@@ -50,7 +64,7 @@ SIZES = {
         "n": 10_000,
         "m": 2_000,
         "dims": (64, 512),
-        "classes": (10, 100),
+        "classes": (10,),
         "matmul": 2048,
         "repeat": 2,
     },
@@ -72,77 +86,128 @@ def peak_extra_bytes(device: torch.device, fn) -> int | None:
     return peak
 
 
-def bench_case(n: int, m: int, d: int, classes: int, repeat: int, device) -> dict:
+def bench_case(n: int, m: int, d: int, classes: int, repeat: int, device, filters) -> dict:
     data = make_data(n, m, d, classes, seed=d + classes, device=device)
     q, s, y = data.queries, data.support, data.labels
-    runs = {
-        "pdepth": lambda: pdepth.knn_vote(q, s, y, K, classes),
-        "torch": lambda: torch_pipeline_vote(
-            q, s, y, K, classes, max_elements=TORCH_CHUNK_ELEMENTS
-        ),
-    }
-    timings = time_many(runs, repeat=repeat, device=device)
-    vote = timings["pdepth"].result
-    pred, index = timings["torch"].result
-    del timings["pdepth"].result, timings["torch"].result
-    extra = {name: peak_extra_bytes(device, fn) for name, fn in runs.items()}
+    runs = {f: (lambda f=f: pdepth.knn_vote(q, s, y, K, classes, filter=f)) for f in filters}
+    runs["torch"] = lambda: torch_pipeline_vote(
+        q, s, y, K, classes, max_elements=TORCH_CHUNK_ELEMENTS
+    )
+    timings = time_many(runs, repeat=repeat, device=device)  # methods interleaved
+    seconds = {name: t.median for name, t in timings.items()}
+    pred, index = timings.pop("torch").result
+    ref = timings[filters[0]].result
     out = {
         "d": d,
         "classes": classes,
-        "seconds": {name: t.median for name, t in timings.items()},
-        "times": {name: t.times for name, t in timings.items()},
-        "agreement": agreement(vote.pred, pred),
-        "neighbours": same_neighbours(vote.index, index),
-        "extra_bytes": extra,
+        "seconds": seconds,
+        "identical": {},
+        "agreement": agreement(ref.pred, pred),
+        "neighbours": same_neighbours(ref.index, index),
     }
-    out["ratio"] = out["seconds"]["pdepth"] / out["seconds"]["torch"]
+    for f, t in timings.items():
+        out["identical"][f] = bool(
+            torch.equal(t.result.index, ref.index) and torch.equal(t.result.dist, ref.dist)
+        )
+    del timings, ref
+    out["extra_bytes"] = {name: peak_extra_bytes(device, fn) for name, fn in runs.items()}
     out["gflops"] = {name: knn_gflops(m, n, d, sec) for name, sec in out["seconds"].items()}
     return out
 
 
-def results_table(results: list[dict], matmul: float) -> tuple[str, list[str]]:
+def results_table(results: list[dict], matmul: float, filters) -> tuple[str, list[str]]:
     rows, bad = [], []
     mib = 2**20
     for r in results:
-        agree = f"{r['agreement']:.4f} / {r['neighbours']:.4f}"
         if r["agreement"] < MIN_AGREEMENT:
-            agree += " MISMATCH"
             bad.append(
-                f"D={r['d']} classes={r['classes']}: predictions agree on "
+                f"D={r['d']}: predictions agree with the torch pipeline on "
                 f"{r['agreement']:.4f} of the queries"
             )
-        rows.append(
-            [
-                r["d"],
-                r["classes"],
-                fmt(1e3 * r["seconds"]["pdepth"]),
-                fmt(1e3 * r["seconds"]["torch"]),
-                f"{r['ratio']:.3f}",
-                fmt(r["gflops"]["pdepth"] / 1e3),
-                f"{100 * r['gflops']['pdepth'] / matmul:.1f}%",
-                fmt(r["gflops"]["torch"] / 1e3),
-                f"{100 * r['gflops']['torch'] / matmul:.1f}%",
-                agree,
-                " / ".join(
-                    "-" if r["extra_bytes"][name] is None else f"{r['extra_bytes'][name] / mib:.0f}"
-                    for name in ("pdepth", "torch")
-                ),
-            ]
-        )
+        torch_s = r["seconds"]["torch"]
+        for f in filters:
+            if not r["identical"][f]:
+                bad.append(f"D={r['d']} filter={f}: neighbours differ from {filters[0]}")
+            extra = r["extra_bytes"][f]
+            rows.append(
+                [
+                    r["d"],
+                    f,
+                    fmt(1e3 * r["seconds"][f]),
+                    fmt(1e3 * torch_s),
+                    f"{torch_s / r['seconds'][f]:.2f}x",
+                    fmt(r["gflops"][f] / 1e3),
+                    f"{100 * r['gflops'][f] / matmul:.0f}%",
+                    "yes" if r["identical"][f] else "NO",
+                    f"{r['agreement']:.4f}",
+                    "-" if extra is None else f"{extra / mib:.0f}",
+                    "-" if r["extra_bytes"]["torch"] is None
+                    else f"{r['extra_bytes']['torch'] / mib:.0f}",
+                ]
+            )
     headers = [
         "D",
-        "classes",
+        "filter",
         "pdepth ms",
         "torch ms",
-        "pdepth/torch",
-        "pdepth TFLOP/s",
-        "pdepth % matmul",
-        "torch TFLOP/s",
-        "torch % matmul",
-        "agree pred / nbrs",
-        "extra MiB pdepth / torch",
+        "speed-up",
+        "TFLOP/s",
+        "% fp32 matmul",
+        f"== {filters[0]}",
+        "agree torch",
+        "extra MiB",
+        "torch MiB",
     ]
     return format_table(headers, rows), bad
+
+
+def paper_scale(device, filters, json_out=None) -> int:
+    """The k-NN of one full-set model on synthetic ReLU features of the paper's probe widths:
+    60,000 queries against the first 30,000 (self excluded), k = 30, per probe and mode."""
+    half = PAPER_N // 2
+    self_index = torch.cat([torch.arange(half), torch.full((PAPER_N - half,), -1)]).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    results, total = [], {f: 0.0 for f in filters}
+    for p, d in enumerate(PAPER_DIMS):
+        x = torch.randn(PAPER_N, d, device=device, generator=gen).relu_()
+        ref = None
+        for f in filters:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            t0 = torch.cuda.Event(enable_timing=True)
+            t1 = torch.cuda.Event(enable_timing=True)
+            t0.record()
+            out = pdepth.knn(x, x[:half], K, self_index=self_index, filter=f)
+            t1.record()
+            torch.cuda.synchronize(device)
+            sec = t0.elapsed_time(t1) / 1e3
+            peak = torch.cuda.max_memory_allocated(device) - before
+            same = ref is None or bool(torch.equal(out.index, ref.index))
+            ref = out if ref is None else ref
+            total[f] += sec
+            flop = 2.0 * PAPER_N * half * d
+            results.append({"probe": p, "d": d, "filter": f, "seconds": sec,
+                            "tflops": flop / sec / 1e12, "extra_bytes": peak, "identical": same})
+            print(f"  probe {p} D={d} {f}: {sec:.2f} s, {flop / sec / 1e12:.1f} TFLOP/s, "
+                  f"extra {peak / 2**20:.0f} MiB, == {filters[0]}: {same}", flush=True)
+        del x, ref, out
+        torch.cuda.empty_cache()
+    rows = [[r["probe"], r["d"], r["filter"], f"{r['seconds']:.2f}", f"{r['tflops']:.1f}",
+             f"{r['extra_bytes'] / 2**20:.0f}", "yes" if r["identical"] else "NO"]
+            for r in results]
+    print()
+    print(f"## {torch.cuda.get_device_name(device)}: paper-scale k-NN stage, {PAPER_N} queries x "
+          f"{half} support, k={K}, 11 probes (8.75e14 flop)")
+    print(format_table(["probe", "D", "filter", "s", "TFLOP/s", "extra MiB", "identical"], rows))
+    if json_out:
+        os.makedirs(os.path.dirname(os.path.abspath(json_out)), exist_ok=True)
+        with open(json_out, "w") as fh:
+            json.dump({"machine": machine_info(device), "results": results}, fh, indent=1)
+    bad = [r for r in results if not r["identical"]]
+    print("paper-scale total: " + ", ".join(f"{f} {total[f]:.1f} s" for f in filters)
+          + (f"; {len(bad)} probe/mode pairs DIFFER" if bad else "; every mode identical"))
+    return 1 if bad else 0
 
 
 def parse_args(argv=None):
@@ -150,6 +215,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
     p.add_argument("--repeat", type=int, help="timed runs after one warm-up (default 5)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.add_argument(
+        "--filters",
+        default=",".join(FILTERS),
+        help=f"comma-separated filter modes, the first the reference (default {','.join(FILTERS)})",
+    )
+    p.add_argument(
+        "--paper-scale",
+        action="store_true",
+        help="the paper-scale k-NN stage instead (ResNet-18 unpooled widths, 60,000 x 30,000)",
+    )
     p.add_argument(
         "--device", default="cuda", help="torch device (default cuda; 'cpu' only tests this script)"
     )
@@ -177,6 +252,20 @@ def main(argv=None) -> int:
             "--allow-reference to time the reference anyway."
         )
         return 1
+    filters = tuple(args.filters.split(","))
+    bad_filter = [f for f in filters if f not in pdepth.FILTERS]
+    if bad_filter:
+        print(f"bench_gpu: --filters: unknown mode {bad_filter[0]!r}; valid: {pdepth.FILTERS}")
+        return 2
+    if device.type == "cpu":
+        filters = tuple(f for f in filters if f != "tf32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.paper_scale:
+        if device.type != "cuda":
+            print("bench_gpu: --paper-scale needs a CUDA device")
+            return 2
+        print(describe_machine(machine_info(device)))
+        return paper_scale(device, filters, args.json)
     cfg = SIZES["quick" if args.quick else "full"]
     repeat = args.repeat or cfg["repeat"]
     n, m = cfg["n"], cfg["m"]
@@ -207,24 +296,25 @@ def main(argv=None) -> int:
     results = []
     for d in cfg["dims"]:
         for classes in cfg["classes"]:
-            r = bench_case(n, m, d, classes, repeat, device)
+            r = bench_case(n, m, d, classes, repeat, device, filters)
             results.append(r)
             print(
-                f"  D={d} classes={classes}: pdepth {1e3 * r['seconds']['pdepth']:.2f} ms, "
-                f"torch {1e3 * r['seconds']['torch']:.2f} ms",
+                f"  D={d}: "
+                + ", ".join(f"{f} {1e3 * sec:.2f} ms" for f, sec in r["seconds"].items()),
                 flush=True,
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    table, bad = results_table(results, matmul)
+    table, bad = results_table(results, matmul, filters)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(
                 {
                     "machine": info,
-                    "config": {**cfg, "k": K, "repeat": repeat, "dtype": "float32", "tf32": False},
+                    "config": {**cfg, "k": K, "repeat": repeat, "dtype": "float32",
+                               "filters": list(filters)},
                     "matmul_gflops": matmul,
                     "results": results,
                 },
@@ -236,7 +326,7 @@ def main(argv=None) -> int:
     card = info.get("gpu", info["cpu"])
     print()
     print(
-        f"## {card}: pdepth knn_vote vs torch addmm+topk+vote, float32, N={n}, Q={m}, "
+        f"## {card}: pdepth knn_vote (each filter) vs torch addmm+topk+vote, float32, N={n}, Q={m}, "
         f"k={K}; matmul {cfg['matmul']}^3 = {matmul / 1e3:.2f} TFLOP/s"
     )
     print(table)

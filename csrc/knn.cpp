@@ -50,8 +50,8 @@ const char* filter_name(Filter f) {
 FilterMargin filter_margin(Filter f, int64_t d, bool dbl, at::DeviceType device) {
   const bool cuda = device == at::kCUDA;
   const int64_t lanes = cuda ? 32 : 16;
-  const bool centred = !cuda;
-  const int64_t block = cuda ? 0 : kReduceBlock;
+  const bool centred = true;  // the CPU and CUDA both shift by the queries' mean (or by 0)
+  const int64_t block = cuda ? kCudaReduceBlock : kReduceBlock;
   const bool truncating = cuda && f != Filter::kFp32;
   const double u = dbl ? std::ldexp(1.0, -53) : std::ldexp(1.0, -24);
   const double u_acc = truncating ? 2 * u : u;
@@ -59,7 +59,7 @@ FilterMargin filter_margin(Filter f, int64_t d, bool dbl, at::DeviceType device)
   double eps_in = 0.0;
   double width = 1.0;  // terms per element of the reduction
   if (f == Filter::kBf16) {
-    const double r = truncating ? std::ldexp(1.0, -7) : std::ldexp(1.0, -8);
+    const double r = std::ldexp(1.0, -8);  // pdepth rounds to bfloat16 itself, to nearest
     eps_in = 2 * r + r * r;
   } else if (f == Filter::kBf16x3) {
     eps_in = 3.01 * std::ldexp(1.0, -16);  // 2 * 2^-16 residual rounding + the lo.lo dropped
@@ -139,8 +139,10 @@ Filter auto_filter(at::DeviceType device, at::ScalarType dtype, int64_t d, std::
     return Filter::kFp32;
   }
   if (device != at::kCPU) {
-    say("CUDA: fp32 until the tensor-core filters have run exact on a card");
-    return Filter::kFp32;
+    say(kCudaAutoFilter == Filter::kFp32
+        ? "CUDA: fp32 until the tensor-core filters have run exact on a card"
+        : std::string("CUDA: ") + filter_name(kCudaAutoFilter) + " on the tensor cores");
+    return kCudaAutoFilter;
   }
   const cpu::Bf16Gemm g = cpu::bf16_gemm();
   const bool fast = g == cpu::Bf16Gemm::kKernel || (g == cpu::Bf16Gemm::kMkl && cpu::has_amx_bf16());
@@ -494,7 +496,7 @@ PYBIND11_MODULE(_C, m) {
     out["reason"] = why;
     out["margin"] = fm.m;
     out["threshold_growth"] = fm.grow - 1.0;
-    out["reduce_block"] = cuda ? d : pdepth::kReduceBlock;
+    out["reduce_block"] = cuda ? pdepth::kCudaReduceBlock : pdepth::kReduceBlock;
     out["bf16_gemm"] = std::string(pdepth::cpu::bf16_gemm_name(pdepth::cpu::bf16_gemm()));
     out["fallback"] = f == pdepth::Filter::kFp32 ? std::string("none")
         : std::string("the next, more precise format per block when more than ") +

@@ -52,6 +52,14 @@ const char* filter_name(Filter f);
 constexpr int64_t kReduceBlock = 1024;
 // "auto" picks a low-precision CPU filter from this D on (below it the scan dominates).
 constexpr int64_t kAutoBf16MinD = 32;
+// CUDA: one cuBLASLt GEMM per reduction block of this width, summed in order (beta = 1):
+// wide enough that a tile is never re-read more than D / 8192 times, narrow enough that the
+// truncating tensor-core accumulation keeps every format's margin finite (docs/design.md 6.6).
+constexpr int64_t kCudaReduceBlock = 8192;
+// What "auto" resolves to on CUDA. Stays fp32 until a card has shown the tensor-core formats
+// bit-identical to fp32 (issue 28); the switch is this line (and CUDA_AUTO_FILTER in
+// tests/test_knn_cuda.py).
+constexpr Filter kCudaAutoFilter = Filter::kFp32;
 
 // The candidate rule's constants for one (filter, D, compute dtype, backend).
 struct FilterMargin {
@@ -60,10 +68,10 @@ struct FilterMargin {
   double m;      // the GEMM-side margin, relative to |a|^2 + |b|^2
 };
 
-// For the kernels of `device`: the CPU's (16-lane canonical key, rows centred, reduction in
-// blocks of kReduceBlock, round-to-nearest conversions) or CUDA's (32 lanes, no centring,
-// one cuBLAS GEMM over all of D, tensor-core formats assumed to truncate). Derived in
-// docs/design.md section 6.2.
+// For the kernels of `device`: the CPU's (16-lane canonical key, reduction in blocks of
+// kReduceBlock) or CUDA's (32 lanes, blocks of kCudaReduceBlock, tensor-core accumulation
+// and TF32 inputs assumed to truncate). Both centre the rows and round to bfloat16 to nearest.
+// Derived in docs/design.md section 6.2.
 FilterMargin filter_margin(Filter f, int64_t d, bool dbl, at::DeviceType device);
 
 // Absolute slack for flushed denormals (docs/design.md 6.2, step 6); qmax / smax are the
