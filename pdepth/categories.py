@@ -47,6 +47,7 @@ import numpy as np
 
 __all__ = ["CATEGORIES", "CategoryThresholds", "categorize"]
 
+#: The difficulty categories, in the order of the report (docs/protocol.md, "Difficulty categories").
 CATEGORIES = ("easy", "ambiguous", "looks_like_other_class", "atypical")
 
 _REQUIRED = ("label", "train_depth", "held_out_depth", "held_out_accuracy",

@@ -65,12 +65,13 @@ __all__ = [
     "vote",
 ]
 
+#: The values of ``self_match=`` (docs/design.md section 2): what a query's own support row does.
 SELF_MATCH_POLICIES = ("exclude", "include", "drop_nearest")
-# The filter GEMM's formats (docs/design.md section 6); none changes the output.
+#: The filter GEMM's formats (docs/design.md section 6); none changes the output.
 FILTERS = ("auto", "fp32", "bf16", "bf16x3", "tf32")
-# The k-NN metrics (docs/design.md section 2, "The cosine metric"): "cosine" ranks the
-# L2-normalised rows (normalize_rows) by the op's squared-L2 rule. One spelling each, so a
-# recorded metric (results, protocol keys) has one value.
+#: The k-NN metrics (docs/design.md section 2, "The cosine metric"): "cosine" ranks the
+#: L2-normalised rows (normalize_rows) by the op's squared-L2 rule. One spelling each, so a
+#: recorded metric (results, protocol keys) has one value.
 METRICS = ("euclidean", "cosine")
 
 _warned: set[str] = set()

@@ -66,8 +66,11 @@ __all__ = [
     "resolve_probes",
 ]
 
+#: The name of probe 0, the flattened input.
 INPUT = "input"
+#: The name of the last probe, the softmax output.
 SOFTMAX = "softmax"
+#: The built-in probe presets (model families; ``"auto"`` picks one).
 PRESETS = family_names()  # the built-in families; pdepth.families.family_names() is live
 
 

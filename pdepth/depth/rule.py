@@ -7,6 +7,7 @@ import torch
 
 __all__ = ["REFERENCE_MODES", "depth_from_predictions"]
 
+#: The named references of ``prediction_depth(reference=...)`` (a tensor is accepted too).
 REFERENCE_MODES = ("network", "labels", "last_probe")
 
 
