@@ -5,7 +5,9 @@ The pages are Markdown (myst-parser); the API reference is generated from the do
 sphinx-gallery during the build, so an example that fails fails the build.
 """
 
+import json
 import os
+import shutil
 import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -59,7 +61,15 @@ sphinx_gallery_conf = {
     "plot_gallery": "True",
 }
 
-templates_path = ["_templates"]
+templates_path = []
+exclude_patterns += ["_generated"]  # included by report.md, not pages of their own
+
+# examples/plot_run_folder.py keeps its tiny run here; _report_figures turns the run's
+# figures, their captions (pdepth.figures) and its summary.json claims into a page section.
+DOCS = os.path.dirname(os.path.abspath(__file__))
+TINY_RUN = os.path.join(DOCS, "_build", "tiny-run")
+GENERATED = os.path.join(DOCS, "_generated")
+os.environ["PDEPTH_EXAMPLE_RUN"] = TINY_RUN
 
 
 def _skip_foreign(app, what, name, obj, skip, options):
@@ -79,6 +89,35 @@ def _no_type_docstring(app, what, name, obj, options, lines):
         lines[:] = []
 
 
+def _report_figures(app):
+    """Writes _generated/report-figures.md (included by report.md): each figure of a run's
+    report, what it shows, the claims of summary.json it illustrates and, where the gallery
+    ran, the picture from examples/plot_run_folder.py's tiny run."""
+    from pdepth.figures import FIGURE_CLAIMS, FIGURES
+
+    run = os.path.join(TINY_RUN, "run")
+    shutil.rmtree(GENERATED, ignore_errors=True)
+    os.makedirs(os.path.join(GENERATED, "figures"))
+    summary = os.path.join(run, "summary.json")
+    claims = json.load(open(summary))["claims"] if os.path.exists(summary) else {}
+    parts = []
+    for name, caption in FIGURES.items():
+        parts.append(f"### `{name}`\n\n{caption}\n")
+        png = os.path.join(run, "figures", name)
+        if os.path.exists(png):
+            shutil.copy(png, os.path.join(GENERATED, "figures", name))
+            parts.append(f"![{name}](_generated/figures/{name})\n")
+        for key in FIGURE_CLAIMS.get(name, ()):
+            c = claims.get(key)
+            text = f": {c['claim']} (`{c['statistic']}`, paper: {c['paper_direction']})" if c else ""
+            parts.append(f"- claim `{key}`{text}")
+        parts.append("")
+    with open(os.path.join(GENERATED, "report-figures.md"), "w") as f:
+        f.write("\n".join(parts) + "\n")
+
+
 def setup(app):
+    # after sphinx-gallery's builder-inited (priority 500), which runs the examples
+    app.connect("builder-inited", _report_figures, priority=900)
     app.connect("autodoc-skip-member", _skip_foreign)
     app.connect("autodoc-process-docstring", _no_type_docstring)

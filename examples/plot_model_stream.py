@@ -31,7 +31,7 @@ x_test = x_test.float().div(255).unsqueeze(1)
 model = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128),
                       nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-for epoch in range(2):
+for _epoch in range(2):
     for i in torch.randperm(len(x)).split(64):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[i]), y[i]).backward()

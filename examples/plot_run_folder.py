@@ -16,6 +16,7 @@ results; ``make demo`` runs the default (8,000 images, 5 seeds).
 # The same as ``pdepth run --subset 1000 --epochs 2 --seeds 1 --k 10 --label-noise 0.2
 # --out DIR``. ``--out`` must be new, empty or an earlier pdepth run.
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -25,9 +26,10 @@ import pandas as pd
 import pdepth
 from pdepth.figures import FIGURES
 
-out = Path(tempfile.mkdtemp()) / "run"
+# (the docs build names a folder to keep, to show the figures on the report page)
+out = Path(os.environ.get("PDEPTH_EXAMPLE_RUN") or tempfile.mkdtemp()) / "run"
 config = pdepth.RunConfig(subset=1000, epochs=2, seeds=[0], k=10, label_noise=0.2)
-pdepth.run(config, out, progress=False, log=lambda *_: None)
+pdepth.run(config, out, overwrite=True, progress=False, log=lambda *_: None)
 print(sorted(p.name for p in out.iterdir()))
 
 # %%
