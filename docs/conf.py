@@ -61,7 +61,6 @@ sphinx_gallery_conf = {
     "plot_gallery": "True",
 }
 
-templates_path = []
 exclude_patterns += ["_generated"]  # included by report.md, not pages of their own
 
 # examples/plot_run_folder.py keeps its tiny run here; _report_figures turns the run's

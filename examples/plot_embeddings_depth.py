@@ -12,6 +12,8 @@ Here the "network" is made up: ten Gaussian classes whose separation grows from 
 probe, so easy examples settle early and the 5% whose labels we flip never settle.
 """
 
+import tempfile
+
 import matplotlib.pyplot as plt
 import torch
 
@@ -59,8 +61,6 @@ plt.show()
 # --------------------------------------------------------
 # ``query_layers`` scores other examples against the support set (no self match);
 # ``metric="cosine"`` ranks L2-normalised rows. Results save to ``.npz`` or ``.parquet``.
-import tempfile  # noqa: E402
-
 queries = [layer[:500] + 0.1 * torch.randn(500, dim) for layer in layers]
 held = pdepth.prediction_depth(layers, given, queries, reference="labels",
                                query_labels=given[:500], metric="cosine", k=30)
