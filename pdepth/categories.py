@@ -111,6 +111,9 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
         ``pandas.Categorical`` of length n (missing where no model held the example out).
         Rules and thresholds: module docstring and
         docs/protocol.md.
+
+    Raises:
+        ValueError: the table lacks a column the rules read (naming them).
     """
     import pandas as pd
 

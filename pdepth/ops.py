@@ -262,6 +262,13 @@ def knn_vote(
         :class:`Vote` ``(pred[M] int64, dist[M, k], index[M, k])``. The largest count wins;
         a tie goes to the lowest class id (scikit-learn's rule). Not differentiable: the
         outputs never require grad.
+
+    Raises:
+        ValueError: mismatched shapes or dtypes, k out of range, labels outside
+            ``[0, num_classes)``, a bad ``self_index``, NaN / Inf or values too large for
+            the compute dtype, an unknown ``filter`` or ``metric`` (naming the argument).
+        TypeError: a non-integer ``k`` or ``num_classes``.
+        RuntimeError: queries, support and labels on different devices.
     """
     k = check_int(k, "k", op="knn_vote")
     labels = _as_index(support_labels, "support_labels")

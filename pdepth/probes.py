@@ -462,6 +462,12 @@ def extract(
 
     Returns:
         :class:`Embeddings` with one ``[N, D_l]`` tensor per probe, the logits and the labels.
+
+    Raises:
+        ValueError: an unknown preset, a model ``"auto"`` does not recognise, a token rule
+            the model cannot take, or a loader that yields no batches.
+        RuntimeError: a probe module that did not run in the forward pass.
+        TypeError: a probe or model output that holds no tensor.
     """
     spec = resolve_probes(model, probes, max_dim=max_dim, token=token)
     if device is None:
