@@ -17,6 +17,7 @@ import pdepth  # noqa: E402
 
 project = "pdepth"
 author = "pdepth authors"
+copyright = "pdepth authors"
 release = version = pdepth.__version__
 
 extensions = [
