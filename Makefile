@@ -1,13 +1,15 @@
 # make test: venv + pinned deps, build pdepth._C (CUDA too when a toolkit is present), lint, tests.
 # make demo: the same setup, then the main job on the embedded default.
 # make sdist-check: build the sdist and install it as users do (see README, Install).
+# make docs: the site (Sphinx) into docs/_build/html, warnings as errors; it runs examples/.
+# make examples: run each example script alone (what the docs build runs, without Sphinx).
 PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 
-.PHONY: all venv build test lint bench demo dataset sdist-check clean
+.PHONY: all venv build test lint bench demo dataset sdist-check docs examples clean
 
 all: test
 
@@ -49,7 +51,7 @@ sdist-check: venv
 	cd $(SDIST_DIR) && venv/bin/pdepth --help > /dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check pdepth tests benchmarks setup.py
+	$(VENV)/bin/ruff check pdepth tests benchmarks examples docs/conf.py setup.py
 
 test: build lint
 	$(VPY) -m pytest -q tests
@@ -68,5 +70,15 @@ dataset:
 demo: build dataset
 	$(VPY) -m pdepth run --out runs/demo --overwrite
 
+# -W --keep-going: every warning is listed, then the build fails; -E: no stale pages. The
+# examples read Fashion-MNIST from the Debian package (make dataset) and run headless.
+docs: build dataset
+	rm -rf docs/api/generated docs/auto_examples
+	MPLBACKEND=Agg $(VPY) -m sphinx -W --keep-going -E -b html docs docs/_build/html
+	@echo "pdepth: docs built: docs/_build/html/index.html"
+
+examples: build dataset
+	@for f in examples/*.py; do echo "== $$f"; MPLBACKEND=Agg $(VPY) $$f > /dev/null || exit 1; done
+
 clean:
-	rm -rf build dist *.egg-info pdepth/_C*.so build.log
+	rm -rf build dist *.egg-info pdepth/_C*.so build.log docs/_build docs/api/generated docs/auto_examples

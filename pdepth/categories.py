@@ -47,6 +47,7 @@ import numpy as np
 
 __all__ = ["CATEGORIES", "CategoryThresholds", "categorize"]
 
+#: The difficulty categories, in the order of the report (docs/protocol.md, "Difficulty categories").
 CATEGORIES = ("easy", "ambiguous", "looks_like_other_class", "atypical")
 
 _REQUIRED = ("label", "train_depth", "held_out_depth", "held_out_accuracy",
@@ -110,6 +111,9 @@ def categorize(table, num_layers: int, thresholds: CategoryThresholds | None = N
         ``pandas.Categorical`` of length n (missing where no model held the example out).
         Rules and thresholds: module docstring and
         docs/protocol.md.
+
+    Raises:
+        ValueError: the table lacks a column the rules read (naming them).
     """
     import pandas as pd
 

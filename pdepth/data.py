@@ -357,6 +357,7 @@ _DATA_HOME = os.path.join(os.path.expanduser("~"), ".cache", "pdepth", "data")
 
 # The dataset table: everything the protocol needs to know about a dataset, by name. The
 # statistics are the per-channel mean and std of each training split, scaled to [0, 1].
+#: The datasets ``pdepth run --dataset`` knows: name -> :class:`DatasetInfo`.
 DATASETS = {
     "fashion-mnist": DatasetInfo("fashion-mnist", FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES,
                                  (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,),

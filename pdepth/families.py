@@ -46,6 +46,7 @@ from torch import nn
 __all__ = ["FAMILIES", "TOKENS", "Family", "TokenLayout", "auto_family", "family_names",
            "get_family", "recognise", "register_family"]
 
+#: The token rules of a transformer probe: the class token, the mean of the patch tokens, every token.
 TOKENS = ("cls", "mean", "all")
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Tanh, nn.Sigmoid,
                nn.Hardswish, nn.Mish)
@@ -103,6 +104,7 @@ class Family:
     generic: bool = False
 
 
+#: The registry: family name -> :class:`Family` (:func:`register_family` adds one).
 FAMILIES: dict[str, Family] = {}
 _ALIASES: dict[str, str] = {}
 

@@ -152,6 +152,12 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
     Returns:
         :class:`ScoreResult` (``.train``, ``.test``: DepthResults; the training examples'
         with ``self_match="exclude"``).
+
+    Raises:
+        ValueError: ``reference="network"`` with a head whose outputs are not the data's
+            classes (use ``"labels"`` or ``"last_probe"``), and the errors of
+            :func:`pdepth.stream_prediction_depth` (probes, tokens, labels, a shuffling
+            loader).
     """
     ref = _reference(reference)
     x_tr, y_tr = _labels(train, "train")

@@ -180,6 +180,7 @@ def resnet18(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) 
     return model
 
 
+#: The built-in ``--arch`` values: name -> the function that builds the model.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn,
     "resnet18": resnet18,
@@ -188,8 +189,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-# Changes of an architecture that change its results: part of the protocol key (version 1,
-# the first, is left out so that earlier runs keep their key). resnet18 2: GroupNorm.
+#: Changes of an architecture that change its results: part of the protocol key (version 1,
+#: the first, is left out so that earlier runs keep their key). resnet18 2: GroupNorm.
 ARCH_VERSIONS = {"resnet18": 2}
 
 

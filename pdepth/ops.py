@@ -65,12 +65,13 @@ __all__ = [
     "vote",
 ]
 
+#: The values of ``self_match=`` (docs/design.md section 2): what a query's own support row does.
 SELF_MATCH_POLICIES = ("exclude", "include", "drop_nearest")
-# The filter GEMM's formats (docs/design.md section 6); none changes the output.
+#: The filter GEMM's formats (docs/design.md section 6); none changes the output.
 FILTERS = ("auto", "fp32", "bf16", "bf16x3", "tf32")
-# The k-NN metrics (docs/design.md section 2, "The cosine metric"): "cosine" ranks the
-# L2-normalised rows (normalize_rows) by the op's squared-L2 rule. One spelling each, so a
-# recorded metric (results, protocol keys) has one value.
+#: The k-NN metrics (docs/design.md section 2, "The cosine metric"): "cosine" ranks the
+#: L2-normalised rows (normalize_rows) by the op's squared-L2 rule. One spelling each, so a
+#: recorded metric (results, protocol keys) has one value.
 METRICS = ("euclidean", "cosine")
 
 _warned: set[str] = set()
@@ -261,6 +262,13 @@ def knn_vote(
         :class:`Vote` ``(pred[M] int64, dist[M, k], index[M, k])``. The largest count wins;
         a tie goes to the lowest class id (scikit-learn's rule). Not differentiable: the
         outputs never require grad.
+
+    Raises:
+        ValueError: mismatched shapes or dtypes, k out of range, labels outside
+            ``[0, num_classes)``, a bad ``self_index``, NaN / Inf or values too large for
+            the compute dtype, an unknown ``filter`` or ``metric`` (naming the argument).
+        TypeError: a non-integer ``k`` or ``num_classes``.
+        RuntimeError: queries, support and labels on different devices.
     """
     k = check_int(k, "k", op="knn_vote")
     labels = _as_index(support_labels, "support_labels")

@@ -66,8 +66,11 @@ __all__ = [
     "resolve_probes",
 ]
 
+#: The name of probe 0, the flattened input.
 INPUT = "input"
+#: The name of the last probe, the softmax output.
 SOFTMAX = "softmax"
+#: The built-in probe presets (model families; ``"auto"`` picks one).
 PRESETS = family_names()  # the built-in families; pdepth.families.family_names() is live
 
 
@@ -459,6 +462,12 @@ def extract(
 
     Returns:
         :class:`Embeddings` with one ``[N, D_l]`` tensor per probe, the logits and the labels.
+
+    Raises:
+        ValueError: an unknown preset, a model ``"auto"`` does not recognise, a token rule
+            the model cannot take, or a loader that yields no batches.
+        RuntimeError: a probe module that did not run in the forward pass.
+        TypeError: a probe or model output that holds no tensor.
     """
     spec = resolve_probes(model, probes, max_dim=max_dim, token=token)
     if device is None:

@@ -207,6 +207,10 @@ def aggregate(
         :class:`EnsembleDepth` with ``per_model [R, n]``, ``in_train [R, n]``,
         ``held_out [R, n]`` and per-example ``train_mean / train_std / train_count`` and
         ``held_out_mean / held_out_std / held_out_count`` (``[n]`` each).
+
+    Raises:
+        ValueError: no results, not one split mask per result, or a result or mask whose
+            length or example indices do not fit ``n`` (naming ``results[r]``).
     """
     results = list(results)
     split_masks = list(split_masks)

@@ -116,7 +116,7 @@ class DepthResult:
 
     def to_pandas(self):
         """One row per example: ``example_index`` (when known), ``depth``, ``reference``,
-        ``label`` (when known), ``pred_0 .. pred_{L-1}`` and, with vote counts,
+        ``label`` (when known), ``pred_0`` to ``pred_{L-1}`` and, with vote counts,
         ``votes_<l>_<c>`` (probe l, class c). Settings, layer names and the
         per-layer accuracy / agreement are in ``DataFrame.attrs``."""
         import pandas as pd

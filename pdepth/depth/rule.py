@@ -7,6 +7,7 @@ import torch
 
 __all__ = ["REFERENCE_MODES", "depth_from_predictions"]
 
+#: The named references of ``prediction_depth(reference=...)`` (a tensor is accepted too).
 REFERENCE_MODES = ("network", "labels", "last_probe")
 
 
@@ -23,6 +24,9 @@ def depth_from_predictions(layer_pred, reference):
         ``layer_pred[j] == reference`` for every ``j >= l``. 0 means every probe agrees; L
         means the last probe disagrees. A numpy array when ``layer_pred`` is one, else a
         tensor on ``layer_pred``'s device.
+
+    Raises:
+        ValueError: ``layer_pred`` not 2-D, ``reference`` not 1-D, or their lengths differ.
     """
     as_numpy = isinstance(layer_pred, np.ndarray)
     lp = torch.as_tensor(layer_pred)
