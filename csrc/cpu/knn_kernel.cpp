@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <limits>
 #include <mutex>
@@ -1092,9 +1093,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
 // Rows per strip (at most kChunkBytes of cross terms, at least kSymMinStrip rows) and rows
 // per GEMM piece: the strip's own diagonal block is computed in pieces of kSymPieceRows rows
 // from their own first row on, so at most kSymPieceRows / 2 rows per row are computed twice.
-constexpr int64_t kSymStripRows = 256;
+constexpr int64_t kSymStripRows = 512;
 constexpr int64_t kSymMinStrip = 32;
 constexpr int64_t kSymPieceRows = 64;
+
+// The kk smallest upper bounds a row has seen, as a max-heap of kk values (root: the kk-th
+// smallest, inf until kk were offered). Each pair is offered once to each of its rows, so
+// the root bounds the row's final k-th best key (kth_upper's argument over every pair seen).
+template <typename T>
+inline void ub_offer(T* h, int64_t kk, T x) {
+  if (!(x < h[0])) {
+    return;
+  }
+  int64_t pos = 0;
+  while (true) {
+    int64_t c = 2 * pos + 1;
+    if (c >= kk) {
+      break;
+    }
+    if (c + 1 < kk && h[c] < h[c + 1]) {
+      ++c;
+    }
+    if (!(x < h[c])) {
+      break;
+    }
+    h[pos] = h[c];
+    pos = c;
+  }
+  h[pos] = x;
+}
+
+// A row's threshold on the symmetric path: its k-th best key or its kk-th smallest upper
+// bound so far, grown (row_threshold with the bound as the seed).
+template <typename T>
+inline T sym_threshold(const Entry<T>* h, const T* ub, const Rule<T>& rule) {
+  const T seed = ub[0] == std::numeric_limits<T>::infinity()
+      ? ub[0] : std::max(ub[0], T(0)) * rule.grow + rule.slack;
+  return row_threshold(h, rule, seed);
+}
+
+// A candidate pair of the symmetric path: rows a (of a) and b (of b) and its lower bound.
+template <typename T>
+struct SymPair {
+  int32_t a, b;
+  T lower;
+};
 
 // Canonical keys of the pairs (row i, column cand[i][t]) with row i at a + i d and column j
 // at b + j d (ncols columns): blocks of key_rows rows on one thread each, their keys built
@@ -1225,6 +1268,69 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
   std::vector<std::vector<int32_t>> cand;
   std::vector<std::vector<T>> keys;
   std::vector<std::vector<int32_t>> col_cand;
+  // The upper bounds seen per row (a's rows, then b's in the cross case) and the pending
+  // candidate pairs: their keys wait for thresholds from every pair (flush), as the general
+  // path's two passes seed each query from the whole support set; a strip's loose
+  // thresholds would otherwise let many more through.
+  std::vector<T> ubs((na + (self ? 0 : nb)) * kk, std::numeric_limits<T>::infinity());
+  T* ua = ubs.data();
+  T* ubb = self ? ubs.data() : ubs.data() + na * kk;
+  std::vector<SymPair<T>> pending;
+  const int64_t max_pending = kChunkBytes / static_cast<int64_t>(sizeof(SymPair<T>));
+  Rule<T> thr_rule = sc.rule[int(sc.chain[0])];  // grow and slack: the largest of the chain
+  for (const Filter f : sc.chain) {
+    thr_rule.grow = std::max(thr_rule.grow, sc.rule[int(f)].grow);
+    thr_rule.slack = std::max(thr_rule.slack, sc.rule[int(f)].slack);
+  }
+  int64_t nkeys = 0;
+  // The keys of the pending pairs that pass either row's threshold now, offered to both.
+  const auto flush = [&]() {
+    std::vector<T> ta(na), tb(nb);
+    at::parallel_for(0, na, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        ta[r] = sym_threshold(ha + r * kk, ua + r * kk, thr_rule);
+      }
+    });
+    if (self) {
+      tb = ta;
+    } else {
+      at::parallel_for(0, nb, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          tb[r] = sym_threshold(hb + r * kk, ubb + r * kk, thr_rule);
+        }
+      });
+    }
+    cand.assign(na, {});
+    for (const SymPair<T>& p : pending) {
+      if (p.lower <= ta[p.a] || p.lower <= tb[p.b]) {
+        cand[p.a].push_back(p.b);
+      }
+    }
+    pending.clear();
+    pair_keys(ap, bp, d, nb, cand, keys, kKeyRows);
+    std::vector<std::vector<Entry<T>>> by_col(nb);
+    for (int64_t i = 0; i < na; ++i) {
+      nkeys += static_cast<int64_t>(cand[i].size());
+      for (size_t t = 0; t < cand[i].size(); ++t) {
+        by_col[cand[i][t]].push_back(Entry<T>{keys[i][t], off_a + i});
+      }
+    }
+    // The rows of a, then (one thread per row of b) b's: no heap is touched by two threads.
+    at::parallel_for(0, na, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          offer(ha + i * kk, kk, keys[i][t], gb + cand[i][t]);
+        }
+      }
+    });
+    at::parallel_for(0, nb, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t j = r0; j < r1; ++j) {
+        for (const Entry<T>& e : by_col[j]) {
+          offer(hb + j * kk, kk, e.d, e.i);
+        }
+      }
+    });
+  };
   for (int64_t i0 = 0; i0 < na; i0 += strip) {
     const int64_t mi = std::min(strip, na - i0);
     const int64_t c0 = self ? i0 : 0;  // the strip's first column (self: its own first row)
@@ -1233,24 +1339,32 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     const auto first_col = [&](int64_t i) { return self ? i + 1 : int64_t(0); };
     seeds.assign(mi, std::numeric_limits<T>::infinity());
     const auto compute = [&](Filter f, int64_t r0, int64_t r1) {
-      const int64_t ntiles = (w + kSupportTile - 1) / kSupportTile;
-      int64_t piece = std::min(kSymPieceRows, r1 - r0);
-      while (piece > 16 && ((r1 - r0 + piece - 1) / piece) * ntiles < threads) {
+      // GEMM pieces {first row, rows, first column, columns}: the strip's own block
+      // (self) in pieces of kSymPieceRows rows from their first row to the block's end,
+      // the columns past it in pieces of all the rows (fewer when the threads need work)
+      // by kSupportTile columns: each piece converts its rows and columns once, so tall
+      // pieces keep that conversion small next to the GEMM.
+      std::vector<std::array<int64_t, 4>> items;
+      const int64_t diag = self ? mi : 0;  // columns 0..diag are the strip's own rows
+      for (int64_t p0 = r0; p0 < std::min(r1, diag); p0 += kSymPieceRows) {
+        items.push_back({p0, std::min(kSymPieceRows, r1 - p0), p0, diag - p0});
+      }
+      const int64_t ntiles = (w - diag + kSupportTile - 1) / kSupportTile;
+      int64_t piece = r1 - r0;
+      while (piece > kSymPieceRows && ((r1 - r0 + piece - 1) / piece) * ntiles < threads) {
         piece = (piece + 1) / 2;
       }
-      const int64_t npieces = (r1 - r0 + piece - 1) / piece;
-      at::parallel_for(0, npieces * ntiles, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t p0 = r0; p0 < r1 && ntiles > 0; p0 += piece) {
+        for (int64_t j0 = diag; j0 < w; j0 += kSupportTile) {
+          items.push_back({p0, std::min(piece, r1 - p0), j0, std::min(kSupportTile, w - j0)});
+        }
+      }
+      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
         thread_local cpu::CentredScratch<T> scratch;
         for (int64_t item = w0; item < w1; ++item) {
-          const int64_t p0 = r0 + (item / ntiles) * piece;
-          // Self: a piece's columns start at its own first row (nothing below the diagonal).
-          const int64_t j0 = (self ? p0 : 0) + (item % ntiles) * kSupportTile;
-          if (j0 >= w) {
-            continue;
-          }
-          cpu::centred_dot(f, ap + (i0 + p0) * d, std::min(piece, r1 - p0),
-              bp + (c0 + j0) * d, std::min(kSupportTile, w - j0), cp, d,
-              dot.data() + p0 * w + j0, w, scratch);
+          const auto& it = items[item];
+          cpu::centred_dot(f, ap + (i0 + it[0]) * d, it[1], bp + (c0 + it[2]) * d, it[3], cp,
+              d, dot.data() + it[0] * w + it[2], w, scratch);
         }
       });
       at::parallel_for(r0, r1, 16, [&](int64_t q0, int64_t q1) {
@@ -1274,13 +1388,38 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
         compute);
     const Rule<T>& rule = sc.rule[int(f)];
 
-    // Candidates of the rows (their own thresholds), marked in `mark`.
+    // Every pair's upper bound to both of its rows: the strip's rows (vectorised listing of
+    // the bounds under the root first), then the columns.
+    at::parallel_for(0, mi, 16, [&](int64_t q0, int64_t q1) {
+      std::vector<int32_t> below;
+      for (int64_t i = q0; i < q1; ++i) {
+        const int64_t u = first_col(i);
+        T* h = ua + (i0 + i) * kk;
+        const T* row = dot.data() + i * w;
+        below.clear();
+        list_below(row + u, w - u, qn[i0 + i], sn + c0 + u, rule.up, h[0], below);
+        for (const int32_t j : below) {
+          ub_offer(h, kk, filter_bound(qn[i0 + i], sn[c0 + u + j], row[u + j], rule.up));
+        }
+      }
+    });
+    at::parallel_for(0, w, 64, [&](int64_t q0, int64_t q1) {
+      for (int64_t j = q0; j < q1; ++j) {
+        T* h = ubb + (c0 + j) * kk;
+        const int64_t rows = self ? std::min(mi, j) : mi;  // self: rows i < j
+        for (int64_t i = 0; i < rows; ++i) {
+          ub_offer(h, kk, filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.up));
+        }
+      }
+    });
+    // Candidates: pairs under either row's threshold now (its k-th best or its upper
+    // bounds so far), the rows' listed (and marked) first, then the columns' not listed.
     cand.assign(mi, {});
     mark.assign(mi * w, 0);
     at::parallel_for(0, mi, 16, [&](int64_t q0, int64_t q1) {
       for (int64_t i = q0; i < q1; ++i) {
         const int64_t u = first_col(i);
-        const T thr = row_threshold(ha + (i0 + i) * kk, rule, seeds[i]);
+        const T thr = sym_threshold(ha + (i0 + i) * kk, ua + (i0 + i) * kk, thr_rule);
         list_below(dot.data() + i * w + u, w - u, qn[i0 + i], sn + c0 + u, rule.keep, thr,
             cand[i]);
         for (int32_t& j : cand[i]) {
@@ -1289,26 +1428,11 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
         }
       }
     });
-    // Candidates of the columns (their own thresholds and seeds) not already listed.
     col_cand.assign(w, {});
     at::parallel_for(0, w, 64, [&](int64_t q0, int64_t q1) {
-      std::vector<T> col, norms, scratch;
       for (int64_t j = q0; j < q1; ++j) {
-        const int64_t rows = self ? std::min(mi, j) : mi;  // self: rows i < j
-        if (rows == 0) {
-          continue;
-        }
-        const Entry<T>* h = hb + (c0 + j) * kk;
-        T seed = std::numeric_limits<T>::infinity();
-        if (h[0].d == std::numeric_limits<T>::infinity()) {
-          col.resize(rows);
-          for (int64_t i = 0; i < rows; ++i) {
-            col[i] = dot[i * w + j];
-          }
-          seed = kth_upper(col.data(), rows, sn[c0 + j], qn + i0, off_a + i0, -1, kk, rule,
-              scratch);
-        }
-        const T thr = row_threshold(h, rule, seed);
+        const int64_t rows = self ? std::min(mi, j) : mi;
+        const T thr = sym_threshold(hb + (c0 + j) * kk, ubb + (c0 + j) * kk, thr_rule);
         for (int64_t i = 0; i < rows; ++i) {
           if (mark[i * w + j] == 0 &&
               filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.keep) <= thr) {
@@ -1317,38 +1441,22 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
         }
       }
     });
+    for (int64_t i = 0; i < mi; ++i) {
+      const T* row = dot.data() + i * w;
+      for (const int32_t j : cand[i]) {
+        pending.push_back(SymPair<T>{static_cast<int32_t>(i0 + i), static_cast<int32_t>(c0 + j),
+            filter_bound(qn[i0 + i], sn[c0 + j], row[j], rule.keep)});
+      }
+    }
     for (int64_t j = 0; j < w; ++j) {
       for (const int32_t i : col_cand[j]) {
-        cand[i].push_back(static_cast<int32_t>(j));
+        pending.push_back(SymPair<T>{static_cast<int32_t>(i0 + i), static_cast<int32_t>(c0 + j),
+            filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.keep)});
       }
     }
-    // One key per pair, offered to both rows: the strip's rows, then (one thread per
-    // column row) the columns, so no heap is touched by two threads at once.
-    pair_keys(ap + i0 * d, bp + c0 * d, d, w, cand, keys, kKeyRows);
-    int64_t nkeys = 0;
-    for (int64_t i = 0; i < mi; ++i) {
-      nkeys += static_cast<int64_t>(cand[i].size());
+    if (static_cast<int64_t>(pending.size()) > max_pending) {
+      flush();  // bounded memory: these keys now, at the thresholds so far
     }
-    at::parallel_for(0, mi, 64, [&](int64_t q0, int64_t q1) {
-      for (int64_t i = q0; i < q1; ++i) {
-        for (size_t t = 0; t < cand[i].size(); ++t) {
-          offer(ha + (i0 + i) * kk, kk, keys[i][t], gb + c0 + cand[i][t]);
-        }
-      }
-    });
-    std::vector<std::vector<Entry<T>>> by_col(w);
-    for (int64_t i = 0; i < mi; ++i) {
-      for (size_t t = 0; t < cand[i].size(); ++t) {
-        by_col[cand[i][t]].push_back(Entry<T>{keys[i][t], off_a + i0 + i});
-      }
-    }
-    at::parallel_for(0, w, 64, [&](int64_t q0, int64_t q1) {
-      for (int64_t j = q0; j < q1; ++j) {
-        for (const Entry<T>& e : by_col[j]) {
-          offer(hb + (c0 + j) * kk, kk, e.d, e.i);
-        }
-      }
-    });
     // Counters: each pair scanned once per direction.
     const int64_t pairs = self ? mi * w - mi * (mi + 1) / 2 : mi * w;
     int64_t seeded = 0;
@@ -1358,12 +1466,13 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     if (f != sc.chain[0]) {
       sc.counts[kStatFallbacks] += 1;
     }
-    sc.counts[kStatCandidates] += nkeys;
     sc.counts[kStatSeeded] += seeded;
     sc.counts[kStatTiles] += 1;
     sc.counts[pairs_stat(f)] += 2 * pairs;
     sc.counts[kStatPairs] += 2 * pairs;
   }
+  flush();
+  sc.counts[kStatCandidates] += nkeys;
   for (int st = 1; st < kNumStats; ++st) {
     stats_add(static_cast<Stat>(st), sc.counts[st].load());
   }
