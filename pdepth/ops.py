@@ -296,6 +296,11 @@ def knn_vote(
 # The symmetric path (docs/design.md section 13) is taken where it applies; False makes
 # every call take the general op (benchmarks and tests compare the two).
 SYMMETRIC = True
+# ... from this D on: below it the scan of each pair from both rows costs more than the
+# cross terms it saves (measured on the 2-core EPYC, N = 3,000 ReLU rows, one thread:
+# symmetric / general time 0.53-0.55 (fp32) and 0.76 (bf16) at D = 4096 and 12,544, but
+# 0.70 / 1.06 at 2048 and 0.92 / 1.18 at 1024).
+SYMMETRIC_MIN_D = 4096
 
 
 def _symmetric(queries, support, self_match: str, self_index, offset: int):
@@ -305,7 +310,7 @@ def _symmetric(queries, support, self_match: str, self_index, offset: int):
     asked), or None for the general op (other self indices, CUDA, other tensors)."""
     if not SYMMETRIC or queries is not support or not isinstance(queries, torch.Tensor):
         return None
-    if queries.device.type != "cpu" or queries.dim() != 2:
+    if queries.device.type != "cpu" or queries.dim() != 2 or queries.shape[1] < SYMMETRIC_MIN_D:
         return None
     if self_match != "exclude" or self_index is None:
         return False
@@ -365,15 +370,17 @@ def knn_sym(
         ``other`` ``knn(x, x, k, self_index=offset + arange(N), self_match=self_match,
         prev=prev, offset=offset)``; with it ``knn(x, other, prev=prev[:N],
         offset=other_offset)`` over ``knn(other, x, prev=prev[N:], offset=offset)``,
-        bit for bit. The CPU extension runs the symmetric op; elsewhere (CUDA, the
-        reference backend) those general calls are made.
+        bit for bit. The CPU extension runs the symmetric op from D =
+        :data:`SYMMETRIC_MIN_D` on; below it, and elsewhere (CUDA, the reference
+        backend), those general calls are made.
     """
     k = check_int(k, "k", op="knn_sym")
     offset = check_int(offset, "offset", op="knn_sym")
     other_offset = check_int(other_offset, "other_offset", op="knn_sym")
     _, skip = _policy(self_match, None)
     prev_dist, prev_index = (None, None) if prev is None else prev
-    if _use_extension(x.device) and x.device.type == "cpu" and SYMMETRIC:
+    wide = not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] >= SYMMETRIC_MIN_D
+    if _use_extension(x.device) and x.device.type == "cpu" and SYMMETRIC and wide:
         return Neighbors(*torch.ops.pdepth.knn_sym(
             x, other, k, skip, self_match == "exclude", prev_dist, prev_index, offset,
             other_offset, filter))

@@ -121,11 +121,12 @@ def test_layer_knn_reads_a_one_block_support_set_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("budget", [None, 40_000])
-def test_layer_knn_scores_the_training_rows_symmetrically(tmp_path, budget):
+def test_layer_knn_scores_the_training_rows_symmetrically(tmp_path, budget, monkeypatch):
     """The protocol's self index (the support rows' own, -1 after) takes the symmetric op
     for the support rows: each pair's keys once per direction, N (N - 1) pairs, plus the
     held-out rows' (n - N) N; the votes are the general path's. Any other self index takes
     the general path (n N pairs)."""
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_MIN_D", 0)  # at this store's narrow rows
     store, emb, labels, self_index = _tied_store(tmp_path if budget else None)
     n, n_support = store.n, len(labels)
     want = torch.ops.pdepth.knn_vote(emb, emb[:n_support], labels, 7, 4, self_index, 0,

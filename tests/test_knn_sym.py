@@ -19,7 +19,8 @@ POLICIES = ("exclude", "include", "drop_nearest")
 
 
 @pytest.fixture(autouse=True)
-def _reset_hooks():
+def _reset_hooks(monkeypatch):
+    monkeypatch.setattr(ops, "SYMMETRIC_MIN_D", 0)  # the symmetric path at every D here
     yield
     pdepth._C._knn_test_hooks()
 
@@ -195,6 +196,9 @@ def test_dispatch_and_its_limits():
         assert pairs(lambda: pdepth.knn(x, x, 3, self_index=torch.arange(n))) == n * n
     finally:
         ops.SYMMETRIC = True
+    ops.SYMMETRIC_MIN_D = 17  # narrower rows: the general op (knn_sym too)
+    assert pairs(lambda: pdepth.knn(x, x, 3, self_index=torch.arange(n))) == n * n
+    assert pairs(lambda: ops.knn_sym(x, 3)) == n * n
 
 
 def test_bad_arguments():
