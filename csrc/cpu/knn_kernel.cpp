@@ -1264,7 +1264,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   std::vector<T> dot(std::min(strip, na) * nb);
   std::vector<uint8_t> mark;
-  std::vector<T> seeds;
+  std::vector<T> seeds(kProbeRows), probe_dot;
   std::vector<std::vector<int32_t>> cand;
   std::vector<std::vector<T>> keys;
   std::vector<std::vector<int32_t>> col_cand;
@@ -1337,7 +1337,6 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     const int64_t w = nb - c0;         // columns, the row stride of `dot`
     // Row i's first column: self, the one after its own (pairs i < j); cross, all.
     const auto first_col = [&](int64_t i) { return self ? i + 1 : int64_t(0); };
-    seeds.assign(mi, std::numeric_limits<T>::infinity());
     const auto compute = [&](Filter f, int64_t r0, int64_t r1) {
       // GEMM pieces {first row, rows, first column, columns}: the strip's own block
       // (self) in pieces of kSymPieceRows rows from their first row to the block's end,
@@ -1367,23 +1366,26 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
               d, dot.data() + it[0] * w + it[2], w, scratch);
         }
       });
-      at::parallel_for(r0, r1, 16, [&](int64_t q0, int64_t q1) {
-        std::vector<T> scratch;
-        for (int64_t i = q0; i < q1; ++i) {
-          const int64_t u = first_col(i);
-          seeds[i] = seed_threshold(dot.data() + i * w + u, w - u, qn[i0 + i], sn + c0 + u,
-              gb + c0 + u, -1, ha + (i0 + i) * kk, kk, sc.rule[int(f)], scratch);
-        }
-      });
     };
+    // The format's probe, an estimate for its choice only: the strip's first rows against
+    // its first kSupportTile columns (their own cross terms: the strip's are then computed
+    // once, in the format chosen), each row at its threshold or this tile's seed.
     const int64_t probe = std::min(kProbeRows, mi);
+    const int64_t pc = std::min(kSupportTile, w);
     const Filter f = pick_format(sc, mi,
         [&](Filter f) -> int64_t {
-          compute(f, 0, probe);
-          // An estimate for the choice of format: the probe rows' pairs from the strip's
-          // first column on (computed for the first piece), at their row thresholds.
-          return too_loose(sc, f, i0, probe, w, dot.data(), sn + c0, seeds.data(), ha, 0,
-                     cpu::fallback_budget()) ? -1 : probe;
+          probe_dot.resize(probe * pc);
+          thread_local cpu::CentredScratch<T> scratch;
+          cpu::centred_dot(f, ap + i0 * d, probe, bp + c0 * d, pc, cp, d, probe_dot.data(),
+              pc, scratch);
+          std::vector<T> work;
+          for (int64_t i = 0; i < probe; ++i) {
+            const int64_t u = std::min(first_col(i), pc);
+            seeds[i] = seed_threshold(probe_dot.data() + i * pc + u, pc - u, qn[i0 + i],
+                sn + c0 + u, gb + c0 + u, -1, ha + (i0 + i) * kk, kk, sc.rule[int(f)], work);
+          }
+          return too_loose(sc, f, i0, probe, pc, probe_dot.data(), sn + c0, seeds.data(), ha,
+                     0, cpu::fallback_budget()) ? -1 : 0;
         },
         compute);
     const Rule<T>& rule = sc.rule[int(f)];
@@ -1459,20 +1461,20 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     }
     // Counters: each pair scanned once per direction.
     const int64_t pairs = self ? mi * w - mi * (mi + 1) / 2 : mi * w;
-    int64_t seeded = 0;
-    for (int64_t i = 0; i < mi; ++i) {
-      seeded += seeds[i] != std::numeric_limits<T>::infinity() ? 1 : 0;
-    }
     if (f != sc.chain[0]) {
       sc.counts[kStatFallbacks] += 1;
     }
-    sc.counts[kStatSeeded] += seeded;
     sc.counts[kStatTiles] += 1;
     sc.counts[pairs_stat(f)] += 2 * pairs;
     sc.counts[kStatPairs] += 2 * pairs;
   }
   flush();
   sc.counts[kStatCandidates] += nkeys;
+  int64_t seeded = 0;  // rows whose threshold came from their upper bounds
+  for (const T* h = ubs.data(); h < ubs.data() + ubs.size(); h += kk) {
+    seeded += h[0] != std::numeric_limits<T>::infinity() ? 1 : 0;
+  }
+  sc.counts[kStatSeeded] += seeded;
   for (int st = 1; st < kNumStats; ++st) {
     stats_add(static_cast<Stat>(st), sc.counts[st].load());
   }
