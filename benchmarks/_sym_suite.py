@@ -26,13 +26,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _self_vote(x, labels, k, filter, symmetric: bool):
+    """The self-scoring call on the symmetric op (every D and format: the dispatch rule of
+    pdepth.ops is what this measures) or on the general op."""
     def run():
-        ops.SYMMETRIC = symmetric
+        saved = ops.SYMMETRIC, ops.SYMMETRIC_MIN_D, ops.SYMMETRIC_FILTERS
+        ops.SYMMETRIC, ops.SYMMETRIC_MIN_D, ops.SYMMETRIC_FILTERS = symmetric, 0, ops.FILTERS
         try:
             return pdepth.knn_vote(x, x, labels, k, self_index=torch.arange(x.shape[0]),
                                    filter=filter)
         finally:
-            ops.SYMMETRIC = True
+            ops.SYMMETRIC, ops.SYMMETRIC_MIN_D, ops.SYMMETRIC_FILTERS = saved
     return run
 
 

@@ -216,7 +216,7 @@ def knn(
     queries, support = metric_rows(metric, queries, support, op="knn")
     prev_dist, prev_index = (None, None) if prev is None else prev
     if _use_extension(queries.device):
-        exclude = _symmetric(queries, support, self_match, self_index, offset)
+        exclude = _symmetric(queries, support, self_match, self_index, offset, filter)
         if exclude is not None:  # the support set against itself: each pair once
             _fake_check_knn("knn", queries, support, k, self_index, skip, prev_dist,
                             prev_index, offset, filter)
@@ -275,7 +275,7 @@ def knn_vote(
     self_index, skip = _policy(self_match, self_index)
     queries, support = metric_rows(metric, queries, support, op="knn_vote")
     if _use_extension(queries.device):
-        exclude = _symmetric(queries, support, self_match, self_index, 0)
+        exclude = _symmetric(queries, support, self_match, self_index, 0, filter)
         if exclude is not None:  # the support set against itself: each pair once
             return _knn_vote_sym(queries, labels, k, num_classes, self_index, skip, exclude,
                                  filter)
@@ -301,16 +301,37 @@ SYMMETRIC = True
 # symmetric / general time 0.53-0.55 (fp32) and 0.76 (bf16) at D = 4096 and 12,544, but
 # 0.70 / 1.06 at 2048 and 0.92 / 1.18 at 1024).
 SYMMETRIC_MIN_D = 4096
+# ... where the filter resolves to one of these formats. The symmetric path's bf16 cross terms
+# convert each strip's rows per piece; on the 2-core EPYC (two threads, a loaded machine) it
+# took 1.03-1.09x the general bf16 path's time at D = 4096 and 12,544, its fp32 0.66-0.79x
+# the general fp32's (benchmarks/bench_knn.py --suites sym; one thread: bf16 0.76x).
+SYMMETRIC_FILTERS = ("fp32",)
 
 
-def _symmetric(queries, support, self_match: str, self_index, offset: int):
+def _symmetric_pays(x, filter) -> bool:
+    """Whether the symmetric op is taken for rows ``x`` (CPU) and ``filter``: from
+    :data:`SYMMETRIC_MIN_D` on, where ``filter`` resolves to one of
+    :data:`SYMMETRIC_FILTERS`. A filter the op refuses returns False (the general op then
+    raises its own error)."""
+    if not SYMMETRIC or x.dim() != 2 or x.shape[1] < SYMMETRIC_MIN_D:
+        return False
+    if not isinstance(filter, str) or filter not in FILTERS:
+        return False
+    try:
+        plan = knn_plan(x.shape[1], dtype=x.dtype, device="cpu", filter=filter)
+    except ValueError:
+        return False
+    return plan["filter"] in SYMMETRIC_FILTERS
+
+
+def _symmetric(queries, support, self_match: str, self_index, offset: int, filter="auto"):
     """Whether a knn / knn_vote call scores a support set against itself on the CPU
     extension, so that the symmetric op gives its result: ``exclude_self`` for the op
     (``self_index`` is each row's own global index ``offset + r``, or no self match is
     asked), or None for the general op (other self indices, CUDA, other tensors)."""
-    if not SYMMETRIC or queries is not support or not isinstance(queries, torch.Tensor):
+    if queries is not support or not isinstance(queries, torch.Tensor):
         return None
-    if queries.device.type != "cpu" or queries.dim() != 2 or queries.shape[1] < SYMMETRIC_MIN_D:
+    if queries.device.type != "cpu" or not _symmetric_pays(queries, filter):
         return None
     if self_match != "exclude" or self_index is None:
         return False
@@ -370,17 +391,16 @@ def knn_sym(
         ``other`` ``knn(x, x, k, self_index=offset + arange(N), self_match=self_match,
         prev=prev, offset=offset)``; with it ``knn(x, other, prev=prev[:N],
         offset=other_offset)`` over ``knn(other, x, prev=prev[N:], offset=offset)``,
-        bit for bit. The CPU extension runs the symmetric op from D =
-        :data:`SYMMETRIC_MIN_D` on; below it, and elsewhere (CUDA, the reference
-        backend), those general calls are made.
+        bit for bit. The CPU extension runs the symmetric op where it pays
+        (:data:`SYMMETRIC_MIN_D`, :data:`SYMMETRIC_FILTERS`); elsewhere (narrower rows,
+        other formats, CUDA, the reference backend) those general calls are made.
     """
     k = check_int(k, "k", op="knn_sym")
     offset = check_int(offset, "offset", op="knn_sym")
     other_offset = check_int(other_offset, "other_offset", op="knn_sym")
     _, skip = _policy(self_match, None)
     prev_dist, prev_index = (None, None) if prev is None else prev
-    wide = not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] >= SYMMETRIC_MIN_D
-    if _use_extension(x.device) and x.device.type == "cpu" and SYMMETRIC and wide:
+    if _use_extension(x.device) and x.device.type == "cpu" and _symmetric_pays(x, filter):
         return Neighbors(*torch.ops.pdepth.knn_sym(
             x, other, k, skip, self_match == "exclude", prev_dist, prev_index, offset,
             other_offset, filter))

@@ -126,6 +126,7 @@ def test_layer_knn_scores_the_training_rows_symmetrically(tmp_path, budget, monk
     for the support rows: each pair's keys once per direction, N (N - 1) pairs, plus the
     held-out rows' (n - N) N; the votes are the general path's. Any other self index takes
     the general path (n N pairs)."""
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_FILTERS", pdepth.ops.FILTERS)
     monkeypatch.setattr(pdepth.ops, "SYMMETRIC_MIN_D", 0)  # at this store's narrow rows
     store, emb, labels, self_index = _tied_store(tmp_path if budget else None)
     n, n_support = store.n, len(labels)

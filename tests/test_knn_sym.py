@@ -21,6 +21,7 @@ POLICIES = ("exclude", "include", "drop_nearest")
 @pytest.fixture(autouse=True)
 def _reset_hooks(monkeypatch):
     monkeypatch.setattr(ops, "SYMMETRIC_MIN_D", 0)  # the symmetric path at every D here
+    monkeypatch.setattr(ops, "SYMMETRIC_FILTERS", ops.FILTERS)  # and in every format
     yield
     pdepth._C._knn_test_hooks()
 
@@ -196,6 +197,11 @@ def test_dispatch_and_its_limits():
         assert pairs(lambda: pdepth.knn(x, x, 3, self_index=torch.arange(n))) == n * n
     finally:
         ops.SYMMETRIC = True
+    ops.SYMMETRIC_FILTERS = ("fp32",)  # a format the rule leaves out: the general op
+    assert pairs(lambda: pdepth.knn(x, x, 3, self_index=torch.arange(n),
+                                    filter="bf16")) == n * n
+    assert pairs(lambda: pdepth.knn(x, x, 3, self_index=torch.arange(n),
+                                    filter="fp32")) == n * (n - 1)
     ops.SYMMETRIC_MIN_D = 17  # narrower rows: the general op (knn_sym too)
     assert pairs(lambda: pdepth.knn(x, x, 3, self_index=torch.arange(n))) == n * n
     assert pairs(lambda: ops.knn_sym(x, 3)) == n * n

@@ -72,6 +72,7 @@ def test_stream_scores_a_whole_support_chunk_symmetrically(monkeypatch):
     """One chunk holding the whole support set is scored against itself by the symmetric op
     (docs/design.md section 13: N (N - 1) pairs per probe, no second pass over the support
     set), with the general stream's result."""
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_FILTERS", pdepth.ops.FILTERS)
     monkeypatch.setattr(pdepth.ops, "SYMMETRIC_MIN_D", 0)  # at the cnn's narrow probes
     model = _model()
     g = torch.Generator().manual_seed(3)
