@@ -399,6 +399,9 @@ def knn_sym(
     offset = check_int(offset, "offset", op="knn_sym")
     other_offset = check_int(other_offset, "other_offset", op="knn_sym")
     _, skip = _policy(self_match, None)
+    if other is not None and skip:
+        raise ValueError("knn_sym(): self_match='drop_nearest' needs the whole set in one call "
+                         "(no other)")
     prev_dist, prev_index = (None, None) if prev is None else prev
     if _use_extension(x.device) and x.device.type == "cpu" and _symmetric_pays(x, filter):
         return Neighbors(*torch.ops.pdepth.knn_sym(

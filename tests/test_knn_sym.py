@@ -215,6 +215,8 @@ def test_bad_arguments():
         ops.knn_sym(x, 2, other=x[:5], offset=0, other_offset=5)
     with pytest.raises(ValueError, match="skip"):
         torch.ops.pdepth.knn_sym(x, x[:5], 2, 1, False, None, None, 0, 20)
+    with pytest.raises(ValueError, match="drop_nearest"):
+        ops.knn_sym(x, 2, other=x[:5], self_match="drop_nearest", other_offset=20)
     with pytest.raises(ValueError, match="filter"):
         pdepth.knn(x, x, 2, self_index=torch.arange(10), filter="nope")
     bad = x.clone()
