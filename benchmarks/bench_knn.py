@@ -18,7 +18,9 @@ call per mode, each measured in a fresh subprocess.
 Suites (``--suites``): ``main`` (N=20,000, Q=5,000, D in 64, 512, 2048, for each of
 ``--kinds``), ``fmnist`` (Fashion-MNIST pixels, D=784), ``mlp`` (hidden ReLU features of an
 MLP trained on Fashion-MNIST for a few seconds, D=1024 and 2048), ``paper`` (N=2,000, Q=500,
-D in 2048, 16384, 32768, 50176, 65536, for each of ``--kinds``). k=30, float32 everywhere.
+D in 2048, 16384, 32768, 50176, 65536, for each of ``--kinds``), ``sym`` (the training split
+scored against itself, N=3,000, D=4096 and 12544 ReLU features: the symmetric op against the
+general one, docs/design.md section 13). k=30, float32 everywhere.
 
 Exit status 1 when a mode's output (pred, dist, index) is not bit-identical to ``fp32``'s,
 or when pdepth's predictions disagree with a baseline's on more than 1% of the queries;
@@ -54,6 +56,7 @@ from _data import (
     trained_mlp_features,
 )
 from _machine import OtherLoad, describe_machine, machine_info
+from _sym_suite import run_sym_suite, sym_table
 from _tables import check, fmt, format_table
 from _timing import knn_gflops, matmul_fn, time_many
 
@@ -65,7 +68,7 @@ MIN_AGREEMENT = 0.99
 CPU_FILTERS = ("fp32", "bf16", "bf16x3", "auto")  # pdepth.FILTERS less the CUDA-only tf32
 BASELINES = ("faiss", "sklearn", "torch")
 KINDS = ("gaussian", "relu")
-SUITES = ("main", "fmnist", "mlp", "paper")
+SUITES = ("main", "fmnist", "mlp", "paper", "sym")
 
 SIZES = {
     "full": {
@@ -669,6 +672,11 @@ def main(argv=None) -> int:
     has_faiss = faiss_available()
     info = machine_info("cpu")
     print(header(info, cfg), flush=True)
+    if "sym" in suites:  # the symmetric path against the general one (_sym_suite.py)
+        sym_rows, sym_ok = run_sym_suite(args.sizes, filters, args.repeat, K)
+        print("\n" + sym_table(sym_rows) + "\n", flush=True)
+        if not cases:
+            return 0 if sym_ok else 1
 
     results = []
     t_start = time.perf_counter()

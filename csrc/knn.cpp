@@ -293,6 +293,55 @@ int64_t check_knn_args(
   return kk;
 }
 
+int64_t check_knn_sym_args(
+    const at::Tensor& a,
+    const c10::optional<at::Tensor>& b,
+    int64_t k,
+    int64_t skip,
+    bool exclude_self,
+    const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index,
+    int64_t offset_a,
+    int64_t offset_b) {
+  const char* op = "knn_sym";
+  if (!b.has_value()) {
+    // The general op's rules for knn(a, a, self_index = offset_a + arange(na) or none).
+    c10::optional<at::Tensor> self;
+    if (exclude_self && a.dim() == 2) {
+      self = at::arange(offset_a, offset_a + a.size(0), a.options().dtype(at::kLong));
+    }
+    return check_knn_args(op, a, a, k, self, skip, prev_dist, prev_index, offset_a);
+  }
+  TORCH_CHECK_VALUE(skip == 0,
+      op, "(): skip (drop_nearest) needs the whole set in one call (no b), got skip=", skip);
+  TORCH_CHECK_VALUE(a.dim() == 2 && b->dim() == 2,
+      op, "(): a and b must be 2-D [rows, D], got a ", shape_str(a), " and b ", shape_str(*b));
+  const int64_t na = a.size(0);
+  const int64_t nb = b->size(0);
+  TORCH_CHECK_VALUE(offset_a >= 0 && offset_b >= 0,
+      op, "(): offsets must be >= 0, got offset_a=", offset_a, " and offset_b=", offset_b);
+  TORCH_CHECK_VALUE(offset_a + na <= offset_b || offset_b + nb <= offset_a,
+      op, "(): the index ranges of a (", offset_a, "..", offset_a + na, ") and b (", offset_b,
+      "..", offset_b + nb, ") must not overlap");
+  const bool streaming = prev_dist.has_value() || prev_index.has_value();
+  c10::optional<at::Tensor> pda, pia, pdb, pib;
+  if (streaming) {
+    TORCH_CHECK_VALUE(prev_dist.has_value() && prev_index.has_value(),
+        op, "(): prev needs both the distances and the indices of the running top-k");
+    TORCH_CHECK_VALUE(prev_dist->dim() == 2 && prev_dist->size(0) == na + nb &&
+            prev_index->dim() == 2 && prev_index->size(0) == na + nb,
+        op, "(): prev must have one row per row of a and b (", na + nb, "), got ",
+        shape_str(*prev_dist), " and ", shape_str(*prev_index));
+    pda = prev_dist->narrow(0, 0, na);
+    pia = prev_index->narrow(0, 0, na);
+    pdb = prev_dist->narrow(0, na, nb);
+    pib = prev_index->narrow(0, na, nb);
+  }
+  const int64_t kk = check_knn_args(op, a, *b, k, c10::nullopt, 0, pda, pia, offset_b);
+  check_knn_args(op, *b, a, k, c10::nullopt, 0, pdb, pib, offset_a);
+  return kk;
+}
+
 int64_t check_knn_vote_args(
     const at::Tensor& queries,
     const at::Tensor& support,
@@ -412,6 +461,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_autograd(
   return op.call(queries, support, support_labels, k, num_classes, self_index, skip, filter);
 }
 
+std::tuple<at::Tensor, at::Tensor> knn_sym_autograd(
+    const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t k, int64_t skip,
+    bool exclude_self, const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index, int64_t offset_a, int64_t offset_b,
+    c10::string_view filter) {
+  static const auto op = op_handle<decltype(knn_sym_autograd)>("pdepth::knn_sym");
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(a, b, k, skip, exclude_self, prev_dist, prev_index, offset_a, offset_b,
+      filter);
+}
+
 at::Tensor vote_autograd(const at::Tensor& neighbor_labels, int64_t num_classes) {
   static const auto op = op_handle<decltype(vote_autograd)>("pdepth::vote");
   const at::AutoDispatchBelowADInplaceOrView guard;
@@ -439,12 +499,21 @@ TORCH_LIBRARY(pdepth, m) {
   // Uniform vote over neighbour labels [M, k]: the most frequent, ties to the lowest class.
   // Labels -1 (empty slots of a stream) do not vote; a row without any votes -1.
   m.def("vote(Tensor neighbor_labels, int num_classes) -> Tensor");
+  // The support set scored against itself, each pair's cross term and key once (CPU; docs/
+  // design.md section 13). b absent: rows of a against a, global index offset_a + row, the
+  // self pair skipped when exclude_self: knn(a, a, k, self_index, skip, prev, offset_a).
+  // b given: a's rows against b and b's against a (disjoint index ranges), prev and the
+  // output [na + nb, k] with a's rows first.
+  m.def(
+      "knn_sym(Tensor a, Tensor? b, int k, int skip, bool exclude_self, Tensor? prev_dist, "
+      "Tensor? prev_index, int offset_a, int offset_b, str filter=\"auto\") -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pdepth, Autograd, m) {
   m.impl("knn", &pdepth::knn_autograd);
   m.impl("knn_vote", &pdepth::knn_vote_autograd);
   m.impl("vote", &pdepth::vote_autograd);
+  m.impl("knn_sym", &pdepth::knn_sym_autograd);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -126,6 +126,21 @@ int64_t check_knn_args(
     const c10::optional<at::Tensor>& prev_index,
     int64_t offset);
 
+// knn_sym (docs/design.md section 13): the rows of `a` against themselves (`b` absent; the
+// pair (r, r) skipped when exclude_self) or, `b` given, a's rows against b's and b's against
+// a's (disjoint global index ranges offset_a.. and offset_b..; prev [na + nb, kk], a's rows
+// first). skip (drop_nearest) only for a whole set without prev. Returns k + skip.
+int64_t check_knn_sym_args(
+    const at::Tensor& a,
+    const c10::optional<at::Tensor>& b,
+    int64_t k,
+    int64_t skip,
+    bool exclude_self,
+    const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index,
+    int64_t offset_a,
+    int64_t offset_b);
+
 // knn_vote: check_knn_args (no streaming) plus the labels; returns k + skip.
 int64_t check_knn_vote_args(
     const at::Tensor& queries,

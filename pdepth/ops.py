@@ -58,6 +58,7 @@ __all__ = [
     "knn",
     "knn_plan",
     "knn_stats",
+    "knn_sym",
     "knn_vote",
     "merge_topk",
     "neighbor_labels",
@@ -216,6 +217,12 @@ def knn(
     queries, support = metric_rows(metric, queries, support, op="knn")
     prev_dist, prev_index = (None, None) if prev is None else prev
     if _use_extension(queries.device):
+        exclude = _symmetric(queries, support, self_match, self_index, offset, filter)
+        if exclude is not None:  # the support set against itself: each pair once
+            _fake_check_knn("knn", queries, support, k, self_index, skip, prev_dist,
+                            prev_index, offset, filter)
+            return Neighbors(*torch.ops.pdepth.knn_sym(
+                queries, None, k, skip, exclude, prev_dist, prev_index, offset, 0, filter))
         return Neighbors(
             *torch.ops.pdepth.knn(
                 queries, support, k, self_index, skip, prev_dist, prev_index, offset,
@@ -276,6 +283,10 @@ def knn_vote(
     self_index, skip = _policy(self_match, self_index)
     queries, support = metric_rows(metric, queries, support, op="knn_vote")
     if _use_extension(queries.device):
+        exclude = _symmetric(queries, support, self_match, self_index, 0, filter)
+        if exclude is not None:  # the support set against itself: each pair once
+            return _knn_vote_sym(queries, labels, k, num_classes, self_index, skip, exclude,
+                                 filter)
         return Vote(
             *torch.ops.pdepth.knn_vote(
                 queries, support, labels, k, num_classes, self_index, skip, filter
@@ -288,6 +299,133 @@ def knn_vote(
             self_match=self_match,
         )
     )
+
+
+# The symmetric path (docs/design.md section 13) is taken where it applies; False makes
+# every call take the general op (benchmarks and tests compare the two).
+SYMMETRIC = True
+# ... from this D on: below it the scan of each pair from both rows costs more than the
+# cross terms it saves (measured on the 2-core EPYC, N = 3,000 ReLU rows, one thread:
+# symmetric / general time 0.53-0.55 (fp32) and 0.76 (bf16) at D = 4096 and 12,544, but
+# 0.70 / 1.06 at 2048 and 0.92 / 1.18 at 1024).
+SYMMETRIC_MIN_D = 4096
+# ... where the filter resolves to one of these formats. The symmetric path's bf16 cross terms
+# convert each strip's rows per piece; on the 2-core EPYC (two threads, a loaded machine) it
+# took 1.03-1.09x the general bf16 path's time at D = 4096 and 12,544, its fp32 0.66-0.79x
+# the general fp32's (benchmarks/bench_knn.py --suites sym; one thread: bf16 0.76x).
+SYMMETRIC_FILTERS = ("fp32",)
+
+
+def _symmetric_pays(x, filter) -> bool:
+    """Whether the symmetric op is taken for rows ``x`` (CPU) and ``filter``: from
+    :data:`SYMMETRIC_MIN_D` on, where ``filter`` resolves to one of
+    :data:`SYMMETRIC_FILTERS`. A filter the op refuses returns False (the general op then
+    raises its own error)."""
+    if not SYMMETRIC or x.dim() != 2 or x.shape[1] < SYMMETRIC_MIN_D:
+        return False
+    if not isinstance(filter, str) or filter not in FILTERS:
+        return False
+    try:
+        plan = knn_plan(x.shape[1], dtype=x.dtype, device="cpu", filter=filter)
+    except ValueError:
+        return False
+    return plan["filter"] in SYMMETRIC_FILTERS
+
+
+def _symmetric(queries, support, self_match: str, self_index, offset: int, filter="auto"):
+    """Whether a knn / knn_vote call scores a support set against itself on the CPU
+    extension, so that the symmetric op gives its result: ``exclude_self`` for the op
+    (``self_index`` is each row's own global index ``offset + r``, or no self match is
+    asked), or None for the general op (other self indices, CUDA, other tensors)."""
+    if queries is not support or not isinstance(queries, torch.Tensor):
+        return None
+    if queries.device.type != "cpu" or not _symmetric_pays(queries, filter):
+        return None
+    if self_match != "exclude" or self_index is None:
+        return False
+    m = queries.shape[0]
+    own = torch.arange(offset, offset + m, dtype=torch.int64)
+    if (self_index.dim() == 1 and self_index.dtype == torch.int64
+            and self_index.device.type == "cpu" and torch.equal(self_index, own)):
+        return True
+    return None
+
+
+def _knn_vote_sym(x, labels, k, num_classes, self_index, skip, exclude, filter) -> Vote:
+    """knn_vote(x, x, ...) through the symmetric op: the same checks, then the op's vote of
+    the neighbours' labels (the fused op's own last step)."""
+    _fake_check_knn("knn_vote", x, x, k, self_index, skip, None, None, 0, filter)
+    _fake_check_labels("knn_vote", "support_labels", labels, x.shape[0], num_classes,
+                       x.device)
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        _value_check(lo >= 0 and hi < num_classes,
+                     f"knn_vote(): support_labels must lie in [0, num_classes={num_classes})"
+                     f", got values in [{lo}, {hi}]")
+    dist, index = torch.ops.pdepth.knn_sym(x, None, k, skip, exclude, None, None, 0, 0, filter)
+    return Vote(torch.ops.pdepth.vote(neighbor_labels(labels, index), num_classes), dist,
+                index)
+
+
+def knn_sym(
+    x: torch.Tensor,
+    k: int,
+    *,
+    other: torch.Tensor | None = None,
+    self_match: str = "exclude",
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None,
+    offset: int = 0,
+    other_offset: int = 0,
+    filter: str = "auto",
+) -> Neighbors:
+    """Rows scored against each other with each pair's cross term and canonical key computed
+    once (the symmetric path, docs/design.md section 13); the general path's bits.
+
+    Args:
+        x: ``[N, D]`` rows with global indices ``offset..offset+N-1``.
+        k: neighbours per row.
+        other: None, or ``[N2, D]`` rows (same dtype and device) with global indices
+            ``other_offset..``, disjoint from x's: then x's rows are ranked against
+            ``other`` and ``other``'s rows against x (a block pair of a support set).
+        self_match: without ``other``: ``"exclude"`` (each row's own index skipped),
+            ``"include"`` or ``"drop_nearest"`` (no ``prev``), as in :func:`knn`.
+        prev: the running top-k ``(dist, index)`` of the rows (``[N, k]``, or
+            ``[N + N2, k]`` with x's rows first) to merge into (:func:`empty_topk`).
+        offset, other_offset: the global indices of ``x[0]`` and ``other[0]``.
+        filter: as in :func:`knn` (never changes the result).
+
+    Returns:
+        :class:`Neighbors` ``(dist, index)``, ``[N, k]`` or ``[N + N2, k]``: without
+        ``other`` ``knn(x, x, k, self_index=offset + arange(N), self_match=self_match,
+        prev=prev, offset=offset)``; with it ``knn(x, other, prev=prev[:N],
+        offset=other_offset)`` over ``knn(other, x, prev=prev[N:], offset=offset)``,
+        bit for bit. The CPU extension runs the symmetric op where it pays
+        (:data:`SYMMETRIC_MIN_D`, :data:`SYMMETRIC_FILTERS`); elsewhere (narrower rows,
+        other formats, CUDA, the reference backend) those general calls are made.
+    """
+    k = check_int(k, "k", op="knn_sym")
+    offset = check_int(offset, "offset", op="knn_sym")
+    other_offset = check_int(other_offset, "other_offset", op="knn_sym")
+    _, skip = _policy(self_match, None)
+    if other is not None and skip:
+        raise ValueError("knn_sym(): self_match='drop_nearest' needs the whole set in one call "
+                         "(no other)")
+    prev_dist, prev_index = (None, None) if prev is None else prev
+    if _use_extension(x.device) and x.device.type == "cpu" and _symmetric_pays(x, filter):
+        return Neighbors(*torch.ops.pdepth.knn_sym(
+            x, other, k, skip, self_match == "exclude", prev_dist, prev_index, offset,
+            other_offset, filter))
+    if other is None:
+        own = torch.arange(offset, offset + x.shape[0], device=x.device)
+        return knn(x, x, k,
+                   self_index=own if self_match == "exclude" else None,
+                   self_match=self_match, prev=prev, offset=offset, filter=filter)
+    n = x.shape[0]
+    split = (None, None) if prev is None else (
+        (prev_dist[:n], prev_index[:n]), (prev_dist[n:], prev_index[n:]))
+    top_x = knn(x, other, k, prev=split[0], offset=other_offset, filter=filter)
+    top_o = knn(other, x, k, prev=split[1], offset=offset, filter=filter)
+    return Neighbors(torch.cat([top_x.dist, top_o.dist]), torch.cat([top_x.index, top_o.index]))
 
 
 def vote(neighbor_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -493,6 +631,23 @@ if _C is not None:
             queries.new_empty((m,), dtype=torch.int64),
             queries.new_empty((m, k), dtype=_compute_dtype(queries.dtype)),
             queries.new_empty((m, k), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("pdepth::knn_sym")
+    def _knn_sym_fake(a, b, k, skip, exclude_self, prev_dist, prev_index, offset_a, offset_b,
+                      filter="auto"):
+        if b is None:
+            m, k = _fake_check_knn("knn_sym", a, a, k, None, skip, prev_dist, prev_index,
+                                   offset_a, filter)
+        else:
+            _fake_check_inputs("knn_sym", a, b)
+            check_filter("knn_sym", filter, a.dtype, a.device)
+            _value_check(skip == 0, "knn_sym(): skip (drop_nearest) needs the whole set in "
+                         f"one call (no b), got skip={skip}")
+            m = a.shape[0] + b.shape[0]
+        return (
+            a.new_empty((m, k), dtype=_compute_dtype(a.dtype)),
+            a.new_empty((m, k), dtype=torch.int64),
         )
 
     @torch.library.register_fake("pdepth::vote")

@@ -21,6 +21,7 @@ from pdepth.depth.cache import (
     extract_to_store,
     layer_knn,
     plan_passes,
+    self_block_rows,
     sub_spec,
 )
 from pdepth.depth.result import build_result
@@ -100,17 +101,50 @@ def test_layer_knn_blocks_give_the_one_call_result(tmp_path, on_disk, budget):
 
 
 def test_layer_knn_reads_a_one_block_support_set_once(tmp_path, monkeypatch):
-    """When the support set fits one block it is read once, not once per query block."""
+    """The training rows (the support set against itself, symmetric path) are read block by
+    block, each block once (the second of two stays held); then, for the held-out rows, a
+    support set that fits one block is read once, not once per query block."""
     store, emb, labels, self_index = _tied_store(tmp_path)
-    q_rows, s_rows = block_rows(store, 0, len(labels), 7, 40_000)
-    assert s_rows >= len(labels) and q_rows < store.n  # the case under test
+    n_support = len(labels)
+    q_rows, s_rows = block_rows(store, 0, n_support, 7, 40_000)
+    t_rows = self_block_rows(store, 0, n_support, 7, 40_000)
+    assert s_rows >= n_support and q_rows < store.n - n_support  # the case under test
+    assert -(-n_support // t_rows) == 2
     reads = []
     rows = store.rows
     monkeypatch.setattr(store, "rows", lambda *a: reads.append(a[1:3]) or rows(*a))
     layer_knn(store, 0, labels, k=7, num_classes=4, self_index=self_index,
               memory_budget=40_000)
-    assert reads.count((0, len(labels))) == 1
-    assert len(reads) == 1 + -(-store.n // q_rows), reads
+    assert reads[:2] == [(0, t_rows), (t_rows, n_support)], reads
+    assert reads.count((0, n_support)) == 1
+    assert len(reads) == 2 + 1 + -(-(store.n - n_support) // q_rows), reads
+
+
+@pytest.mark.parametrize("budget", [None, 40_000])
+def test_layer_knn_scores_the_training_rows_symmetrically(tmp_path, budget, monkeypatch):
+    """The protocol's self index (the support rows' own, -1 after) takes the symmetric op
+    for the support rows: each pair's keys once per direction, N (N - 1) pairs, plus the
+    held-out rows' (n - N) N; the votes are the general path's. Any other self index takes
+    the general path (n N pairs)."""
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_FILTERS", pdepth.ops.FILTERS)
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_MIN_D", 0)  # at this store's narrow rows
+    store, emb, labels, self_index = _tied_store(tmp_path if budget else None)
+    n, n_support = store.n, len(labels)
+    want = torch.ops.pdepth.knn_vote(emb, emb[:n_support], labels, 7, 4, self_index, 0,
+                                     "fp32")[0]
+    pdepth.knn_stats(reset=True)
+    got = layer_knn(store, 0, labels, k=7, num_classes=4, self_index=self_index,
+                    memory_budget=budget)
+    assert torch.equal(got.pred, want)
+    assert pdepth.knn_stats()["pairs"] == n_support * (n_support - 1) + (n - n_support) * n_support
+    other = self_index.clone()
+    other[n_support] = 3  # a held-out row with a self match: not the protocol's form
+    want = torch.ops.pdepth.knn_vote(emb, emb[:n_support], labels, 7, 4, other, 0, "fp32")[0]
+    pdepth.knn_stats(reset=True)
+    got = layer_knn(store, 0, labels, k=7, num_classes=4, self_index=other,
+                    memory_budget=budget)
+    assert torch.equal(got.pred, want)
+    assert pdepth.knn_stats()["pairs"] == n * n_support
 
 
 def test_store_engine_equals_stream_prediction_depth():
@@ -288,10 +322,13 @@ def test_keep_cache_leaves_readable_embeddings_in_query_order(tmp_path):
 def test_layer_knn_progress_bar(tmp_path, capsys):
     """``progress`` draws a bar over the (query, support) blocks of the probe."""
     store, emb, labels, self_index = _tied_store(tmp_path)
-    q_rows, s_rows = block_rows(store, 0, len(labels), 7, 20_000)
+    n_support = len(labels)
+    q_rows, s_rows = block_rows(store, 0, n_support, 7, 20_000)
+    blocks = -(-n_support // self_block_rows(store, 0, n_support, 7, 20_000))
     layer_knn(store, 0, labels, k=7, num_classes=4, self_index=self_index,
               memory_budget=20_000, progress=True, desc="k-NN probe0")
-    steps = -(-store.n // q_rows) * -(-len(labels) // s_rows)
+    steps = blocks * (blocks + 1) // 2 + -(-(store.n - n_support) // q_rows) * -(
+        -n_support // s_rows)
     err = capsys.readouterr().err
     assert "k-NN probe0" in err and f"/{steps} " in err and "block" in err, err
 

@@ -68,6 +68,25 @@ def test_stream_scores_support_itself_like_prediction_depth():
         pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=120)
 
 
+def test_stream_scores_a_whole_support_chunk_symmetrically(monkeypatch):
+    """One chunk holding the whole support set is scored against itself by the symmetric op
+    (docs/design.md section 13: N (N - 1) pairs per probe, no second pass over the support
+    set), with the general stream's result."""
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_FILTERS", pdepth.ops.FILTERS)
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC_MIN_D", 0)  # at the cnn's narrow probes
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(100, 1, 28, 28, generator=g), torch.randint(0, 10, (100,), generator=g)
+    pdepth.knn_stats(reset=True)
+    res = pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=5, batch_size=40)
+    layers = res.result.layer_pred.shape[0]
+    assert res.num_chunks == 1
+    assert pdepth.knn_stats()["pairs"] == layers * 100 * 99
+    monkeypatch.setattr(pdepth.ops, "SYMMETRIC", False)
+    want = pdepth.stream_prediction_depth(model, xs, ys, probes="cnn", k=5, batch_size=40)
+    assert res.result.equals(want.result)
+
+
 @pytest.mark.parametrize("budget", [None, 1])
 def test_stream_cosine_equals_prediction_depth_over_hand_normalised_embeddings(budget):
     """metric="cosine" normalises each batch's rows as recorded: chunks and support batches

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <limits>
 #include <mutex>
@@ -1076,6 +1077,471 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> knn_vote_cpu(
   return {vote_cpu_checked(nl, num_classes), dist, index};
 }
 
+
+// ---- The symmetric path: queries that are the support set (docs/design.md section 13) ----
+//
+// The squared distance and the canonical key are symmetric ((a - b)^2 == (b - a)^2 exactly,
+// and canonical_add's running sums then see the same terms in the same order), so the pair
+// (x, y) needs one cross term and one key for both rows' top-k. Rows go strip by strip: the
+// cross terms of a strip of rows against every later row (the strip's own block only above
+// its diagonal, in pieces), then each pair is a candidate when it passes the threshold of
+// either of its rows (each row's own k-th best and seed: section 6's rule applied to each
+// direction), and its key is offered to both heaps. Offering an exact key to a heap never
+// changes its top-k wrongly, and every pair that belongs to a row's top-k passes that row's
+// threshold, so each row gets the general path's top-k, bit for bit.
+
+// Rows per strip (at most kChunkBytes of cross terms, at least kSymMinStrip rows) and rows
+// per GEMM piece: the strip's own diagonal block is computed in pieces of kSymPieceRows rows
+// from their own first row on, so at most kSymPieceRows / 2 rows per row are computed twice.
+constexpr int64_t kSymStripRows = 512;
+constexpr int64_t kSymMinStrip = 32;
+constexpr int64_t kSymPieceRows = 64;
+
+// The kk smallest upper bounds a row has seen, as a max-heap of kk values (root: the kk-th
+// smallest, inf until kk were offered). Each pair is offered once to each of its rows, so
+// the root bounds the row's final k-th best key (kth_upper's argument over every pair seen).
+template <typename T>
+inline void ub_offer(T* h, int64_t kk, T x) {
+  if (!(x < h[0])) {
+    return;
+  }
+  int64_t pos = 0;
+  while (true) {
+    int64_t c = 2 * pos + 1;
+    if (c >= kk) {
+      break;
+    }
+    if (c + 1 < kk && h[c] < h[c + 1]) {
+      ++c;
+    }
+    if (!(x < h[c])) {
+      break;
+    }
+    h[pos] = h[c];
+    pos = c;
+  }
+  h[pos] = x;
+}
+
+// A row's threshold on the symmetric path: its k-th best key or its kk-th smallest upper
+// bound so far, grown (row_threshold with the bound as the seed).
+template <typename T>
+inline T sym_threshold(const Entry<T>* h, const T* ub, const Rule<T>& rule) {
+  const T seed = ub[0] == std::numeric_limits<T>::infinity()
+      ? ub[0] : std::max(ub[0], T(0)) * rule.grow + rule.slack;
+  return row_threshold(h, rule, seed);
+}
+
+// A candidate pair of the symmetric path: rows a (of a) and b (of b) and its lower bound.
+template <typename T>
+struct SymPair {
+  int32_t a, b;
+  T lower;
+};
+
+// Canonical keys of the pairs (row i, column cand[i][t]) with row i at a + i d and column j
+// at b + j d (ncols columns): blocks of key_rows rows on one thread each, their keys built
+// piece by piece (kKeyPiece columns) column by column, so each column row's piece is read
+// once per block (batched_keys' cache blocking). canonical_add keeps every running sum's
+// order: the keys have canonical_sqdist's bits.
+template <typename T>
+void pair_keys(const T* a, const T* b, int64_t d, int64_t ncols,
+               const std::vector<std::vector<int32_t>>& cand,
+               std::vector<std::vector<T>>& keys, int64_t key_rows) {
+  const int64_t mb = static_cast<int64_t>(cand.size());
+  keys.resize(mb);
+  at::parallel_for(0, (mb + key_rows - 1) / key_rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> row_off, col_off, entry_row, entry_pair, cursor;
+    std::vector<T> acc;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * key_rows;
+      const int64_t i1 = std::min(mb, i0 + key_rows);
+      row_off.assign(1, 0);
+      col_off.assign(ncols + 1, 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        row_off.push_back(row_off.back() + static_cast<int64_t>(cand[i].size()));
+        for (const int32_t j : cand[i]) {
+          ++col_off[j + 1];
+        }
+      }
+      const int64_t pairs = row_off.back();
+      if (pairs == 0) {
+        for (int64_t i = i0; i < i1; ++i) {
+          keys[i].clear();
+        }
+        continue;
+      }
+      for (int64_t j = 0; j < ncols; ++j) {
+        col_off[j + 1] += col_off[j];
+      }
+      entry_row.resize(pairs);
+      entry_pair.resize(pairs);
+      cursor.assign(col_off.begin(), col_off.end() - 1);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          const int64_t e = cursor[cand[i][t]]++;
+          entry_row[e] = i;
+          entry_pair[e] = row_off[i - i0] + static_cast<int64_t>(t);
+        }
+      }
+      acc.assign(pairs * 16, T(0));
+      for (int64_t c0 = 0; c0 < d; c0 += kKeyPiece) {
+        const int64_t w = std::min(kKeyPiece, d - c0);
+        for (int64_t j = 0; j < ncols; ++j) {
+          for (int64_t e = col_off[j]; e < col_off[j + 1]; ++e) {
+            canonical_add(acc.data() + entry_pair[e] * 16, a + entry_row[e] * d + c0,
+                b + j * d + c0, w);
+          }
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        keys[i].resize(cand[i].size());
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          keys[i][t] = canonical_finish(acc.data() + (row_off[i - i0] + int64_t(t)) * 16);
+        }
+      }
+    }
+  });
+}
+
+// The symmetric scan. Self (`b` undefined): rows of a against a, global index off_a + r,
+// the pair (r, r) skipped when `exclude`, else offered once at key 0 (canonical_sqdist of a
+// row with itself). Cross (`b` defined, index ranges disjoint): rows of a against b and rows
+// of b against a, heaps of a's rows first in `hp`. `an`, `bn`: raw squared norms.
+template <typename T>
+void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk,
+              int64_t off_a, int64_t off_b, Filter filter, const at::Tensor& an,
+              const at::Tensor& bn, double amax, double bmax, Entry<T>* hp) {
+  const bool self = !b.defined();
+  const at::Tensor& bs = self ? a : b;
+  const int64_t na = a.size(0);
+  const int64_t nb = bs.size(0);
+  const int64_t d = a.size(1);
+  const int64_t gb = self ? off_a : off_b;  // global index of b's row 0
+  Entry<T>* ha = hp;
+  Entry<T>* hb = self ? hp : hp + na * kk;
+  if (self && !exclude) {
+    for (int64_t r = 0; r < na; ++r) {
+      offer(ha + r * kk, kk, T(0), off_a + r);
+    }
+  }
+  if (na == 0 || nb == 0) {
+    return;
+  }
+  // The shift of knn_cpu_impl, from a's rows (the filter's only: any center is exact).
+  const at::Tensor mean = column_means<T>(a);
+  const bool shift = mean.dot(mean).item<double>() * kShiftShare >
+      an.sum(0, false, at::kDouble).item<double>() / static_cast<double>(na);
+  const at::Tensor center = mean.to(a.scalar_type());
+  const T* cp = shift ? center.const_data_ptr<T>() : nullptr;
+  const at::Tensor acn = shift ? centred_sqnorms<T>(a, center) : an;
+  const at::Tensor bcn = self ? acn : (shift ? centred_sqnorms<T>(bs, center) : bn);
+  const T* qn = acn.const_data_ptr<T>();
+  const T* sn = bcn.const_data_ptr<T>();
+  const T* ap = a.const_data_ptr<T>();
+  const T* bp = bs.const_data_ptr<T>();
+
+  Scan<T> sc;  // the rules, the format chain and the counters of the general path
+  sc.chain = fallback_chain(filter);
+  sc.d = d;
+  sc.kk = kk;
+  sc.offset = gb;
+  sc.qp = ap;
+  sc.sp = bp;
+  sc.qn = qn;
+  sc.self = nullptr;
+  for (int f = 0; f < kNumFilters; ++f) {
+    sc.rule[f] = make_rule<T>(static_cast<Filter>(f), d, amax, bmax);
+    sc.tried[f] = 0;
+    sc.failed[f] = 0;
+  }
+  for (auto& c : sc.counts) {
+    c = 0;
+  }
+
+  const int64_t strip = std::max<int64_t>(kSymMinStrip, std::min<int64_t>(kSymStripRows,
+      kChunkBytes / (std::max<int64_t>(nb, 1) * static_cast<int64_t>(sizeof(T)))));
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<T> dot(std::min(strip, na) * nb);
+  std::vector<uint8_t> mark;
+  std::vector<T> seeds(kProbeRows), probe_dot;
+  std::vector<std::vector<int32_t>> cand;
+  std::vector<std::vector<T>> keys;
+  std::vector<std::vector<int32_t>> col_cand;
+  // The upper bounds seen per row (a's rows, then b's in the cross case) and the pending
+  // candidate pairs: their keys wait for thresholds from every pair (flush), as the general
+  // path's two passes seed each query from the whole support set; a strip's loose
+  // thresholds would otherwise let many more through.
+  std::vector<T> ubs((na + (self ? 0 : nb)) * kk, std::numeric_limits<T>::infinity());
+  T* ua = ubs.data();
+  T* ubb = self ? ubs.data() : ubs.data() + na * kk;
+  std::vector<SymPair<T>> pending;
+  const int64_t max_pending = kChunkBytes / static_cast<int64_t>(sizeof(SymPair<T>));
+  Rule<T> thr_rule = sc.rule[int(sc.chain[0])];  // grow and slack: the largest of the chain
+  for (const Filter f : sc.chain) {
+    thr_rule.grow = std::max(thr_rule.grow, sc.rule[int(f)].grow);
+    thr_rule.slack = std::max(thr_rule.slack, sc.rule[int(f)].slack);
+  }
+  int64_t nkeys = 0;
+  // The keys of the pending pairs that pass either row's threshold now, offered to both.
+  const auto flush = [&]() {
+    std::vector<T> ta(na), tb(nb);
+    at::parallel_for(0, na, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        ta[r] = sym_threshold(ha + r * kk, ua + r * kk, thr_rule);
+      }
+    });
+    if (self) {
+      tb = ta;
+    } else {
+      at::parallel_for(0, nb, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          tb[r] = sym_threshold(hb + r * kk, ubb + r * kk, thr_rule);
+        }
+      });
+    }
+    cand.assign(na, {});
+    for (const SymPair<T>& p : pending) {
+      if (p.lower <= ta[p.a] || p.lower <= tb[p.b]) {
+        cand[p.a].push_back(p.b);
+      }
+    }
+    pending.clear();
+    pair_keys(ap, bp, d, nb, cand, keys, kKeyRows);
+    std::vector<std::vector<Entry<T>>> by_col(nb);
+    for (int64_t i = 0; i < na; ++i) {
+      nkeys += static_cast<int64_t>(cand[i].size());
+      for (size_t t = 0; t < cand[i].size(); ++t) {
+        by_col[cand[i][t]].push_back(Entry<T>{keys[i][t], off_a + i});
+      }
+    }
+    // The rows of a, then (one thread per row of b) b's: no heap is touched by two threads.
+    at::parallel_for(0, na, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          offer(ha + i * kk, kk, keys[i][t], gb + cand[i][t]);
+        }
+      }
+    });
+    at::parallel_for(0, nb, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t j = r0; j < r1; ++j) {
+        for (const Entry<T>& e : by_col[j]) {
+          offer(hb + j * kk, kk, e.d, e.i);
+        }
+      }
+    });
+  };
+  for (int64_t i0 = 0; i0 < na; i0 += strip) {
+    const int64_t mi = std::min(strip, na - i0);
+    const int64_t c0 = self ? i0 : 0;  // the strip's first column (self: its own first row)
+    const int64_t w = nb - c0;         // columns, the row stride of `dot`
+    // Row i's first column: self, the one after its own (pairs i < j); cross, all.
+    const auto first_col = [&](int64_t i) { return self ? i + 1 : int64_t(0); };
+    const auto compute = [&](Filter f, int64_t r0, int64_t r1) {
+      // GEMM pieces {first row, rows, first column, columns}: the strip's own block
+      // (self) in pieces of kSymPieceRows rows from their first row to the block's end,
+      // the columns past it in pieces of all the rows (fewer when the threads need work)
+      // by kSupportTile columns: each piece converts its rows and columns once, so tall
+      // pieces keep that conversion small next to the GEMM.
+      std::vector<std::array<int64_t, 4>> items;
+      const int64_t diag = self ? mi : 0;  // columns 0..diag are the strip's own rows
+      for (int64_t p0 = r0; p0 < std::min(r1, diag); p0 += kSymPieceRows) {
+        items.push_back({p0, std::min(kSymPieceRows, r1 - p0), p0, diag - p0});
+      }
+      const int64_t ntiles = (w - diag + kSupportTile - 1) / kSupportTile;
+      int64_t piece = r1 - r0;
+      while (piece > kSymPieceRows && ((r1 - r0 + piece - 1) / piece) * ntiles < threads) {
+        piece = (piece + 1) / 2;
+      }
+      for (int64_t p0 = r0; p0 < r1 && ntiles > 0; p0 += piece) {
+        for (int64_t j0 = diag; j0 < w; j0 += kSupportTile) {
+          items.push_back({p0, std::min(piece, r1 - p0), j0, std::min(kSupportTile, w - j0)});
+        }
+      }
+      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
+        thread_local cpu::CentredScratch<T> scratch;
+        for (int64_t item = w0; item < w1; ++item) {
+          const auto& it = items[item];
+          cpu::centred_dot(f, ap + (i0 + it[0]) * d, it[1], bp + (c0 + it[2]) * d, it[3], cp,
+              d, dot.data() + it[0] * w + it[2], w, scratch);
+        }
+      });
+    };
+    // The format's probe, an estimate for its choice only: the strip's first rows against
+    // its first kSupportTile columns (their own cross terms: the strip's are then computed
+    // once, in the format chosen), each row at its threshold or this tile's seed.
+    const int64_t probe = std::min(kProbeRows, mi);
+    const int64_t pc = std::min(kSupportTile, w);
+    const Filter f = pick_format(sc, mi,
+        [&](Filter f) -> int64_t {
+          probe_dot.resize(probe * pc);
+          thread_local cpu::CentredScratch<T> scratch;
+          cpu::centred_dot(f, ap + i0 * d, probe, bp + c0 * d, pc, cp, d, probe_dot.data(),
+              pc, scratch);
+          std::vector<T> work;
+          for (int64_t i = 0; i < probe; ++i) {
+            const int64_t u = std::min(first_col(i), pc);
+            seeds[i] = seed_threshold(probe_dot.data() + i * pc + u, pc - u, qn[i0 + i],
+                sn + c0 + u, gb + c0 + u, -1, ha + (i0 + i) * kk, kk, sc.rule[int(f)], work);
+          }
+          return too_loose(sc, f, i0, probe, pc, probe_dot.data(), sn + c0, seeds.data(), ha,
+                     0, cpu::fallback_budget()) ? -1 : 0;
+        },
+        compute);
+    const Rule<T>& rule = sc.rule[int(f)];
+
+    // Every pair's upper bound to both of its rows: the strip's rows (vectorised listing of
+    // the bounds under the root first), then the columns.
+    at::parallel_for(0, mi, 16, [&](int64_t q0, int64_t q1) {
+      std::vector<int32_t> below;
+      for (int64_t i = q0; i < q1; ++i) {
+        const int64_t u = first_col(i);
+        T* h = ua + (i0 + i) * kk;
+        const T* row = dot.data() + i * w;
+        below.clear();
+        list_below(row + u, w - u, qn[i0 + i], sn + c0 + u, rule.up, h[0], below);
+        for (const int32_t j : below) {
+          ub_offer(h, kk, filter_bound(qn[i0 + i], sn[c0 + u + j], row[u + j], rule.up));
+        }
+      }
+    });
+    at::parallel_for(0, w, 64, [&](int64_t q0, int64_t q1) {
+      for (int64_t j = q0; j < q1; ++j) {
+        T* h = ubb + (c0 + j) * kk;
+        const int64_t rows = self ? std::min(mi, j) : mi;  // self: rows i < j
+        for (int64_t i = 0; i < rows; ++i) {
+          ub_offer(h, kk, filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.up));
+        }
+      }
+    });
+    // Candidates: pairs under either row's threshold now (its k-th best or its upper
+    // bounds so far), the rows' listed (and marked) first, then the columns' not listed.
+    cand.assign(mi, {});
+    mark.assign(mi * w, 0);
+    at::parallel_for(0, mi, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t i = q0; i < q1; ++i) {
+        const int64_t u = first_col(i);
+        const T thr = sym_threshold(ha + (i0 + i) * kk, ua + (i0 + i) * kk, thr_rule);
+        list_below(dot.data() + i * w + u, w - u, qn[i0 + i], sn + c0 + u, rule.keep, thr,
+            cand[i]);
+        for (int32_t& j : cand[i]) {
+          j += static_cast<int32_t>(u);
+          mark[i * w + j] = 1;
+        }
+      }
+    });
+    col_cand.assign(w, {});
+    at::parallel_for(0, w, 64, [&](int64_t q0, int64_t q1) {
+      for (int64_t j = q0; j < q1; ++j) {
+        const int64_t rows = self ? std::min(mi, j) : mi;
+        const T thr = sym_threshold(hb + (c0 + j) * kk, ubb + (c0 + j) * kk, thr_rule);
+        for (int64_t i = 0; i < rows; ++i) {
+          if (mark[i * w + j] == 0 &&
+              filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.keep) <= thr) {
+            col_cand[j].push_back(static_cast<int32_t>(i));
+          }
+        }
+      }
+    });
+    for (int64_t i = 0; i < mi; ++i) {
+      const T* row = dot.data() + i * w;
+      for (const int32_t j : cand[i]) {
+        pending.push_back(SymPair<T>{static_cast<int32_t>(i0 + i), static_cast<int32_t>(c0 + j),
+            filter_bound(qn[i0 + i], sn[c0 + j], row[j], rule.keep)});
+      }
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      for (const int32_t i : col_cand[j]) {
+        pending.push_back(SymPair<T>{static_cast<int32_t>(i0 + i), static_cast<int32_t>(c0 + j),
+            filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.keep)});
+      }
+    }
+    if (static_cast<int64_t>(pending.size()) > max_pending) {
+      flush();  // bounded memory: these keys now, at the thresholds so far
+    }
+    // Counters: each pair scanned once per direction.
+    const int64_t pairs = self ? mi * w - mi * (mi + 1) / 2 : mi * w;
+    if (f != sc.chain[0]) {
+      sc.counts[kStatFallbacks] += 1;
+    }
+    sc.counts[kStatTiles] += 1;
+    sc.counts[pairs_stat(f)] += 2 * pairs;
+    sc.counts[kStatPairs] += 2 * pairs;
+  }
+  flush();
+  sc.counts[kStatCandidates] += nkeys;
+  int64_t seeded = 0;  // rows whose threshold came from their upper bounds
+  for (const T* h = ubs.data(); h < ubs.data() + ubs.size(); h += kk) {
+    seeded += h[0] != std::numeric_limits<T>::infinity() ? 1 : 0;
+  }
+  sc.counts[kStatSeeded] += seeded;
+  for (int st = 1; st < kNumStats; ++st) {
+    stats_add(static_cast<Stat>(st), sc.counts[st].load());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_sym_cpu(
+    const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t k, int64_t skip,
+    bool exclude_self, const c10::optional<at::Tensor>& prev_dist,
+    const c10::optional<at::Tensor>& prev_index, int64_t offset_a, int64_t offset_b,
+    c10::string_view filter_arg) {
+  const int64_t kk = check_knn_sym_args(
+      a, b, k, skip, exclude_self, prev_dist, prev_index, offset_a, offset_b);
+  const Filter filter = resolve_filter(
+      "knn_sym", filter_arg, at::kCPU, a.scalar_type(), a.size(1));
+  const auto compute = knn_compute_dtype(a.scalar_type());
+  const int64_t rows = a.size(0) + (b.has_value() ? b->size(0) : 0);
+  at::Tensor out_dist = at::empty({rows, k}, a.options().dtype(compute));
+  at::Tensor out_index = at::empty({rows, k}, a.options().dtype(at::kLong));
+  if (rows == 0) {
+    return {out_dist, out_index};
+  }
+  const at::Tensor x = a.to(compute).contiguous();
+  const at::Tensor y = b.has_value() ? b->to(compute).contiguous() : at::Tensor();
+  const at::Tensor pd = prev_dist.has_value() ? prev_dist->contiguous() : at::Tensor();
+  const at::Tensor pi = prev_index.has_value() ? prev_index->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(compute, "knn_sym_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor xn = row_sqnorms<T>(x);
+    const at::Tensor yn = y.defined() ? row_sqnorms<T>(y) : xn;
+    check_finite_rows("knn_sym", y.defined() ? "a" : "x", xn);
+    if (y.defined()) {
+      check_finite_rows("knn_sym", "b", yn);
+    }
+    const auto [xmax, ymax] = check_distance_range("knn_sym", xn, yn);
+    std::vector<Entry<T>> heaps(rows * kk);
+    const T* ppd = pd.defined() ? pd.const_data_ptr<T>() : nullptr;
+    const int64_t* ppi = pi.defined() ? pi.const_data_ptr<int64_t>() : nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      Entry<T>* h = heaps.data() + r * kk;
+      if (ppd != nullptr) {
+        for (int64_t j = 0; j < kk; ++j) {
+          h[j] = Entry<T>{ppd[r * kk + j], ppi[r * kk + j]};
+        }
+        std::make_heap(h, h + kk, entry_less<T>);
+      } else {
+        std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+      }
+    }
+    sym_scan<T>(x, y, exclude_self, kk, offset_a, offset_b, filter, xn, yn, xmax, ymax,
+        heaps.data());
+    T* od = out_dist.mutable_data_ptr<T>();
+    int64_t* oi = out_index.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        Entry<T>* h = heaps.data() + r * kk;
+        std::sort_heap(h, h + kk, entry_less<T>);
+        for (int64_t j = 0; j < k; ++j) {
+          od[r * k + j] = h[skip + j].d;
+          oi[r * k + j] = h[skip + j].i;
+        }
+      }
+    });
+  });
+  stats_add(kStatCalls, 1);
+  return {out_dist, out_index};
+}
+
 } // namespace
 } // namespace pdepth
 
@@ -1083,4 +1549,5 @@ TORCH_LIBRARY_IMPL(pdepth, CPU, m) {
   m.impl("knn", &pdepth::knn_cpu);
   m.impl("knn_vote", &pdepth::knn_vote_cpu);
   m.impl("vote", &pdepth::vote_cpu);
+  m.impl("knn_sym", &pdepth::knn_sym_cpu);
 }

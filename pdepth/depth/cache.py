@@ -41,13 +41,14 @@ import numpy as np
 import torch
 
 from .._atomic import file_sha256, naming, temp_path, write_json
-from ..ops import check_metric, knn, metric_rows
+from ..ops import check_metric, knn, knn_sym, metric_rows
 from ..probes import ProbeRecorder, ProbeSpec, pinned
-from ..topk import empty_topk
+from ..topk import Neighbors, empty_topk
 from .support import LayerVote, LocalSupport
 
 __all__ = ["LayerStore", "block_bytes", "block_rows", "check_record", "extract_to_store",
-           "layer_knn", "plan_passes", "record_path", "remove_with_record", "sub_spec",
+           "layer_knn", "plan_passes", "record_path", "remove_with_record", "self_block_rows",
+           "sub_spec",
            "write_record"]
 
 _DTYPE = np.dtype("<f4")
@@ -354,28 +355,42 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
     (the support set, labels ``[N]`` int64), excluding ``self_index`` (``[n]``, -1 for
     none).
 
-    A RAM store is used as it is (one block). A file is read in blocks: queries up to half
-    of ``memory_budget``, support rows up to the other half (a support set that fits one
-    block is read once); each query block's running top-k is merged over the support blocks
-    with the op's streaming mode, which is exact (docs/design.md section 8), so the blocks
-    never change the result. ``progress`` shows a bar over the (query, support) blocks of a
-    disk store (a RAM store's one call has no steps to show)."""
+    When the support rows are the first N queries with their own rows excluded
+    (``self_index[:N] == arange(N)``, -1 after: the protocol's training split), they are
+    scored against themselves by the symmetric op (:func:`pdepth.ops.knn_sym`, each pair's
+    cross term and key once): in one call from RAM, or from a file in support blocks of up
+    to half of what ``memory_budget`` leaves after their running top-k, each block against
+    itself and each pair of blocks once, merged with ``prev=`` (:func:`self_block_rows`).
+    The other rows (all of them otherwise) go as before: a RAM store in one block, a file in
+    blocks, queries up to half of ``memory_budget`` and support rows up to the other half (a
+    support set that fits one block is read once); each query block's running top-k is
+    merged over the support blocks with the op's streaming mode, which is exact
+    (docs/design.md section 8), so the blocks never change the result (section 13: nor does
+    the symmetric path). ``progress`` shows a bar over the blocks of a disk store (a RAM
+    store's calls have no steps to show)."""
     n, d = store.n, store.dims[layer]
     n_support = int(labels.shape[0])
+    n_self = _self_rows(self_index, n_support)
     q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
+    t_rows = self_block_rows(store, layer, n_self, k, memory_budget)
     bar = None
     if progress and store.on_disk:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=-(-n // q_rows) * -(-n_support // s_rows), desc=desc, unit="block",
-                   leave=False)
+        blocks = -(-n_self // t_rows) if n_self else 0
+        total = blocks * (blocks + 1) // 2 + -(-(n - n_self) // q_rows) * -(-n_support // s_rows)
+        bar = tqdm(total=total, desc=desc, unit="block", leave=False)
+    votes = []
+    if n_self:
+        votes += _self_votes(store, layer, labels, n_self, t_rows, k=k, num_classes=num_classes,
+                             filter=filter, device=device, counts=counts, bar=bar)
     q_buf = s_buf = None
-    if store.on_disk:  # one allocation per block kind, reused
+    if store.on_disk and n_self < n:  # one allocation per block kind, reused
         q_buf = np.empty((q_rows, d), _DTYPE)
         if q_rows < n:
             s_buf = np.empty((s_rows, d), _DTYPE)
-    votes, held = [], None  # held: the support block last read, reused while it is the same
-    for q0 in range(0, n, q_rows):
+    held = None  # the support block last read, reused while it is the same
+    for q0 in range(n_self, n, q_rows):
         q1 = min(n, q0 + q_rows)
         q = _on(store.rows(layer, q0, q1, q_buf), device)
         sidx = None if self_index is None else self_index[q0:q1].to(q.device)
@@ -402,11 +417,69 @@ def layer_knn(store: LayerStore, layer: int, labels: torch.Tensor, *, k: int,
                      torch.cat([v.counts for v in votes]) if counts else None)
 
 
+def _self_rows(self_index: torch.Tensor | None, n_support: int) -> int:
+    """N when the first N rows are the support set excluding its own rows and no later row
+    has a self match (the symmetric path applies to them), else 0."""
+    if self_index is None or n_support == 0 or self_index.shape[0] < n_support:
+        return 0
+    si = self_index.cpu()
+    own = torch.equal(si[:n_support], torch.arange(n_support, dtype=si.dtype))
+    return n_support if own and bool((si[n_support:] < 0).all()) else 0
+
+
+def _self_votes(store: LayerStore, layer: int, labels: torch.Tensor, n_self: int,
+                t_rows: int, *, k: int, num_classes: int, filter: str, device, counts: bool,
+                bar) -> list[LayerVote]:
+    """The votes of rows ``0..n_self-1`` against themselves (self excluded) by the symmetric
+    op, in blocks of ``t_rows``: each block against itself, then against every later block
+    (:func:`pdepth.ops.knn_sym` with ``other=``), the running top-k of every row merged with
+    ``prev=``. Two block buffers, swapped so that a block still held is not read again."""
+    bounds = [(b0, min(n_self, b0 + t_rows)) for b0 in range(0, n_self, t_rows)]
+    bufs = [None, None]
+    if store.on_disk:
+        bufs = [np.empty((t_rows, store.dims[layer]), _DTYPE) if i < len(bounds) else None
+                for i in range(2)]
+    held = [None, None]  # (block, tensor) in each buffer
+
+    def read(block: int, slot: int) -> torch.Tensor:
+        if held[slot] is None or held[slot][0] != block:
+            b0, b1 = bounds[block]
+            held[slot] = (block, _on(store.rows(layer, b0, b1, bufs[slot]), device))
+        return held[slot][1]
+
+    where = torch.device("cpu") if device is None else torch.device(device)
+    tops = [empty_topk(b1 - b0, k, torch.float32, where) for b0, b1 in bounds]
+    for a, (a0, a1) in enumerate(bounds):
+        if held[1] is not None and held[1][0] == a:  # the block is in the other buffer
+            held.reverse()
+            bufs.reverse()
+        x = read(a, 0)
+        tops[a] = knn_sym(x, k, prev=tops[a], offset=a0, filter=filter)
+        if bar is not None:
+            bar.update()
+        for b in range(a + 1, len(bounds)):
+            b0, b1 = bounds[b]
+            prev = (torch.cat([tops[a].dist, tops[b].dist]),
+                    torch.cat([tops[a].index, tops[b].index]))
+            both = knn_sym(x, k, other=read(b, 1), prev=prev, offset=a0, other_offset=b0,
+                           filter=filter)
+            tops[a] = Neighbors(both.dist[:a1 - a0], both.index[:a1 - a0])
+            tops[b] = Neighbors(both.dist[a1 - a0:], both.index[a1 - a0:])
+            if bar is not None:
+                bar.update()
+    votes = []
+    for (a0, _), top in zip(bounds, tops, strict=True):
+        votes += LocalSupport().finish([top], labels.to(top.index.device), k=k,
+                                       num_classes=num_classes, row0=a0, counts=counts)
+    return votes
+
+
 def block_rows(store: LayerStore, layer: int, n_support: int, k: int,
                memory_budget: int | None) -> tuple[int, int]:
-    """``(query rows, support rows)`` per block of :func:`layer_knn`: everything for a RAM
-    store, else half of ``memory_budget`` for the support block and the other half for the
-    query block together with the op's running top-k of each query (``k`` entries)."""
+    """``(query rows, support rows)`` per block of :func:`layer_knn`'s general path:
+    everything for a RAM store, else half of ``memory_budget`` for the support block and the
+    other half for the query block together with the op's running top-k of each query
+    (``k`` entries)."""
     n, row = store.n, store.dims[layer] * _DTYPE.itemsize
     if not store.on_disk or memory_budget is None:
         return n, n_support
@@ -415,13 +488,29 @@ def block_rows(store: LayerStore, layer: int, n_support: int, k: int,
             max(1, min(n_support, half // row)))
 
 
+def self_block_rows(store: LayerStore, layer: int, n_self: int, k: int,
+                    memory_budget: int | None) -> int:
+    """Rows per block of :func:`layer_knn`'s symmetric path (the support set against
+    itself): all ``n_self`` for a RAM store, else half of what ``memory_budget`` leaves
+    after the running top-k of all ``n_self`` rows (two blocks are held at once)."""
+    if not store.on_disk or memory_budget is None or n_self == 0:
+        return max(n_self, 1)
+    row = store.dims[layer] * _DTYPE.itemsize
+    rest = int(memory_budget) - n_self * k * _TOPK_BYTES
+    return max(1, min(n_self, rest // 2 // row))
+
+
 def block_bytes(store: LayerStore, layer: int, n_support: int, k: int,
                 memory_budget: int | None) -> int:
-    """The bytes of embeddings :func:`layer_knn` holds at once for probe ``layer``."""
+    """The bytes of embeddings :func:`layer_knn` holds at once for probe ``layer`` (the
+    larger of its two paths' blocks)."""
     q_rows, s_rows = block_rows(store, layer, n_support, k, memory_budget)
     if not store.on_disk:
         return store.nbytes(layer)
-    return (q_rows + (s_rows if q_rows < store.n else 0)) * store.dims[layer] * _DTYPE.itemsize
+    t_rows = self_block_rows(store, layer, n_support, k, memory_budget)
+    pair = min(2 * t_rows, n_support)
+    return max(q_rows + (s_rows if q_rows < store.n else 0), pair) * store.dims[layer] \
+        * _DTYPE.itemsize
 
 
 def _on(t: torch.Tensor, device) -> torch.Tensor:

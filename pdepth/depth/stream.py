@@ -27,12 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops import empty_topk, knn, metric_rows
+from .. import ops
+from ..ops import empty_topk, knn, knn_sym, metric_rows
 from ..probes import ProbeRecorder, iter_batches, resolve_probes
 from .args import DepthArgs, _int_vector, check_filter_arg, depth_args
 from .placement import resolve_support
 from .result import DepthResult, build_result
-from .support import LayerVote, _class_count, stack_votes
+from .support import LayerVote, LocalSupport, _class_count, stack_votes
 
 __all__ = ["StreamResult", "peak_rss_bytes", "stream_prediction_depth"]
 
@@ -440,13 +441,32 @@ class _Stream:
         resident = _nbytes(q_layers) + _nbytes(t for top in tops for t in top)
         try:
             self.support.check_labels()
-            self._stream_support(q_layers, tops, sidx, resident, row0)
+            if self._is_whole_support(mc, row0, sidx):
+                self._score_self(q_layers, tops, resident)
+            else:
+                self._stream_support(q_layers, tops, sidx, resident, row0)
         except Exception as exc:
             self.support.fail(exc, n=self.labels.shape[0], num_classes=args.num_classes_given)
         self.votes.append(self.support.finish(
             tops, self.lab_dev, k=args.k, num_classes=args.num_classes, self_index=sidx,
             row0=row0, dims=[q.shape[1] for q in q_layers], counts=self.counts))
         self.num_chunks += 1
+
+    def _is_whole_support(self, mc: int, row0: int, sidx) -> bool:
+        """Whether this chunk is the whole (local, CPU) support set scored against itself
+        with its own rows excluded: then its rows are the support rows (the same batches
+        through the same model) and the symmetric op ranks them without a second pass."""
+        n = self.labels.shape[0]
+        return (ops.SYMMETRIC and self.args.scoring_support and row0 == 0 and mc == n
+                and type(self.support) is LocalSupport and self.device.type == "cpu"
+                and sidx is not None and torch.equal(sidx.cpu(), torch.arange(n)))
+
+    def _score_self(self, q_layers, tops, resident: int) -> None:
+        """Every probe's top-k of the support set against itself (docs/design.md section
+        13: each pair's cross term and key once), into ``tops`` (in place)."""
+        self.peak = max(self.peak, resident)
+        for layer, q in enumerate(q_layers):
+            tops[layer] = knn_sym(q, self.args.k, self_match="exclude", filter=self.args.filter)
 
     def _stream_support(self, q_layers, tops, sidx, resident: int, row0: int) -> None:
         """Merges every support batch into ``tops`` (in place)."""
