@@ -18,8 +18,9 @@ API = ROOT / "docs" / "api"
 # The public submodules the reference must cover (issue 27), besides the modules in __all__.
 REQUIRED_MODULES = ["ops", "topk", "reference", "depth", "stream", "probes", "families",
                     "builders", "model_score", "hf_data", "protocol", "metrics", "categories",
-                    "label_errors", "improve", "data", "models", "distributed", "compat",
-                    "compat.sklearn", "compat.difficulty", "compat.knndnn"]
+                    "label_errors", "improve", "scores", "prune", "data", "models",
+                    "distributed", "compat", "compat.sklearn", "compat.difficulty",
+                    "compat.knndnn"]
 DIRECTIVE = re.compile(r"^\.\. (autosummary|toctree)::")
 OPTION = re.compile(r"^\s+:[\w-]+:")
 
