@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import DATASETS
+
 __all__ = ["ASYMMETRIC_MAPS", "MAP_SOURCES", "NOISE_KINDS", "NOISE_RULES", "ROW_TOLERANCE",
            "apply_noise", "asymmetric_map", "flip_labels", "load_noise_matrix", "noise_record",
            "off_diagonal"]
@@ -70,14 +72,14 @@ MAP_SOURCES = {
 
 def asymmetric_map(dataset: str, num_classes: int | None = None) -> np.ndarray:
     """``[C]`` int64: the target class of each class of ``dataset`` under ``--noise-kind
-    asymmetric``, -1 where a class never flips. ValueError (one line) for a dataset without a
+    asymmetric``, -1 where a class never flips (C: ``num_classes``, default the dataset's). ValueError (one line) for a dataset without a
     map or a map that does not fit ``num_classes``."""
     if dataset not in ASYMMETRIC_MAPS:
         raise ValueError(f"noise_kind (--noise-kind) asymmetric has no class map for dataset "
                          f"{dataset!r} (maps: {', '.join(sorted(ASYMMETRIC_MAPS))}); use "
                          "--noise-kind uniform, or confusion with --noise-matrix FILE")
     pairs = ASYMMETRIC_MAPS[dataset]
-    size = num_classes if num_classes is not None else max(max(pairs), max(pairs.values())) + 1
+    size = num_classes if num_classes is not None else len(DATASETS[dataset].classes)
     if max(max(pairs), max(pairs.values())) >= size:
         raise ValueError(f"noise_kind (--noise-kind) asymmetric: the map of {dataset!r} names "
                          f"classes up to {max(max(pairs), max(pairs.values()))}, the data has "
