@@ -360,3 +360,21 @@ def test_run_data_and_record_of_each_kind(tmp_path):
         if kind == "confusion":
             assert record["matrix_sha256"] == cfg.noise_matrix_sha256
         assert cfg.to_dict()["noise_kind"] == kind
+
+
+def test_noisy_run_folder_of_earlier_versions_resumes(tmp_path):
+    from pdepth.protocol.errors import OutputExistsError
+    from pdepth.protocol.outdir import MARKER, prepare_output
+
+    uniform = RunConfig(subset=200, k=3, label_noise=0.2)
+    out = tmp_path / "run"
+    prepare_output(out, uniform, False, data_sha256="a" * 64)
+    (out / "models" / "seed0-half0.npz").write_text("a model")
+    marker = json.loads((out / MARKER).read_text())
+    marker["protocol_key"] = _old_key(uniform)  # as pdepth wrote it before --noise-kind
+    marker["settings"] = {k: v for k, v in marker["settings"].items() if k != "noise_kind"}
+    (out / MARKER).write_text(json.dumps(marker))
+    assert prepare_output(out, uniform, False, data_sha256="a" * 64) == 1  # resumed
+    other = RunConfig(subset=200, k=3, label_noise=0.2, noise_kind="asymmetric")
+    with pytest.raises(OutputExistsError, match=r'--noise-kind: "asymmetric" here, unset in'):
+        prepare_output(out, other, False, data_sha256="a" * 64)
