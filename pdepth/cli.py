@@ -158,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                         "docs/protocol.md, Label noise (default: %(default)s)")
     r.add_argument("--noise-matrix", default=None, metavar="FILE",
                    help="--noise-kind confusion: a C x C row-stochastic matrix (.npy or .csv), "
-                        "row i = p(new label | class i); the diagonal is ignored (a flipped "
-                        "label always changes)")
+                        "row i = p(new label | class i), or heldout:RUN_DIR (the confusion of "
+                        "a finished run's held-out predictions); the diagonal is ignored (a "
+                        "flipped label always changes)")
     r.add_argument("--out", default="runs/pdepth", help="output directory (default: "
                                                         "%(default)s)")
     r.add_argument("--overwrite", action="store_true",

@@ -378,3 +378,51 @@ def test_noisy_run_folder_of_earlier_versions_resumes(tmp_path):
     other = RunConfig(subset=200, k=3, label_noise=0.2, noise_kind="asymmetric")
     with pytest.raises(OutputExistsError, match=r'--noise-kind: "asymmetric" here, unset in'):
         prepare_output(out, other, False, data_sha256="a" * 64)
+
+
+def _synthetic_run(folder):
+    """A per_model.npz of 2 models over 40 examples of 10 classes whose held-out predictions
+    are known: examples 0-9 predicted as class y+1, 10-19 as y+2, 20-39 right; the training
+    models predict the label (they must not count)."""
+    folder.mkdir()
+    labels = np.arange(40) % 10
+    held_pred = labels.copy()
+    held_pred[:10], held_pred[10:20] = (labels[:10] + 1) % 10, (labels[10:20] + 2) % 10
+    in_train = np.stack([np.arange(40) % 2 == 0, np.arange(40) % 2 == 1])
+    probs = np.full((2, 40, 10), 0.01, np.float32)
+    for r in range(2):
+        pred = np.where(in_train[r], labels, held_pred)
+        probs[r, np.arange(40), pred] = 0.91
+    np.savez(folder / "per_model.npz", probs=probs, in_train=in_train, labels=labels,
+             original_labels=labels)
+    return folder
+
+
+def test_heldout_matrix_is_the_held_out_confusion(tmp_path):
+    from pdepth.protocol.noise import heldout_matrix
+
+    run = _synthetic_run(tmp_path / "run")
+    expected = np.zeros((10, 10))
+    for y in range(10):  # by hand: 4 examples per class, one to y+1, one to y+2, two right
+        expected[y, y], expected[y, (y + 1) % 10], expected[y, (y + 2) % 10] = 0.5, 0.25, 0.25
+    np.testing.assert_allclose(heldout_matrix(run), expected)
+    cfg = RunConfig(subset=200, label_noise=0.2, noise_kind="confusion",
+                    noise_matrix=f"heldout:{run}")
+    np.save(tmp_path / "m.npy", expected)
+    as_file = RunConfig(subset=200, label_noise=0.2, noise_kind="confusion",
+                        noise_matrix=tmp_path / "m.npy")
+    assert cfg.noise_matrix_sha256 and cfg.protocol_key() != RunConfig(
+        subset=200, label_noise=0.2).protocol_key()
+    assert as_file.noise_matrix_sha256 != cfg.noise_matrix_sha256  # file bytes vs matrix bytes
+    with pytest.raises(FileNotFoundError, match=r"\(--noise-matrix\) heldout:"):
+        heldout_matrix(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="the run has 10 classes, the data has 3"):
+        heldout_matrix(run, 3)
+    right = _synthetic_run(tmp_path / "right")
+    with np.load(right / "per_model.npz") as z:
+        arrays = dict(z)
+    arrays["probs"][:, :, :] = 0.01
+    arrays["probs"][:, np.arange(40), arrays["labels"]] = 0.91  # never wrong
+    np.savez(right / "per_model.npz", **arrays)
+    with pytest.raises(ValueError, match="row 0 has no mass off the diagonal"):
+        heldout_matrix(right)

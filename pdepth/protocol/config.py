@@ -20,7 +20,7 @@ from ..families import TOKENS
 from ..figures import REPORT_DEPENDENCIES
 from ..models import ARCH_VERSIONS, ARCHITECTURES
 from ..ops import FILTERS, METRICS
-from .noise import NOISE_KINDS, asymmetric_map, flip_labels, load_noise_matrix
+from .noise import NOISE_KINDS, asymmetric_map, flip_labels, read_noise_matrix
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
            "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",
@@ -98,8 +98,9 @@ class RunConfig:
     :data:`pdepth.protocol.noise.NOISE_KINDS`) says which labels flip and to what:
     ``uniform`` (default), ``asymmetric`` (the dataset's class map,
     :func:`pdepth.protocol.noise.asymmetric_map`) or ``confusion`` (a draw from the
-    ``noise_matrix`` file, ``--noise-matrix``; its hash ``noise_matrix_sha256`` enters the
-    key, not its path). Without noise none of them is in the key, nor the uniform kind.
+    ``noise_matrix`` file, ``--noise-matrix``, or ``heldout:RUN_DIR``, the confusion of a
+    finished run's held-out predictions; its hash ``noise_matrix_sha256`` enters the key, not
+    its path). Without noise none of them is in the key, nor the uniform kind.
 
     Data: ``dataset`` names an entry of :data:`pdepth.data.DATASETS` (``root`` its folder;
     ``download`` lets torchvision fetch it; ``workers`` DataLoader processes decode an image
@@ -190,9 +191,8 @@ class RunConfig:
         if self.noise_matrix is not None:
             self.noise_matrix = str(self.noise_matrix)
             info = DATASETS.get(self.dataset)
-            load_noise_matrix(self.noise_matrix,
-                              len(info.classes) if info and info.classes else None)
-            self.noise_matrix_sha256 = file_sha256(self.noise_matrix)
+            self.noise_matrix_sha256 = read_noise_matrix(
+                self.noise_matrix, len(info.classes) if info and info.classes else None)[1]
         else:
             self.noise_matrix_sha256 = None
 

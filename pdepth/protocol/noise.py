@@ -19,6 +19,7 @@ with every class mapped flip the same examples (only the new labels differ).
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,8 @@ import torch
 from ..data import DATASETS
 
 __all__ = ["ASYMMETRIC_MAPS", "MAP_SOURCES", "NOISE_KINDS", "NOISE_RULES", "ROW_TOLERANCE",
-           "apply_noise", "asymmetric_map", "flip_labels", "load_noise_matrix", "noise_record",
-           "off_diagonal"]
+           "apply_noise", "asymmetric_map", "flip_labels", "heldout_matrix", "load_noise_matrix",
+           "noise_record", "off_diagonal", "read_noise_matrix"]
 
 NOISE_KINDS = ("uniform", "asymmetric", "confusion")
 # config.json's resolved.label_noise.rule, per kind
@@ -124,6 +125,58 @@ def load_noise_matrix(path, num_classes: int | None = None) -> np.ndarray:
     return m
 
 
+HELDOUT = "heldout:"  # --noise-matrix heldout:RUN_DIR
+
+
+def read_noise_matrix(spec, num_classes: int | None = None) -> tuple[np.ndarray, str]:
+    """``--noise-matrix``: a file (:func:`load_noise_matrix`) or ``heldout:RUN_DIR``
+    (:func:`heldout_matrix`). Returns ``(matrix [C, C] float64, sha256 hex)``: the hash of the
+    file's bytes, or of the estimated matrix's float64 bytes (what enters the protocol key)."""
+    spec = str(spec)
+    if spec.startswith(HELDOUT):
+        matrix = heldout_matrix(spec[len(HELDOUT):], num_classes)
+        return matrix, hashlib.sha256(np.ascontiguousarray(matrix).tobytes()).hexdigest()
+    from .._atomic import file_sha256
+
+    return load_noise_matrix(spec, num_classes), file_sha256(spec)
+
+
+def heldout_matrix(run_dir, num_classes: int | None = None) -> np.ndarray:
+    """``[C, C]`` float64: the confusion of a finished run's held-out predictions, rows
+    normalised: row i = the share of the examples of (original) class i that the held-out
+    ensemble (per example, the mean softmax of the models that did not train on it) predicts
+    as each class. Read from ``RUN_DIR/per_model.npz`` (``probs [R, n, C]``, ``in_train [R,
+    n]``, ``original_labels [n]``); examples held out by no model are left out. Checked like a
+    file (:func:`load_noise_matrix`): a class the run never mistook is refused."""
+    where = f"noise_matrix (--noise-matrix) {HELDOUT}{run_dir}"
+    path = Path(run_dir) / "per_model.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no {path} (a finished pdepth run folder is needed)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            probs, in_train = np.asarray(z["probs"], np.float64), np.asarray(z["in_train"], bool)
+            labels = np.asarray(z["original_labels"] if "original_labels" in z else z["labels"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{where}: {path} cannot be read ({exc})".splitlines()[0]) from None
+    if probs.ndim != 3 or in_train.shape != probs.shape[:2] or labels.shape != probs.shape[1:2]:
+        raise ValueError(f"{where}: {path} holds probs {probs.shape}, in_train "
+                         f"{in_train.shape}, labels {labels.shape}: not one run's arrays")
+    held = ~in_train
+    seen = held.any(0)
+    mean = (probs * held[:, :, None]).sum(0)[seen]
+    c = int(probs.shape[2])
+    counts = np.zeros((c, c))
+    np.add.at(counts, (labels[seen].astype(np.int64), mean.argmax(1)), 1.0)
+    if num_classes is not None and c != num_classes:
+        raise ValueError(f"{where}: the run has {c} classes, the data has {num_classes}")
+    if (counts.sum(1) == 0).any():
+        raise ValueError(f"{where}: class {int(np.flatnonzero(counts.sum(1) == 0)[0])} has no "
+                         "held-out example in that run")
+    matrix = counts / counts.sum(1, keepdims=True)
+    _check_values(matrix, where)
+    return matrix
+
+
 def off_diagonal(matrix: np.ndarray) -> np.ndarray:
     """``[C, C]`` float64: ``matrix`` with its diagonal set to 0 and each row renormalised to
     sum to 1: where a flipped example of class c goes (P decides how many flip, so the
@@ -187,10 +240,8 @@ def apply_noise(config, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if kind == "asymmetric":
         extra["target"] = asymmetric_map(config.dataset, num_classes)
     elif kind == "confusion":
-        from .._atomic import file_sha256
-
-        extra["matrix"] = load_noise_matrix(config.noise_matrix, num_classes)
-        if file_sha256(config.noise_matrix) != config.noise_matrix_sha256:
+        extra["matrix"], sha256 = read_noise_matrix(config.noise_matrix, num_classes)
+        if sha256 != config.noise_matrix_sha256:
             raise ValueError(f"noise_matrix (--noise-matrix) {config.noise_matrix!r} changed "
                              "while the run was starting; pass it again")
     given, _ = flip_labels(labels, config.label_noise, num_classes, config.label_noise_seed,
