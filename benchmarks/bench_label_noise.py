@@ -87,30 +87,23 @@ def table(results: dict) -> str:
 
 
 def confusion_map(run_dir: str, write_matrix: str | None) -> dict:
-    """Per class of the run's original labels, the class its held-out ensemble (the mean
-    softmax of the models that did not train on an example) predicts most often among the
-    wrong predictions; the row-normalised confusion off the diagonal to --write-matrix."""
-    from pdepth.improve import heldout_probs
+    """Per class of the run's original labels, the class its held-out ensemble predicts most
+    often among the wrong predictions (pdepth.protocol.noise.heldout_matrix, what
+    `--noise-matrix heldout:RUN_DIR` uses); that matrix to --write-matrix."""
+    from pdepth.protocol.noise import heldout_matrix
 
-    with np.load(Path(run_dir) / "per_model.npz") as z:
-        pred = heldout_probs(z["probs"], z["in_train"]).argmax(1)
-        labels = z["original_labels"] if "original_labels" in z else z["labels"]
-    c = int(max(labels.max(), pred.max())) + 1
-    counts = np.zeros((c, c), dtype=np.int64)
-    np.add.at(counts, (labels, pred), 1)
-    off = counts.copy()
-    np.fill_diagonal(off, 0)
-    names = json.loads((Path(run_dir) / "config.json").read_text())["resolved"]["class_names"]
+    matrix = heldout_matrix(run_dir)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0.0)
     target = off.argmax(1)
-    out = {"run_dir": run_dir, "counts": counts.tolist(),
+    names = json.loads((Path(run_dir) / "config.json").read_text())["resolved"]["class_names"]
+    out = {"run_dir": run_dir, "matrix_rows": matrix.round(4).tolist(),
+           "held_out_accuracy_per_class": np.diag(matrix).round(4).tolist(),
            "map": {int(i): int(t) for i, t in enumerate(target)},
            "map_names": {names[i]: names[t] for i, t in enumerate(target)},
-           "share_of_errors": [float(off[i, t] / max(off[i].sum(), 1))
+           "share_of_errors": [round(float(off[i, t] / off[i].sum()), 3)
                                for i, t in enumerate(target)]}
     if write_matrix:
-        if (off.sum(1) == 0).any():
-            raise SystemExit("a class was never confused: its row has no mass off the diagonal")
-        matrix = off / off.sum(1, keepdims=True)
         if write_matrix.endswith(".csv"):
             np.savetxt(write_matrix, matrix, delimiter=",", fmt="%.6f")
         else:
