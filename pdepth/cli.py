@@ -155,6 +155,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="flip a fraction P (0 <= P < 1) of the labels to another class before "
                         "the halves are drawn (seeded; results.parquet keeps original_label "
                         "and label_flipped; default: %(default)s)")
+    r.add_argument("--noise-kind", default=d.noise_kind, metavar="KIND",
+                   help="which labels --label-noise flips and to what: uniform (any other "
+                        "class), asymmetric (the dataset's fixed class map: fashion-mnist, "
+                        "mnist, cifar10) or confusion (drawn from --noise-matrix); "
+                        "docs/protocol.md, Label noise (default: %(default)s)")
+    r.add_argument("--noise-matrix", default=None, metavar="FILE",
+                   help="--noise-kind confusion: a C x C row-stochastic matrix (.npy or .csv), "
+                        "row i = p(new label | class i), or heldout:RUN_DIR (the confusion of "
+                        "a finished run's held-out predictions); the diagonal is ignored (a "
+                        "flipped label always changes)")
     r.add_argument("--out", default="runs/pdepth", help="output directory (default: "
                                                         "%(default)s)")
     r.add_argument("--overwrite", action="store_true",
@@ -355,6 +365,7 @@ def _run(args) -> int:
         batch_size=args.batch_size, max_dim=args.max_dim or None,
         memory_budget=int(args.memory_budget * 2**20), device=args.device,
         knn_filter=args.knn_filter, metric=args.metric, label_noise=args.label_noise,
+        noise_kind=args.noise_kind, noise_matrix=args.noise_matrix,
         image_size=args.image_size, model=args.model, checkpoint=args.checkpoint,
         model_args=parse_model_args(args.model_arg) or None,
         download=args.download, workers=args.workers, keep_cache=args.keep_cache,

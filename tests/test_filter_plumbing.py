@@ -343,6 +343,7 @@ def test_run_config_filter_is_not_in_the_protocol_key():
                 "workers", "data_sha256", "keep_cache", "metric", "model_args")
     new_keys += ("token",)  # issue 24: --token, in the key only when given
     new_keys += ("el2n_epoch",)  # issue 25: a runtime setting, never in the key
+    new_keys += ("noise_kind", "noise_matrix", "noise_matrix_sha256")  # issue 25: --noise-kind
     old = {k: v for k, v in base.to_dict().items() if k not in new_keys}
     old_key = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert base.accepted_keys()[1] == old_key  # still resumed (issue 23: the key of today

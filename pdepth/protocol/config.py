@@ -21,6 +21,7 @@ from ..figures import REPORT_DEPENDENCIES
 from ..models import ARCH_VERSIONS, ARCHITECTURES
 from ..ops import FILTERS, METRICS
 from ..scores import default_el2n_epoch
+from .noise import NOISE_KINDS, asymmetric_map, flip_labels, read_noise_matrix
 
 __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_out",
            "check_seeds", "flip_labels", "rank_settings", "resolve_device", "run_dependencies",
@@ -40,6 +41,7 @@ __all__ = ["MAX_SEED", "MIN_MEMORY_BUDGET", "RUNTIME_KEYS", "RunConfig", "check_
 # recomputed with another one.
 RUNTIME_KEYS = ("device", "root", "knn_filter", "download", "workers", "checkpoint",
                 "keep_cache", "memory_budget", "el2n_epoch")
+RUNTIME_KEYS += ("noise_matrix",)  # like checkpoint: in the key by its content
 # Runtime settings that earlier versions counted in the key: accepted_keys() also gives the
 # key with them, so the files of those runs stay valid.
 _LEGACY_KEYS = ("memory_budget",)
@@ -48,6 +50,7 @@ _LEGACY_KEYS = ("memory_budget",)
 _KEY_DEFAULTS = {"image_size": None, "model": None, "checkpoint_sha256": None,
                  "data_sha256": None, "token": None, "metric": "euclidean",
                  "model_args": None}
+_KEY_DEFAULTS.update(noise_kind="uniform", noise_matrix_sha256=None)  # --noise-kind
 _EPOCHS, _SEEDS = 6, (0, 1, 2, 3, 4)  # the defaults without a checkpoint
 DEVICE = re.compile(r"cpu|auto|cuda(:\d+)?")
 # The smallest memory_budget (bytes; --memory-budget 1 MiB). A disk-cached probe is read in
@@ -95,7 +98,13 @@ class RunConfig:
     (:func:`flip_labels`); everything downstream uses the flipped ("given") labels.
     ``label_noise_seed`` seeds the flips; None (the default) means ``subset_seed``, so a
     rerun draws the same flips and every model of the run sees the same ones. It is resolved
-    here, so ``config.json`` records the seed used.
+    here, so ``config.json`` records the seed used. ``noise_kind`` (``--noise-kind``,
+    :data:`pdepth.protocol.noise.NOISE_KINDS`) says which labels flip and to what:
+    ``uniform`` (default), ``asymmetric`` (the dataset's class map,
+    :func:`pdepth.protocol.noise.asymmetric_map`) or ``confusion`` (a draw from the
+    ``noise_matrix`` file, ``--noise-matrix``, or ``heldout:RUN_DIR``, the confusion of a
+    finished run's held-out predictions; its hash ``noise_matrix_sha256`` enters the key, not
+    its path). Without noise none of them is in the key, nor the uniform kind.
 
     Data: ``dataset`` names an entry of :data:`pdepth.data.DATASETS` (``root`` its folder;
     ``download`` lets torchvision fetch it; ``workers`` DataLoader processes decode an image
@@ -152,6 +161,9 @@ class RunConfig:
     keep_cache: bool = False
     token: str | None = None
     metric: str = "euclidean"
+    noise_kind: str = "uniform"
+    noise_matrix: str | None = None
+    noise_matrix_sha256: str | None = None
 
     def __post_init__(self):
         self._check_numbers()
@@ -171,6 +183,28 @@ class RunConfig:
                              f"{self.metric!r}")
         self.label_noise_seed = (self.subset_seed if self.label_noise_seed is None
                                  else self.label_noise_seed)
+        self._check_noise()
+
+    def _check_noise(self) -> None:
+        """``noise_kind`` one of the kinds; ``asymmetric`` needs a map for the dataset;
+        ``noise_matrix`` with ``confusion`` only (and there required), read and checked here
+        (its hash taken; its size against the dataset's classes where the table knows them)."""
+        if not isinstance(self.noise_kind, str) or self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind (--noise-kind) must be one of "
+                             f"{', '.join(NOISE_KINDS)}, got {self.noise_kind!r}")
+        if self.noise_kind == "asymmetric":
+            asymmetric_map(self.dataset)
+        if (self.noise_matrix is None) != (self.noise_kind != "confusion"):
+            raise ValueError(f"noise_matrix (--noise-matrix) goes with --noise-kind confusion "
+                             f"and only with it; got --noise-kind {self.noise_kind} and "
+                             f"--noise-matrix {self.noise_matrix}")
+        if self.noise_matrix is not None:
+            self.noise_matrix = str(self.noise_matrix)
+            info = DATASETS.get(self.dataset)
+            self.noise_matrix_sha256 = read_noise_matrix(
+                self.noise_matrix, len(info.classes) if info and info.classes else None)[1]
+        else:
+            self.noise_matrix_sha256 = None
 
     def _check_numbers(self) -> None:
         """Every numeric setting in its range, before any file is read: a ValueError naming
@@ -275,6 +309,8 @@ class RunConfig:
              and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         if d["label_noise"] == 0.0:
             del d["label_noise"], d["label_noise_seed"]
+            for name in ("noise_kind", "noise_matrix_sha256"):
+                d.pop(name, None)
         if self.arch in ARCH_VERSIONS:
             d["arch_version"] = ARCH_VERSIONS[self.arch]
         return d
@@ -381,31 +417,6 @@ def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     ``n // 2``)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
     return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
-
-
-def flip_labels(labels: torch.Tensor, fraction: float, num_classes: int,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label noise: ``labels [n]`` (int64) with exactly ``round(fraction * n)`` of them moved
-    to another class, uniformly among the other ``num_classes - 1``.
-
-    One ``torch.Generator`` seeded with ``seed`` draws a permutation of the n examples (the
-    first ``round(fraction * n)`` are flipped) and then one offset in ``1..C-1`` per example
-    (the new class is ``(label + offset) % C``). Both draws take the same numbers of values
-    whatever the fraction, so with one seed a smaller fraction flips a subset of the examples a
-    larger one flips, each to the same class. Returns ``(given [n] int64, flipped [n]
-    bool)``; ``given`` equals ``labels`` where ``flipped`` is False."""
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    n = int(labels.shape[0])
-    if num_classes < 2:
-        raise ValueError(f"flip_labels(): num_classes must be >= 2 to flip a label, got "
-                         f"{num_classes}")
-    gen = torch.Generator().manual_seed(int(seed))
-    perm = torch.randperm(n, generator=gen)
-    offsets = torch.randint(1, num_classes, (n,), generator=gen)
-    flipped = torch.zeros(n, dtype=torch.bool)
-    flipped[perm[:round(fraction * n)]] = True
-    given = torch.where(flipped, (labels + offsets) % num_classes, labels)
-    return given, flipped
 
 
 def run_dependencies(config: RunConfig, progress: bool) -> list[str]:

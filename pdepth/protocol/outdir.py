@@ -266,7 +266,8 @@ _NO_FLAG = {"subset_seed": "subset_seed", "eval_batch_size": "eval_batch_size",
             "weight_decay": "weight_decay", "thresholds": "thresholds",
             "label_noise_seed": "label_noise_seed", "arch_version": "the architecture's version",
             "checkpoint_sha256": "the --checkpoint file's content (sha256)",
-            "data_sha256": "the Dataset's content (sha256)"}
+            "data_sha256": "the Dataset's content (sha256)",
+            "noise_matrix_sha256": "the --noise-matrix file's content (sha256)"}
 
 
 def _differences(theirs, ours: dict) -> str:

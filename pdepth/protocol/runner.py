@@ -33,13 +33,13 @@ from ..probes import pinned, probe_dims, resolve_probes
 from .config import (
     RunConfig,
     check_out,
-    flip_labels,
     rank_settings,
     resolve_device,
     run_dependencies,
 )
 from .errors import require_modules
 from .model_run import RunData, check_support, run_model
+from .noise import NOISE_RULES, apply_noise, noise_record
 from .outdir import data_identity, load_model_file, lock_output, model_path, prepare_output
 from .results import write_results
 from .scoring import check_cache_space
@@ -187,8 +187,7 @@ def load_run_data(config: RunConfig, progress: bool, dataset=None) -> RunData:
     thresholds = CategoryThresholds.from_dict(config.thresholds)
     config, info, images, original, dataset_index, x = _load_data(config, dataset)
     # label noise: after the subset is drawn, before the halves (the same flips for every model)
-    labels, _ = flip_labels(original, config.label_noise, info.num_classes,
-                            config.label_noise_seed)
+    labels = apply_noise(config, original, info.num_classes)
     network = make_model(config.arch, config.model, model_args=config.model_args,
                          num_classes=info.num_classes,
                          in_channels=info.channels, image_size=info.image_size)
@@ -296,8 +295,9 @@ def _config_record(config: RunConfig, data: RunData) -> dict:
                         else "every example (the checkpoint's training data), given labels"),
             "label_noise": {"fraction": config.label_noise, "seed": config.label_noise_seed,
                             "flipped": int(data.label_flipped.sum()),
-                            "rule": "round(fraction * n) examples moved uniformly to another "
-                                    "class (pdepth.protocol.flip_labels)"},
+                            "kind": config.noise_kind,
+                            "rule": NOISE_RULES[config.noise_kind],
+                            **noise_record(config, data.num_classes)},
             "knn_filter": _filters(config, data),
         },
         "versions": versions(),
