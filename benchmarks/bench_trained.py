@@ -191,14 +191,36 @@ def bench_one(q, s, y, self_match: bool, filters: list[str], repeat: int) -> dic
     sidx = torch.arange(s.shape[0]) if self_match else None
 
     def mode(f):
-        return lambda: pdepth.knn_vote(q, s, y, K, NUM_CLASSES, self_index=sidx, filter=f)
+        name, _, variant = f.partition(":")
+        if variant != "piece":
+            return lambda: pdepth.knn_vote(q, s, y, K, NUM_CLASSES, self_index=sidx, filter=name)
 
-    fns = {f: mode(f) for f in filters}
+        def per_piece():  # the wide path's chunk GEMM before issue 26 (centred_dot per piece)
+            pdepth._C._knn_low_chunk(False, 0)
+            try:
+                return pdepth.knn_vote(q, s, y, K, NUM_CLASSES, self_index=sidx, filter=name)
+            finally:
+                pdepth._C._knn_low_chunk(True, 0)
+        return per_piece
+
+    calls: dict[str, list[dict]] = {f: [] for f in filters}
+
+    def timed(f):  # the stats of each timed call (knn_stats is process-wide)
+        fn = mode(f)
+
+        def run():
+            pdepth.knn_stats(reset=True)
+            result = fn()
+            calls[f].append(pdepth.knn_stats(reset=True))
+            return result
+        return run
+
     stats, first = {}, {}
     pdepth.knn_stats(reset=True)
-    for f, fn in fns.items():
-        first[f] = fn()
+    for f in filters:
+        first[f] = mode(f)()
         stats[f] = pdepth.knn_stats(reset=True)
+    fns = {f: timed(f) for f in filters}
     fns["torch"] = lambda: torch_pipeline(q, s, y, self_match)
     fns["matmul fp32"] = matmul_fn(torch.float32)
     fns["matmul bf16"] = matmul_fn(torch.bfloat16)
@@ -217,7 +239,10 @@ def bench_one(q, s, y, self_match: bool, filters: list[str], repeat: int) -> dic
            "modes": {}}
     for f in filters:
         t = timings[f]
-        out["modes"][f] = {"seconds": t.median, "spread": t.spread, "stats": stats[f],
+        split = {key: sum(c[key] for c in calls[f]) / len(calls[f]) for key in calls[f][0]
+                 if key.startswith("ns_")}
+        out["modes"][f] = {"seconds": t.median, "mean_seconds": sum(t.times) / len(t.times),
+                           "spread": t.spread, "stats": stats[f], "split_ns": split,
                            "identical": identical(first[f], ref) and identical(t.result, ref)}
     return out
 
@@ -234,11 +259,13 @@ def rate(r: dict, seconds: float) -> float:
 SPLIT = ("gemm", "norms", "seeds", "keys", "select")
 
 
-def split_text(st: dict, seconds: float) -> str:
-    """The kernel's time split (``knn_stats`` ``seconds_*``), as shares of the call."""
-    parts = [f"{p} {st[f'seconds_{p}'] / seconds:.0%}" for p in SPLIT
-             if f"seconds_{p}" in st]
-    return ", ".join(parts) if parts else "-"
+def split_text(mr: dict) -> str:
+    """The kernel's time split (``knn_stats`` ``ns_*``, mean over the timed calls) as shares
+    of their mean time; the rest is outside the kernel's phases (checks, the vote)."""
+    split = mr["split_ns"]
+    if f"ns_{SPLIT[0]}" not in split:
+        return "-"
+    return " ".join(f"{p} {split[f'ns_{p}'] / 1e9 / mr['mean_seconds']:.0%}" for p in SPLIT)
 
 
 def detail_table(results: list[dict]) -> str:
@@ -252,7 +279,7 @@ def detail_table(results: list[dict]) -> str:
                          f"{sec / r['torch_seconds']:.2f}",
                          fmt(st.get("candidates", 0) / r["m"]),
                          f"{st.get('fallback_tiles', 0)}/{st.get('tiles', 0)}",
-                         split_text(st, sec), "yes" if mr["identical"] else "NO"])
+                         split_text(mr), "yes" if mr["identical"] else "NO"])
         rows.append([r["probe"], r["d"], r["setting"], "torch", fmt(r["torch_seconds"]),
                      fmt(rate(r, r["torch_seconds"])),
                      f"{rate(r, r['torch_seconds']) / r['matmul_fp32']:.2f}x",
@@ -313,9 +340,11 @@ def parse_args(argv=None):
     p.add_argument("--probes", default=None,
                    help="comma-separated probe names (default: every unpooled probe)")
     p.add_argument("--settings", default="held,self", help="held, self or both")
-    p.add_argument("--filters", default="fp32,bf16,bf16x3,auto")
-    p.add_argument("--steps", type=int, default=200, help="training steps")
-    p.add_argument("--batch", type=int, default=64, help="training batch size")
+    p.add_argument("--filters", default="fp32,bf16,bf16x3,auto",
+                   help="filter modes; NAME:piece runs NAME with the wide path's chunk GEMM "
+                        "of before issue 26 (centred_dot per piece; a test hook)")
+    p.add_argument("--steps", type=int, default=100, help="training steps")
+    p.add_argument("--batch", type=int, default=32, help="training batch size")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--cache", default="/tmp/pdepth-bench-cache", help="trained weights")
     p.add_argument("--json", default=None, help="write every number here")
