@@ -36,6 +36,8 @@ std::atomic<int64_t> low_piece_rows{0};
 // kReduceBlock, read in slices of the kernel's k block) stays near the core while the query
 // piece's rows stream past it.
 constexpr int64_t kLowTile = 512;
+// ... and at least this many (fewer: the per-piece path, whose pieces balance the threads).
+constexpr int64_t kLowMinTile = 128;
 // low_chunk_dot's query pieces: at most this many bytes in the filter format (the size of
 // the wide path's chunk of cross terms), but at least kLowRows rows (each support block is
 // converted once per piece: 1/(2 kLowRows) conversions per flop at worst).
@@ -496,9 +498,12 @@ void centred_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t
 
 bool low_chunk_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t n,
                    const float* c, int64_t d, float* out, int64_t ldo) {
+  // Units of at most kLowTile support rows, at least two per thread (whole 32-row panels).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t units = (n + kLowTile - 1) / kLowTile;
-  if (f == Filter::kFp32 || units < 2 * threads || at::in_parallel_region() ||
+  const int64_t want = std::max((n + kLowTile - 1) / kLowTile, 2 * threads);
+  const int64_t tile = ((n + want - 1) / want + 31) / 32 * 32;
+  const int64_t units = (n + tile - 1) / tile;
+  if (f == Filter::kFp32 || tile < kLowMinTile || at::in_parallel_region() ||
       !low_chunk_on.load()) {
     return false;
   }
@@ -515,8 +520,8 @@ bool low_chunk_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t
     at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
       thread_local CentredScratch<float> w;  // kept: no page faults per chunk
       for (int64_t u = u0; u < u1; ++u) {
-        const int64_t j0 = u * kLowTile;
-        centred_dot_low(f, a, width, mr, s + j0 * d, std::min(kLowTile, n - j0), c, d,
+        const int64_t j0 = u * tile;
+        centred_dot_low(f, a, width, mr, s + j0 * d, std::min(tile, n - j0), c, d,
             out + i0 * ldo + j0, ldo, w);
       }
     });
