@@ -14,11 +14,14 @@ A geometry table says what the filter faces: the share of zero features, how muc
 queries' mean carries of the rows' norms (the centring shift), and how many pairs per query
 the bf16 margin alone must pass (exact float64 distances of a sample of queries).
 
-    python benchmarks/bench_trained.py                                # every probe, ~25 min
-    python benchmarks/bench_trained.py --probes bn1,layer3.0 --support 1000 --queries 300
-                                                                      # a couple of minutes
-The trained weights are cached in ``--cache`` (training takes minutes on 2 cores). Exit
-status 1 when a mode's output is not bit-identical to ``fp32``'s.
+    python benchmarks/bench_trained.py                  # the issue's sizes, every probe
+    python benchmarks/bench_trained.py --support 1500 --queries 500 --probes bn1,layer4.0 \
+        --filters fp32,bf16,bf16:piece --repeat 1       # a couple of minutes once trained
+
+The trained weights are cached in ``--cache`` per (support rows, steps, batch): training
+takes a few minutes on a quiet 2-core machine (34 on a loaded one). ``NAME:piece`` in
+``--filters`` runs NAME with the wide path's chunk GEMM of before issue 26. Exit status 1
+when a mode's output is not bit-identical to ``fp32``'s.
 """
 
 from __future__ import annotations

@@ -211,3 +211,15 @@ def test_low_chunk_path(kind, piece_rows, two_threads):
             # the kernel's sums do not depend on the block shape (gemm_bf16.h): same bits
             keys = ("candidates", "seeded_rows", "fallback_tiles", f"pairs_{f}")
             assert {k: low[k] for k in keys} == {k: per_piece[k] for k in keys}
+
+
+@pytest.mark.parametrize("d", [64, 8192])
+def test_stats_time_split(d):
+    """knn_stats() reports the time of each phase of the kernel (ns_*), on both paths."""
+    q, s = relu_like(20, 600, d, ("split",))
+    pdepth.knn_stats(reset=True)
+    pdepth.knn(q, s, 5, filter="bf16")
+    st = pdepth.knn_stats(reset=True)
+    for phase in ("gemm", "norms", "seeds", "keys", "select"):
+        assert st[f"ns_{phase}"] > 0, (phase, st)
+    assert pdepth.knn_stats()["ns_gemm"] == 0  # reset
