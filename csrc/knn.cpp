@@ -544,7 +544,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("knn_stats", [](bool reset) {
     static const char* names[pdepth::kNumStats] = {"calls", "pairs", "candidates", "seeded_rows",
-        "tiles", "fallback_tiles", "pairs_fp32", "pairs_bf16", "pairs_bf16x3", "pairs_tf32"};
+        "tiles", "fallback_tiles", "pairs_fp32", "pairs_bf16", "pairs_bf16x3", "pairs_tf32",
+        "ns_gemm", "ns_norms", "ns_seeds", "ns_keys", "ns_select"};
     const std::vector<int64_t> v = pdepth::stats_read(reset);
     pybind11::dict out;
     for (int i = 0; i < pdepth::kNumStats; ++i) {
@@ -588,5 +589,7 @@ PYBIND11_MODULE(_C, m) {
     pdepth::cpu::set_wide_chunk_rows(wide_chunk_rows);
   }, pybind11::arg("bf16_gemm") = "", pybind11::arg("fallback_budget") = -1.0,
      pybind11::arg("exhaustive") = false, pybind11::arg("wide_chunk_rows") = 0);
+  m.def("_knn_low_chunk", &pdepth::cpu::set_low_chunk, pybind11::arg("on") = true,
+        pybind11::arg("piece_rows") = 0);
   m.def("_gemm_bf16", &pdepth::cpu::gemm_bf16_for_test);
 }

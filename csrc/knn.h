@@ -102,6 +102,11 @@ enum Stat : int {
   kStatPairsBf16,
   kStatPairsBf16x3,
   kStatPairsTf32,
+  kStatNsGemm,         // wall-clock nanoseconds of each phase (summed over threads where
+  kStatNsNorms,        // blocks run in parallel): cross terms, norms / means / shifts,
+  kStatNsSeeds,        // seeds, canonical keys (with the heap offers), selection (lists
+  kStatNsKeys,         // of candidates, fallback probes, the final sort)
+  kStatNsSelect,
   kNumStats
 };
 void stats_add(Stat s, int64_t v);

@@ -27,6 +27,17 @@ FILTERS = ("fp32", "bf16", "bf16x3", "auto")
 def _reset_hooks():
     yield
     pdepth._C._knn_test_hooks()
+    pdepth._C._knn_low_chunk(True, 0)
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads, so that a support set of 1,025+ rows gives the bf16 formats' chunk GEMM
+    (low_chunk_dot) its two units per thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def exhaustive(fn):
@@ -161,3 +172,54 @@ def test_holds_no_copy_of_the_queries():
         pdepth.knn(q, s, 5)
     extra = rec["peak_rss_bytes"] - rss
     assert extra < q.numel() * q.element_size() // 2, (extra, q.numel() * q.element_size())
+
+
+@pytest.mark.parametrize("piece_rows", [0, 1, 13])
+@pytest.mark.parametrize("kind", ["gaussian", "relu"])
+def test_low_chunk_path(kind, piece_rows, two_threads):
+    """The bf16 formats' chunk GEMM that converts each side once per query piece
+    (low_chunk_dot, 512-row support units: 2,100 rows give 5, the last one partial; D = 8200
+    ends in a partial reduction block; query pieces of 1, 13 and the default rows): the
+    exhaustive result in every format, self matches excluded, and the cross terms of the
+    per-piece path (centred_dot) to the bit, seen as the same candidates and seeds. The
+    fallback is off, so that Gaussian rows (which bf16 lets through by the hundred) keep the
+    format too."""
+    if kind == "gaussian":
+        q, s = float_data(40, 2100, 8200, key=("low", piece_rows))
+    else:
+        q, s = relu_like(40, 2100, 8200, ("low", piece_rows))
+    q, si = with_self_matches(q, s, key=("low",))
+
+    def run(f):  # a budget that never falls back: every chunk in the requested format
+        pdepth._C._knn_test_hooks(fallback_budget=2.0, wide_chunk_rows=17)
+        pdepth._C._knn_low_chunk(True, piece_rows)
+        return pdepth.knn(q, s, 12, self_index=si, filter=f)
+
+    check(run)
+    pdepth._C._knn_test_hooks(fallback_budget=2.0)
+    for f in ("bf16", "bf16x3"):
+        pdepth.knn_stats(reset=True)
+        pdepth._C._knn_low_chunk(True, piece_rows)
+        got = pdepth.knn(q, s, 12, self_index=si, filter=f)
+        low = pdepth.knn_stats(reset=True)
+        pdepth._C._knn_low_chunk(False, 0)
+        want = pdepth.knn(q, s, 12, self_index=si, filter=f)
+        per_piece = pdepth.knn_stats(reset=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert low[f"pairs_{f}"] > 0, low  # the format ran, so the low path did
+        if pdepth.build_info()["bf16_gemm"] == "avx512_bf16 kernel":
+            # the kernel's sums do not depend on the block shape (gemm_bf16.h): same bits
+            keys = ("candidates", "seeded_rows", "fallback_tiles", f"pairs_{f}")
+            assert {k: low[k] for k in keys} == {k: per_piece[k] for k in keys}
+
+
+@pytest.mark.parametrize("d", [64, 8192])
+def test_stats_time_split(d):
+    """knn_stats() reports the time of each phase of the kernel (ns_*), on both paths."""
+    q, s = relu_like(20, 600, d, ("split",))
+    pdepth.knn_stats(reset=True)
+    pdepth.knn(q, s, 5, filter="bf16")
+    st = pdepth.knn_stats(reset=True)
+    for phase in ("gemm", "norms", "seeds", "keys", "select"):
+        assert st[f"ns_{phase}"] > 0, (phase, st)
+    assert pdepth.knn_stats()["ns_gemm"] == 0  # reset

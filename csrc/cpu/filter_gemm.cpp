@@ -29,6 +29,20 @@ std::string bf16_override;                 // guarded by hook_mutex
 std::atomic<double> budget_fraction{-1.0};  // < 0: default
 std::atomic<bool> exhaustive_on{false};
 std::atomic<int64_t> chunk_rows{0};
+std::atomic<bool> low_chunk_on{true};
+std::atomic<int64_t> low_piece_rows{0};
+
+// Support rows per work unit of low_chunk_dot: its packed bfloat16 block (1 MiB per
+// kReduceBlock, read in slices of the kernel's k block) stays near the core while the query
+// piece's rows stream past it.
+constexpr int64_t kLowTile = 512;
+// ... and at least this many (fewer: the per-piece path, whose pieces balance the threads).
+constexpr int64_t kLowMinTile = 128;
+// low_chunk_dot's query pieces: at most this many bytes in the filter format (the size of
+// the wide path's chunk of cross terms), but at least kLowRows rows (each support block is
+// converted once per piece: 1/(2 kLowRows) conversions per flop at worst).
+constexpr int64_t kLowBytes = int64_t(64) << 20;
+constexpr int64_t kLowRows = 256;
 
 // Columns of reduction block j in the format's row layout (bf16x3 rows are 3x as wide).
 struct Block {
@@ -195,6 +209,11 @@ void set_wide_chunk_rows(int64_t rows) {
   chunk_rows.store(rows);
 }
 
+void set_low_chunk(bool on, int64_t piece_rows) {
+  low_chunk_on.store(on);
+  low_piece_rows.store(piece_rows);
+}
+
 int64_t wide_chunk_rows() {
   return chunk_rows.load();
 }
@@ -290,6 +309,65 @@ void centre_block(const T* x, int64_t r, int64_t d, const T* c, int64_t off, int
   }
 }
 
+// w.sl [ns, lw] = the support block w.sf [ns, len] (float32) in format f (bf16 / bf16x3;
+// lw = len or 3 len).
+void support_low(Filter f, int64_t ns, int64_t len, CentredScratch<float>& w) {
+  const int64_t lw = f == Filter::kBf16x3 ? 3 * len : len;
+  w.sl.resize(ns * lw);
+  w.res.resize(std::max<int64_t>(w.res.size(), ns * len));
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  low_block(f, at::from_blob(w.sf.data(), {ns, len}, f32), true,
+      at::from_blob(w.sl.data(), {ns, lw}, bf16), at::from_blob(w.res.data(), {ns, len}, f32));
+}
+
+// prod [mq, ns] = a [mq, lw] (row stride lda) times the support block w.sl [ns, lw]
+// (bfloat16), overwritten.
+void low_product(const at::BFloat16* a, int64_t lda, int64_t mq, int64_t ns, int64_t lw,
+                 CentredScratch<float>& w) {
+  switch (bf16_gemm()) {
+    case Bf16Gemm::kKernel:
+      pack_b(w.sl.data(), lw, ns, lw, w.packed);
+      gemm_bf16_packed(a, lda, mq, w.packed, w.prod.data(), ns);
+      return;
+    case Bf16Gemm::kMkl:
+      cblas_gemm_bf16bf16f32(kCblasRowMajor, kCblasNoTrans, kCblasTrans,
+          static_cast<int>(mq), static_cast<int>(ns), static_cast<int>(lw), 1.0f,
+          reinterpret_cast<const uint16_t*>(a), static_cast<int>(lda),
+          reinterpret_cast<const uint16_t*>(w.sl.data()), static_cast<int>(lw), 0.0f,
+          w.prod.data(), static_cast<int>(ns));
+      return;
+    case Bf16Gemm::kSgemm: {
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+      at::Tensor o = at::from_blob(w.prod.data(), {mq, ns}, f32);
+      at::mm_out(o, at::from_blob(const_cast<at::BFloat16*>(a), {mq, lw}, {lda, 1}, bf16)
+                        .to(at::kFloat),
+          at::from_blob(w.sl.data(), {ns, lw}, bf16).to(at::kFloat).t());
+      return;
+    }
+  }
+}
+
+// centre_block and the bfloat16 conversion (round to nearest even, as ATen's copy_) in one
+// pass: dst [r, len] = bf16(fl(x - c)), the bits of centre_block then low_block.
+void centre_bf16_block(const float* x, int64_t r, int64_t d, const float* c, int64_t off,
+                       int64_t len, at::BFloat16* dst) {
+  for (int64_t i = 0; i < r; ++i) {
+    const float* src = x + i * d + off;
+    at::BFloat16* o = dst + i * len;
+    if (c == nullptr) {
+      for (int64_t j = 0; j < len; ++j) {
+        o[j] = at::BFloat16(src[j]);
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      o[j] = at::BFloat16(src[j] - c[off + j]);
+    }
+  }
+}
+
 // prod [mq, ns] = the block's product in format f (overwritten).
 template <typename T>
 void block_product(Filter f, int64_t mq, int64_t ns, int64_t len, CentredScratch<T>& w) {
@@ -303,31 +381,29 @@ void block_product(Filter f, int64_t mq, int64_t ns, int64_t len, CentredScratch
   if constexpr (std::is_same_v<T, float>) {
     const int64_t lw = f == Filter::kBf16x3 ? 3 * len : len;
     w.ql.resize(mq * lw);
-    w.sl.resize(ns * lw);
     w.res.resize(std::max(mq, ns) * len);
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
     low_block(f, at::from_blob(w.qf.data(), {mq, len}, f32), false,
         at::from_blob(w.ql.data(), {mq, lw}, bf16), at::from_blob(w.res.data(), {mq, len}, f32));
-    low_block(f, at::from_blob(w.sf.data(), {ns, len}, f32), true,
-        at::from_blob(w.sl.data(), {ns, lw}, bf16), at::from_blob(w.res.data(), {ns, len}, f32));
-    switch (bf16_gemm()) {
-      case Bf16Gemm::kKernel:
-        pack_b(w.sl.data(), lw, ns, lw, w.packed);
-        gemm_bf16_packed(w.ql.data(), lw, mq, w.packed, w.prod.data(), ns);
-        return;
-      case Bf16Gemm::kMkl:
-        cblas_gemm_bf16bf16f32(kCblasRowMajor, kCblasNoTrans, kCblasTrans,
-            static_cast<int>(mq), static_cast<int>(ns), static_cast<int>(lw), 1.0f,
-            reinterpret_cast<const uint16_t*>(w.ql.data()), static_cast<int>(lw),
-            reinterpret_cast<const uint16_t*>(w.sl.data()), static_cast<int>(lw), 0.0f,
-            w.prod.data(), static_cast<int>(ns));
-        return;
-      case Bf16Gemm::kSgemm: {
-        const auto bf = at::TensorOptions().dtype(at::kBFloat16);
-        at::mm_out(o, at::from_blob(w.ql.data(), {mq, lw}, bf).to(at::kFloat),
-            at::from_blob(w.sl.data(), {ns, lw}, bf).to(at::kFloat).t());
-        return;
+    support_low(f, ns, len, w);
+    low_product(w.ql.data(), lw, mq, ns, lw, w);
+  }
+}
+
+// Adds the block product w.prod [mq, ns] to out (row stride ldo): block 0 is copied, later
+// blocks are summed into it one by one, in order.
+template <typename T>
+void add_block(int64_t j, int64_t mq, int64_t ns, const CentredScratch<T>& w, T* out,
+               int64_t ldo) {
+  for (int64_t i = 0; i < mq; ++i) {
+    T* o = out + i * ldo;
+    const T* p = w.prod.data() + i * ns;
+    if (j == 0) {
+      std::copy(p, p + ns, o);
+    } else {
+      for (int64_t e = 0; e < ns; ++e) {
+        o[e] += p[e];
       }
     }
   }
@@ -354,17 +430,55 @@ void centred_dot_impl(Filter f, const T* q, int64_t mq, const T* s, int64_t ns, 
       centre_block(s, ns, d, c, off, len, w.sf.data());
       block_product(f, mq, ns, len, w);
     }
-    for (int64_t i = 0; i < mq; ++i) {
-      T* o = out + i * ldo;
-      const T* p = w.prod.data() + i * ns;
-      if (j == 0) {
-        std::copy(p, p + ns, o);
-      } else {
-        for (int64_t e = 0; e < ns; ++e) {
-          o[e] += p[e];  // later blocks summed into the first one by one, in order
-        }
-      }
+    add_block(j, mq, ns, w, out, ldo);
+  }
+}
+
+// The query rows q [mq, D] centred and in format f (bf16 / bf16x3), reduction block by
+// block in FilterRows::low's layout: `out` [mq, D'] bfloat16. Parallel over rows; the same
+// conversions as block_product's, so the same bits.
+void centred_low(Filter f, const float* q, int64_t mq, const float* c, int64_t d,
+                 at::Tensor& out) {
+  const int64_t width = f == Filter::kBf16x3 ? 3 * d : d;
+  reuse(out, {mq, width}, at::kBFloat16);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::parallel_for(0, mq, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> cen, res;
+    for (int64_t j = 0; j < block_count(d); ++j) {
+      const int64_t off = j * kReduceBlock;
+      const int64_t len = std::min(kReduceBlock, d - off);
+      const Block b = block_cols(f, d, j);
+      cen.resize((r1 - r0) * len);
+      res.resize((r1 - r0) * len);
+      centre_block(q + r0 * d, r1 - r0, d, c, off, len, cen.data());
+      low_block(f, at::from_blob(cen.data(), {r1 - r0, len}, f32), false,
+          out.narrow(0, r0, r1 - r0).narrow(1, b.off, b.len),
+          at::from_blob(res.data(), {r1 - r0, len}, f32));
     }
+  });
+}
+
+// centred_dot's product with the query side already converted: rows of `ql` (centred_low's
+// layout, row stride lda) against support rows s [ns, D], each support block centred and
+// converted once for all mq rows.
+void centred_dot_low(Filter f, const at::BFloat16* ql, int64_t lda, int64_t mq, const float* s,
+                     int64_t ns, const float* c, int64_t d, float* out, int64_t ldo,
+                     CentredScratch<float>& w) {
+  w.sf.resize(ns * std::min(kReduceBlock, d));
+  w.prod.resize(mq * ns);
+  for (int64_t j = 0; j < block_count(d); ++j) {
+    const int64_t off = j * kReduceBlock;
+    const int64_t len = std::min(kReduceBlock, d - off);
+    const Block b = block_cols(f, d, j);
+    if (f == Filter::kBf16) {
+      w.sl.resize(ns * len);
+      centre_bf16_block(s, ns, d, c, off, len, w.sl.data());
+    } else {
+      centre_block(s, ns, d, c, off, len, w.sf.data());
+      support_low(f, ns, len, w);
+    }
+    low_product(ql + b.off, lda, mq, ns, b.len, w);
+    add_block(j, mq, ns, w, out, ldo);
   }
 }
 
@@ -380,6 +494,44 @@ void centred_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t
                  const double* c, int64_t d, double* out, int64_t ldo,
                  CentredScratch<double>& w) {
   centred_dot_impl(f, q, mq, s, ns, c, d, out, ldo, w);
+}
+
+bool low_chunk_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t n,
+                   const float* c, int64_t d, float* out, int64_t ldo) {
+  // Units of at most kLowTile support rows, at least two per thread (whole 32-row panels).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = std::max((n + kLowTile - 1) / kLowTile, 2 * threads);
+  const int64_t tile = ((n + want - 1) / want + 31) / 32 * 32;
+  const int64_t units = (n + tile - 1) / tile;
+  if (f == Filter::kFp32 || tile < kLowMinTile || at::in_parallel_region() ||
+      !low_chunk_on.load()) {
+    return false;
+  }
+  // Query pieces of at most kLowBytes in the format (at least kLowRows rows).
+  const int64_t width = f == Filter::kBf16x3 ? 3 * d : d;
+  const int64_t rows = low_piece_rows.load() > 0 ? low_piece_rows.load()
+      : std::min(mq, std::max<int64_t>(
+            kLowRows, kLowBytes / (width * static_cast<int64_t>(sizeof(at::BFloat16)))));
+  at::Tensor ql;
+  for (int64_t i0 = 0; i0 < mq; i0 += rows) {
+    const int64_t mr = std::min(rows, mq - i0);
+    centred_low(f, q + i0 * d, mr, c, d, ql);
+    const at::BFloat16* a = ql.const_data_ptr<at::BFloat16>();
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      thread_local CentredScratch<float> w;  // kept: no page faults per chunk
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t j0 = u * tile;
+        centred_dot_low(f, a, width, mr, s + j0 * d, std::min(tile, n - j0), c, d,
+            out + i0 * ldo + j0, ldo, w);
+      }
+    });
+  }
+  return true;
+}
+
+bool low_chunk_dot(Filter, const double*, int64_t, const double*, int64_t, const double*,
+                   int64_t, double*, int64_t) {
+  return false;
 }
 
 void filter_dot(Filter f, const FilterRows& q, int64_t m0, int64_t mb, const FilterRows& s,

@@ -34,6 +34,10 @@ void set_exhaustive(bool on);
 bool exhaustive();
 void set_wide_chunk_rows(int64_t rows);
 int64_t wide_chunk_rows();
+// Tests and benchmarks only: off sends every wide chunk through centred_dot (the path
+// low_chunk_dot replaces for the bf16 formats), to compare the two; piece_rows > 0 sets
+// low_chunk_dot's query piece (<= 0: its rule).
+void set_low_chunk(bool on, int64_t piece_rows);
 
 // One side of the cross terms in the filter's format: the centred float32 (or float64) rows
 // and, for bf16 / bf16x3, their bfloat16 form (bf16x3: per reduction block, [hi|hi|lo] for
@@ -78,6 +82,21 @@ void centred_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t n
 void centred_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t ns,
                  const double* c, int64_t d, double* out, int64_t ldo,
                  CentredScratch<double>& w);
+
+// The cross terms of a chunk of query rows against all n support rows for the bf16 formats,
+// out[i * ldo + j] = (q_i - c) . (s_j - c) with centred_dot's arithmetic (the same bits),
+// but each side centred and converted once per query piece: the piece's rows to a bfloat16
+// copy (at most 64 MiB), then one work unit per 128..512 support rows (two or more per
+// thread), each support block
+// centred and converted once for all the piece's rows (in one pass for bf16).
+// centred_dot converts both sides again for every (query piece, support piece) and
+// through a float32 copy. Multithreaded. Returns false,
+// computing nothing, for fp32, float64, inside a parallel region or where two units per
+// thread would hold fewer than 128 support rows (the caller then uses centred_dot).
+bool low_chunk_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t n,
+                   const float* c, int64_t d, float* out, int64_t ldo);
+bool low_chunk_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t n,
+                   const double* c, int64_t d, double* out, int64_t ldo);
 
 } // namespace cpu
 } // namespace pdepth

@@ -12,8 +12,10 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -473,6 +475,17 @@ struct Tile {
   }
 };
 
+// Adds the wall-clock nanoseconds of its scope to a knn_stats counter (the time split).
+struct PhaseTimer {
+  std::atomic<int64_t>& to;
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  explicit PhaseTimer(std::atomic<int64_t>& counter) : to(counter) {}
+  ~PhaseTimer() {
+    to += std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - t0).count();
+  }
+};
+
 // Per-call state shared by every block: inputs, centred queries in each format, the rules,
 // the formats to try in order (candidate control), the counters.
 template <typename T>
@@ -489,7 +502,7 @@ struct Scan {
   Rule<T> rule[kNumFilters];
   std::atomic<int64_t> tried[kNumFilters];
   std::atomic<int64_t> failed[kNumFilters];
-  std::atomic<int64_t> counts[kNumStats];
+  mutable std::atomic<int64_t> counts[kNumStats];
 
   const cpu::FilterRows& in(Filter f) {
     std::call_once(made[int(f)], [&] { cpu::filter_rows(f, qc, false, qrows[int(f)]); });
@@ -536,6 +549,7 @@ int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int
   const int64_t gbase = sc.offset + n0;
   const T* srows = sc.sp + n0 * d;
   std::vector<std::vector<int32_t>> cand(mb);
+  std::optional<PhaseTimer> timer(std::in_place, sc.counts[kStatNsSelect]);
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = m0 + i;
@@ -554,6 +568,7 @@ int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int
   // block's query pieces stay in L2 while each support row's piece is read once for all the
   // block's pairs it takes part in.
   std::atomic<int64_t> keys{0};
+  timer.emplace(sc.counts[kStatNsKeys]);
   at::parallel_for(0, (mb + key_rows - 1) / key_rows, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> row_off, col_off, entry_row, entry_pair;
     std::vector<T> acc;
@@ -630,6 +645,7 @@ template <typename T>
 bool too_loose(const Scan<T>& sc, Filter f, int64_t m0, int64_t rows, int64_t nb,
                const T* dot, const T* sn, const T* seeds, const Entry<T>* hp,
                int64_t expected, double budget) {
+  const PhaseTimer timer(sc.counts[kStatNsSelect]);
   std::atomic<int64_t> total{0};
   at::parallel_for(0, rows, 16, [&](int64_t i0, int64_t i1) {
     int64_t c = 0;
@@ -681,7 +697,11 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
   std::vector<T> seeds(mb);
   // Cross terms and seeds of the block's rows r0..r1 in format f.
   const auto compute = [&](Filter f, int64_t r0, int64_t r1) {
-    cpu::filter_dot(f, sc.in(f), m0 + r0, r1 - r0, tile.in(f), dot + r0 * nb);
+    {
+      const PhaseTimer timer(sc.counts[kStatNsGemm]);
+      cpu::filter_dot(f, sc.in(f), m0 + r0, r1 - r0, tile.in(f), dot + r0 * nb);
+    }
+    const PhaseTimer timer(sc.counts[kStatNsSeeds]);
     at::parallel_for(r0, r1, 64, [&](int64_t i0, int64_t i1) {
       std::vector<T> scratch;
       for (int64_t i = i0; i < i1; ++i) {
@@ -708,6 +728,7 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
     return;
   }
   std::atomic<int64_t> keys{0};
+  const PhaseTimer timer(sc.counts[kStatNsKeys]);
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     int64_t c = 0;
     for (int64_t i = i0; i < i1; ++i) {
@@ -738,6 +759,7 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
   // Split over the support sample, one piece per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t piece = (ns + threads - 1) / threads;
+  std::optional<PhaseTimer> timer(std::in_place, sc.counts[kStatNsGemm]);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     thread_local cpu::CentredScratch<T> work;
     for (int64_t t = t0; t < t1; ++t) {
@@ -749,11 +771,13 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
       }
     }
   });
+  timer.emplace(sc.counts[kStatNsSeeds]);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = m0 + i;
     seeds[i] = kth_upper(dot.data() + i * ns, ns, sc.qn[r], sn, sc.offset,
         sc.self != nullptr ? sc.self[r] : -1, kk, sc.rule[int(f)], scratch);
   }
+  timer.reset();
   return too_loose(sc, f, m0, rows, ns, dot.data(), sn, seeds.data(), hp, kk,
       cpu::fallback_budget() * kWideBudgetShare);
 }
@@ -789,7 +813,11 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
             piece = (piece + 1) / 2;
           }
           const int64_t npieces = (r1 - r0 + piece - 1) / piece;
-          at::parallel_for(0, npieces * ntiles, 1, [&](int64_t w0, int64_t w1) {
+          std::optional<PhaseTimer> timer(std::in_place, sc.counts[kStatNsGemm]);
+          // The bf16 formats convert each side once per chunk where that splits well.
+          const bool low = cpu::low_chunk_dot(f, sc.qp + (m0 + r0) * sc.d, r1 - r0, sc.sp, n,
+              center, sc.d, dot.data() + r0 * n, n);
+          at::parallel_for(0, low ? 0 : npieces * ntiles, 1, [&](int64_t w0, int64_t w1) {
             thread_local cpu::CentredScratch<T> scratch;  // kept: no page faults per chunk
             for (int64_t w = w0; w < w1; ++w) {
               const int64_t i0 = r0 + (w / ntiles) * piece;
@@ -799,6 +827,7 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
                   dot.data() + i0 * n + j0, n, scratch);
             }
           });
+          timer.emplace(sc.counts[kStatNsSeeds]);
           at::parallel_for(r0, r1, 16, [&](int64_t i0, int64_t i1) {
             std::vector<T> scratch;
             for (int64_t i = i0; i < i1; ++i) {
@@ -834,6 +863,7 @@ void narrow_scan(Scan<T>& sc, const at::Tensor& s, const at::Tensor& center, int
   // A support tile shifted by the center and its squared norms (finite: the range rule of
   // check_distance_range bounds them).
   const auto make_tile = [&](Tile<T>& t, int64_t n0, int64_t nb) {
+    const PhaseTimer timer(sc.counts[kStatNsNorms]);
     centre_rows<T>(s.narrow(0, n0, nb), center, t.centred, t.norms);
     std::fill(std::begin(t.made), std::end(t.made), false);
     t.n0 = n0;
@@ -907,6 +937,8 @@ void knn_cpu_impl(
   // The shift pays only when the mean carries a fair share of the rows' norms (ReLU
   // features); otherwise (e.g. data around the origin) the rows are used as they are, with
   // the same (then conservative) margin: a zero center, and on wide rows no shift at all.
+  std::atomic<int64_t> norms_ns{0};
+  std::optional<PhaseTimer> timer(std::in_place, norms_ns);
   const at::Tensor mean = column_means<T>(q);
   const bool shift = mean.dot(mean).item<double>() * kShiftShare >
       qn.sum(0, false, at::kDouble).item<double>() / static_cast<double>(m);
@@ -921,6 +953,7 @@ void knn_cpu_impl(
   } else {
     centre_rows<T>(q, center, qc, qcn);
   }
+  timer.reset();
   Scan<T> sc;
   sc.chain = fallback_chain(filter);
   sc.qc = qc;
@@ -939,6 +972,7 @@ void knn_cpu_impl(
   for (auto& c : sc.counts) {
     c = 0;
   }
+  sc.counts[kStatNsNorms] += norms_ns.load();
 
   std::vector<Entry<T>> heaps(m * kk);
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
@@ -956,12 +990,16 @@ void knn_cpu_impl(
   });
 
   if (two_pass) {
-    const at::Tensor scn = shift ? centred_sqnorms<T>(s, center) : sn;
+    timer.emplace(sc.counts[kStatNsNorms]);
+    const bool same = q.data_ptr() == s.data_ptr() && q.sizes() == s.sizes();
+    const at::Tensor scn = !shift ? sn : same ? qcn : centred_sqnorms<T>(s, center);
+    timer.reset();
     wide_scan(sc, shift ? center.const_data_ptr<T>() : nullptr, m, n,
         scn.const_data_ptr<T>(), heaps.data());
   } else {
     narrow_scan(sc, s, center, m, n, heaps.data());
   }
+  timer.emplace(sc.counts[kStatNsSelect]);
 
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -973,6 +1011,7 @@ void knn_cpu_impl(
       }
     }
   });
+  timer.reset();
   stats_add(kStatCalls, 1);
   for (int st = 1; st < kNumStats; ++st) {
     stats_add(static_cast<Stat>(st), sc.counts[st].load());
@@ -1002,11 +1041,17 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu_checked(
   const at::Tensor pd = prev_dist.has_value() ? prev_dist->contiguous() : at::Tensor();
   const at::Tensor pi = prev_index.has_value() ? prev_index->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(compute, "knn_cpu", [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    // Queries that are the support rows (the training split scored against itself): one
+    // pass for both norms (the same function of the same rows: the same bits).
+    const bool same = q.data_ptr() == s.data_ptr() && q.sizes() == s.sizes();
     const at::Tensor qn = row_sqnorms<scalar_t>(q);
-    const at::Tensor sn = row_sqnorms<scalar_t>(s);
+    const at::Tensor sn = same ? qn : row_sqnorms<scalar_t>(s);
     check_finite_rows(op, "queries", qn);
     check_finite_rows(op, "support", sn);
     const auto [qmax, smax] = check_distance_range(op, qn, sn);
+    stats_add(kStatNsNorms, std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - t0).count());
     knn_cpu_impl<scalar_t>(q, s, si, pd, pi, kk, skip, offset, filter, qn, sn, qmax, smax,
         out_dist, out_index);
   });
