@@ -486,8 +486,9 @@ def knn_stats(reset: bool = False) -> dict:
     passed) and the pairs filtered in each format; ``ns_gemm``, ``ns_norms``, ``ns_seeds``,
     ``ns_keys`` and ``ns_select``, the CPU kernel's wall time in nanoseconds per phase (filter
     GEMM; norms and centring shifts; threshold seeds; canonical keys; k-selection), timed
-    around each phase's parallel section (wall time, not CPU time). On the symmetric path (:func:`knn_sym`) ``pairs`` counts each pair once per
-    direction and ``candidates`` each key once. ``reset=True`` returns and zeroes them. On
+    around each phase's parallel section (wall time, not CPU time). On the symmetric path
+    (:func:`knn_sym`) ``pairs`` counts each pair once per direction and ``candidates`` each
+    key once. ``reset=True`` returns and zeroes them. On
     CUDA, candidates and seeded rows are not counted."""
     if _C is None:
         return {}
