@@ -475,15 +475,30 @@ struct Tile {
   }
 };
 
-// Adds the wall-clock nanoseconds of its scope to a knn_stats counter (the time split).
-struct PhaseTimer {
-  std::atomic<int64_t>& to;
-  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
-  explicit PhaseTimer(std::atomic<int64_t>& counter) : to(counter) {}
-  ~PhaseTimer() {
-    to += std::chrono::duration_cast<std::chrono::nanoseconds>(
-        std::chrono::steady_clock::now() - t0).count();
+// Adds the wall-clock nanoseconds of its scope to a knn_stats counter (the time split);
+// switch_to closes one phase and opens the next, stop closes it early.
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(std::atomic<int64_t>& counter) : to_(&counter), t0_(now()) {}
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+  ~PhaseTimer() { stop(); }
+  void switch_to(std::atomic<int64_t>& counter) {
+    stop();
+    to_ = &counter;
+    t0_ = now();
   }
+  void stop() {
+    if (to_ != nullptr) {
+      *to_ += std::chrono::duration_cast<std::chrono::nanoseconds>(now() - t0_).count();
+      to_ = nullptr;
+    }
+  }
+
+ private:
+  static std::chrono::steady_clock::time_point now() { return std::chrono::steady_clock::now(); }
+  std::atomic<int64_t>* to_;
+  std::chrono::steady_clock::time_point t0_;
 };
 
 // Per-call state shared by every block: inputs, centred queries in each format, the rules,
@@ -535,12 +550,72 @@ std::vector<Filter> fallback_chain(Filter f) {
   return {Filter::kFp32};
 }
 
+// Canonical keys of the pairs (row i, column cand[i][t]), row i at a + i d and column j at
+// b + j d (ncols columns), handed to emit(i, t, key) (the general scan offers them to the
+// heaps, the symmetric one keeps them for both directions). Blocks of key_rows rows, each on
+// one thread (so emit may touch row i's state), keys built piece by piece (kKeyPiece columns)
+// column by column: each block's row pieces stay in L2 while each column row's piece is read
+// once for all the block's pairs it takes part in (cache blocking: a key reads 8 D bytes for
+// 3 D flops). canonical_add keeps every running sum's order, so the keys have
+// canonical_sqdist's bits.
+template <typename T, typename Emit>
+void pair_keys(const T* a, const T* b, int64_t d, int64_t ncols,
+               const std::vector<std::vector<int32_t>>& cand, int64_t key_rows, Emit&& emit) {
+  const int64_t m = static_cast<int64_t>(cand.size());
+  at::parallel_for(0, (m + key_rows - 1) / key_rows, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> row_off, col_off, entry_row, entry_pair, cursor;
+    std::vector<T> acc;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * key_rows;
+      const int64_t i1 = std::min(m, i0 + key_rows);
+      row_off.assign(1, 0);
+      col_off.assign(ncols + 1, 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        row_off.push_back(row_off.back() + static_cast<int64_t>(cand[i].size()));
+        for (const int32_t j : cand[i]) {
+          ++col_off[j + 1];
+        }
+      }
+      const int64_t pairs = row_off.back();
+      if (pairs == 0) {
+        continue;
+      }
+      for (int64_t j = 0; j < ncols; ++j) {
+        col_off[j + 1] += col_off[j];
+      }
+      entry_row.resize(pairs);
+      entry_pair.resize(pairs);
+      cursor.assign(col_off.begin(), col_off.end() - 1);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          const int64_t e = cursor[cand[i][t]]++;
+          entry_row[e] = i;
+          entry_pair[e] = row_off[i - i0] + static_cast<int64_t>(t);
+        }
+      }
+      acc.assign(pairs * 16, T(0));
+      for (int64_t c0 = 0; c0 < d; c0 += kKeyPiece) {
+        const int64_t w = std::min(kKeyPiece, d - c0);
+        for (int64_t j = 0; j < ncols; ++j) {
+          for (int64_t e = col_off[j]; e < col_off[j + 1]; ++e) {
+            canonical_add(acc.data() + entry_pair[e] * 16, a + entry_row[e] * d + c0,
+                          b + j * d + c0, w);
+          }
+        }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        for (size_t t = 0; t < cand[i].size(); ++t) {
+          emit(i, t, canonical_finish(acc.data() + (row_off[i - i0] + int64_t(t)) * 16));
+        }
+      }
+    }
+  });
+}
+
 // The candidates of query rows m0..m0+mb against support rows n0..n0+nb (`dot` [mb x nb],
 // `sn` their centred norms) at the rows' thresholds when the chunk starts, their canonical keys
-// computed in pieces of kKeyPiece columns for blocks of key_rows queries at a time (cache
-// blocking: a canonical key reads 8 D bytes for 3 D flops), then offered to the heaps.
-// Returns the number of keys. canonical_add keeps every running sum's order, so the keys
-// have select_row's bits.
+// computed for blocks of key_rows queries at a time (pair_keys), then offered to the heaps.
+// Returns the number of keys.
 template <typename T>
 int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int64_t m0,
                      int64_t mb, const T* dot, const std::vector<T>& seeds,
@@ -549,7 +624,7 @@ int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int
   const int64_t gbase = sc.offset + n0;
   const T* srows = sc.sp + n0 * d;
   std::vector<std::vector<int32_t>> cand(mb);
-  std::optional<PhaseTimer> timer(std::in_place, sc.counts[kStatNsSelect]);
+  PhaseTimer timer(sc.counts[kStatNsSelect]);
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = m0 + i;
@@ -564,60 +639,16 @@ int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int
       }
     }
   });
-  // Blocks of key_rows queries, each on one thread: per piece of kKeyPiece columns, the
-  // block's query pieces stay in L2 while each support row's piece is read once for all the
-  // block's pairs it takes part in.
-  std::atomic<int64_t> keys{0};
-  timer.emplace(sc.counts[kStatNsKeys]);
-  at::parallel_for(0, (mb + key_rows - 1) / key_rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> row_off, col_off, entry_row, entry_pair;
-    std::vector<T> acc;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * key_rows;
-      const int64_t i1 = std::min(mb, i0 + key_rows);
-      row_off.assign(1, 0);
-      col_off.assign(nb + 1, 0);
-      for (int64_t i = i0; i < i1; ++i) {
-        row_off.push_back(row_off.back() + static_cast<int64_t>(cand[i].size()));
-        for (const int32_t j : cand[i]) {
-          ++col_off[j + 1];
-        }
-      }
-      const int64_t pairs = row_off.back();
-      for (int64_t j = 0; j < nb; ++j) {
-        col_off[j + 1] += col_off[j];
-      }
-      entry_row.resize(pairs);
-      entry_pair.resize(pairs);
-      std::vector<int64_t> cursor(col_off.begin(), col_off.end() - 1);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (size_t t = 0; t < cand[i].size(); ++t) {
-          const int64_t e = cursor[cand[i][t]]++;
-          entry_row[e] = i;
-          entry_pair[e] = row_off[i - i0] + static_cast<int64_t>(t);
-        }
-      }
-      acc.assign(pairs * 16, T(0));
-      for (int64_t c0 = 0; c0 < d; c0 += kKeyPiece) {
-        const int64_t w = std::min(kKeyPiece, d - c0);
-        for (int64_t j = 0; j < nb; ++j) {
-          for (int64_t e = col_off[j]; e < col_off[j + 1]; ++e) {
-            canonical_add(acc.data() + entry_pair[e] * 16,
-                sc.qp + (m0 + entry_row[e]) * d + c0, srows + j * d + c0, w);
-          }
-        }
-      }
-      for (int64_t i = i0; i < i1; ++i) {
-        Entry<T>* h = hp + (m0 + i) * sc.kk;
-        for (size_t t = 0; t < cand[i].size(); ++t) {
-          T* a = acc.data() + (row_off[i - i0] + static_cast<int64_t>(t)) * 16;
-          offer(h, sc.kk, canonical_finish(a), gbase + cand[i][t]);
-        }
-      }
-      keys += pairs;
-    }
-  });
-  return keys.load();
+  timer.switch_to(sc.counts[kStatNsKeys]);
+  int64_t keys = 0;
+  for (const auto& c : cand) {
+    keys += static_cast<int64_t>(c.size());
+  }
+  pair_keys(sc.qp + m0 * d, srows, d, nb, cand, key_rows,
+            [&](int64_t i, size_t t, T key) {
+              offer(hp + (m0 + i) * sc.kk, sc.kk, key, gbase + cand[i][t]);
+            });
+  return keys;
 }
 
 // The counters of one block of mb queries x nb support rows (`tiles` support tiles).
@@ -759,7 +790,7 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
   // Split over the support sample, one piece per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t piece = (ns + threads - 1) / threads;
-  std::optional<PhaseTimer> timer(std::in_place, sc.counts[kStatNsGemm]);
+  PhaseTimer timer(sc.counts[kStatNsGemm]);
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     thread_local cpu::CentredScratch<T> work;
     for (int64_t t = t0; t < t1; ++t) {
@@ -771,13 +802,13 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
       }
     }
   });
-  timer.emplace(sc.counts[kStatNsSeeds]);
+  timer.switch_to(sc.counts[kStatNsSeeds]);
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = m0 + i;
     seeds[i] = kth_upper(dot.data() + i * ns, ns, sc.qn[r], sn, sc.offset,
         sc.self != nullptr ? sc.self[r] : -1, kk, sc.rule[int(f)], scratch);
   }
-  timer.reset();
+  timer.stop();
   return too_loose(sc, f, m0, rows, ns, dot.data(), sn, seeds.data(), hp, kk,
       cpu::fallback_budget() * kWideBudgetShare);
 }
@@ -813,7 +844,7 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
             piece = (piece + 1) / 2;
           }
           const int64_t npieces = (r1 - r0 + piece - 1) / piece;
-          std::optional<PhaseTimer> timer(std::in_place, sc.counts[kStatNsGemm]);
+          PhaseTimer timer(sc.counts[kStatNsGemm]);
           // The bf16 formats convert each side once per chunk where that splits well.
           const bool low = cpu::low_chunk_dot(f, sc.qp + (m0 + r0) * sc.d, r1 - r0, sc.sp, n,
               center, sc.d, dot.data() + r0 * n, n);
@@ -827,7 +858,7 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
                   dot.data() + i0 * n + j0, n, scratch);
             }
           });
-          timer.emplace(sc.counts[kStatNsSeeds]);
+          timer.switch_to(sc.counts[kStatNsSeeds]);
           at::parallel_for(r0, r1, 16, [&](int64_t i0, int64_t i1) {
             std::vector<T> scratch;
             for (int64_t i = i0; i < i1; ++i) {
@@ -938,7 +969,7 @@ void knn_cpu_impl(
   // features); otherwise (e.g. data around the origin) the rows are used as they are, with
   // the same (then conservative) margin: a zero center, and on wide rows no shift at all.
   std::atomic<int64_t> norms_ns{0};
-  std::optional<PhaseTimer> timer(std::in_place, norms_ns);
+  PhaseTimer timer(norms_ns);
   const at::Tensor mean = column_means<T>(q);
   const bool shift = mean.dot(mean).item<double>() * kShiftShare >
       qn.sum(0, false, at::kDouble).item<double>() / static_cast<double>(m);
@@ -953,7 +984,7 @@ void knn_cpu_impl(
   } else {
     centre_rows<T>(q, center, qc, qcn);
   }
-  timer.reset();
+  timer.stop();
   Scan<T> sc;
   sc.chain = fallback_chain(filter);
   sc.qc = qc;
@@ -990,16 +1021,16 @@ void knn_cpu_impl(
   });
 
   if (two_pass) {
-    timer.emplace(sc.counts[kStatNsNorms]);
+    timer.switch_to(sc.counts[kStatNsNorms]);
     const bool same = q.data_ptr() == s.data_ptr() && q.sizes() == s.sizes();
     const at::Tensor scn = !shift ? sn : same ? qcn : centred_sqnorms<T>(s, center);
-    timer.reset();
+    timer.stop();
     wide_scan(sc, shift ? center.const_data_ptr<T>() : nullptr, m, n,
         scn.const_data_ptr<T>(), heaps.data());
   } else {
     narrow_scan(sc, s, center, m, n, heaps.data());
   }
-  timer.emplace(sc.counts[kStatNsSelect]);
+  timer.switch_to(sc.counts[kStatNsSelect]);
 
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -1011,7 +1042,7 @@ void knn_cpu_impl(
       }
     }
   });
-  timer.reset();
+  timer.stop();
   stats_add(kStatCalls, 1);
   for (int st = 1; st < kNumStats; ++st) {
     stats_add(static_cast<Stat>(st), sc.counts[st].load());
@@ -1184,71 +1215,6 @@ struct SymPair {
   T lower;
 };
 
-// Canonical keys of the pairs (row i, column cand[i][t]) with row i at a + i d and column j
-// at b + j d (ncols columns): blocks of key_rows rows on one thread each, their keys built
-// piece by piece (kKeyPiece columns) column by column, so each column row's piece is read
-// once per block (batched_keys' cache blocking). canonical_add keeps every running sum's
-// order: the keys have canonical_sqdist's bits.
-template <typename T>
-void pair_keys(const T* a, const T* b, int64_t d, int64_t ncols,
-               const std::vector<std::vector<int32_t>>& cand,
-               std::vector<std::vector<T>>& keys, int64_t key_rows) {
-  const int64_t mb = static_cast<int64_t>(cand.size());
-  keys.resize(mb);
-  at::parallel_for(0, (mb + key_rows - 1) / key_rows, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> row_off, col_off, entry_row, entry_pair, cursor;
-    std::vector<T> acc;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * key_rows;
-      const int64_t i1 = std::min(mb, i0 + key_rows);
-      row_off.assign(1, 0);
-      col_off.assign(ncols + 1, 0);
-      for (int64_t i = i0; i < i1; ++i) {
-        row_off.push_back(row_off.back() + static_cast<int64_t>(cand[i].size()));
-        for (const int32_t j : cand[i]) {
-          ++col_off[j + 1];
-        }
-      }
-      const int64_t pairs = row_off.back();
-      if (pairs == 0) {
-        for (int64_t i = i0; i < i1; ++i) {
-          keys[i].clear();
-        }
-        continue;
-      }
-      for (int64_t j = 0; j < ncols; ++j) {
-        col_off[j + 1] += col_off[j];
-      }
-      entry_row.resize(pairs);
-      entry_pair.resize(pairs);
-      cursor.assign(col_off.begin(), col_off.end() - 1);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (size_t t = 0; t < cand[i].size(); ++t) {
-          const int64_t e = cursor[cand[i][t]]++;
-          entry_row[e] = i;
-          entry_pair[e] = row_off[i - i0] + static_cast<int64_t>(t);
-        }
-      }
-      acc.assign(pairs * 16, T(0));
-      for (int64_t c0 = 0; c0 < d; c0 += kKeyPiece) {
-        const int64_t w = std::min(kKeyPiece, d - c0);
-        for (int64_t j = 0; j < ncols; ++j) {
-          for (int64_t e = col_off[j]; e < col_off[j + 1]; ++e) {
-            canonical_add(acc.data() + entry_pair[e] * 16, a + entry_row[e] * d + c0,
-                b + j * d + c0, w);
-          }
-        }
-      }
-      for (int64_t i = i0; i < i1; ++i) {
-        keys[i].resize(cand[i].size());
-        for (size_t t = 0; t < cand[i].size(); ++t) {
-          keys[i][t] = canonical_finish(acc.data() + (row_off[i - i0] + int64_t(t)) * 16);
-        }
-      }
-    }
-  });
-}
-
 // The symmetric scan. Self (`b` undefined): rows of a against a, global index off_a + r,
 // the pair (r, r) skipped when `exclude`, else offered once at key 0 (canonical_sqdist of a
 // row with itself). Cross (`b` defined, index ranges disjoint): rows of a against b and rows
@@ -1352,7 +1318,12 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
       }
     }
     pending.clear();
-    pair_keys(ap, bp, d, nb, cand, keys, kKeyRows);
+    keys.resize(na);
+    for (int64_t i = 0; i < na; ++i) {
+      keys[i].resize(cand[i].size());
+    }
+    pair_keys(ap, bp, d, nb, cand, kKeyRows,
+              [&](int64_t i, size_t t, T key) { keys[i][t] = key; });
     std::vector<std::vector<Entry<T>>> by_col(nb);
     for (int64_t i = 0; i < na; ++i) {
       nkeys += static_cast<int64_t>(cand[i].size());
