@@ -21,7 +21,7 @@ vote share of c minus that of y, are both positive) and either
 
 * the score is at least ``threshold`` (default 0.9: ``p_held`` and ``early_share`` near 0),
   the rule for noise that scatters labels uniformly; or
-* ``p_held`` is at most ``pair_factor`` (default 0.875) times ``pair_support``, the mean
+* ``p_held`` is at most ``pair_factor`` (default 1.125) times ``pair_support``, the mean
   held-out probability of y over the examples *given* label c: the support that the networks
   give y on the examples of class c. This is the class-conditional rule, in the spirit of
   confident learning's per-class thresholds but per (given, suggested) pair, estimated from
@@ -63,7 +63,7 @@ LABEL_ERROR_THRESHOLD = 0.9
 # and asymmetric, the highest mean F1 of the two (docs/design.md section 11): 0.75 gave F1
 # 0.850 / 0.670, 0.875 gave 0.846 / 0.694, 1.0 gave 0.830 / 0.701 (without it: 0.855 / 0.344);
 # a smaller value trades recall under class-conditional noise for precision.
-LABEL_ERROR_PAIR_FACTOR = 0.875
+LABEL_ERROR_PAIR_FACTOR = 1.125
 
 
 def label_error_evidence(probs: np.ndarray, in_train: np.ndarray, layer_pred: np.ndarray,

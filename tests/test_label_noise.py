@@ -14,7 +14,7 @@ import torch
 from run_helpers import ensemble, needs_fmnist, one_error_line, tiny_noisy_run
 
 from pdepth.cli import main
-from pdepth.label_errors import label_error_evidence
+from pdepth.label_errors import LABEL_ERROR_PAIR_FACTOR, label_error_evidence
 from pdepth.metrics import summarize
 from pdepth.protocol import RunConfig, flip_labels
 from pdepth.protocol.noise import asymmetric_map, load_noise_matrix, off_diagonal
@@ -193,7 +193,7 @@ def test_class_conditional_flips_flagged_where_the_score_threshold_misses_them()
     # the support of 3 on the examples given 5: the mean of their held-out p(3)
     expected = probs[0, labels == 5, 3].mean()
     np.testing.assert_allclose(ev["pair_support"][20:28], expected)
-    assert ev["p_held"][20] <= 0.875 * expected < ev["p_held"][24]
+    assert ev["p_held"][20] <= LABEL_ERROR_PAIR_FACTOR * expected < ev["p_held"][24]
     # the score alone (the rule for uniform noise) misses them: p(3) = 0.2 is not near 0
     old = label_error_evidence(probs, in_train, layer_pred, labels, 10, pair_factor=0.0)
     assert not old["label_error"].any() and ev["label_error_score"][20] < 0.9
