@@ -15,7 +15,9 @@ examples, only the new labels differ (docs/protocol.md, "Label noise").
     # with most), and its row-normalised confusion matrix for --noise-kind confusion
     python benchmarks/bench_label_noise.py --confusion-map runs/ref --write-matrix conf.npy
 
-A finished run in --out-dir is reused (its improve.json too with --reuse). Writes a JSON
+A finished run in --out-dir is reused (its improve.json too with --reuse; with --reflag its
+`label_error` column is first recomputed from its per_model.npz by the current rule, for runs
+written before a change of the rule). Writes a JSON
 record (--json, default: OUT_DIR/bench_label_noise.json) with the machine, and prints the table.
 """
 
@@ -54,6 +56,8 @@ def run_kind(kind: str, args) -> dict:
     if not (out / "COMPLETE").exists():
         if main(run_args) != 0:
             raise SystemExit(f"pdepth run failed for --noise-kind {kind}")
+    elif args.reflag:
+        reflag(out)
     seconds["run"] = time.perf_counter() - t
     t = time.perf_counter()
     if not (args.reuse and (out / "improve.json").exists()):
@@ -65,6 +69,21 @@ def run_kind(kind: str, args) -> dict:
     resolved = json.loads((out / "config.json").read_text())["resolved"]["label_noise"]
     return {"run_dir": str(out), "command": " ".join(["pdepth", *run_args]),
             "label_noise": resolved, "seconds": seconds, "improve": result}
+
+
+def reflag(run_dir: Path) -> None:
+    """Rewrites ``label_error`` of a finished run's results.parquet with the current rule
+    (pdepth.label_errors, from per_model.npz); the score and suggestion do not depend on it."""
+    import pandas as pd
+
+    from pdepth.label_errors import label_error_evidence
+
+    arrays = np.load(run_dir / "per_model.npz")
+    df = pd.read_parquet(run_dir / "results.parquet")
+    ev = label_error_evidence(arrays["probs"], arrays["in_train"], arrays["layer_pred"],
+                              arrays["labels"], arrays["probs"].shape[2])
+    df["label_error"] = ev["label_error"]
+    df.to_parquet(run_dir / "results.parquet")
 
 
 def table(results: dict) -> str:
@@ -126,6 +145,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default="runs/label_noise")
     ap.add_argument("--json", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep an improve.json found")
+    ap.add_argument("--reflag", action="store_true",
+                    help="recompute label_error of a finished run with the current rule")
     ap.add_argument("--confusion-map", metavar="RUN_DIR", default=None,
                     help="print the most-confused class map of a finished run and stop")
     ap.add_argument("--write-matrix", default=None, help="with --confusion-map: .npy or .csv")

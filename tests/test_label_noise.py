@@ -14,7 +14,7 @@ import torch
 from run_helpers import ensemble, needs_fmnist, one_error_line, tiny_noisy_run
 
 from pdepth.cli import main
-from pdepth.label_errors import label_error_evidence
+from pdepth.label_errors import LABEL_ERROR_PAIR_FACTOR, label_error_evidence
 from pdepth.metrics import summarize
 from pdepth.protocol import RunConfig, flip_labels
 from pdepth.protocol.noise import asymmetric_map, load_noise_matrix, off_diagonal
@@ -155,6 +155,62 @@ def test_rule_flags_the_mislabelled_example_only():
     probs2[:, 7, 2] = 0.91  # held out (and trained) networks say class 2, the probes say 7
     ev2 = label_error_evidence(probs2, in_train, layer_pred, labels, 10)
     assert not ev2["label_error"][7] and ev2["suggested_label"][7] == 2
+
+
+def class_conditional_ensemble():
+    """4 models (2 seeds x 2 halves) over 60 examples: 20 given 5, 20 given 3, 20 given 7.
+    A fifth of class 5 is labelled 3 (examples 20-23) and the networks learned part of that:
+    held out, the class-5 examples get p(3) = 0.25 and the flipped ones p(3) = 0.2 (not near
+    0). Examples 24-27 are clean 3s that look like 5s (p(3) = 0.4, p(5) = 0.55). The early
+    probes vote 5 for both groups. Returns ``(probs [4, 60, 10], in_train [4, 60],
+    layer_pred [4, 6, 60], labels [60])``."""
+    n = 60
+    labels = np.repeat([5, 3, 7], 20)
+    rows = {5: {5: 0.7, 3: 0.25}, 3: {3: 0.9, 5: 0.05}, 7: {7: 0.9}}
+    p = np.zeros((n, 10))
+    for i, y in enumerate(labels):
+        for c, v in rows[int(y)].items():
+            p[i, c] = v
+    p[20:24] = 0
+    p[20:24, 5], p[20:24, 3] = 0.75, 0.2  # flipped 5 -> 3
+    p[24:28] = 0
+    p[24:28, 5], p[24:28, 3] = 0.55, 0.4  # clean, confusable
+    p += (1 - p.sum(1, keepdims=True)) / 10
+    votes = labels.copy()
+    votes[20:28] = 5
+    in_train = np.zeros((4, n), bool)
+    in_train[0, ::2] = in_train[1, 1::2] = True
+    in_train[2, :n // 2] = in_train[3, n // 2:] = True
+    layer_pred = np.repeat(votes[None, None, :], 6, 1).repeat(4, 0)
+    return np.repeat(p[None], 4, 0), in_train, layer_pred, labels
+
+
+def test_class_conditional_flips_flagged_where_the_score_threshold_misses_them():
+    probs, in_train, layer_pred, labels = class_conditional_ensemble()
+    ev = label_error_evidence(probs, in_train, layer_pred, labels, 10)
+    assert np.flatnonzero(ev["label_error"]).tolist() == [20, 21, 22, 23]
+    np.testing.assert_array_equal(ev["suggested_label"][20:28], 5)
+    # the support of 3 on the examples given 5: the mean of their held-out p(3)
+    expected = probs[0, labels == 5, 3].mean()
+    np.testing.assert_allclose(ev["pair_support"][20:28], expected)
+    assert ev["p_held"][20] <= LABEL_ERROR_PAIR_FACTOR * expected < ev["p_held"][24]
+    # the score alone (the rule for uniform noise) misses them: p(3) = 0.2 is not near 0
+    old = label_error_evidence(probs, in_train, layer_pred, labels, 10, pair_factor=0.0)
+    assert not old["label_error"].any() and ev["label_error_score"][20] < 0.9
+    np.testing.assert_array_equal(old["label_error_score"], ev["label_error_score"])
+
+
+def test_clean_confusable_classes_not_flagged():
+    # the same classes without flips: the 5s keep p(3) = 0.25, confusable 3s p(3) = 0.4
+    probs, in_train, layer_pred, labels = class_conditional_ensemble()
+    probs[:, 20:24], layer_pred[:, :, 20:24] = probs[:, 30:34], 3  # typical 3s instead
+    ev = label_error_evidence(probs, in_train, layer_pred, labels, 10)
+    assert not ev["label_error"].any()
+    # flipped examples of the uniform kind (the synthetic ensemble): the pair rule adds none
+    _, in_train, probs, layer_pred, _, labels = ensemble(40)
+    ev = label_error_evidence(probs, in_train, layer_pred, labels, 10)
+    old = label_error_evidence(probs, in_train, layer_pred, labels, 10, pair_factor=0.0)
+    np.testing.assert_array_equal(ev["label_error"], old["label_error"])
 
 
 def test_rule_refuses_mismatched_shapes():
