@@ -107,8 +107,10 @@ def parse_scores(text) -> list[Score]:
             continue
         harder = harder or HARDER.get(name)
         if harder not in ("higher", "lower"):
-            raise ValueError(f"--scores: {item!r}: say which end is hard, {name}:higher "
-                             f"(higher = harder) or {name}:lower; known: {', '.join(HARDER)}")
+            raise ValueError(f"--scores: {name!r} is not a score whose hard end pdepth knows "
+                             f"({', '.join(HARDER)}); another numeric column of "
+                             f"results.parquet works as {name}:higher (higher = harder) or "
+                             f"{name}:lower")
         scores.append(Score(name, harder))
     seen = [s.name for s in scores]
     if len(set(seen)) != len(seen):
