@@ -232,6 +232,10 @@ def test_prune_resumes_per_job(tiny_run, tmp_path, events, monkeypatch):
 
 def test_prune_missing_default_scores_skipped_in_one_line(tiny_run, tmp_path, monkeypatch):
     run_dir = copy_run(tiny_run, tmp_path)
+    # a run folder of a version before the standard scores: no el2n, forgetting_events, aum
+    results = pd.read_parquet(run_dir / "results.parquet")
+    results.drop(columns=["el2n", "forgetting_events", "aum"], errors="ignore").to_parquet(
+        run_dir / "results.parquet")
     warnings = []
     trained = []
     monkeypatch.setattr(improve_mod, "train_and_test",
@@ -241,8 +245,7 @@ def test_prune_missing_default_scores_skipped_in_one_line(tiny_run, tmp_path, mo
     skipped = [w for w in warnings if "skipping" in w]
     df = pd.read_parquet(run_dir / "results.parquet")
     missing = [c for c in ("el2n", "forgetting_events", "aum") if c not in df.columns]
-    if not missing:
-        pytest.skip("this pdepth run writes every default score")
+    assert missing == ["el2n", "forgetting_events", "aum"]
     assert len(skipped) == 1 and all(c in skipped[0] for c in missing)
     assert "held_out_depth" in skipped[0]  # names the columns there are
     assert set(res["skipped_scores"]) == set(missing)
