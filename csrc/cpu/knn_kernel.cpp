@@ -78,6 +78,27 @@ inline bool entry_less(const Entry<T>& a, const Entry<T>& b) {
   return knn_less(a.d, a.i, b.d, b.i);
 }
 
+// The running top-kk of `rows` rows: each a max-heap of its `prev` row (pd, pi [rows, kk])
+// when given, else kk empty slots (+inf, -1). Shared by the general and the symmetric scan.
+template <typename T>
+std::vector<Entry<T>> start_heaps(int64_t rows, int64_t kk, const T* pd, const int64_t* pi) {
+  std::vector<Entry<T>> heaps(rows * kk);
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      Entry<T>* h = heaps.data() + r * kk;
+      if (pd != nullptr) {
+        for (int64_t j = 0; j < kk; ++j) {
+          h[j] = Entry<T>{pd[r * kk + j], pi[r * kk + j]};
+        }
+        std::make_heap(h, h + kk, entry_less<T>);
+      } else {
+        std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
+      }
+    }
+  });
+  return heaps;
+}
+
 // Max-heap over entry_less: h[0] is the worst of the k kept. Replace it and sift down.
 template <typename T>
 inline void heap_replace_top(Entry<T>* h, int64_t k, Entry<T> e) {
@@ -1005,20 +1026,7 @@ void knn_cpu_impl(
   }
   sc.counts[kStatNsNorms] += norms_ns.load();
 
-  std::vector<Entry<T>> heaps(m * kk);
-  at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      Entry<T>* h = heaps.data() + r * kk;
-      if (pd != nullptr) {
-        for (int64_t j = 0; j < kk; ++j) {
-          h[j] = Entry<T>{pd[r * kk + j], pi[r * kk + j]};
-        }
-        std::make_heap(h, h + kk, entry_less<T>);
-      } else {
-        std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
-      }
-    }
-  });
+  std::vector<Entry<T>> heaps = start_heaps(m, kk, pd, pi);
 
   if (two_pass) {
     timer.switch_to(sc.counts[kStatNsNorms]);
@@ -1525,20 +1533,9 @@ std::tuple<at::Tensor, at::Tensor> knn_sym_cpu(
       check_finite_rows("knn_sym", "b", yn);
     }
     const auto [xmax, ymax] = check_distance_range("knn_sym", xn, yn);
-    std::vector<Entry<T>> heaps(rows * kk);
-    const T* ppd = pd.defined() ? pd.const_data_ptr<T>() : nullptr;
-    const int64_t* ppi = pi.defined() ? pi.const_data_ptr<int64_t>() : nullptr;
-    for (int64_t r = 0; r < rows; ++r) {
-      Entry<T>* h = heaps.data() + r * kk;
-      if (ppd != nullptr) {
-        for (int64_t j = 0; j < kk; ++j) {
-          h[j] = Entry<T>{ppd[r * kk + j], ppi[r * kk + j]};
-        }
-        std::make_heap(h, h + kk, entry_less<T>);
-      } else {
-        std::fill(h, h + kk, Entry<T>{std::numeric_limits<T>::infinity(), -1});
-      }
-    }
+    std::vector<Entry<T>> heaps = start_heaps(rows, kk,
+        pd.defined() ? pd.const_data_ptr<T>() : nullptr,
+        pi.defined() ? pi.const_data_ptr<int64_t>() : nullptr);
     sym_scan<T>(x, y, exclude_self, kk, offset_a, offset_b, filter, xn, yn, xmax, ymax,
         heaps.data());
     T* od = out_dist.mutable_data_ptr<T>();
