@@ -305,37 +305,52 @@ def sub_spec(spec: ProbeSpec, layers) -> ProbeSpec:
 
 
 @torch.no_grad()
-def extract_to_store(model, x: torch.Tensor, rows, spec: ProbeSpec, layers, store: LayerStore,
+def extract_to_store(model, x, rows, spec: ProbeSpec, layers, store: LayerStore,
                      *, logits: bool, batch_size: int, device, progress: bool = False,
                      desc: str = "extract") -> torch.Tensor | None:
-    """One forward pass over ``x[rows]`` (``rows``: ``[n]`` example indices in query order)
-    that records the probes ``layers`` of ``spec`` into ``store``. Unless ``logits`` is
-    asked for, the forward stops after the last probe recorded.
+    """One forward pass over the examples in query order that records the probes ``layers``
+    of ``spec`` into ``store``. The examples are ``x[rows]`` (``x`` a tensor, ``rows``:
+    ``[n]`` example indices in query order, sliced into batches of ``batch_size``), or, with
+    ``rows`` None, the input batches ``[B, ...]`` that the iterable ``x`` yields, in query
+    order (one forward call per batch). Either way they must be the store's ``n`` rows
+    (else ValueError, nothing committed). Unless ``logits`` is asked for, the forward stops
+    after the last probe recorded.
 
     Returns the ``[n, C]`` float32 logits (with ``logits=True``), else None."""
     layers = sorted(layers)
     part = sub_spec(spec, layers)
-    rows = torch.as_tensor(np.asarray(rows))
     pin = torch.device(device).type == "cuda"
     out: list[torch.Tensor] = []
-    batches = range(0, rows.shape[0], batch_size)
+    if rows is None:
+        batches, total = iter(x), None
+    else:
+        rows = torch.as_tensor(np.asarray(rows))
+        batches = (x[rows[b0:b0 + batch_size]] for b0 in range(0, rows.shape[0], batch_size))
+        total = -(-rows.shape[0] // batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=desc, unit="batch", leave=False)
+        batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
     was_training = model.training
     model.eval()
     try:
         for layer in layers:
             store.open(layer)
+        seen = 0
         with ProbeRecorder(model, part, storage="cpu", truncate=not logits) as rec:
-            for b0 in batches:
-                xb = pinned(x[rows[b0:b0 + batch_size]], device)
+            for xb in batches:
+                seen += int(xb.shape[0])
+                if seen > store.n:
+                    break
+                xb = pinned(xb, device)
                 recorded, lg = rec.run(xb.to(device, non_blocking=pin))
                 for layer, t in zip(layers, recorded, strict=True):
                     store.write(layer, t)
                 if logits:
                     out.append(lg)
+        if seen != store.n:
+            got = f"more than {store.n}" if seen > store.n else str(seen)
+            raise ValueError(f"{desc}: the inputs yielded {got} rows, expected {store.n}")
         for layer in layers:
             store.commit(layer)
     except BaseException:
