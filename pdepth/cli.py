@@ -296,9 +296,11 @@ def _score_parser(sub, d) -> None:
                    help="pool conv maps to at most this many features (0: no pooling; "
                         "default: %(default)s)")
     s.add_argument("--memory-budget", type=float, default=d.memory_budget / 2**20,
-                   help="MiB of query embeddings held at once (more queries: more passes "
-                        f"over the support set; at least {MIN_MEMORY_BUDGET // 2**20}; "
-                        "default: %(default).0f)")
+                   help="MiB of embeddings the scoring may hold in RAM (the embedding "
+                        "store, as pdepth run's); beyond it they go to a temporary folder "
+                        "on disk, removed afterwards, read one probe at a time in blocks of "
+                        f"this size; at least {MIN_MEMORY_BUDGET // 2**20} "
+                        "(default: %(default).0f)")
     s.add_argument("--device", default="cpu",
                    help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     s.add_argument("--batch-size", type=int, default=256,

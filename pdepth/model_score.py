@@ -3,15 +3,21 @@
 
 The support set is the training split with its given labels. Training examples are scored
 against it with their own row excluded (``self_match="exclude"``); test examples against the
-same support. Both are :func:`pdepth.stream_prediction_depth` calls, so the result equals
+same support. Every example runs through the model once per pass, its probes recorded into
+the embedding store of ``pdepth run`` (:mod:`pdepth.depth.cache`: rows in query order,
+training rows first; RAM within ``memory_budget``, else a temporary folder on disk), and
+:func:`pdepth.depth.cache.layer_knn` scores the training rows against themselves (the
+symmetric op) and the test rows against them, so the result equals
 :func:`pdepth.prediction_depth` over the embeddings :func:`pdepth.extract` gives (tested).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +26,13 @@ import torch
 from torch import nn
 
 from .depth import DepthResult
-from .depth.stream import stream_prediction_depth
+from .depth.args import depth_args
+from .depth.cache import LayerStore, block_bytes, extract_to_store, layer_knn, plan_passes
+from .depth.result import build_result
+from .depth.stream import _check_order, peak_rss_bytes
+from .depth.support import LocalSupport, _class_count
+from .probes import ProbeRecorder, iter_batches, resolve_probes
+from .protocol.scoring import CACHE_DIR, cache_bytes, check_cache_space, disk_budget, uses_disk
 
 __all__ = ["ScoreResult", "ScoreSettings", "score", "score_to_folder"]
 
@@ -33,7 +45,9 @@ class ScoreResult:
     two splits' :class:`DepthResult`; ``train_logits`` / ``test_logits`` the model's outputs
     (``train_pred`` / ``test_pred`` their argmax, the model's predictions); ``probes`` the
     probe names; ``settings`` the k, reference, token and metric used (None: the library's
-    default); ``stats`` the two streaming calls' memory and time."""
+    default); ``stats`` the call's memory and time: ``store`` (``"memory"`` / ``"disk"``),
+    ``passes`` (over the examples), ``peak_bytes`` (embeddings held at once),
+    ``peak_rss_bytes``, ``cuda_peak_bytes`` (None off CUDA), ``seconds``."""
 
     train: DepthResult
     test: DepthResult | None
@@ -112,9 +126,12 @@ def check_head(model: nn.Module, example: torch.Tensor, num_classes: int, refere
     from .builders import output_width
 
     if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    width = output_width(model, example.to(device))
+        device = _model_device(model)
+    return _check_width(output_width(model, example.to(device)), num_classes, reference)
+
+
+def _check_width(width: int, num_classes: int, reference: str) -> int:
+    """:func:`check_head`'s rule on a head of ``width`` outputs (returns ``width``)."""
     if reference == "network" and width != num_classes:
         raise ValueError(
             f"--reference network: the model's head has {width} outputs but the data has "
@@ -124,6 +141,24 @@ def check_head(model: nn.Module, example: torch.Tensor, num_classes: int, refere
     return width
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _shapes(model: nn.Module, spec, example: torch.Tensor) -> tuple[int, list[int]]:
+    """``(the head's width, each probe's width)`` from one forward call on one example."""
+    was_training = model.training
+    model.eval()
+    try:
+        with ProbeRecorder(model, spec) as rec:
+            layers, logits = rec.run(example[:1])
+    finally:
+        model.train(was_training)
+    return int(logits.reshape(logits.shape[0], -1).shape[1]), [int(t.shape[1]) for t in layers]
+
+
 def score(model: nn.Module, train, test=None, *, probes=None, token: str | None = None,
           metric: str | None = None, k: int = 30, reference: str = "network",
           num_classes: int | None = None, max_dim: int | None = None, batch_size: int = 256,
@@ -131,55 +166,139 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
           ) -> ScoreResult:
     """Prediction depth of every training and test example for a trained ``model``.
 
+    Every example runs through the model once per pass (the training rows, then the test
+    rows), its probes recorded into an embedding store (:mod:`pdepth.depth.cache`, as
+    ``pdepth run``): one pass when the embeddings of all ``N + M`` examples fit
+    ``memory_budget`` in RAM; otherwise they go to a temporary folder on disk (removed
+    afterwards, also on error), in as few passes as its free space allows. Then each probe's
+    k-NN: the training rows against themselves with their own row excluded (the symmetric
+    op), the test rows against the training rows. Before the passes one example runs once
+    more, alone, for the head's and the probes' widths.
+
     Args:
-        model: the network (run in eval mode); its output is the logits ``[B, C]``.
-        train: the training split, the support set: an ``(x, y)`` pair of tensors, a
-            Dataset of ``(x, y)`` items or a DataLoader of ``(x, y)`` batches in a fixed
-            order (no shuffling). Its labels are the support labels.
-        test: the test split, same kinds, or None (then only ``train`` is scored).
+        model: the network (run in eval mode; its mode is restored); its output is the
+            logits ``[B, C]``.
+        train: the training split, the support set: an ``(x, y)`` pair of tensors
+            (``x [N, ...]``, ``y [N]`` integer labels), a Dataset of ``(x, y)`` items or a
+            DataLoader of ``(x, y)`` batches in a fixed order (no shuffling). Its labels are
+            the support labels.
+        test: the test split (``M`` examples), same kinds, or None (then only ``train`` is
+            scored).
         probes: a :class:`ProbeSpec`, a preset name or module names (None: ``"auto"``).
         token: how block outputs ``[B, T, C]`` become one row (``"cls"``, ``"mean"``,
-            ``"all"``; None: the probes' default); passed on only when given.
-        metric: the k-NN metric (``"euclidean"``, ``"cosine"``; None: the default); passed
-            on only when given.
-        k: neighbours per example.
+            ``"all"``; None: the probes' default), :func:`pdepth.probes.resolve_probes`.
+        metric: the k-NN metric, ``"euclidean"`` or ``"cosine"`` (each row L2-normalised as
+            it is stored); None: ``"euclidean"``.
+        k: neighbours per example (at most ``N - 1``: a training example is not its own
+            neighbour).
         reference: ``"network"`` (the model's prediction: its head must predict the data's
             classes, else ValueError), ``"labels"`` or ``"last_probe"`` (``"last-probe"``).
         num_classes: the data's classes (default: one more than the largest label).
-        max_dim, batch_size, device, memory_budget, progress: as
-            :func:`pdepth.stream_prediction_depth`.
+        max_dim: pool conv maps to at most this many features.
+        batch_size: examples per forward call (for a DataLoader: its own batches).
+        device: where the model and the k-NN run (default: the model's device).
+        memory_budget: bytes of embeddings held in RAM (the store's budget, as
+            ``pdepth run``'s ``--memory-budget``): beyond it the store goes to disk and the
+            k-NN reads it one probe at a time in blocks of this size. None: RAM, whatever
+            the size.
+        progress: tqdm progress bars.
 
     Returns:
-        :class:`ScoreResult` (``.train``, ``.test``: DepthResults; the training examples'
-        with ``self_match="exclude"``).
+        :class:`ScoreResult`: ``.train`` (``N`` rows, ``self_match="exclude"``,
+        ``example_index`` ``arange(N)``) and ``.test`` (``M`` rows, None without a test
+        split) DepthResults with ``layer_pred [L, .]``, ``depth``, ``reference`` and the
+        labels; ``train_logits [N, C]`` / ``test_logits [M, C]`` (float32); ``stats``: the
+        store (``"memory"`` / ``"disk"``), ``passes``, ``peak_bytes`` (embeddings held at
+        once), ``peak_rss_bytes``, ``cuda_peak_bytes`` and ``seconds`` of the whole call.
 
     Raises:
-        ValueError: ``reference="network"`` with a head whose outputs are not the data's
-            classes (use ``"labels"`` or ``"last_probe"``), and the errors of
-            :func:`pdepth.stream_prediction_depth` (probes, tokens, labels, a shuffling
-            loader).
+        ValueError: one line naming the argument: a split that is none of the kinds above
+            (or a shuffling DataLoader), labels that are not integer class ids, a bad
+            ``reference``, ``k`` larger than ``N - 1``, probes or tokens the model does not
+            have, or ``reference="network"`` with a head whose outputs are not the data's
+            classes (use ``"labels"`` or ``"last_probe"``).
+        DiskSpaceError: the embeddings exceed ``memory_budget`` and the widest probe alone
+            does not fit the temporary folder's free space (less 1 GiB).
     """
+    start = time.perf_counter()
     ref = _reference(reference)
+    for data, name in ((train, "train"), (test, "test")):
+        _check_order(data, name, "its rows are paired with its labels by position")
     x_tr, y_tr = _labels(train, "train")
     x_te, y_te = _labels(test, "test") if test is not None else (None, None)
     labels = y_tr if y_te is None else torch.cat([y_tr.reshape(-1), y_te.reshape(-1)])
+    n, total = int(y_tr.shape[0]), int(labels.shape[0])
     classes = int(num_classes) if num_classes is not None else (
         int(labels.max()) + 1 if labels.numel() else 1)
-    check_head(model, _first_input(x_tr), classes, ref, device)
-    extra = {name: v for name, v in (("token", token), ("metric", metric)) if v is not None}
-    common = dict(probes=probes, k=k, reference=ref, num_classes=classes, max_dim=max_dim,
-                  batch_size=batch_size, device=device, memory_budget=memory_budget,
-                  progress=progress, **extra)
-    tr = stream_prediction_depth(model, x_tr, y_tr, **common)
-    te = None if x_te is None else stream_prediction_depth(model, x_tr, y_tr, x_te,
-                                                           query_labels=y_te, **common)
+    self_index = torch.cat([torch.arange(n), torch.full((total - n,), -1)])
+    args = depth_args(y_tr, support=LocalSupport(), scoring_support=False,
+                      queries_arg="test", reference=ref, query_labels=labels,
+                      self_index=self_index, example_index=None, k=k, num_classes=classes,
+                      from_model=True, op="score", device=device,
+                      metric="euclidean" if metric is None else metric)
+    args.support.check_k(args.k, n, self_index)
+    spec = resolve_probes(model, probes, max_dim=max_dim, token=token)
+    device = torch.device(_model_device(model) if device is None else device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    width, dims = _shapes(model, spec, _first_input(x_tr).to(device))
+    _check_width(width, classes, ref)
+    on_disk = memory_budget is not None and uses_disk(total, dims, memory_budget)
+    with tempfile.TemporaryDirectory(prefix="pdepth-score-") if on_disk \
+            else contextlib.nullcontext() as tmp:
+        if on_disk:
+            check_cache_space(Path(tmp), total, dims, memory_budget)
+            folder = Path(tmp) / CACHE_DIR
+            folder.mkdir()
+        store = LayerStore(total, dims, folder if on_disk else None, "score",
+                           metric=args.metric)
+        budget = disk_budget(folder) if on_disk else cache_bytes(total, dims)
+        passes = plan_passes(list(range(len(dims))), dims, total, budget) or [[]]
+        preds: dict[int, torch.Tensor] = {}
+        peak = 0 if on_disk else cache_bytes(total, dims)
+        for i, layers in enumerate(passes, 1):
+            batches = (xb for data in (x_tr, x_te) if data is not None
+                       for xb, _ in iter_batches(data, batch_size))
+            lg = extract_to_store(model, batches, None, spec, layers, store,
+                                  logits=i == len(passes), batch_size=batch_size,
+                                  device=device, progress=progress,
+                                  desc=f"extract pass {i}/{len(passes)}")
+            for layer in layers:
+                preds[layer] = layer_knn(store, layer, args.labels, k=args.k,
+                                         num_classes=args.num_classes, self_index=self_index,
+                                         memory_budget=memory_budget, device=device,
+                                         progress=progress,
+                                         desc=f"k-NN {spec.names[layer]}").pred
+                if on_disk:
+                    peak = max(peak, block_bytes(store, layer, n, args.k, memory_budget))
+                store.drop(layer)
+    logits = lg.float()
+    layer_pred = torch.stack([preds[layer] for layer in range(len(dims))])
+    ref_t, ref_name = args.resolve_reference(layer_pred, network=logits.argmax(1),
+                                             query_labels=args.query_labels)
+    args.check_lengths(total, reference=ref_t, reference_name=ref_name)
+    classes = max(args.num_classes, _class_count(
+        args.num_classes_given, [(args.query_labels_arg, args.query_labels), (ref_name, ref_t)]))
+
+    def split(rows: slice, example_index) -> DepthResult:
+        return build_result(layer_pred[:, rows], ref_t[rows],
+                            query_labels=args.query_labels[rows], example_index=example_index,
+                            k=args.k, self_match="exclude", reference_mode=args.mode,
+                            num_classes=classes, layer_names=spec.names)
+
+    tr = split(slice(0, n), torch.arange(n))
+    te = None if y_te is None else split(slice(n, total), None)
     settings = {"k": int(k), "reference": ref, "token": token, "metric": metric,
                 "num_classes": classes,
                 "self_index": {"train": "its own row (excluded)", "test": "none"}}
-    stats = {"train": tr.stats(), **({"test": te.stats()} if te is not None else {})}
-    return ScoreResult(tr.result, None if te is None else te.result, tr.logits,
-                       None if te is None else te.logits, list(tr.result.layer_names or []),
-                       settings, stats)
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    stats = {"store": "disk" if on_disk else "memory", "passes": len(passes),
+             "peak_bytes": int(peak),
+             "peak_rss_bytes": peak_rss_bytes(),
+             "cuda_peak_bytes": None if cuda_peak is None else int(cuda_peak),
+             "seconds": time.perf_counter() - start}
+    return ScoreResult(tr, te, logits[:n], None if te is None else logits[n:],
+                       list(spec.names), settings, stats)
 
 
 # --------------------------------------------------------------------------------------------

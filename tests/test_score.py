@@ -40,56 +40,154 @@ def _by_hand(model, probes, x_tr, y_tr, x_te, y_te, k, reference="network"):
     return train, test
 
 
+def _by_hand(model, probes, x_tr, y_tr, x_te, y_te, k, reference="network",
+             metric="euclidean"):
+    """prediction_depth over pdepth.extract's embeddings: train (self excluded), test."""
+    sup = pdepth.extract(model, x_tr, probes)
+    qry = pdepth.extract(model, x_te, probes)
+    kw = dict(k=k, num_classes=3, reference=reference, metric=metric)
+    train = pdepth.prediction_depth(sup.layers, y_tr, network_pred=sup.logits.argmax(1),
+                                    **kw)
+    test = pdepth.prediction_depth(sup.layers, y_tr, qry.layers, query_labels=y_te,
+                                   network_pred=qry.logits.argmax(1), **kw)
+    return train, test
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 @pytest.mark.parametrize("reference", ["network", "labels", "last-probe"])
-def test_score_equals_prediction_depth_by_hand(reference):
+def test_score_equals_prediction_depth_by_hand(reference, metric):
     model = _net()
     (x_tr, y_tr), (x_te, y_te) = _data(50, 1), _data(20, 2)
     probes = ["1", "4", "5"]
     res = pdepth.score(model, (x_tr, y_tr), (x_te, y_te), probes=probes, k=3,
-                       reference=reference, memory_budget=None)
+                       reference=reference, memory_budget=None, metric=metric)
     train, test = _by_hand(model, probes, x_tr, y_tr, x_te, y_te, 3,
-                           reference.replace("-", "_"))
+                           reference.replace("-", "_"), metric)
     assert res.train.self_match == "exclude"  # each training example's own row
-    assert torch.equal(res.train.depth, train.depth)
-    assert torch.equal(res.train.layer_pred, train.layer_pred)
-    assert torch.equal(res.test.depth, test.depth)
-    assert torch.equal(res.test.layer_pred, test.layer_pred)
+    for got, want in ((res.train, train), (res.test, test)):
+        assert torch.equal(got.depth, want.depth)
+        assert torch.equal(got.layer_pred, want.layer_pred)
+        assert torch.equal(got.reference, want.reference)
+        assert got.reference_mode == want.reference_mode
+    assert torch.equal(res.train.example_index, torch.arange(50))
     assert torch.equal(res.test_pred, model(x_te).argmax(1))
+    assert torch.equal(res.train_logits, model(x_tr))
     assert res.probes == ["input", "1", "4", "5", "softmax"]
+    assert res.stats["store"] == "memory" and res.stats["passes"] == 1
+
+
+def _counting(model):
+    """``(model, calls)``: every forward call's input is appended to ``calls`` (a pre-hook,
+    so a forward truncated after its last probe counts too)."""
+    calls = []
+    model.register_forward_pre_hook(lambda mod, inputs: calls.append(inputs[0].clone()))
+    return model, calls
+
+
+def test_score_runs_each_example_through_the_model_once():
+    # one example alone for the widths, then every training row and every test row once,
+    # in that order (the old score ran the training split twice: 2N + M rows)
+    model, calls = _counting(_net())
+    (x_tr, y_tr), (x_te, y_te) = _data(40, 3), _data(12, 4)
+    res = pdepth.score(model, (x_tr, y_tr), (x_te, y_te), probes=["1", "4"], k=3,
+                       batch_size=16)
+    assert [c.shape[0] for c in calls] == [1, 16, 16, 8, 12]
+    assert torch.equal(calls[0], x_tr[:1])
+    assert torch.equal(torch.cat(calls[1:]), torch.cat([x_tr, x_te]))
+    assert res.stats["store"] == "memory" and res.stats["passes"] == 1
+
+
+def test_score_disk_store_equals_ram_and_leaves_no_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    (x_tr, y_tr), (x_te, y_te) = _data(40, 5), _data(12, 6)
+    kw = dict(probes=["1", "4"], k=3, batch_size=16)
+    ram = pdepth.score(_net(), (x_tr, y_tr), (x_te, y_te), **kw)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for metric in ("euclidean", "cosine"):
+        want = pdepth.score(_net(), (x_tr, y_tr), (x_te, y_te), metric=metric, **kw)
+        model, calls = _counting(_net())
+        got = pdepth.score(model, (x_tr, y_tr), (x_te, y_te), metric=metric,
+                           memory_budget=3000, **kw)  # blocks of a few rows
+        assert got.stats["store"] == "disk" and got.stats["passes"] == 1
+        assert got.train.equals(want.train) and got.test.equals(want.test)
+        assert torch.equal(got.train_logits, want.train_logits)
+        assert torch.equal(got.test_logits, want.test_logits)
+        assert sum(c.shape[0] for c in calls) == 1 + 52
+        assert list(tmp_path.iterdir()) == []
+    # a disk that holds the widest probe (conv "1": 4 x 6 x 6 features of 52 rows) alone:
+    # passes input | 1 | 4 + softmax, each example once per pass (the first records the
+    # inputs alone: no forward call), the same result
+    monkeypatch.setattr(model_score, "disk_budget", lambda folder: 52 * 144 * 4)
+    model, calls = _counting(_net())
+    got = pdepth.score(model, TensorDataset(x_tr, y_tr),
+                       DataLoader(TensorDataset(x_te, y_te), batch_size=16), memory_budget=3000,
+                       **kw)
+    assert got.stats["passes"] == 3
+    assert torch.equal(torch.cat(calls[1:]), torch.cat([x_tr, x_te] * 2))
+    assert got.train.equals(ram.train) and got.test.equals(ram.test)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="k=50"):  # an error: the folder is removed too
+        pdepth.score(_net(), (x_tr, y_tr), (x_te, y_te), probes=["1"], k=50,
+                     memory_budget=3000)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_score_takes_datasets_and_loaders_and_no_test_split():
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    class Items(Dataset):  # no targets: the labels are read item by item
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.x[i], int(self.y[i])
 
     model = _net()
     (x_tr, y_tr), (x_te, y_te) = _data(40, 3), _data(12, 4)
     want = pdepth.score(model, (x_tr, y_tr), (x_te, y_te), probes=["1"], k=3)
-    got = pdepth.score(model, TensorDataset(x_tr, y_tr),
-                       DataLoader(TensorDataset(x_te, y_te), batch_size=5), probes=["1"], k=3)
-    assert got.train.equals(want.train) and got.test.equals(want.test)
+    for train, test in ((TensorDataset(x_tr, y_tr),
+                         DataLoader(TensorDataset(x_te, y_te), batch_size=5)),
+                        (DataLoader(TensorDataset(x_tr, y_tr), batch_size=7),
+                         Items(x_te, y_te))):
+        got = pdepth.score(model, train, test, probes=["1"], k=3)
+        assert got.train.equals(want.train) and got.test.equals(want.test)
+        # (the same model outputs; the loaders' batches may differ from batch_size's)
+        assert torch.allclose(got.train_logits, want.train_logits, atol=1e-6)
+        assert torch.allclose(got.test_logits, want.test_logits, atol=1e-6)
     alone = pdepth.score(model, (x_tr, y_tr), probes=["1"], k=3)
     assert alone.test is None and alone.train.equals(want.train)
+    with pytest.raises(ValueError, match="train is a DataLoader with a shuffling sampler"):
+        pdepth.score(model, DataLoader(TensorDataset(x_tr, y_tr), shuffle=True), probes=["1"])
 
 
-def test_score_passes_token_and_metric_only_when_given(monkeypatch):
-    # token= / metric= go on to stream_prediction_depth only when given, so score works with
-    # a stream function that does not know them and with one that does
-    seen = []
-    real = model_score.stream_prediction_depth
+def test_score_passes_token_and_metric_on(monkeypatch):
+    # token= reaches resolve_probes (None: the probes' default), metric= the embedding store
+    # (None: euclidean)
+    seen = {"token": [], "metric": []}
+    real_resolve, real_store = model_score.resolve_probes, model_score.LayerStore
 
-    def spy(*args, **kw):
-        seen.append({k: kw[k] for k in ("token", "metric") if k in kw})
-        kw.pop("token", None), kw.pop("metric", None)
-        return real(*args, **kw)
+    def resolve(model, probes=None, **kw):
+        seen["token"].append(kw["token"])
+        return real_resolve(model, probes, **kw)
 
-    monkeypatch.setattr(model_score, "stream_prediction_depth", spy)
+    def store(*args, **kw):
+        seen["metric"].append(kw["metric"])
+        return real_store(*args, **kw)
+
+    monkeypatch.setattr(model_score, "resolve_probes", resolve)
+    monkeypatch.setattr(model_score, "LayerStore", store)
     model, (x, y) = _net(), _data(30, 5)
     pdepth.score(model, (x, y), (x[:5], y[:5]), probes=["1"], k=3)
-    assert seen == [{}, {}]
-    seen.clear()
-    pdepth.score(model, (x, y), (x[:5], y[:5]), probes=["1"], k=3, token="cls",
+    assert seen == {"token": [None], "metric": ["euclidean"]}
+    pdepth.score(model, (x, y), (x[:5], y[:5]), probes=["1"], k=3, token="mean",
                  metric="cosine")
-    assert seen == [{"token": "cls", "metric": "cosine"}] * 2
+    assert seen == {"token": [None, "mean"], "metric": ["euclidean", "cosine"]}
 
 
 def test_score_refuses_network_reference_for_a_head_of_other_classes():
@@ -264,37 +362,39 @@ def test_cli_score_output_folder_rules(tmp_path, capsys):
 
 
 def test_cli_score_passes_token_and_metric_on(tmp_path, monkeypatch):
-    # --token / --metric reach resolve_probes / stream_prediction_depth (None / left out when
+    # --token / --metric reach resolve_probes / the embedding store (None / euclidean when
     # not given: the library's defaults)
     from pathlib import Path
 
     import pdepth.probes as probes_mod
 
     pytest.importorskip("pandas")
-    seen = {"resolve": [], "stream": []}
-    real_resolve, real_stream = probes_mod.resolve_probes, model_score.stream_prediction_depth
+    seen = {"resolve": [], "store": []}
+    real_resolve, real_store = probes_mod.resolve_probes, model_score.LayerStore
 
     def resolve(model, probes=None, **kw):
         seen["resolve"].append(kw.get("token", "absent"))
         return real_resolve(model, probes, **kw)
 
-    def stream(*args, **kw):
-        seen["stream"].append((kw.get("token", "absent"), kw.get("metric", "absent")))
-        return real_stream(*args, **kw)
+    def store(*args, **kw):
+        seen["store"].append(kw["metric"])
+        return real_store(*args, **kw)
 
-    monkeypatch.setattr(probes_mod, "resolve_probes", resolve)
-    monkeypatch.setattr(model_score, "stream_prediction_depth", stream)
+    monkeypatch.setattr(probes_mod, "resolve_probes", resolve)  # prepare_score's
+    monkeypatch.setattr(model_score, "resolve_probes", resolve)  # score's
+    monkeypatch.setattr(model_score, "LayerStore", store)
     _, data = _hf_folders(tmp_path)
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     base = ["score", "--model", "test_score:_hf_head", "--dataset", f"hf:{data}", "--k", "3",
             "--probes", "1,3", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
-    assert seen == {"resolve": [None], "stream": [("absent", "absent")] * 2}
+    assert seen == {"resolve": [None, None], "store": ["euclidean"]}
     assert main([*base, "--token", "mean", "--metric", "cosine",
                  "--out", str(tmp_path / "b")]) == 0
-    assert seen["resolve"][1:] == ["mean"] and seen["stream"][2:] == [("mean", "cosine")] * 2
+    assert seen["resolve"][2:] == ["mean", "mean"] and seen["store"][1:] == ["cosine"]
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["settings"]["token"] == "mean" and cfg["resolved"]["metric"] == "cosine"
+    assert cfg["stats"]["store"] == "memory" and cfg["stats"]["passes"] == 1
 
 
 def _hf_head(num_classes, in_channels, image_size):
