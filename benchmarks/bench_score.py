@@ -77,10 +77,10 @@ def run_one(name, model, model_args, probes, data: Path, size: int, args, tmp: P
         "timing": cfg["timing"], "num_train": r["num_train"], "num_test": r["num_test"],
         "probes": r["probes"], "probe_dims": r["probe_dims"],
         "preprocessing": r["preprocessing"],
-        "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stats.values()),
-        "cuda_peak_bytes": max((s["cuda_peak_bytes"] or 0) for s in stats.values()) or None,
-        "peak_embedding_bytes": max(s["peak_bytes"] for s in stats.values()),
-        "support_passes": {k: s["num_chunks"] for k, s in stats.items()},
+        "peak_rss_bytes": stats["peak_rss_bytes"], "cuda_peak_bytes": stats["cuda_peak_bytes"],
+        "peak_embedding_bytes": stats["peak_bytes"], "store": stats["store"],
+        "passes": stats["passes"], "extract_seconds": stats["extract_seconds"],
+        "knn_seconds": stats["knn_seconds"],
     }
 
 
@@ -120,13 +120,15 @@ def main(argv=None) -> int:
               "generate_seconds": gen_seconds, "k": args.k, "results": rows}
     Path(args.out).write_text(json.dumps(record, indent=1, default=str))
     print(describe_machine(info))
-    print("| model | train + test | load s | score s | peak RSS GiB | probes x dims |")
-    print("|---|---|---|---|---|---|")
+    print("| model | train + test | load s | forward s | k-NN s | score s | store, passes | "
+          "peak RSS GiB | probes x dims |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         dims = ", ".join(f"{n}:{d}" for n, d in zip(r["probes"], r["probe_dims"], strict=True))
         print(f"| {r['name']} | {r['num_train']} + {r['num_test']} | "
-              f"{r['timing']['load_seconds']:.1f} | {r['timing']['score_seconds']:.1f} | "
-              f"{r['peak_rss_bytes'] / 2**30:.2f} | {dims} |")
+              f"{r['timing']['load_seconds']:.1f} | {r['extract_seconds']:.1f} | "
+              f"{r['knn_seconds']:.1f} | {r['timing']['score_seconds']:.1f} | "
+              f"{r['store']}, {r['passes']} | {r['peak_rss_bytes'] / 2**30:.2f} | {dims} |")
     return 0
 
 

@@ -47,7 +47,9 @@ class ScoreResult:
     probe names; ``settings`` the k, reference, token and metric used (None: the library's
     default); ``stats`` the call's memory and time: ``store`` (``"memory"`` / ``"disk"``),
     ``passes`` (over the examples), ``peak_bytes`` (embeddings held at once),
-    ``peak_rss_bytes``, ``cuda_peak_bytes`` (None off CUDA), ``seconds``."""
+    ``peak_rss_bytes``, ``cuda_peak_bytes`` (None off CUDA), ``extract_seconds`` (the
+    forward passes), ``knn_seconds`` (the k-NN of every probe) and ``seconds`` (the whole
+    call)."""
 
     train: DepthResult
     test: DepthResult | None
@@ -209,7 +211,8 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
         split) DepthResults with ``layer_pred [L, .]``, ``depth``, ``reference`` and the
         labels; ``train_logits [N, C]`` / ``test_logits [M, C]`` (float32); ``stats``: the
         store (``"memory"`` / ``"disk"``), ``passes``, ``peak_bytes`` (embeddings held at
-        once), ``peak_rss_bytes``, ``cuda_peak_bytes`` and ``seconds`` of the whole call.
+        once), ``peak_rss_bytes``, ``cuda_peak_bytes``, ``extract_seconds`` (forward
+        passes), ``knn_seconds`` and ``seconds`` (the whole call).
 
     Raises:
         ValueError: one line naming the argument: a split that is none of the kinds above
@@ -244,34 +247,8 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
     width, dims = _shapes(model, spec, _first_input(x_tr).to(device))
     _check_width(width, classes, ref)
     on_disk = memory_budget is not None and uses_disk(total, dims, memory_budget)
-    with tempfile.TemporaryDirectory(prefix="pdepth-score-") if on_disk \
-            else contextlib.nullcontext() as tmp:
-        if on_disk:
-            check_cache_space(Path(tmp), total, dims, memory_budget)
-            folder = Path(tmp) / CACHE_DIR
-            folder.mkdir()
-        store = LayerStore(total, dims, folder if on_disk else None, "score",
-                           metric=args.metric)
-        budget = disk_budget(folder) if on_disk else cache_bytes(total, dims)
-        passes = plan_passes(list(range(len(dims))), dims, total, budget) or [[]]
-        preds: dict[int, torch.Tensor] = {}
-        peak = 0 if on_disk else cache_bytes(total, dims)
-        for i, layers in enumerate(passes, 1):
-            batches = (xb for data in (x_tr, x_te) if data is not None
-                       for xb, _ in iter_batches(data, batch_size))
-            lg = extract_to_store(model, batches, None, spec, layers, store,
-                                  logits=i == len(passes), batch_size=batch_size,
-                                  device=device, progress=progress,
-                                  desc=f"extract pass {i}/{len(passes)}")
-            for layer in layers:
-                preds[layer] = layer_knn(store, layer, args.labels, k=args.k,
-                                         num_classes=args.num_classes, self_index=self_index,
-                                         memory_budget=memory_budget, device=device,
-                                         progress=progress,
-                                         desc=f"k-NN {spec.names[layer]}").pred
-                if on_disk:
-                    peak = max(peak, block_bytes(store, layer, n, args.k, memory_budget))
-                store.drop(layer)
+    run = _StoreRun(model, spec, dims, args, self_index, n, memory_budget, device, progress)
+    preds, lg = run.score((x_tr, x_te), batch_size, on_disk)
     logits = lg.float()
     layer_pred = torch.stack([preds[layer] for layer in range(len(dims))])
     ref_t, ref_name = args.resolve_reference(layer_pred, network=logits.argmax(1),
@@ -292,13 +269,79 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
                 "num_classes": classes,
                 "self_index": {"train": "its own row (excluded)", "test": "none"}}
     cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    stats = {"store": "disk" if on_disk else "memory", "passes": len(passes),
-             "peak_bytes": int(peak),
+    stats = {"store": "disk" if on_disk else "memory", "passes": run.passes,
+             "peak_bytes": int(run.peak),
+             "extract_seconds": run.extract_seconds, "knn_seconds": run.knn_seconds,
              "peak_rss_bytes": peak_rss_bytes(),
              "cuda_peak_bytes": None if cuda_peak is None else int(cuda_peak),
              "seconds": time.perf_counter() - start}
     return ScoreResult(tr, te, logits[:n], None if te is None else logits[n:],
                        list(spec.names), settings, stats)
+
+
+@dataclass(eq=False)
+class _StoreRun:
+    """:func:`score`'s passes over the examples (train rows, then test rows) into the
+    embedding store, each probe's k-NN right after its pass; the time of each stage and the
+    most embedding bytes held at once."""
+
+    model: nn.Module
+    spec: object
+    dims: list
+    args: object
+    self_index: torch.Tensor
+    n: int
+    memory_budget: int | None
+    device: torch.device
+    progress: bool
+    passes: int = 0
+    peak: int = 0
+    extract_seconds: float = 0.0
+    knn_seconds: float = 0.0
+
+    def score(self, splits, batch_size: int, on_disk: bool) -> tuple[dict, torch.Tensor]:
+        """``({probe: pred [N + M]}, logits [N + M, C])``; a disk store lives in a temporary
+        folder, removed afterwards (also on error)."""
+        total = len(self.self_index)
+        with tempfile.TemporaryDirectory(prefix="pdepth-score-") if on_disk \
+                else contextlib.nullcontext() as tmp:
+            folder = None
+            if on_disk:
+                check_cache_space(Path(tmp), total, self.dims, self.memory_budget)
+                folder = Path(tmp) / CACHE_DIR
+                folder.mkdir()
+            store = LayerStore(total, self.dims, folder, "score", metric=self.args.metric)
+            budget = disk_budget(folder) if on_disk else cache_bytes(total, self.dims)
+            passes = plan_passes(list(range(len(self.dims))), self.dims, total, budget) or [[]]
+            self.passes = len(passes)
+            self.peak = 0 if on_disk else cache_bytes(total, self.dims)
+            preds = {}
+            for i, layers in enumerate(passes, 1):
+                t0 = time.perf_counter()
+                batches = (xb for data in splits if data is not None
+                           for xb, _ in iter_batches(data, batch_size))
+                lg = extract_to_store(self.model, batches, None, self.spec, layers, store,
+                                      logits=i == len(passes), batch_size=batch_size,
+                                      device=self.device, progress=self.progress,
+                                      desc=f"extract pass {i}/{len(passes)}")
+                t1 = time.perf_counter()
+                self.extract_seconds += t1 - t0
+                for layer in layers:
+                    preds[layer] = self._knn(store, layer, on_disk)
+                self.knn_seconds += time.perf_counter() - t1
+        return preds, lg
+
+    def _knn(self, store: LayerStore, layer: int, on_disk: bool) -> torch.Tensor:
+        a = self.args
+        pred = layer_knn(store, layer, a.labels, k=a.k, num_classes=a.num_classes,
+                         self_index=self.self_index, memory_budget=self.memory_budget,
+                         device=self.device, progress=self.progress,
+                         desc=f"k-NN {self.spec.names[layer]}").pred
+        if on_disk:
+            self.peak = max(self.peak, block_bytes(store, layer, self.n, a.k,
+                                                   self.memory_budget))
+        store.drop(layer)
+        return pred
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,6 +74,9 @@ def test_score_equals_prediction_depth_by_hand(reference, metric):
     assert torch.equal(res.train_logits, model(x_tr))
     assert res.probes == ["input", "1", "4", "5", "softmax"]
     assert res.stats["store"] == "memory" and res.stats["passes"] == 1
+    st = res.stats
+    assert 0 < st["extract_seconds"] and 0 < st["knn_seconds"]
+    assert st["extract_seconds"] + st["knn_seconds"] <= st["seconds"]
 
 
 def _counting(model):
