@@ -365,6 +365,8 @@ void check_labels(
     int64_t num_classes,
     const at::Device& device) {
   TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes <= kMaxClasses, op, "(): num_classes=", num_classes,
+      " exceeds the limit of MAX_CLASSES=", kMaxClasses, " (a vote keeps one count per class)");
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n,
       op, "(): ", name, " must be 1-D with ", n, " entries, got shape ", shape_str(labels));
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong,
@@ -382,6 +384,8 @@ void check_labels(
 
 void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t num_classes) {
   TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes <= kMaxClasses, op, "(): num_classes=", num_classes,
+      " exceeds the limit of MAX_CLASSES=", kMaxClasses, " (a vote keeps one count per class)");
   TORCH_CHECK_VALUE(neighbor_labels.dim() == 2 && neighbor_labels.size(1) >= 1,
       op, "(): neighbor_labels must be 2-D [M, k] with k >= 1, got shape ",
       shape_str(neighbor_labels));

@@ -45,6 +45,9 @@ C10_HOST_DEVICE inline bool knn_less(T da, int64_t ia, T db, int64_t ib) {
 // reduction dimension. tf32: CUDA tensor cores with TF32 inputs.
 enum class Filter : int { kFp32 = 0, kBf16 = 1, kBf16x3 = 2, kTf32 = 3 };
 constexpr int kNumFilters = 4;
+
+// The most classes a vote counts (pdepth.MAX_CLASSES): each thread keeps one count per class.
+constexpr int64_t kMaxClasses = int64_t(1) << 24;
 const char* filter_name(Filter f);
 
 // Width of the reduction blocks whose GEMM results are summed in a fixed order (CPU): the

@@ -604,8 +604,15 @@ def _fake_check_knn(op, queries, support, k, self_index, skip, prev_dist, prev_i
     return m, k
 
 
-def _fake_check_labels(op, name, labels, n, num_classes, device):
+def _check_num_classes(op, num_classes):
+    """The C++ ops' rule on num_classes (csrc/knn.cpp, kMaxClasses = MAX_CLASSES)."""
     _value_check(num_classes >= 1, f"{op}(): num_classes must be >= 1, got {num_classes}")
+    _value_check(num_classes <= MAX_CLASSES, f"{op}(): num_classes={num_classes} exceeds the "
+                 f"limit of MAX_CLASSES={MAX_CLASSES} (a vote keeps one count per class)")
+
+
+def _fake_check_labels(op, name, labels, n, num_classes, device):
+    _check_num_classes(op, num_classes)
     _value_check(labels.dim() == 1 and labels.shape[0] == n,
                  f"{op}(): {name} must be 1-D with {n} entries, got shape {_sh(labels)}")
     _value_check(labels.dtype == torch.int64,
@@ -658,7 +665,7 @@ if _C is not None:
     @torch.library.register_fake("pdepth::vote")
     def _vote_fake(neighbor_labels, num_classes):
         nl = neighbor_labels
-        _value_check(num_classes >= 1, f"vote(): num_classes must be >= 1, got {num_classes}")
+        _check_num_classes("vote", num_classes)
         _value_check(nl.dim() == 2 and nl.shape[1] >= 1, "vote(): neighbor_labels must be "
                      f"2-D [M, k] with k >= 1, got shape {_sh(nl)}")
         _value_check(nl.dtype == torch.int64,

@@ -149,6 +149,14 @@ RAW_CASES = [
     ("raw-vote-int32",
      lambda dev: torch.ops.pdepth.vote(torch.zeros(3, 2, dtype=torch.int32, device=dev), 3),
      r"neighbor_labels must be int64, got Int"),
+    # The ops' own check (not only the Python entry points'): the counts are sized by it.
+    ("raw-knn-vote-num-classes-above-max",
+     lambda dev: torch.ops.pdepth.knn_vote(*_data(dev), torch.zeros(6, dtype=I64, device=dev),
+                                           2, 2**40, None, 0),
+     r"^knn_vote\(\): num_classes=1099511627776 exceeds the limit of MAX_CLASSES=16777216"),
+    ("raw-vote-num-classes-above-max",
+     lambda dev: torch.ops.pdepth.vote(torch.zeros(3, 2, dtype=I64, device=dev), 2**24 + 1),
+     r"^vote\(\): num_classes=16777217 exceeds the limit of MAX_CLASSES=16777216"),
 ]
 
 VOTE_CASES = [

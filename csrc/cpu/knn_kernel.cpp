@@ -40,7 +40,10 @@ constexpr int64_t kTwoPassD = 8192;
 // last-level cache, so the canonical keys lose nothing (paper widths, N = 2,000, D = 2048:
 // two passes 0.76x the torch pipeline's time, the tile path 1.06x).
 constexpr int64_t kCachedSupportBytes = int64_t(16) << 20;
-constexpr int64_t kKeyPiece = 512;
+// Columns per piece of a batched key: longer pieces mean fewer, longer streams per pair (an
+// 8 KiB piece of each row); measured on the 2-core EPYC (AVX2), fp32, ReLU rows, Q = 1,000,
+// N = 3,000: the keys 0.55-0.7x the time of 512-column pieces at D = 4096-50,176.
+constexpr int64_t kKeyPiece = 2048;
 // Queries per key block on the tile path (their pieces and accumulators stay in L2 while the
 // tile's rows come from L3); the two passes take one block per thread (rows from memory).
 constexpr int64_t kKeyRows = 64;
@@ -834,6 +837,26 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
       cpu::fallback_budget() * kWideBudgetShare);
 }
 
+// The center the filter GEMM shifts the rows by (x's column means, in x's dtype), or an
+// undefined tensor for no shift. The shift pays only when the mean carries a fair share of
+// the rows' norms (ReLU features), and only for the coarse formats: fp32's (and float64's)
+// margin is about 1e-4 of |a|^2 + |b|^2 at any D (reductions in blocks of kReduceBlock), far
+// below the k-th distances of real data, so where fp32 is the only format and the GEMM reads
+// the rows in place (`in_place`: the two-pass and the symmetric paths) the shift would only
+// cost the centring of every block and two passes over the rows. `norms`: x's raw squared
+// row norms. The output never depends on the shift (it moves only the filter's bounds).
+template <typename T>
+at::Tensor shift_center(const std::vector<Filter>& chain, bool in_place, const at::Tensor& x,
+                        const at::Tensor& norms) {
+  if (in_place && chain.size() == 1 && chain[0] == Filter::kFp32) {
+    return at::Tensor();
+  }
+  const at::Tensor mean = column_means<T>(x);
+  const bool pays = mean.dot(mean).item<double>() * kShiftShare >
+      norms.sum(0, false, at::kDouble).item<double>() / static_cast<double>(x.size(0));
+  return pays ? mean.to(x.scalar_type()) : at::Tensor();
+}
+
 // Wide rows (D >= kTwoPassD), query chunk by query chunk: (1) the cross terms of the chunk
 // against all n support rows, in pieces of <= kPieceRows queries x kSupportTile support rows,
 // one per thread, each centred and converted block by block in the cache (centred_dot)
@@ -986,19 +1009,17 @@ void knn_cpu_impl(
   T* od = out_dist.mutable_data_ptr<T>();
   int64_t* oi = out_index.mutable_data_ptr<int64_t>();
 
-  // The shift pays only when the mean carries a fair share of the rows' norms (ReLU
-  // features); otherwise (e.g. data around the origin) the rows are used as they are, with
-  // the same (then conservative) margin: a zero center, and on wide rows no shift at all.
+  // Unshifted rows (shift_center) keep the same, then conservative, margin: a zero center on
+  // the tile path, no shift at all on the two-pass path.
   std::atomic<int64_t> norms_ns{0};
   PhaseTimer timer(norms_ns);
-  const at::Tensor mean = column_means<T>(q);
-  const bool shift = mean.dot(mean).item<double>() * kShiftShare >
-      qn.sum(0, false, at::kDouble).item<double>() / static_cast<double>(m);
-  const at::Tensor center = (shift ? mean : at::zeros_like(mean)).to(q.scalar_type());
   // Wide rows are centred block by block inside the GEMM (wide_scan); only their norms here.
   // The two passes also pay from kBatchKeysD on when the whole support fits in the cache.
   const bool two_pass = d >= kTwoPassD ||
       (d >= kBatchKeysD && n * d * static_cast<int64_t>(sizeof(T)) <= kCachedSupportBytes);
+  const at::Tensor shifted = shift_center<T>(fallback_chain(filter), two_pass, q, qn);
+  const bool shift = shifted.defined();
+  const at::Tensor center = shift ? shifted : at::zeros({d}, q.options());
   at::Tensor qc, qcn;
   if (two_pass) {
     qcn = shift ? centred_sqnorms<T>(q, center) : qn;
@@ -1248,10 +1269,8 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     return;
   }
   // The shift of knn_cpu_impl, from a's rows (the filter's only: any center is exact).
-  const at::Tensor mean = column_means<T>(a);
-  const bool shift = mean.dot(mean).item<double>() * kShiftShare >
-      an.sum(0, false, at::kDouble).item<double>() / static_cast<double>(na);
-  const at::Tensor center = mean.to(a.scalar_type());
+  const at::Tensor center = shift_center<T>(fallback_chain(filter), true, a, an);
+  const bool shift = center.defined();
   const T* cp = shift ? center.const_data_ptr<T>() : nullptr;
   const at::Tensor acn = shift ? centred_sqnorms<T>(a, center) : an;
   const at::Tensor bcn = self ? acn : (shift ? centred_sqnorms<T>(bs, center) : bn);
