@@ -31,7 +31,7 @@ from .depth.cache import LayerStore, block_bytes, extract_to_store, layer_knn, p
 from .depth.result import build_result
 from .depth.stream import _check_order, peak_rss_bytes
 from .depth.support import LocalSupport, _class_count
-from .probes import ProbeRecorder, iter_batches, resolve_probes
+from .probes import iter_batches, probe_shapes, resolve_probes
 from .protocol.scoring import CACHE_DIR, cache_bytes, check_cache_space, disk_budget, uses_disk
 
 __all__ = ["ScoreResult", "ScoreSettings", "score", "score_to_folder"]
@@ -148,19 +148,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-@torch.no_grad()
-def _shapes(model: nn.Module, spec, example: torch.Tensor) -> tuple[int, list[int]]:
-    """``(the head's width, each probe's width)`` from one forward call on one example."""
-    was_training = model.training
-    model.eval()
-    try:
-        with ProbeRecorder(model, spec) as rec:
-            layers, logits = rec.run(example[:1])
-    finally:
-        model.train(was_training)
-    return int(logits.reshape(logits.shape[0], -1).shape[1]), [int(t.shape[1]) for t in layers]
-
-
 def score(model: nn.Module, train, test=None, *, probes=None, token: str | None = None,
           metric: str | None = None, k: int = 30, reference: str = "network",
           num_classes: int | None = None, max_dim: int | None = None, batch_size: int = 256,
@@ -244,7 +231,7 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
     device = torch.device(_model_device(model) if device is None else device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    width, dims = _shapes(model, spec, _first_input(x_tr).to(device))
+    width, dims = probe_shapes(model, spec, _first_input(x_tr).to(device))
     _check_width(width, classes, ref)
     on_disk = memory_budget is not None and uses_disk(total, dims, memory_budget)
     run = _StoreRun(model, spec, dims, args, self_index, n, memory_budget, device, progress)

@@ -62,6 +62,7 @@ __all__ = [
     "pinned",
     "pool_embedding",
     "probe_dims",
+    "probe_shapes",
     "read_tokens",
     "resolve_probes",
 ]
@@ -506,11 +507,19 @@ def extract(
 
 def probe_dims(model: nn.Module, spec: ProbeSpec, example: torch.Tensor) -> list[int]:
     """Embedding width of each probe for inputs shaped like ``example`` (``[B, ...]``)."""
+    return probe_shapes(model, spec, example)[1]
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, spec: ProbeSpec, example: torch.Tensor
+                 ) -> tuple[int, list[int]]:
+    """``(the output's width, each probe's width)`` from one forward call (eval mode, the
+    model's mode restored) on the first row of ``example`` (``[B, ...]``)."""
     was_training = model.training
     model.eval()
     try:
         with ProbeRecorder(model, spec) as rec:
-            layers, _ = rec.run(example[:1])
+            layers, logits = rec.run(example[:1])
     finally:
         model.train(was_training)
-    return [int(t.shape[1]) for t in layers]
+    return int(logits.reshape(logits.shape[0], -1).shape[1]), [int(t.shape[1]) for t in layers]
