@@ -120,20 +120,10 @@ def _first_input(data) -> torch.Tensor:
     return torch.as_tensor(x).unsqueeze(0)
 
 
-def check_head(model: nn.Module, example: torch.Tensor, num_classes: int, reference: str,
-               device=None) -> int:
-    """The model's number of outputs; with reference ``network`` it must equal the data's
-    ``num_classes`` (the network's prediction is then a class of the data), else ValueError
-    saying to use ``labels`` or ``last-probe``."""
-    from .builders import output_width
-
-    if device is None:
-        device = _model_device(model)
-    return _check_width(output_width(model, example.to(device)), num_classes, reference)
-
-
 def _check_width(width: int, num_classes: int, reference: str) -> int:
-    """:func:`check_head`'s rule on a head of ``width`` outputs (returns ``width``)."""
+    """The model's number of outputs ``width``, checked: with reference ``network`` it must
+    equal the data's ``num_classes`` (the network's prediction is then a class of the data),
+    else ValueError naming both and the other references."""
     if reference == "network" and width != num_classes:
         raise ValueError(
             f"--reference network: the model's head has {width} outputs but the data has "
@@ -468,7 +458,6 @@ def prepare_score(s: ScoreSettings, progress: bool = False) -> _Prepared:
     dependencies, settings, both splits, the model, its checkpoint and preprocessing, the
     head against ``--reference``, the probes and k."""
     from .builders import MODELS_HINT, build_named_model, parse_model_args, preprocess
-    from .probes import probe_dims, resolve_probes
     from .protocol import require_modules
     from .protocol.config import resolve_device
     from .protocol.model_run import check_support
@@ -492,9 +481,9 @@ def prepare_score(s: ScoreSettings, progress: bool = False) -> _Prepared:
     x_train, pre = preprocess(train.images, built.model, built.preprocessing, mean, std)
     x_test, _ = preprocess(test.images, built.model, built.preprocessing, mean, std)
     built.model.to(device)
-    head = check_head(built.model, x_train[:1], num_classes, s.reference, device)
     spec = resolve_probes(built.model, s.probes, max_dim=s.max_dim, token=s.token)
-    dims = probe_dims(built.model, spec, x_train[:1].to(device))
+    width, dims = probe_shapes(built.model, spec, x_train[:1].to(device))
+    head = _check_width(width, num_classes, s.reference)
     check_support(s.k, int(train.labels.shape[0]))
     return _Prepared(s, built, train, test, x_train, x_test, pre, spec, dims, num_classes,
                      head, device)
