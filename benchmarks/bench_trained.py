@@ -36,7 +36,7 @@ import _repo  # noqa: F401  (the working tree's pdepth, before `import pdepth`)
 import torch
 from _machine import OtherLoad, describe_machine, machine_info
 from _tables import fmt, format_table
-from _timing import time_many
+from _timing import matmul_fn, time_many
 
 import pdepth
 
@@ -170,15 +170,6 @@ def torch_pipeline(q, s, y, self_match: bool, max_elements: int = 2**25):
     return torch.cat(preds), torch.cat(indices)
 
 
-def matmul_fn(dtype):
-    m, k, n = MATMUL
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn((m, k), generator=gen).to(dtype)
-    b = torch.randn((k, n), generator=gen).to(dtype)
-    out = torch.empty((m, n), dtype=dtype)
-    return lambda: torch.matmul(a, b, out=out)
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.int32)
 
@@ -225,8 +216,8 @@ def bench_one(q, s, y, self_match: bool, filters: list[str], repeat: int) -> dic
         stats[f] = pdepth.knn_stats(reset=True)
     fns = {f: timed(f) for f in filters}
     fns["torch"] = lambda: torch_pipeline(q, s, y, self_match)
-    fns["matmul fp32"] = matmul_fn(torch.float32)
-    fns["matmul bf16"] = matmul_fn(torch.bfloat16)
+    fns["matmul fp32"] = matmul_fn(0, dtype=torch.float32, shape=MATMUL)
+    fns["matmul bf16"] = matmul_fn(0, dtype=torch.bfloat16, shape=MATMUL)
     for name in ("torch", "matmul fp32", "matmul bf16"):
         fns[name]()  # warm-up
     with OtherLoad() as load:
