@@ -488,7 +488,8 @@ def knn_stats(reset: bool = False) -> dict:
     GEMM; norms and centring shifts; threshold seeds; canonical keys; k-selection), timed
     around each phase's parallel section (wall time, not CPU time). On the symmetric path
     (:func:`knn_sym`) ``pairs`` counts each pair once per direction and ``candidates`` each
-    key once. ``reset=True`` returns and zeroes them. On
+    key once; its ``ns_seeds`` is the upper bounds offered to both rows of each pair, its
+    ``ns_select`` the candidate lists and the heap offers. ``reset=True`` returns and zeroes them. On
     CUDA, candidates and seeded rows are not counted."""
     if _C is None:
         return {}

@@ -233,3 +233,14 @@ def test_stats_time_split(d):
     for phase in ("gemm", "norms", "seeds", "keys", "select"):
         assert st[f"ns_{phase}"] > 0, (phase, st)
     assert pdepth.knn_stats()["ns_gemm"] == 0  # reset
+
+
+@pytest.mark.parametrize("f", ["fp32", "bf16"])
+def test_stats_time_split_symmetric(f):
+    """The symmetric op reports the same phases (its shifted norms: bf16 only)."""
+    x, _ = relu_like(600, 0, 8192, ("split-sym",))
+    pdepth.knn_stats(reset=True)
+    pdepth.ops.knn_sym(x, 5, filter=f)
+    st = pdepth.knn_stats(reset=True)
+    for phase in ("gemm", "seeds", "keys", "select") + (("norms",) if f == "bf16" else ()):
+        assert st[f"ns_{phase}"] > 0, (phase, st)

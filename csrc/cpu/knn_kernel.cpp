@@ -1269,11 +1269,14 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     return;
   }
   // The shift of knn_cpu_impl, from a's rows (the filter's only: any center is exact).
+  std::atomic<int64_t> norms_ns{0};
+  PhaseTimer norms_timer(norms_ns);
   const at::Tensor center = shift_center<T>(fallback_chain(filter), true, a, an);
   const bool shift = center.defined();
   const T* cp = shift ? center.const_data_ptr<T>() : nullptr;
   const at::Tensor acn = shift ? centred_sqnorms<T>(a, center) : an;
   const at::Tensor bcn = self ? acn : (shift ? centred_sqnorms<T>(bs, center) : bn);
+  norms_timer.stop();
   const T* qn = acn.const_data_ptr<T>();
   const T* sn = bcn.const_data_ptr<T>();
   const T* ap = a.const_data_ptr<T>();
@@ -1296,6 +1299,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
   for (auto& c : sc.counts) {
     c = 0;
   }
+  sc.counts[kStatNsNorms] += norms_ns.load();
 
   const int64_t strip = std::max<int64_t>(kSymMinStrip, std::min<int64_t>(kSymStripRows,
       kChunkBytes / (std::max<int64_t>(nb, 1) * static_cast<int64_t>(sizeof(T)))));
@@ -1323,6 +1327,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
   int64_t nkeys = 0;
   // The keys of the pending pairs that pass either row's threshold now, offered to both.
   const auto flush = [&]() {
+    PhaseTimer timer(sc.counts[kStatNsSelect]);
     std::vector<T> ta(na), tb(nb);
     at::parallel_for(0, na, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -1349,8 +1354,10 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     for (int64_t i = 0; i < na; ++i) {
       keys[i].resize(cand[i].size());
     }
+    timer.switch_to(sc.counts[kStatNsKeys]);
     pair_keys(ap, bp, d, nb, cand, kKeyRows,
               [&](int64_t i, size_t t, T key) { keys[i][t] = key; });
+    timer.switch_to(sc.counts[kStatNsSelect]);
     std::vector<std::vector<Entry<T>>> by_col(nb);
     for (int64_t i = 0; i < na; ++i) {
       nkeys += static_cast<int64_t>(cand[i].size());
@@ -1381,6 +1388,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     // Row i's first column: self, the one after its own (pairs i < j); cross, all.
     const auto first_col = [&](int64_t i) { return self ? i + 1 : int64_t(0); };
     const auto compute = [&](Filter f, int64_t r0, int64_t r1) {
+      const PhaseTimer timer(sc.counts[kStatNsGemm]);
       // GEMM pieces {first row, rows, first column, columns}: the strip's own block
       // (self) in pieces of kSymPieceRows rows from their first row to the block's end,
       // the columns past it in pieces of all the rows (fewer when the threads need work)
@@ -1419,8 +1427,10 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
         [&](Filter f) -> int64_t {
           probe_dot.resize(probe * pc);
           thread_local cpu::CentredScratch<T> scratch;
+          PhaseTimer timer(sc.counts[kStatNsGemm]);
           cpu::centred_dot(f, ap + i0 * d, probe, bp + c0 * d, pc, cp, d, probe_dot.data(),
               pc, scratch);
+          timer.switch_to(sc.counts[kStatNsSeeds]);
           std::vector<T> work;
           for (int64_t i = 0; i < probe; ++i) {
             const int64_t u = std::min(first_col(i), pc);
@@ -1435,6 +1445,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
 
     // Every pair's upper bound to both of its rows: the strip's rows (vectorised listing of
     // the bounds under the root first), then the columns.
+    PhaseTimer timer(sc.counts[kStatNsSeeds]);
     at::parallel_for(0, mi, 16, [&](int64_t q0, int64_t q1) {
       std::vector<int32_t> below;
       for (int64_t i = q0; i < q1; ++i) {
@@ -1459,6 +1470,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
     });
     // Candidates: pairs under either row's threshold now (its k-th best or its upper
     // bounds so far), the rows' listed (and marked) first, then the columns' not listed.
+    timer.switch_to(sc.counts[kStatNsSelect]);
     cand.assign(mi, {});
     mark.assign(mi * w, 0);
     at::parallel_for(0, mi, 16, [&](int64_t q0, int64_t q1) {
@@ -1499,6 +1511,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
             filter_bound(sn[c0 + j], qn[i0 + i], dot[i * w + j], rule.keep)});
       }
     }
+    timer.stop();
     if (static_cast<int64_t>(pending.size()) > max_pending) {
       flush();  // bounded memory: these keys now, at the thresholds so far
     }
