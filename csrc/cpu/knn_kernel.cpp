@@ -1409,9 +1409,17 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
           items.push_back({p0, std::min(piece, r1 - p0), j0, std::min(kSupportTile, w - j0)});
         }
       }
-      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t w0, int64_t w1) {
+      // Largest first, each taken by whichever thread is free: the diagonal pieces are small
+      // and the tiles large, so a split of the list by position can leave one thread with
+      // most of the work. Each piece's product is the same whichever thread computes it.
+      std::stable_sort(items.begin(), items.end(), [](const auto& x, const auto& y) {
+        return x[1] * x[3] > y[1] * y[3];
+      });
+      const int64_t nitems = static_cast<int64_t>(items.size());
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, std::min(threads, nitems), 1, [&](int64_t, int64_t) {
         thread_local cpu::CentredScratch<T> scratch;
-        for (int64_t item = w0; item < w1; ++item) {
+        for (int64_t item = next++; item < nitems; item = next++) {
           const auto& it = items[item];
           cpu::centred_dot(f, ap + (i0 + it[0]) * d, it[1], bp + (c0 + it[2]) * d, it[3], cp,
               d, dot.data() + it[0] * w + it[2], w, scratch);
