@@ -87,12 +87,11 @@ void centred_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t
 // out[i * ldo + j] = (q_i - c) . (s_j - c) with centred_dot's arithmetic (the same bits),
 // but each side centred and converted once per query piece: the piece's rows to a bfloat16
 // copy (at most 64 MiB), then one work unit per 128..512 support rows (two or more per
-// thread), each support block
-// centred and converted once for all the piece's rows (in one pass for bf16).
-// centred_dot converts both sides again for every (query piece, support piece) and
-// through a float32 copy. Multithreaded. Returns false,
-// computing nothing, for fp32, float64, inside a parallel region or where two units per
-// thread would hold fewer than 128 support rows (the caller then uses centred_dot).
+// thread), each support block centred and converted once for all the piece's rows (in one
+// pass for bf16). centred_dot converts both sides again for every (query piece, support
+// piece) and through a float32 copy. Multithreaded. Returns false, computing nothing, for
+// fp32, float64, inside a parallel region or where two units per thread would hold fewer
+// than 128 support rows (the caller then uses centred_dot).
 bool low_chunk_dot(Filter f, const float* q, int64_t mq, const float* s, int64_t n,
                    const float* c, int64_t d, float* out, int64_t ldo);
 bool low_chunk_dot(Filter f, const double* q, int64_t mq, const double* s, int64_t n,

@@ -15,7 +15,6 @@
 #include <chrono>
 #include <limits>
 #include <mutex>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -1017,7 +1016,8 @@ void knn_cpu_impl(
   // The two passes also pay from kBatchKeysD on when the whole support fits in the cache.
   const bool two_pass = d >= kTwoPassD ||
       (d >= kBatchKeysD && n * d * static_cast<int64_t>(sizeof(T)) <= kCachedSupportBytes);
-  const at::Tensor shifted = shift_center<T>(fallback_chain(filter), two_pass, q, qn);
+  const std::vector<Filter> chain = fallback_chain(filter);
+  const at::Tensor shifted = shift_center<T>(chain, two_pass, q, qn);
   const bool shift = shifted.defined();
   const at::Tensor center = shift ? shifted : at::zeros({d}, q.options());
   at::Tensor qc, qcn;
@@ -1028,7 +1028,7 @@ void knn_cpu_impl(
   }
   timer.stop();
   Scan<T> sc;
-  sc.chain = fallback_chain(filter);
+  sc.chain = chain;
   sc.qc = qc;
   sc.d = d;
   sc.kk = kk;
@@ -1051,8 +1051,8 @@ void knn_cpu_impl(
 
   if (two_pass) {
     timer.switch_to(sc.counts[kStatNsNorms]);
-    const bool same = q.data_ptr() == s.data_ptr() && q.sizes() == s.sizes();
-    const at::Tensor scn = !shift ? sn : same ? qcn : centred_sqnorms<T>(s, center);
+    // Queries that are the support rows share their norms (knn_cpu_checked): so do the centred.
+    const at::Tensor scn = !shift ? sn : sn.is_same(qn) ? qcn : centred_sqnorms<T>(s, center);
     timer.stop();
     wide_scan(sc, shift ? center.const_data_ptr<T>() : nullptr, m, n,
         scn.const_data_ptr<T>(), heaps.data());
@@ -1271,7 +1271,8 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
   // The shift of knn_cpu_impl, from a's rows (the filter's only: any center is exact).
   std::atomic<int64_t> norms_ns{0};
   PhaseTimer norms_timer(norms_ns);
-  const at::Tensor center = shift_center<T>(fallback_chain(filter), true, a, an);
+  const std::vector<Filter> chain = fallback_chain(filter);
+  const at::Tensor center = shift_center<T>(chain, true, a, an);
   const bool shift = center.defined();
   const T* cp = shift ? center.const_data_ptr<T>() : nullptr;
   const at::Tensor acn = shift ? centred_sqnorms<T>(a, center) : an;
@@ -1283,7 +1284,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
   const T* bp = bs.const_data_ptr<T>();
 
   Scan<T> sc;  // the rules, the format chain and the counters of the general path
-  sc.chain = fallback_chain(filter);
+  sc.chain = chain;
   sc.d = d;
   sc.kk = kk;
   sc.offset = gb;
