@@ -317,10 +317,19 @@ PDEPTH_CLONES void list_below(const double* dot, int64_t nb, double qnorm,
 // exceeds it can enter the top k. inf when there are fewer than kk usable pairs. The upper
 // bounds are (qnorm + snorm) * up - 2 dot, i.e. filter_bound with coef `up`: the first pass
 // lists those at most the kk-th of the first kk usable ones (a vectorised scan), then the
-// kk-th smallest of that short list is the kk-th of all.
+// kk-th smallest of that short list is the kk-th of all. `best`, when given, receives the
+// columns of the kk smallest upper bounds (ties to the lower column), ascending: the pairs
+// most likely to be the row's top k (wide_scan's first keys).
+template <typename T>
+using Uppers = std::vector<std::pair<T, int32_t>>;
+
 template <typename T>
 T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, int64_t self,
-            int64_t kk, const Rule<T>& rule, std::vector<T>& scratch) {
+            int64_t kk, const Rule<T>& rule, Uppers<T>& scratch,
+            std::vector<int32_t>* best = nullptr) {
+  if (best != nullptr) {
+    best->clear();
+  }
   const bool has_self = self >= gbase && self < gbase + nb;
   if (nb - (has_self ? 1 : 0) < kk) {
     return std::numeric_limits<T>::infinity();
@@ -340,7 +349,7 @@ T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, in
   scratch.clear();
   for (const int32_t j : below) {
     if (gbase + j != self) {
-      scratch.push_back(upper(j));
+      scratch.emplace_back(upper(j), j);
     }
   }
   if (static_cast<int64_t>(scratch.size()) < kk) {
@@ -349,12 +358,19 @@ T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, in
     scratch.clear();
     for (int64_t j = 0; j < nb; ++j) {
       if (gbase + j != self) {
-        scratch.push_back(upper(j));
+        scratch.emplace_back(upper(j), static_cast<int32_t>(j));
       }
     }
   }
   std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end());
-  return std::max(scratch[kk - 1], T(0)) * rule.grow + rule.slack;
+  if (best != nullptr) {
+    best->clear();
+    for (int64_t t = 0; t < kk; ++t) {
+      best->push_back(scratch[t].second);
+    }
+    std::sort(best->begin(), best->end());
+  }
+  return std::max(scratch[kk - 1].first, T(0)) * rule.grow + rule.slack;
 }
 
 // A row whose top-k is not full yet (root at inf) takes its threshold from this tile's GEMM
@@ -363,7 +379,7 @@ T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, in
 template <typename T>
 T seed_threshold(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase,
                  int64_t self, const Entry<T>* h, int64_t kk, const Rule<T>& rule,
-                 std::vector<T>& scratch) {
+                 Uppers<T>& scratch) {
   return h[0].d != std::numeric_limits<T>::infinity()
       ? std::numeric_limits<T>::infinity()
       : kth_upper(dot, nb, qnorm, snorm, gbase, self, kk, rule, scratch);
@@ -635,43 +651,69 @@ void pair_keys(const T* a, const T* b, int64_t d, int64_t ncols,
   });
 }
 
+// The canonical keys of the pairs (query m0 + i, support n0 + cand[i][t]), offered to the
+// heaps; returns their number.
+template <typename T>
+int64_t offer_keys(const Scan<T>& sc, int64_t n0, int64_t nb, int64_t m0,
+                   const std::vector<std::vector<int32_t>>& cand, Entry<T>* hp,
+                   int64_t key_rows) {
+  int64_t keys = 0;
+  for (const auto& c : cand) {
+    keys += static_cast<int64_t>(c.size());
+  }
+  const int64_t gbase = sc.offset + n0;
+  pair_keys(sc.qp + m0 * sc.d, sc.sp + n0 * sc.d, sc.d, nb, cand, key_rows,
+            [&](int64_t i, size_t t, T key) {
+              offer(hp + (m0 + i) * sc.kk, sc.kk, key, gbase + cand[i][t]);
+            });
+  return keys;
+}
+
 // The candidates of query rows m0..m0+mb against support rows n0..n0+nb (`dot` [mb x nb],
-// `sn` their centred norms) at the rows' thresholds when the chunk starts, their canonical keys
-// computed for blocks of key_rows queries at a time (pair_keys), then offered to the heaps.
-// Returns the number of keys.
+// `sn` their centred norms) at the rows' thresholds, their canonical keys computed for
+// blocks of key_rows queries at a time (pair_keys), then offered to the heaps. With `first`
+// (per row, ascending columns, self excluded) those pairs' keys go first: the rows'
+// thresholds then come from their k-th best canonical key, not from the seed's upper bound,
+// and the rest are listed under that (two stages: the keys a coarse format's window 2 m Q
+// adds are mostly gone). Returns the number of keys.
 template <typename T>
 int64_t batched_keys(const Scan<T>& sc, int64_t n0, int64_t nb, const T* sn, int64_t m0,
                      int64_t mb, const T* dot, const std::vector<T>& seeds,
-                     const Rule<T>& rule, Entry<T>* hp, int64_t key_rows) {
-  const int64_t d = sc.d;
+                     const Rule<T>& rule, Entry<T>* hp, int64_t key_rows,
+                     const std::vector<std::vector<int32_t>>* first = nullptr) {
   const int64_t gbase = sc.offset + n0;
-  const T* srows = sc.sp + n0 * d;
+  int64_t keys = 0;
+  PhaseTimer timer(sc.counts[kStatNsKeys]);
+  if (first != nullptr) {
+    keys += offer_keys(sc, n0, nb, m0, *first, hp, key_rows);
+  }
+  timer.switch_to(sc.counts[kStatNsSelect]);
   std::vector<std::vector<int32_t>> cand(mb);
-  PhaseTimer timer(sc.counts[kStatNsSelect]);
   at::parallel_for(0, mb, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = m0 + i;
       const T thr = row_threshold(hp + r * sc.kk, rule, seeds[i]);
       const int64_t self = sc.self != nullptr ? sc.self[r] : -1;
-      list_below(dot + i * nb, nb, sc.qn[r], sn, rule.keep, thr, cand[i]);
-      if (self >= gbase && self < gbase + nb) {
-        const auto it = std::find(cand[i].begin(), cand[i].end(), int32_t(self - gbase));
-        if (it != cand[i].end()) {
-          cand[i].erase(it);
+      std::vector<int32_t>& c = cand[i];
+      list_below(dot + i * nb, nb, sc.qn[r], sn, rule.keep, thr, c);
+      const int32_t own = self >= gbase && self < gbase + nb ? int32_t(self - gbase) : -1;
+      const std::vector<int32_t>* done = first != nullptr ? &(*first)[i] : nullptr;
+      // Both lists ascend: drop self and the pairs keyed already (a pair offered twice would
+      // take two places in the heap).
+      size_t kept = 0, u = 0;
+      for (const int32_t j : c) {
+        while (done != nullptr && u < done->size() && (*done)[u] < j) {
+          ++u;
+        }
+        if (j != own && !(done != nullptr && u < done->size() && (*done)[u] == j)) {
+          c[kept++] = j;
         }
       }
+      c.resize(kept);
     }
   });
   timer.switch_to(sc.counts[kStatNsKeys]);
-  int64_t keys = 0;
-  for (const auto& c : cand) {
-    keys += static_cast<int64_t>(c.size());
-  }
-  pair_keys(sc.qp + m0 * d, srows, d, nb, cand, key_rows,
-            [&](int64_t i, size_t t, T key) {
-              offer(hp + (m0 + i) * sc.kk, sc.kk, key, gbase + cand[i][t]);
-            });
-  return keys;
+  return keys + offer_keys(sc, n0, nb, m0, cand, hp, key_rows);
 }
 
 // The counters of one block of mb queries x nb support rows (`tiles` support tiles).
@@ -757,7 +799,7 @@ void process_block(Scan<T>& sc, Tile<T>& tile, int64_t m0, int64_t mb, T* dot,
     }
     const PhaseTimer timer(sc.counts[kStatNsSeeds]);
     at::parallel_for(r0, r1, 64, [&](int64_t i0, int64_t i1) {
-      std::vector<T> scratch;
+      Uppers<T> scratch;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = m0 + i;
         seeds[i] = seed_threshold(dot + i * nb, nb, sc.qn[r], sn, gbase,
@@ -809,7 +851,7 @@ bool probe_too_loose(const Scan<T>& sc, Filter f, const T* center, int64_t m0, i
   const int64_t kk = std::max<int64_t>(1, (sc.kk * ns + n - 1) / n);
   std::vector<T> dot(rows * ns);
   std::vector<T> seeds(rows);
-  std::vector<T> scratch;
+  Uppers<T> scratch;
   // Split over the support sample, one piece per thread.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t piece = (ns + threads - 1) / threads;
@@ -860,8 +902,9 @@ at::Tensor shift_center(const std::vector<Filter>& chain, bool in_place, const a
 // against all n support rows, in pieces of <= kPieceRows queries x kSupportTile support rows,
 // one per thread, each centred and converted block by block in the cache (centred_dot)
 // rather than from centred copies of the inputs; (2) each query's threshold from the kk-th
-// smallest upper bound over all n (kth_upper), not over one tile; (3) canonical keys only for
-// the pairs under it (batched_keys). `sn` [n] are the centred support norms.
+// smallest upper bound over all n (kth_upper), not over one tile; (3) canonical keys for the
+// kk pairs of smallest upper bound, then for the other pairs under the threshold those keys
+// give (batched_keys' two stages, docs/design.md 6.5). `sn` [n] are the centred support norms.
 template <typename T>
 void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
                Entry<T>* hp) {
@@ -873,6 +916,7 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
   const int64_t ntiles = (n + kSupportTile - 1) / kSupportTile;
   std::vector<T> dot(chunk * n);
   std::vector<T> seeds(chunk);
+  std::vector<std::vector<int32_t>> first(chunk);  // each row's kk smallest upper bounds
   for (int64_t m0 = 0; m0 < m; m0 += chunk) {
     const int64_t mb = std::min(chunk, m - m0);
     const Filter f = pick_format(sc, mb,
@@ -903,17 +947,19 @@ void wide_scan(Scan<T>& sc, const T* center, int64_t m, int64_t n, const T* sn,
           });
           timer.switch_to(sc.counts[kStatNsSeeds]);
           at::parallel_for(r0, r1, 16, [&](int64_t i0, int64_t i1) {
-            std::vector<T> scratch;
+            Uppers<T> scratch;
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t r = m0 + i;
               seeds[i] = kth_upper(dot.data() + i * n, n, sc.qn[r], sn, sc.offset,
-                  sc.self != nullptr ? sc.self[r] : -1, sc.kk, sc.rule[int(f)], scratch);
+                  sc.self != nullptr ? sc.self[r] : -1, sc.kk, sc.rule[int(f)], scratch,
+                  &first[i]);
             }
           });
         });
     // One key block per thread: each support row is read from memory once per thread.
+    first.resize(mb);
     const int64_t keys = batched_keys(sc, 0, n, sn, m0, mb, dot.data(), seeds,
-        sc.rule[int(f)], hp, std::max(kKeyRows, (mb + threads - 1) / threads));
+        sc.rule[int(f)], hp, std::max(kKeyRows, (mb + threads - 1) / threads), &first);
     count_block(sc, f, seeds, keys, mb, n, ntiles);
   }
 }
@@ -1440,7 +1486,7 @@ void sym_scan(const at::Tensor& a, const at::Tensor& b, bool exclude, int64_t kk
           cpu::centred_dot(f, ap + i0 * d, probe, bp + c0 * d, pc, cp, d, probe_dot.data(),
               pc, scratch);
           timer.switch_to(sc.counts[kStatNsSeeds]);
-          std::vector<T> work;
+          Uppers<T> work;
           for (int64_t i = 0; i < probe; ++i) {
             const int64_t u = std::min(first_col(i), pc);
             seeds[i] = seed_threshold(probe_dot.data() + i * pc + u, pc - u, qn[i0 + i],
