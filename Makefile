@@ -1,4 +1,6 @@
-# make test: venv + pinned deps, build pdepth._C (CUDA too when a toolkit is present), lint, tests.
+# make test: venv + pinned deps, build pdepth._C (CUDA too when a toolkit is present), lint,
+#   the tests but those marked slow (about 3 minutes on 2 cores).
+# make test-slow: the tests marked slow (end-to-end CLI runs, reports, sharding); CI runs both.
 # make demo: the same setup, then the main job on the embedded default.
 # make sdist-check: build the sdist and install it as users do (see README, Install).
 # make docs: the site (Sphinx) into docs/_build/html, warnings as errors; it runs examples/.
@@ -9,7 +11,7 @@ VPY    := $(VENV)/bin/python
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 export CUDA_HOME
 
-.PHONY: all venv build test lint bench demo dataset sdist-check docs examples clean
+.PHONY: all venv build test test-slow lint bench demo dataset sdist-check docs examples clean
 
 all: test
 
@@ -54,7 +56,10 @@ lint: venv
 	$(VENV)/bin/ruff check pdepth tests benchmarks examples docs/conf.py setup.py
 
 test: build lint
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -m "not slow" tests
+
+test-slow: build
+	$(VPY) -m pytest -q -m slow tests
 
 bench: build
 	$(VPY) benchmarks/bench_knn.py --sizes full

@@ -229,6 +229,7 @@ def _same_results(a, b):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_disk_cache_in_several_passes_equals_the_in_memory_run(ram_run, tmp_path,
                                                                 monkeypatch):
     monkeypatch.setattr(scoring, "disk_budget", lambda folder: 200 * 3136 * 4 + 1)
@@ -251,6 +252,7 @@ def test_disk_cache_in_several_passes_equals_the_in_memory_run(ram_run, tmp_path
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_interrupted_run_resumes_per_probe(ram_run, tmp_path, monkeypatch):
     from pdepth.protocol import model_run
 
@@ -303,6 +305,7 @@ def test_run_refused_before_training_when_the_cache_cannot_fit(tmp_path, monkeyp
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_keep_cache_leaves_readable_embeddings_in_query_order(tmp_path):
     from pdepth.data import load_subset, normalize_images
     from pdepth.protocol.config import split_halves
@@ -409,6 +412,7 @@ def _zero_embeddings(path):
 
 @needs_fmnist
 @pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.slow
 def test_resume_recomputes_a_damaged_or_foreign_cache_file(kept_cache_run, ram_run, tmp_path,
                                                            capsys, damage):
     """Every cache file a resume reads is checked against its record (owner, size, sha256)

@@ -51,6 +51,7 @@ def test_cli_report_on_empty_dir(tmp_path, capsys):
     assert "no finished pdepth run" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point():
     import subprocess
     import sys
@@ -91,6 +92,7 @@ def test_report_and_improve_never_write_through_a_symlinked_folder(tmp_path, cap
     assert tree(out) == before and tree(mine) == theirs
 
 
+@pytest.mark.slow
 def test_report_is_refused_while_another_process_writes(tmp_path, capsys):
     import fcntl
     import os
@@ -208,6 +210,7 @@ def test_cli_token_cls_on_a_network_without_a_class_token(tmp_path, capsys):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_run_metric_cosine_equals_prediction_depth_over_hand_normalised_embeddings(tmp_path):
     """`pdepth run --metric cosine` (embeddings through the disk store, 1 MiB budget): each
     model's probe predictions and depths are prediction_depth(metric="euclidean") over the

@@ -75,6 +75,7 @@ def test_each_loader_reads_both_splits_as_written(name, tmp_path, no_md5):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.slow
 def test_each_dataset_runs_through_the_cli(name, tmp_path, no_md5):
     writer, shape, classes, extra = CASES[name]
     images, labels = writer(tmp_path / "data")["train"]

@@ -242,6 +242,7 @@ def _layers(n, seed, widths=(5, 9, 3, 7)):
     return [torch.randn(n, w, generator=g) for w in widths]
 
 
+@pytest.mark.slow
 def test_generator_equals_list_and_keeps_one_layer_resident():
     support, queries = _layers(90, 0), _layers(30, 1)
     labels = torch.randint(0, 3, (90,), generator=torch.Generator().manual_seed(2))
@@ -688,6 +689,7 @@ print(len(os.listdir("/proc/self/task")) - threads)
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="Linux only")
+@pytest.mark.slow
 def test_a_process_that_loaded_a_parquet_result_exits_cleanly(tmp_path):
     # Regression: reading the table from an io.BytesIO with pyarrow's threads aborted the
     # process at exit ("terminate called without an active exception", exit 134) in about

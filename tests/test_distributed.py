@@ -246,6 +246,7 @@ def _mismatch_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
     _finish()
 
 
+@pytest.mark.slow
 def test_ranks_with_different_values_fail_every_rank(tmp_path):
     per_rank = _spawn(_mismatch_worker, 2, tmp_path)
     for rank, log in enumerate(per_rank):
@@ -305,6 +306,7 @@ def _expected(case: dict):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow
 def test_sharded_equals_single_process(world, tmp_path):
     per_rank = _spawn(_parity_worker, world, tmp_path)
     cases = _cases(world)
@@ -339,6 +341,7 @@ def test_sharded_equals_single_process(world, tmp_path):
         assert chunks == want.num_chunks
 
 
+@pytest.mark.slow
 def test_failing_rank_fails_every_rank(tmp_path):
     t0 = time.monotonic()
     log0, log1 = _spawn(_failure_worker, 2, tmp_path)
@@ -398,6 +401,7 @@ def _pipeline_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
 
 
 @pytest.mark.skipif(not os.path.exists(_FMNIST), reason="Fashion-MNIST not installed")
+@pytest.mark.slow
 def test_run_spreads_models_over_ranks(tmp_path, restore_num_threads):
     per_rank = _spawn(_pipeline_worker, 2, tmp_path)
     torch.set_num_threads(1)  # as in the ranks: training is then bit-reproducible

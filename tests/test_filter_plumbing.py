@@ -293,6 +293,7 @@ def _sharded_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
 
 @pytest.mark.skipif(not torch.distributed.is_available()
                     or not torch.distributed.is_gloo_available(), reason="gloo")
+@pytest.mark.slow
 def test_sharded_with_bf16_filter_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
@@ -381,6 +382,7 @@ def test_cli_tf32_on_cpu_fails_before_any_work(tmp_path, capsys):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_cli_knn_filter_same_results_and_resumes_with_another(tiny_run, tmp_path, capsys):
     import pandas as pd
 

@@ -354,6 +354,7 @@ def test_cli_improve_bad_option(option, noisy_run, capsys):
     assert not (noisy_run / "improve.json").exists()  # refused before anything is written
 
 
+@pytest.mark.slow
 def test_improve_on_a_real_run(tiny_run, tmp_path):
     """End to end on a real `pdepth run` (conftest's tiny run): skipped until `pdepth run`
     writes the label-error columns."""

@@ -135,6 +135,7 @@ def test_message_installed_without_extension(tmp_path):
     assert "pip install --no-build-isolation ." in msg
 
 
+@pytest.mark.slow
 def test_shadowed_source_tree_warns_end_to_end(tmp_path):
     """A checkout without a build, run from its root, with an installed pdepth (with _C)
     further down sys.path: pdepth falls back to the reference and says why."""
@@ -208,6 +209,7 @@ def test_build_system_does_not_pull_torch():
 
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU build")
+@pytest.mark.slow
 def test_unusable_toolkit_falls_back_to_cpu(checkout, tmp_path):
     """A CUDA_HOME without cudart (e.g. /usr/local when nvcc on PATH is a wrapper): CPU-only
     build with the reason, or an error with FORCE_CUDA=1."""
@@ -236,6 +238,7 @@ def test_force_cpu(checkout):
 # ---- the sdist ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sdist_has_every_source_and_header(checkout, tmp_path):
     out = _setup_py(["-q", "sdist", "-d", str(tmp_path / "dist")], checkout, FORCE_CPU="1")
     assert out.returncode == 0, out.stderr

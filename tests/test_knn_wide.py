@@ -87,6 +87,7 @@ def test_small_support_two_passes():
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+@pytest.mark.slow
 def test_chunks_self_matches_and_ties(chunk_rows):
     """Integer rows (exact ties everywhere), self matches excluded, small chunks."""
     q, s = int_data(50, 700, 8200, lo=-1, hi=1, key=("wide-ties",))
@@ -200,6 +201,7 @@ def test_holds_no_copy_of_the_queries():
 
 @pytest.mark.parametrize("piece_rows", [0, 1, 13])
 @pytest.mark.parametrize("kind", ["gaussian", "relu"])
+@pytest.mark.slow
 def test_low_chunk_path(kind, piece_rows, two_threads):
     """The bf16 formats' chunk GEMM that converts each side once per query piece
     (low_chunk_dot, 512-row support units: 2,100 rows give 5, the last one partial; D = 8200

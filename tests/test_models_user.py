@@ -85,6 +85,7 @@ def _strict_json(path):
     return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c}"))
 
 
+@pytest.mark.slow
 def test_a_model_factory_trains_and_is_probed_by_name(net, mnist, tmp_path):
     root, _ = mnist
     out = tmp_path / "run"
@@ -100,6 +101,7 @@ def test_a_model_factory_trains_and_is_probed_by_name(net, mnist, tmp_path):
         assert pm["depth"].shape == (2, 24) and pm["layer_pred"].shape == (2, 4, 24)
 
 
+@pytest.mark.slow
 def test_a_timm_style_factory_gets_its_keyword_names_and_model_args(net, mnist, tmp_path,
                                                                    capsys):
     # --model module:factory for a builder taking in_chans / img_size (timm's names) instead
@@ -116,6 +118,7 @@ def test_a_timm_style_factory_gets_its_keyword_names_and_model_args(net, mnist, 
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_scored_without_training(net, mnist, tmp_path):
     root, (images, labels) = mnist
     torch.manual_seed(3)
@@ -150,6 +153,7 @@ def test_a_checkpoint_is_scored_without_training(net, mnist, tmp_path):
     assert "not trained here" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_architecture_names_the_keys(net, mnist, tmp_path, capsys):
     root, _ = mnist
     torch.save(pdepth.models.build_model("cnn").state_dict(), tmp_path / "cnn.pt")
@@ -164,6 +168,7 @@ def test_a_checkpoint_of_another_architecture_names_the_keys(net, mnist, tmp_pat
     assert _run(root, out, "--arch", "cnn", "--checkpoint", str(tmp_path / "cnn.pt")) == 0
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_needs_pickle_is_refused(net, mnist, tmp_path, capsys):
     root, _ = mnist
     torch.save({"state_dict": net.build(10, 1).state_dict(), "optimizer": net.Optimizer()},
@@ -226,6 +231,7 @@ class _Squares(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("pil", [False, True])
+@pytest.mark.slow
 def test_a_user_dataset_runs_through_the_python_api(tmp_path, pil):
     config = pdepth.RunConfig(dataset="squares", arch="mlp", subset=None, epochs=1, k=3,
                               seeds=[0])

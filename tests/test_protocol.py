@@ -89,6 +89,7 @@ def test_end_to_end_outputs(small_run):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_report_redraw_and_resume(small_run, tmp_path, capsys):
     import shutil
 
@@ -169,6 +170,7 @@ def _image_folder(root, seed):
     return root
 
 
+@pytest.mark.slow
 def test_resume_on_another_image_folder_is_refused(tmp_path, capsys):
     """Issue 23: a resumed run mixed models trained on another --root (same class names)."""
     from run_helpers import one_error_line, tree
@@ -192,6 +194,7 @@ def test_resume_on_another_image_folder_is_refused(tmp_path, capsys):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_resume_with_a_lower_memory_budget_and_named_settings(tiny_run, tmp_path, capsys):
     """The memory budget is no part of the run's identity (a run that ran out of memory
     resumes with a lower one); a refusal names the settings that differ."""

@@ -107,6 +107,7 @@ def test_prepare_output_other_settings_and_odd_paths(tmp_path):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_overwrite_of_its_own_run_repeats(tiny_run, tmp_path):
     """`make demo` reruns `pdepth run --overwrite` into the same directory."""
     out = copy_run(tiny_run, tmp_path)
@@ -248,6 +249,7 @@ def test_resume_checks_what_a_model_file_holds(tiny_run, tmp_path, capsys):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_resume_names_a_truncated_model_file(tiny_run, tmp_path, capsys):
     out = copy_run(tiny_run, tmp_path)
     (out / "COMPLETE").unlink()

@@ -158,6 +158,7 @@ ARGS = dict(scores="held_out_depth,margin,random", keep=(0.5,), modes=("remove_e
             seeds=(0,), progress=False, log=None)
 
 
+@pytest.mark.slow
 def test_prune_writes_prune_json_npy_and_figure(tiny_run, tmp_path, events, monkeypatch):
     run_dir = copy_run(tiny_run, tmp_path)
     real_split = improve_mod.load_test_split
@@ -198,6 +199,7 @@ def test_prune_writes_prune_json_npy_and_figure(tiny_run, tmp_path, events, monk
     assert "figures/pruning.png" in (run_dir / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_prune_resumes_per_job(tiny_run, tmp_path, events, monkeypatch):
     run_dir = copy_run(tiny_run, tmp_path)
     real = improve_mod.train_and_test
@@ -230,6 +232,7 @@ def test_prune_resumes_per_job(tiny_run, tmp_path, events, monkeypatch):
     assert [e[1] for e in events if isinstance(e, tuple)] == [200, 100]
 
 
+@pytest.mark.slow
 def test_prune_missing_default_scores_skipped_in_one_line(tiny_run, tmp_path, monkeypatch):
     run_dir = copy_run(tiny_run, tmp_path)
     # a run folder of a version before the standard scores: no el2n, forgetting_events, aum
@@ -277,6 +280,7 @@ def test_cli_not_a_run(tmp_path, capsys):
     assert "not a directory" in one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_run, tmp_path, capsys, events):
     run_dir = copy_run(tiny_run, tmp_path)
     assert main(["prune", str(run_dir), "--scores", "train_depth,iteration_learned",

@@ -82,6 +82,7 @@ def test_difficulty_scores_section(synthetic_run):
                 f"<td>{'n/a' if half is None else format(half, '+.3f')}</td>") in page, name
 
 
+@pytest.mark.slow
 def test_one_seed_reliability_says_why(synthetic_run, tmp_path):
     out = copy_run(synthetic_run, tmp_path)
     _edit_json(out, "summary.json", lambda s: s["score_reliability"].update(
@@ -110,6 +111,7 @@ def test_each_claim_figure_has_its_summary_caption(synthetic_run):
     assert "holds (the paper" in claim_line(claims["flipped_labels_memorised_late"])
 
 
+@pytest.mark.slow
 def test_improve_results_and_runs_without_summary(synthetic_run, tmp_path):
     out = copy_run(synthetic_run, tmp_path)
     improve = {"baseline": {"test_accuracy": 0.8012, "test_accuracy_std": 0.0,
@@ -143,6 +145,7 @@ def test_no_temporary_files_are_left(synthetic_run):
     assert not [p for p in synthetic_run.rglob("*") if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_redraw_replaces_every_file(synthetic_run, tmp_path):
     out = copy_run(synthetic_run, tmp_path)
     (out / "figures" / "depth_2d.png").unlink()
@@ -152,6 +155,7 @@ def test_redraw_replaces_every_file(synthetic_run, tmp_path):
     assert "<h2>Figures</h2>" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_cli_report_on_a_finished_run(synthetic_run, tmp_path, capsys):
     out = copy_run(synthetic_run, tmp_path)
     assert main(["report", str(out)]) == 0
@@ -193,6 +197,7 @@ def test_cli_damaged_input_is_one_error_line(synthetic_run, tmp_path, capsys):
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_failure_half_way_leaves_every_file(synthetic_run, tmp_path, monkeypatch):
     out = copy_run(synthetic_run, tmp_path)
     before = tree(out)
@@ -206,6 +211,7 @@ def test_failure_half_way_leaves_every_file(synthetic_run, tmp_path, monkeypatch
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_file_and_leaves_every_file(synthetic_run, tmp_path,
                                                           monkeypatch, capsys):
     # Regression: a full disk while drawing said "[Errno 28] No space left on device" only.
@@ -230,6 +236,7 @@ def test_a_full_disk_names_the_file_and_leaves_every_file(synthetic_run, tmp_pat
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_first_report_failure_leaves_no_figures_folder(synthetic_run, tmp_path, monkeypatch):
     out = copy_run(synthetic_run, tmp_path)
     for p in (out / "figures").iterdir():
@@ -358,6 +365,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
+@pytest.mark.slow
 def test_hostile_values_are_escaped(synthetic_run, tmp_path, capsys, name):
     """A string where a number belongs, a <script> in a name, a dict where a list belongs:
     the page is written and every value shows as escaped text."""
@@ -387,6 +395,7 @@ def test_hostile_values_are_escaped(synthetic_run, tmp_path, capsys, name):
     ("improve.json", lambda out: (out / "improve.json").write_text(json.dumps(JS)),
      "improve.json cannot be read"),
 ])
+@pytest.mark.slow
 def test_hostile_values_that_cannot_be_drawn_are_one_line(synthetic_run, tmp_path, capsys,
                                                           name, edit, figure):
     """Values a figure cannot be drawn from: refused with one line naming the file, nothing
@@ -408,6 +417,7 @@ def _edit_table(out, column, value):
     df.to_parquet(out / "results.parquet")
 
 
+@pytest.mark.slow
 def test_improve_without_flips_shows_no_flips(synthetic_run, tmp_path):
     """improve.json of a run without noise (precision / recall null, flipped 0): the table
     says "no flips", not 0.0 or n/a."""

@@ -100,6 +100,7 @@ def test_score_runs_each_example_through_the_model_once():
     assert res.stats["store"] == "memory" and res.stats["passes"] == 1
 
 
+@pytest.mark.slow
 def test_score_disk_store_equals_ram_and_leaves_no_files(tmp_path, monkeypatch):
     import tempfile
 

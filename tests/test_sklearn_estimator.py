@@ -63,6 +63,7 @@ def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
 
+@pytest.mark.slow
 def test_array_api_check_passes():
     """check_array_api_input (dispatch enabled, numpy inputs) needs SCIPY_ARRAY_API=1 before
     scipy is imported, so it runs in a fresh interpreter."""
