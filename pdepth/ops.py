@@ -312,7 +312,12 @@ SYMMETRIC_MIN_D = 4096
 # ... where the filter resolves to one of these formats. The symmetric path's bf16 cross terms
 # convert each strip's rows per piece; on the 2-core EPYC (two threads, a loaded machine) it
 # took 1.03-1.09x the general bf16 path's time at D = 4096 and 12,544, its fp32 0.66-0.79x
-# the general fp32's (benchmarks/bench_knn.py --suites sym; one thread: bf16 0.76x).
+# the general fp32's (benchmarks/bench_knn.py --suites sym; one thread: bf16 0.76x). Both
+# were measured before the strip's GEMM pieces were balanced over the threads (RESULTS.md,
+# issue 26: fp32 0.85-0.93 -> 0.60-0.62); through the float32 sgemm on an AVX2 CPU the bf16
+# symmetric path now takes 0.59-0.67x the general bf16 path's time on trained ResNet-18
+# probes, which says nothing of an AVX512-BF16 CPU's conversions: bf16 joins this list when
+# the sym suite, run there, says so.
 SYMMETRIC_FILTERS = ("fp32",)
 
 
