@@ -23,7 +23,8 @@ from torch import nn
 from .models import _call, call_factory, load_checkpoint, load_factory
 
 __all__ = ["MODELS_HINT", "BuiltModel", "build_named_model", "call_factory",
-           "model_dependencies", "output_width", "parse_model_args", "preprocess"]
+           "model_dependencies", "output_width", "parse_model_args", "preprocess",
+           "PreprocessedImages", "input_transform"]
 
 MODELS_HINT = 'pip install "pdepth[models]"'
 KINDS = ("timm", "torchvision", "hf")
@@ -223,38 +224,81 @@ def output_width(model: nn.Module, example: torch.Tensor) -> int:
     return int(out.reshape(out.shape[0], -1).shape[1])
 
 
+def input_transform(images: torch.Tensor, model: nn.Module, pre: dict | None,
+                    mean: Sequence[float], std: Sequence[float]):
+    """The model's input rule for a split of uint8 images ``[n, H, W]`` / ``[n, H, W, C]``:
+    a function from a uint8 batch of that split to the model's float32 input
+    ``[b, C', H', W']``, and the record of what it does (:func:`preprocess`, one batch at a
+    time). Raises ValueError when the model's channels cannot be made from the images'."""
+    channels = 1 if images.dim() == 3 else int(images.shape[3])
+    pre = dict(pre or {})
+    want = (pre.get("input_size") or [None])[0] or _first_conv_channels(model)
+    expand = want is not None and want != channels
+    if expand:
+        if channels != 1:
+            raise ValueError(f"the model takes {want}-channel images, the dataset's have "
+                             f"{channels}")
+        mean, std = list(mean) * want if len(mean) == 1 else mean, \
+            list(std) * want if len(std) == 1 else std
+    size = pre.get("input_size")
+    mode = pre.get("interpolation", "bilinear")
+    resize = size is not None and list(images.shape[1:3]) != list(size[1:])
+    m, s = pre.get("mean", mean), pre.get("std", std)
+    mt = torch.tensor(m, dtype=torch.float32).reshape(1, -1, 1, 1)
+    st = torch.tensor(s, dtype=torch.float32).reshape(1, -1, 1, 1)
+
+    def transform(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(torch.float32).div_(255.0)
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+        if expand:
+            x = x.expand(-1, want, -1, -1).contiguous()
+        if resize:
+            x = _resize(x, tuple(size[1:]), mode)
+        return x.sub_(mt).div_(st)
+
+    hw = list(size[1:]) if resize else list(images.shape[1:3])
+    record = {"source": pre.get("source", "dataset statistics"),
+              "input_shape": [int(want if expand else channels)] + [int(v) for v in hw],
+              "interpolation": mode if size is not None else None, "resized": resize,
+              "crop": None, "mean": [float(v) for v in m], "std": [float(v) for v in s]}
+    return transform, record
+
+
 def preprocess(images: torch.Tensor, model: nn.Module, pre: dict | None,
                mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, dict]:
     """uint8 images ``[n, H, W]`` / ``[n, H, W, C]`` -> the model's float32 input
     ``[n, C', H', W']`` and the record of what was done: scaled to [0, 1]; grey repeated to
     the channels of the model's first convolution; resized to the model's input size (no
     crop) with its interpolation; standardised with the model's mean / std where it declares
-    them, else with the dataset's (``mean`` / ``std``)."""
-    x = images.to(torch.float32).div_(255.0)
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
-    pre = dict(pre or {})
-    want = (pre.get("input_size") or [None])[0] or _first_conv_channels(model)
-    if want is not None and want != x.shape[1]:
-        if x.shape[1] != 1:
-            raise ValueError(f"the model takes {want}-channel images, the dataset's have "
-                             f"{x.shape[1]}")
-        x = x.expand(-1, want, -1, -1).contiguous()
-        mean, std = list(mean) * want if len(mean) == 1 else mean, \
-            list(std) * want if len(std) == 1 else std
-    size = pre.get("input_size")
-    mode = pre.get("interpolation", "bilinear")
-    if size is not None and list(x.shape[2:]) != list(size[1:]):
-        x = _resize(x, tuple(size[1:]), mode)
-    m = pre.get("mean", mean)
-    s = pre.get("std", std)
-    x = x.sub_(torch.tensor(m, dtype=torch.float32).reshape(1, -1, 1, 1)).div_(
-        torch.tensor(s, dtype=torch.float32).reshape(1, -1, 1, 1))
-    record = {"source": pre.get("source", "dataset statistics"),
-              "input_shape": [int(v) for v in x.shape[1:]], "interpolation":
-              mode if size is not None else None, "resized": list(images.shape[1:3]) !=
-              list(x.shape[2:]), "crop": None, "mean": [float(v) for v in m],
-              "std": [float(v) for v in s]}
-    return x, record
+    them, else with the dataset's (``mean`` / ``std``). The whole split at once; for a split
+    too large for that, :class:`PreprocessedImages`."""
+    transform, record = input_transform(images, model, pre, mean, std)
+    return transform(images), record
+
+
+class PreprocessedImages(torch.utils.data.Dataset):
+    """A split of uint8 images ``[n, H, W(, C)]`` and labels ``[n]`` whose model inputs are
+    made batch by batch when read (:func:`input_transform`), so that a split resized to the
+    model's input size is never held whole in RAM (5,000 images at 224 x 224 are 3 GB of
+    float32). Items are ``(x [C', H', W'] float32, label)``; a DataLoader's batch is made in
+    one call (``__getitems__``), with the bits of :func:`preprocess` on the whole split."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images: {images.shape[0]} rows but labels has "
+                             f"{labels.shape[0]}")
+        self.images, self.targets, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i:i + 1])[0], self.targets[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        x = self.transform(self.images[idx])
+        return list(zip(x.unbind(0), self.targets[idx].unbind(0), strict=True))
 
 
 def _resize(x: torch.Tensor, size: tuple, mode: str, block: int = 256) -> torch.Tensor:

@@ -165,7 +165,8 @@ def _check_token(spec: ProbeSpec, model: nn.Module) -> None:
 def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None,
                    token: str | None = None) -> ProbeSpec:
     """A :class:`ProbeSpec` from a spec, a preset name, or a sequence of module names (input
-    and softmax probes added; an empty one is refused); None means preset ``"auto"``.
+    and softmax probes added; an empty one is refused); None means preset ``"auto"``; a string
+    that names no preset but one of the model's modules is that module alone.
     ``max_dim`` and ``token`` (``"cls"``, ``"mean"``, ``"all"``: module docstring) override
     the spec's when given; a preset's default token is its family's. The token layout comes
     from the model's family (:func:`pdepth.families.recognise`; none: no prefix tokens, no
@@ -181,6 +182,8 @@ def resolve_probes(model: nn.Module, probes=None, *, max_dim: int | None = None,
     elif isinstance(probes, str):
         if probes not in family_names():
             named = [n for n, _ in model.named_modules() if n]
+            if probes in named:  # one module name (--probes blocks.0): a list of one
+                return resolve_probes(model, [probes], max_dim=max_dim, token=token)
             raise ValueError(
                 f"unknown probe preset {probes!r}; valid presets: {', '.join(family_names())}; "
                 f"or pass a list of module names: {', '.join(named)}"

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from pdepth.builders import (
+    PreprocessedImages,
     build_named_model,
     call_factory,
+    input_transform,
     model_dependencies,
     parse_model_args,
     preprocess,
@@ -121,3 +123,32 @@ def test_call_factory_finds_the_keywords_of_a_kwargs_builder():
     assert tv.fc.out_features == 10
     with pytest.raises(ValueError, match="rejects --model-arg bogus=1"):
         call_factory(timm.models.resnet18, given, {"bogus": 1}, "timm.models:resnet18")
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("grey", [True, False])
+def test_preprocessed_images_batch_by_batch_equal_the_whole_split(mode, grey):
+    """pdepth score makes the model's inputs batch by batch (a split resized to 224 is never
+    held whole): any batching gives the bits of preprocess() on the whole split, with the
+    resize (every interpolation), the grey -> RGB repeat and the standardisation."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    shape = (300, 12, 10) if grey else (300, 12, 10, 3)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(300) % 7
+    pre = {"input_size": [3, 20, 24], "interpolation": mode, "mean": [0.4, 0.5, 0.6],
+           "std": [0.2, 0.3, 0.25], "source": "test"}
+    want, record = preprocess(images, model, pre, (0.3,), (0.2,))
+    transform, same = input_transform(images, model, pre, (0.3,), (0.2,))
+    assert same == record and record["input_shape"] == [3, 20, 24] and record["resized"]
+    data = PreprocessedImages(images, labels, transform)
+    assert len(data) == 300 and torch.equal(data.targets, labels)
+    for batch in (1, 7, 256):
+        xs, ys = zip(*torch.utils.data.DataLoader(data, batch_size=batch), strict=True)
+        assert torch.equal(torch.cat(xs), want), batch
+        assert torch.equal(torch.cat(ys), labels)
+    x5, y5 = data[5]
+    assert torch.equal(x5, want[5]) and int(y5) == 5
+    with pytest.raises(ValueError, match="300 rows but labels has 299"):
+        PreprocessedImages(images, labels[:299], transform)
+

@@ -162,6 +162,14 @@ def test_unknown_probe_names_list_valid_ones():
         models.build_model("alexnet")
 
 
+def test_one_module_name_is_a_list_of_one():
+    """--probes block2 (no comma): the module alone, as ["block2"], not an unknown preset."""
+    model = models.cnn()
+    one = resolve_probes(model, "block2")
+    assert one.names == resolve_probes(model, ["block2"]).names
+    assert list(one.names) == ["input", "block2", "softmax"]
+
+
 def test_module_running_twice_is_an_error():
     model = _eval(models.resnet18())
     spec = ProbeSpec(("layer1.0.relu",))  # BasicBlock reuses its ReLU
