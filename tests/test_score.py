@@ -28,18 +28,6 @@ def _data(n, seed, classes=3):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
-def _by_hand(model, probes, x_tr, y_tr, x_te, y_te, k, reference="network"):
-    """prediction_depth over pdepth.extract's embeddings: train (self excluded), test."""
-    sup = pdepth.extract(model, x_tr, probes)
-    qry = pdepth.extract(model, x_te, probes)
-    kw = dict(k=k, num_classes=3, reference=reference)
-    train = pdepth.prediction_depth(sup.layers, y_tr, network_pred=sup.logits.argmax(1),
-                                    **kw)
-    test = pdepth.prediction_depth(sup.layers, y_tr, qry.layers, query_labels=y_te,
-                                   network_pred=qry.logits.argmax(1), **kw)
-    return train, test
-
-
 def _by_hand(model, probes, x_tr, y_tr, x_te, y_te, k, reference="network",
              metric="euclidean"):
     """prediction_depth over pdepth.extract's embeddings: train (self excluded), test."""
@@ -77,6 +65,35 @@ def test_score_equals_prediction_depth_by_hand(reference, metric):
     st = res.stats
     assert 0 < st["extract_seconds"] and 0 < st["knn_seconds"]
     assert st["extract_seconds"] + st["knn_seconds"] <= st["seconds"]
+
+
+def test_score_on_the_device_equals_by_hand(device, tmp_path, monkeypatch):
+    """device=: the model's forward and the k-NN on that device (on CUDA, the path the CPU
+    suite cannot run), in RAM and through the disk store, equal prediction_depth over
+    embeddings extracted by hand on the same device and scored there."""
+    import tempfile
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    model = _net().to(device)
+    (x_tr, y_tr), (x_te, y_te) = _data(50, 1), _data(20, 2)
+    probes = ["1", "4", "5"]
+    sup = pdepth.extract(model, x_tr, probes, device=device, storage=device)
+    qry = pdepth.extract(model, x_te, probes, device=device, storage=device)
+    kw = dict(k=3, num_classes=3)
+    ys = y_tr.to(device)
+    train = pdepth.prediction_depth(sup.layers, ys, network_pred=sup.logits.argmax(1), **kw)
+    test = pdepth.prediction_depth(sup.layers, ys, qry.layers, query_labels=y_te.to(device),
+                                   network_pred=qry.logits.argmax(1), **kw)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for budget in (None, 3000):  # everything in RAM; blocks of a few rows on disk
+        res = pdepth.score(model, (x_tr, y_tr), (x_te, y_te), probes=probes, k=3,
+                           device=device, memory_budget=budget)
+        assert res.stats["store"] == ("memory" if budget is None else "disk")
+        for got, want in ((res.train, train), (res.test, test)):
+            assert torch.equal(got.depth.cpu(), want.depth.cpu()), budget
+            assert torch.equal(got.layer_pred.cpu(), want.layer_pred.cpu()), budget
+        assert torch.equal(res.train_logits.cpu(), sup.logits.cpu())
+    assert list(tmp_path.iterdir()) == []
 
 
 def _counting(model):
