@@ -238,7 +238,7 @@ def score(model: nn.Module, train, test=None, *, probes=None, token: str | None 
         return build_result(layer_pred[:, rows], ref_t[rows],
                             query_labels=args.query_labels[rows], example_index=example_index,
                             k=args.k, self_match="exclude", reference_mode=args.mode,
-                            num_classes=classes, layer_names=spec.names)
+                            num_classes=classes, layer_names=spec.names, metric=args.metric)
 
     tr = split(slice(0, n), torch.arange(n))
     te = None if y_te is None else split(slice(n, total), None)

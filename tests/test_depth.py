@@ -4,6 +4,7 @@ I/O, ensembles and bad input. The k-NN itself is tested elsewhere; here the orac
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from collections import OrderedDict
@@ -439,7 +440,7 @@ def test_load_parquet_refuses_a_sidecar_from_another_save(tmp_path):
                                          r"belong to this table"):
         DepthResult.load(path)
     # a version-1 sidecar (pdepth before the checksum) is still checked against the table
-    _edit_sidecar(path, table_sha256=None, sha256=None, format_version=1)
+    _edit_sidecar(path, table_sha256=None, sha256=None, metric=None, format_version=1)
     with pytest.raises(ValueError, match=r"table has 10 rows but its sidecar .* "
                                          r"num_examples=40"):
         DepthResult.load(path)
@@ -542,15 +543,16 @@ NPZ_EDITS = [
     ("version", None, lambda m: {**m, "format_version": "3"}, True,
      r"format_version must be a positive integer, got '3'"),
     ("future-version", None, lambda m: {**m, "format_version": 99}, True,
-     r"has format version 99; this pdepth .* reads up to 3"),
+     r"has format version 99; this pdepth .* reads up to 4"),
     ("unknown-field", None, lambda m: {**m, "extra": 1}, True,
-     r"meta of format version 3 has unknown fields \['extra'\]"),
+     r"meta of format version 4 has unknown fields \['extra'\]"),
     ("missing-field", None, lambda m: {k: v for k, v in m.items() if k != "k"}, True,
-     r"meta of format version 3 lacks the fields \['k'\]"),
+     r"meta of format version 4 lacks the fields \['k'\]"),
     ("no-checksum", None, lambda m: {k: v for k, v in m.items() if k != "sha256"}, False,
-     r"meta of format version 3 lacks the fields \['sha256'\]"),
+     r"meta of format version 4 lacks the fields \['sha256'\]"),
     ("v1-with-counts", None,
-     lambda m: {**{k: v for k, v in m.items() if k != "sha256"}, "format_version": 1}, False,
+     lambda m: {**{k: v for k, v in m.items() if k not in ("sha256", "metric")},
+                "format_version": 1}, False,
      r"a file of format version 1 holds no vote counts"),
     ("counts-signed", lambda a: {**a, "vote_counts": a["vote_counts"].astype(np.int32)}, None,
      True, r"vote_counts has dtype torch.int32, expected torch.int16 for k=4"),
@@ -594,7 +596,7 @@ def test_load_npz_of_format_2_without_a_checksum_still_loads(tmp_path):
     # pdepth before format 3 wrote no checksum into an npz: such a file loads, every other
     # rule applied; a checksum it does carry must match.
     res = _result(vote_counts=True)
-    old = {**res._meta(), "format_version": 2}
+    old = {**{k: v for k, v in res._meta().items() if k != "metric"}, "format_version": 2}
     back = DepthResult.load(_write_npz(tmp_path / "old.npz", _arrays(res), old, sign=False))
     assert back.equals(res)
     labels = _set(_arrays(res)["labels"], 0, 1)
@@ -621,11 +623,12 @@ SIDECAR_EDITS = [
     ("accuracy", {"layer_accuracy": [1.0, 1.0, 1.0]}, True,
      r"layer_accuracy is not the fraction of layer_pred equal to the labels"),
     ("no-table-checksum", {"table_sha256": None}, True,
-     r"sidecar of format version 3 lacks the fields \['table_sha256'\]"),
-    ("no-table-checksum-v2", {"table_sha256": None, "sha256": None, "format_version": 2},
+     r"sidecar of format version 4 lacks the fields \['table_sha256'\]"),
+    ("no-table-checksum-v2", {"table_sha256": None, "sha256": None, "metric": None,
+                             "format_version": 2},
      False, r"sidecar of format version 2 lacks the fields \['table_sha256'\]"),
     ("no-checksum", {"sha256": None}, False,
-     r"sidecar of format version 3 lacks the fields \['sha256'\]"),
+     r"sidecar of format version 4 lacks the fields \['sha256'\]"),
     ("bad-checksum", {"table_sha256": "0" * 64}, True, r"does not belong to this table"),
     ("checksum-type", {"table_sha256": 7}, True, r"table_sha256 must be a SHA-256 in hex"),
     ("num-examples", {"num_examples": -1}, True, r"num_examples must be an integer >= 0"),
@@ -657,14 +660,14 @@ def test_load_parquet_refuses_a_damaged_or_foreign_table(tmp_path):
     path.write_bytes(good[:100])
     _one_line_error(lambda: DepthResult.load(path), "does not belong to this table")
     # the same damage to a version-1 pair (no checksum): the table itself is unreadable
-    _edit_sidecar(path, table_sha256=None, sha256=None, format_version=1)
+    _edit_sidecar(path, table_sha256=None, sha256=None, metric=None, format_version=1)
     _one_line_error(lambda: DepthResult.load(path), r"r.parquet: not a readable parquet table")
     # a table of the wrong column types, signed by a forger
     df = _result().to_pandas()
     for column, value in (("label", df["label"].astype("float64")), ("extra", df["depth"])):
         pq.write_table(pa.table(df.assign(**{column: value})), path)
         _edit_sidecar(path, table_sha256=__import__("hashlib").sha256(
-            path.read_bytes()).hexdigest(), format_version=1, sha256=None)
+            path.read_bytes()).hexdigest(), format_version=1, sha256=None, metric=None)
         _one_line_error(lambda: DepthResult.load(path),
                         r"column 'label' has type double, expected int64"
                         if column == "label" else r"columns a DepthResult does not write: "
@@ -746,7 +749,7 @@ def test_vote_counts_helper_skips_empty_slots_and_checks_its_input():
 def test_load_refuses_vote_counts_that_disagree_with_the_votes(tmp_path):
     res = _result(vote_counts=True)
     arrays, meta = _arrays(res), res._meta()
-    assert res._meta()["format_version"] == 3 and _result()._meta()["format_version"] == 3
+    assert res._meta()["format_version"] == 4 and _result()._meta()["format_version"] == 4
     swapped = arrays["vote_counts"][..., ::-1].copy()  # another winner, still k votes
     _write_npz(tmp_path / "swapped.npz", {**arrays, "vote_counts": swapped}, meta)
     with pytest.raises(ValueError, match="layer_pred is not the first class of largest count"):
@@ -1150,9 +1153,32 @@ def test_cosine_equals_prediction_depth_over_hand_normalised_embeddings(scoring_
     got = prediction_depth(support, labels, queries, metric="cosine", **kw)
     want = prediction_depth(_normalised(support), labels,
                             None if queries is None else _normalised(queries), **kw)
-    assert got.equals(want)
+    assert got.metric == "cosine" and want.metric == "euclidean"
+    assert got.equals(dataclasses.replace(want, metric="cosine"))
     assert not torch.equal(got.layer_pred, prediction_depth(support, labels, queries,
                                                             **kw).layer_pred)
+
+
+@pytest.mark.parametrize("suffix", ["npz", "parquet"])
+def test_the_metric_is_recorded_and_older_files_load_as_euclidean(tmp_path, suffix):
+    """Format version 4 records the k-NN metric; a file of version 3 (every one of them
+    Euclidean) loads as "euclidean"; a metric the format does not know is refused."""
+    res = dataclasses.replace(_result(vote_counts=True), metric="cosine")
+    path = res.save(tmp_path / f"r.{suffix}")
+    back = DepthResult.load(path)
+    assert back.metric == "cosine" and back.equals(res)
+    assert not back.equals(dataclasses.replace(res, metric="euclidean"))
+    if suffix == "npz":
+        v3 = {k: v for k, v in res._meta().items() if k != "metric"}
+        _write_npz(path, _arrays(res), {**v3, "format_version": 3})
+        hostile = _write_npz(tmp_path / "h.npz", _arrays(res), {**res._meta(), "metric": "l1"})
+    else:
+        _edit_sidecar(path, metric=None, format_version=3)
+        hostile = res.save(tmp_path / "h.parquet")
+        _edit_sidecar(hostile, metric="l1")
+    assert DepthResult.load(path).metric == "euclidean"
+    _one_line_error(lambda: DepthResult.load(hostile),
+                    r"metric must be one of \('euclidean', 'cosine'\), got 'l1'")
 
 
 def test_bad_metric_refused_before_any_layer_is_read():

@@ -146,7 +146,7 @@ def prediction_depth(
                         query_labels=args.query_labels,
                         example_index=args.example_index, k=args.k, self_match=self_match,
                         reference_mode=args.mode, num_classes=args.num_classes,
-                        layer_names=names)
+                        layer_names=names, metric=args.metric)
 
 
 _MISSING = object()

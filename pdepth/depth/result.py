@@ -17,7 +17,7 @@ import torch
 
 from .._args import INT64_MAX
 from .._atomic import write_bytes as _atomic_write
-from ..ops import MAX_CLASSES, SELF_MATCH_POLICIES
+from ..ops import MAX_CLASSES, METRICS, SELF_MATCH_POLICIES
 from .rule import REFERENCE_MODES, depth_from_predictions
 
 __all__ = ["DepthResult", "build_result"]
@@ -25,8 +25,9 @@ __all__ = ["DepthResult", "build_result"]
 _FORMAT_NAME = "pdepth.DepthResult"
 # 1: the first format (a parquet sidecar may lack table_sha256: pdepth recorded it later);
 # 2: vote counts, table_sha256 always; 3: every file records a SHA-256 of its whole content
-# ("sha256"), with or without vote counts. Older versions still load (DepthResult.load).
-_FORMAT_VERSION = 3
+# ("sha256"), with or without vote counts; 4: the k-NN metric ("metric"; older files were
+# all euclidean). Older versions still load (DepthResult.load).
+_FORMAT_VERSION = 4
 
 
 def _version() -> str:
@@ -39,7 +40,7 @@ _ARRAYS = ("depth", "layer_pred", "reference", "layer_agreement")
 _OPTIONAL_ARRAYS = ("layer_accuracy", "labels", "example_index", "vote_counts")
 _COUNT_DTYPES = (torch.int16, torch.int32)
 _SETTINGS = ("k", "self_match", "reference_mode", "num_layers", "num_classes", "layer_names",
-             "version")
+             "version", "metric")
 # the numpy dtypes each array of a file may have (native byte order)
 _DTYPES = {**{name: (np.dtype(np.int64),) for name in
               ("depth", "layer_pred", "reference", "labels", "example_index")},
@@ -48,12 +49,14 @@ _DTYPES = {**{name: (np.dtype(np.int64),) for name in
 _TABLE_COLUMNS = {"example_index", "depth", "reference", "label"}  # and pred_<l>, votes_<l>_<c>
 # The fields of the npz's meta and of the parquet sidecar, by format version: (required,
 # optional). A field a version always wrote is required, its checksums included.
-_META_KEYS = {"format", "format_version", *_SETTINGS}
+_META_KEYS = {"format", "format_version", *_SETTINGS} - {"metric"}  # versions 1-3
 _SIDECAR_KEYS = _META_KEYS | {"num_examples", "layer_agreement", "layer_accuracy"}
 _KEYS = {
-    "meta": {1: (_META_KEYS, set()), 2: (_META_KEYS, set()), 3: (_META_KEYS | {"sha256"}, set())},
+    "meta": {1: (_META_KEYS, set()), 2: (_META_KEYS, set()), 3: (_META_KEYS | {"sha256"}, set()),
+             4: (_META_KEYS | {"sha256", "metric"}, set())},
     "sidecar": {1: (_SIDECAR_KEYS, {"table_sha256"}), 2: (_SIDECAR_KEYS | {"table_sha256"}, set()),
-                3: (_SIDECAR_KEYS | {"table_sha256", "sha256"}, set())},
+                3: (_SIDECAR_KEYS | {"table_sha256", "sha256"}, set()),
+                4: (_SIDECAR_KEYS | {"table_sha256", "sha256", "metric"}, set())},
 }
 
 
@@ -75,9 +78,11 @@ class DepthResult:
         vote_counts: ``[L, M, C]`` int16 (int32 for k >= 2^15): how many of the k neighbours
             of each example carry each class at each probe (``vote_counts=True``), or None.
             ``layer_pred`` is the first class of largest count.
-        k, self_match, reference_mode, num_layers, num_classes, layer_names: the settings
-            used (``reference_mode`` is ``"network"``, ``"labels"``, ``"last_probe"`` or
-            ``"tensor"``; ``layer_names`` the keys of an ordered dict of layers, else None).
+        k, self_match, reference_mode, num_layers, num_classes, layer_names, metric: the
+            settings used (``reference_mode`` is ``"network"``, ``"labels"``,
+            ``"last_probe"`` or ``"tensor"``; ``layer_names`` the keys of an ordered dict of
+            layers, else None; ``metric`` the k-NN metric, ``"euclidean"`` or ``"cosine"``:
+            files of format version 3 and older load as ``"euclidean"``).
         version: the pdepth version that computed it.
     """
 
@@ -96,6 +101,7 @@ class DepthResult:
     num_classes: int = 0
     layer_names: list[str] | None = None
     version: str = field(default_factory=_version)
+    metric: str = "euclidean"
 
     @property
     def num_examples(self) -> int:
@@ -161,7 +167,7 @@ class DepthResult:
         table's checksum, so :meth:`load` detects a pair from different saves (an interrupted
         save, a copied or edited sidecar or table) instead of loading it.
 
-        Every file records a SHA-256 of its whole content (format version 3): the npz's
+        Every file records a SHA-256 of its whole content (format version 3 on): the npz's
         ``meta`` one of the settings and every array, the sidecar one of itself (the table's
         own checksum included). It catches damage and edits, not a forger, who can recompute
         it; :meth:`load` checks every field as well.
@@ -248,7 +254,7 @@ class DepthResult:
                 raise ValueError(f"{path}: array {name} has dtype {a.dtype}, expected "
                                  + " or ".join(str(d) for d in _DTYPES[name]))
         return cls(**{name: torch.from_numpy(a) for name, a in arrays.items()},
-                   **{name: meta[name] for name in _SETTINGS})
+                   **_settings_of(meta))
 
     @classmethod
     def _load_parquet(cls, path: Path) -> DepthResult:
@@ -287,7 +293,7 @@ class DepthResult:
             labels=t.get("label"),
             example_index=t.get("example_index"),
             vote_counts=counts,
-            **{name: meta[name] for name in _SETTINGS},
+            **_settings_of(meta),
         )
 
     def _validate(self, source) -> None:
@@ -528,6 +534,7 @@ _FIELDS = {
                                             and all(isinstance(x, str) for x in v)),
                     "null or a list of strings"),
     "version": (lambda v: isinstance(v, str), "a string"),
+    "metric": (lambda v: v in METRICS, f"one of {METRICS}"),
     "num_examples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "table_sha256": (_is_sha256, "a SHA-256 in hex"),
     "sha256": (_is_sha256, "a SHA-256 in hex"),
@@ -564,6 +571,12 @@ def _check_meta(meta: Any, file: Path, keys: str) -> int:
     return version
 
 
+def _settings_of(meta: dict) -> dict[str, Any]:
+    """The settings a checked meta / sidecar records (before version 4: euclidean)."""
+    return {name: meta.get(name, "euclidean") if name == "metric" else meta[name]
+            for name in _SETTINGS}
+
+
 def _check_counts_version(version: int, has_counts: bool, path: Path) -> None:
     if version == 1 and has_counts:
         raise ValueError(f"{path}: a file of format version 1 holds no vote counts; this one "
@@ -581,7 +594,7 @@ def _canonical(obj) -> bytes:
 
 def _digest(meta: dict, arrays: dict[str, np.ndarray] | None = None) -> str:
     """SHA-256 of ``meta`` without its own "sha256" (keys sorted) and of ``arrays`` (each
-    array's name, dtype, shape and bytes, by name): what format version 3 records."""
+    array's name, dtype, shape and bytes, by name): what format versions 3 and 4 record."""
     h = hashlib.sha256(_canonical({k: v for k, v in meta.items() if k != "sha256"}))
     for name in sorted(arrays or {}):
         a = np.ascontiguousarray(arrays[name])
@@ -619,7 +632,8 @@ def build_result(layer_pred: torch.Tensor, reference: torch.Tensor, *,
                  query_labels: torch.Tensor | None, example_index: torch.Tensor | None,
                  k: int, self_match: str, reference_mode: str, num_classes: int,
                  layer_names: list[str] | None,
-                 vote_counts: torch.Tensor | None = None) -> DepthResult:
+                 vote_counts: torch.Tensor | None = None,
+                 metric: str = "euclidean") -> DepthResult:
     """The :class:`DepthResult` of per-probe predictions ``layer_pred [L, M]`` against
     ``reference [M]``, with the per-probe ``vote_counts [L, M, C']`` where given (widened
     with zeros to ``num_classes`` columns: the labels or the reference may name classes that
@@ -645,4 +659,5 @@ def build_result(layer_pred: torch.Tensor, reference: torch.Tensor, *,
         num_classes=int(num_classes),
         layer_names=layer_names,
         version=_version(),
+        metric=metric,
     )

@@ -517,7 +517,7 @@ class _Stream:
         return build_result(layer_pred, ref, vote_counts=counts, query_labels=q_labels,
                             example_index=args.example_index, k=args.k, self_match="exclude",
                             reference_mode=args.mode, num_classes=num_classes,
-                            layer_names=names)
+                            layer_names=names, metric=args.metric)
 
 
 def _concat(pending: list[list[torch.Tensor]]) -> list[torch.Tensor]:

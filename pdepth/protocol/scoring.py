@@ -254,7 +254,8 @@ def score_model(model, cache: ModelCache, data, config, split, *, progress: bool
                           example_index=torch.as_tensor(rows), k=config.k,
                           self_match="exclude", reference_mode="network",
                           num_classes=data.num_classes, layer_names=data.spec.names,
-                          vote_counts=torch.stack([votes[layer].counts for layer in range(L)]))
+                          vote_counts=torch.stack([votes[layer].counts for layer in range(L)]),
+                          metric=config.metric)
     peak = knn.peak if store.on_disk else cache_bytes(len(rows), data.dims)
     return Scored(result, logits, stages, time.perf_counter() - t0, int(peak), store.on_disk)
 
