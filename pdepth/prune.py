@@ -266,9 +266,11 @@ def _prune(out: Path, *, scores, keep, modes, seeds, epochs, device, model, bins
                                lambda f, rows=rows: np.save(f, plan.run.dataset_index[rows]))
     test = []  # the test split, read at the first evaluation
     results: dict = {}
+    memo: dict = {}
     for name, rows in plan.subsets.items():
         for seed in seeds:
-            results[(name, seed)] = _job(out, name, rows, seed, r, base, test, progress, log)
+            results[(name, seed)] = _job(out, name, rows, seed, r, base, test, progress, log,
+                                         memo)
     result = _result(plan, seeds, results, out)
     result["settings"] = {
         "epochs": r.options.epochs, "seeds": seeds, "device": str(r.device), "bins": bins,
@@ -364,15 +366,25 @@ def _settings_key(r, data_sha256: str) -> dict:
             "dataset": r.info.name, "root": str(r.root), "data_sha256": data_sha256}
 
 
-def _job(out: Path, name: str, rows, seed: int, r, base: dict, test: list, progress, log):
+def _job(out: Path, name: str, rows, seed: int, r, base: dict, test: list, progress, log,
+         memo: dict):
     """One (subset, seed): read back from its file where a finished job of the same settings
-    and examples left it, else trained, evaluated and saved."""
+    and examples left it, else trained, evaluated and saved. ``memo`` holds this call's jobs
+    by key: a subset equal to one trained before (at ``--keep 1`` every score keeps the whole
+    run, the baseline) takes its result instead of training the same examples again."""
     path = out / PRUNE_DIR / f"{name}.seed{seed}.json"
     key = {**base, "seed": seed, "kept": int(len(rows)),
            "kept_sha256": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()}
+    same = memo.get(json.dumps(key, sort_keys=True))
+    if same is not None:
+        if _read_job(path) != same:
+            _atomic.write_json(path, same)
+        log(f"pdepth prune: {name} seed {seed}: the same examples as {same['name']}")
+        return same
     done = _read_job(path)
     if done is not None and done.get("key") == key:
         log(f"pdepth prune: {name} seed {seed}: done before ({path.name})")
+        memo[json.dumps(key, sort_keys=True)] = {**done, "name": done.get("name", name)}
         return done
     if done is not None:
         log(f"pdepth prune: {name} seed {seed}: {path.name} was trained with other settings "
@@ -385,8 +397,9 @@ def _job(out: Path, name: str, rows, seed: int, r, base: dict, test: list, progr
                                              test_labels, progress=progress,
                                              desc=f"{name} seed {seed}")
     entry = {"key": key, "test_accuracy": acc, "final_train_accuracy": train_acc,
-             "train_seconds": time.perf_counter() - t}
+             "train_seconds": time.perf_counter() - t, "name": name}
     _atomic.write_json(path, entry)
+    memo[json.dumps(key, sort_keys=True)] = entry
     log(f"pdepth prune: {name} seed {seed}: test accuracy {acc:.4f} ({len(rows)} examples)")
     return entry
 

@@ -255,6 +255,35 @@ def test_prune_missing_default_scores_skipped_in_one_line(tiny_run, tmp_path, mo
     assert set(res["scores"]) == {"held_out_depth", "train_depth", "random"} - set(missing)
 
 
+def test_a_subset_equal_to_another_is_trained_once(tiny_run, tmp_path, monkeypatch):
+    """--keep 1: every score keeps the whole run, i.e. the baseline; those jobs take the
+    baseline's result per seed (their files written too) instead of training it again."""
+    run_dir = copy_run(tiny_run, tmp_path)
+    trained = []
+
+    def train(r, x, rows, labels, seed, *a, **k):
+        trained.append((len(rows), seed))
+        return 0.5 + 0.01 * len(trained), 0.9
+
+    monkeypatch.setattr(improve_mod, "train_and_test", train)
+    lines = []
+    res = prune_mod.prune(run_dir, scores="held_out_depth,random", keep=(0.5, 1.0),
+                          modes=("remove_easy",), seeds=(0, 1), progress=False,
+                          log=lines.append)
+    n = res["full"]["kept"]
+    assert trained == [(n, 0), (n, 1), (n // 2, 0), (n // 2, 1), (n // 2, 0), (n // 2, 1)]
+    for score, mode in (("held_out_depth", "remove_easy"), ("random", "uniform")):
+        whole = res["scores"][score]["modes"][mode]["1"]
+        assert whole["kept"] == n
+        assert whole["test_accuracy_per_seed"] == res["full"]["test_accuracy_per_seed"]
+        assert (run_dir / "prune" / f"{score}-{mode}-1.seed1.json").exists()
+    assert sum("the same examples as full-all-1" in line for line in lines) == 4
+    trained.clear()
+    prune_mod.prune(run_dir, scores="held_out_depth,random", keep=(0.5, 1.0),
+                    modes=("remove_easy",), seeds=(0, 1), progress=False)
+    assert trained == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scores", "el2n_typo:higher"], "has no column el2n_typo"),
     (["--scores", "el2n_typo"], "el2n_typo:higher (higher = harder)"),
