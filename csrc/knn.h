@@ -93,6 +93,20 @@ Filter resolve_filter(
     const char* op, c10::string_view filter, at::DeviceType device, at::ScalarType dtype,
     int64_t d, std::string* why = nullptr);
 
+// Candidate control (section 6.5): the first format of `chain` (the requested one, then more
+// precise ones) that has not failed on most of the blocks that tried it so far, so that data
+// which defeats a format on its first tiles skips it on the rest. `tried` / `failed` are
+// indexed by format (plain counts on CUDA, atomics on the CPU).
+template <typename Count>
+size_t chain_start(const std::vector<Filter>& chain, const Count* tried, const Count* failed) {
+  size_t l = 0;
+  while (l + 1 < chain.size() && failed[int(chain[l])] >= 2 &&
+         2 * failed[int(chain[l])] >= tried[int(chain[l])]) {
+    ++l;
+  }
+  return l;
+}
+
 // Counters of what the kernels did, summed over calls (pdepth.knn_stats()).
 enum Stat : int {
   kStatCalls = 0,

@@ -562,15 +562,8 @@ struct Scan {
     std::call_once(made[int(f)], [&] { cpu::filter_rows(f, qc, false, qrows[int(f)]); });
     return qrows[int(f)];
   }
-  // The first format of the chain that has not failed on most of the blocks so far: data
-  // that defeats a format on its first tiles skips it on the rest.
   size_t start() const {
-    size_t l = 0;
-    while (l + 1 < chain.size() && failed[int(chain[l])] >= 2 &&
-           2 * failed[int(chain[l])] >= tried[int(chain[l])]) {
-      ++l;
-    }
-    return l;
+    return chain_start(chain, tried, failed);
   }
 };
 

@@ -475,14 +475,8 @@ struct Scan {
   at::Tensor counters;  // [4] uint64 on the device: canonical keys; probe passes, expected, pairs
   cudaStream_t stream;
 
-  // The first format of the chain that has not failed on most of the blocks so far.
   size_t start() const {
-    size_t l = 0;
-    while (l + 1 < chain.size() && failed[int(chain[l])] >= 2 &&
-           2 * failed[int(chain[l])] >= tried[int(chain[l])]) {
-      ++l;
-    }
-    return l;
+    return chain_start(chain, tried, failed);
   }
 };
 
