@@ -480,9 +480,11 @@ def prepare_score(s: ScoreSettings, progress: bool = False) -> _Prepared:
     classes = train.classes if len(train.classes) >= len(test.classes) else test.classes
     num_classes = max(len(classes), int(torch.cat([train.labels, test.labels]).max()) + 1)
     channels = 1 if train.images.dim() == 3 else int(train.images.shape[3])
-    built = build_named_model(s.model, s.model_args, checkpoint=s.checkpoint,
-                              num_classes=num_classes, in_channels=channels,
-                              image_size=int(train.images.shape[1]))
+    with torch.random.fork_rng(devices=[]):  # the caller's generator is left as it was
+        torch.manual_seed(0)  # random weights (no --checkpoint): the same on every run
+        built = build_named_model(s.model, s.model_args, checkpoint=s.checkpoint,
+                                  num_classes=num_classes, in_channels=channels,
+                                  image_size=int(train.images.shape[1]))
     mean, std = _dataset_stats(s, train)
     # The model's inputs are made batch by batch as the passes read them: a split resized
     # to the model's size is never held whole (3 GB of float32 per 5,000 images at 224).

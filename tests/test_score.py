@@ -287,7 +287,14 @@ def test_cli_score_torchvision_model_by_name(tmp_path):
                  "--k", "3", "--quiet", "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["resolved"]["preprocessing"]["input_shape"] == [3, 28, 28]  # grey repeated
-    assert len(pd.read_parquet(out / "results.parquet")) == 32
+    first = pd.read_parquet(out / "results.parquet")
+    assert len(first) == 32
+    # random weights (no --checkpoint) are seeded: a second run gives the same table
+    torch.manual_seed(123)
+    assert main(["score", "--model", "torchvision:resnet18", "--model-arg", "num_classes=10",
+                 "--probes", "layer1,layer4", "--subset", "24", "--test-subset", "8",
+                 "--k", "3", "--quiet", "--out", str(out), "--overwrite"]) == 0
+    assert pd.read_parquet(out / "results.parquet").equals(first)
 
 
 def _hf_folders(tmp_path, columns=("image", "label")):
