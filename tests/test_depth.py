@@ -911,6 +911,11 @@ def test_aggregate_bad_input():
         aggregate([np.zeros(2)], [{"train": [0], "held_out": [0, 1]}])
     with pytest.raises(ValueError, match="'train' key"):
         aggregate([np.zeros(2)], [{"test": [0]}])
+    res = _result()
+    masks = [np.ones(res.num_examples, bool)] * 2
+    with pytest.raises(ValueError, match=r"different k-NN metrics \['cosine', 'euclidean'\]"):
+        aggregate([res, dataclasses.replace(res, metric="cosine")], masks)
+    assert aggregate([res, res], masks).per_model.shape == (2, res.num_examples)
 
 
 # ---------------------------------------------------------------------------------------------

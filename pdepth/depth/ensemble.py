@@ -209,8 +209,9 @@ def aggregate(
         ``held_out_mean / held_out_std / held_out_count`` (``[n]`` each).
 
     Raises:
-        ValueError: no results, not one split mask per result, or a result or mask whose
-            length or example indices do not fit ``n`` (naming ``results[r]``).
+        ValueError: no results, not one split mask per result, a result or mask whose
+            length or example indices do not fit ``n`` (naming ``results[r]``), or
+            DepthResults of different ``metric``.
     """
     results = list(results)
     split_masks = list(split_masks)
@@ -221,6 +222,10 @@ def aggregate(
         )
     if not results:
         raise ValueError("aggregate(): no results given")
+    metrics = sorted({res.metric for res in results if isinstance(res, DepthResult)})
+    if len(metrics) > 1:
+        raise ValueError(f"aggregate(): the results come from different k-NN metrics "
+                         f"{metrics}; an ensemble's depths are averaged over one metric")
     n = int(num_examples) if num_examples is not None else _infer_n(results, split_masks)
     per_model, in_train, held_out = [], [], []
     for r, (res, split) in enumerate(zip(results, split_masks, strict=True)):
