@@ -357,6 +357,17 @@ int64_t check_knn_vote_args(
   return kk;
 }
 
+namespace {
+
+// 1 <= num_classes <= MAX_CLASSES: each thread of a vote keeps one count per class.
+void check_num_classes(const char* op, int64_t num_classes) {
+  TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
+  TORCH_CHECK_VALUE(num_classes <= kMaxClasses, op, "(): num_classes=", num_classes,
+      " exceeds the limit of MAX_CLASSES=", kMaxClasses, " (a vote keeps one count per class)");
+}
+
+} // namespace
+
 void check_labels(
     const char* op,
     const char* name,
@@ -364,9 +375,7 @@ void check_labels(
     int64_t n,
     int64_t num_classes,
     const at::Device& device) {
-  TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
-  TORCH_CHECK_VALUE(num_classes <= kMaxClasses, op, "(): num_classes=", num_classes,
-      " exceeds the limit of MAX_CLASSES=", kMaxClasses, " (a vote keeps one count per class)");
+  check_num_classes(op, num_classes);
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n,
       op, "(): ", name, " must be 1-D with ", n, " entries, got shape ", shape_str(labels));
   TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong,
@@ -383,9 +392,7 @@ void check_labels(
 }
 
 void check_vote_args(const char* op, const at::Tensor& neighbor_labels, int64_t num_classes) {
-  TORCH_CHECK_VALUE(num_classes >= 1, op, "(): num_classes must be >= 1, got ", num_classes);
-  TORCH_CHECK_VALUE(num_classes <= kMaxClasses, op, "(): num_classes=", num_classes,
-      " exceeds the limit of MAX_CLASSES=", kMaxClasses, " (a vote keeps one count per class)");
+  check_num_classes(op, num_classes);
   TORCH_CHECK_VALUE(neighbor_labels.dim() == 2 && neighbor_labels.size(1) >= 1,
       op, "(): neighbor_labels must be 2-D [M, k] with k >= 1, got shape ",
       shape_str(neighbor_labels));

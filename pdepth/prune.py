@@ -375,7 +375,8 @@ def _job(out: Path, name: str, rows, seed: int, r, base: dict, test: list, progr
     path = out / PRUNE_DIR / f"{name}.seed{seed}.json"
     key = {**base, "seed": seed, "kept": int(len(rows)),
            "kept_sha256": hashlib.sha256(np.asarray(rows, np.int64).tobytes()).hexdigest()}
-    same = memo.get(json.dumps(key, sort_keys=True))
+    memo_key = json.dumps(key, sort_keys=True)
+    same = memo.get(memo_key)
     if same is not None:
         if _read_job(path) != same:
             _atomic.write_json(path, same)
@@ -384,7 +385,7 @@ def _job(out: Path, name: str, rows, seed: int, r, base: dict, test: list, progr
     done = _read_job(path)
     if done is not None and done.get("key") == key:
         log(f"pdepth prune: {name} seed {seed}: done before ({path.name})")
-        memo[json.dumps(key, sort_keys=True)] = {**done, "name": done.get("name", name)}
+        memo[memo_key] = {**done, "name": done.get("name", name)}
         return done
     if done is not None:
         log(f"pdepth prune: {name} seed {seed}: {path.name} was trained with other settings "
@@ -399,7 +400,7 @@ def _job(out: Path, name: str, rows, seed: int, r, base: dict, test: list, progr
     entry = {"key": key, "test_accuracy": acc, "final_train_accuracy": train_acc,
              "train_seconds": time.perf_counter() - t, "name": name}
     _atomic.write_json(path, entry)
-    memo[json.dumps(key, sort_keys=True)] = entry
+    memo[memo_key] = entry
     log(f"pdepth prune: {name} seed {seed}: test accuracy {acc:.4f} ({len(rows)} examples)")
     return entry
 

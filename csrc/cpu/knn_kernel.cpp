@@ -364,7 +364,6 @@ T kth_upper(const T* dot, int64_t nb, T qnorm, const T* snorm, int64_t gbase, in
   }
   std::nth_element(scratch.begin(), scratch.begin() + (kk - 1), scratch.end());
   if (best != nullptr) {
-    best->clear();
     for (int64_t t = 0; t < kk; ++t) {
       best->push_back(scratch[t].second);
     }
